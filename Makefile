@@ -1,0 +1,39 @@
+# Every target creates the virtual environment itself when it is missing.
+# torch comes from constraints.txt (pinned to the local CPU wheel), so pip can never pull
+# a multi-GB CUDA build, and nothing here installs torchvision.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fedvlm-installed
+WORK ?= work
+
+.PHONY: help venv demo test bench-edge clean
+
+help:
+	@echo "make demo        run the main job (see README)"
+	@echo "make test        run the test suite"
+	@echo "make bench-edge  edge training benchmark (throughput and memory)"
+	@echo "make clean       remove the virtual environment and the work dir"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24" 
+	$(PIP) install --quiet -c constraints.txt "torch==2.13.0"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedvlm demo --work-dir $(WORK)/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench-edge: $(STAMP)
+	$(PY) benchmarks/edge_train.py --out $(WORK)/bench
+
+clean:
+	rm -rf $(VENV) $(WORK)

@@ -1,0 +1,145 @@
+"""``fedvlm-edge``: the device-side command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fedvlm.shared.cli_support import run_command
+
+PROGRAM = "fedvlm-edge"
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="local directory of a saved transformers VLM")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"],
+                        help="quantisation of the frozen base (default: auto = nf4 on CUDA, none on a CPU "
+                             "unless the model needs more than a quarter of the RAM)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def _add_lora_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", default="plora", help="plora (default), fedit, ffa, fedsa, fedex or local")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
+    parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha; scaling is alpha/r (default: 16)")
+    parser.add_argument("--lora-seed", type=int, default=0, help="seed of the LoRA initialisation, fixed per federation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="FedVLM edge SDK: personalised LoRA training on a device. The personal "
+                    "factors never leave it.",
+    )
+    from fedvlm import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    make = commands.add_parser("make-tiny-model", help="build a tiny LLaVA-style VLM for tests and demos",
+                               description="Build a tiny LLaVA-style VLM (model, tokenizer, processor) "
+                                           "and save it with save_pretrained.")
+    make.add_argument("out_dir", metavar="DIR", help="where to save the model")
+    make.add_argument("--size", default="tiny", choices=["tiny", "small"],
+                      help="tiny (<1M parameters, 32x32 images) or small (~3M, 64x64) (default: tiny)")
+    make.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    make.add_argument("--vision-tower", default="clip", choices=["clip", "siglip"], help="default: clip")
+    make.set_defaults(handler=_make_tiny_model)
+
+    train = commands.add_parser("train", help="train the device's adapter on its local data",
+                                description="Local pLoRA training: load the model, restore the device state "
+                                            "(if any), train on local data, evaluate, save the state.")
+    _add_model_options(train)
+    _add_lora_options(train)
+    train.add_argument("--data", required=True, metavar="PATH",
+                       help="RLAIF-V records: a .parquet or .jsonl file, or a directory of them")
+    train.add_argument("--eval-data", metavar="PATH", help="held-out records to score before and after training")
+    train.add_argument("--state-dir", required=True, metavar="DIR", help="the device's state directory")
+    train.add_argument("--federation", default="local", help="federation name recorded in the state (default: local)")
+    train.add_argument("--client-id", default="device", help="client id recorded in the state (default: device)")
+    train.add_argument("--steps", type=int, default=50, help="optimiser steps (default: 50)")
+    train.add_argument("--batch-size", type=int, default=8, help="default: 8")
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
+    train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: 2e-3)")
+    train.add_argument("--seed", type=int, default=0, help="batch-order seed (default: 0)")
+    train.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from fedvlm.edge.tiny_model import make_tiny_model, parameter_count
+    from fedvlm.edge.model_loading import load_vlm
+
+    out = make_tiny_model(args.out_dir, args.size, seed=args.seed, vision_tower=args.vision_tower)
+    loaded = load_vlm(out, quantization="none", device="cpu")
+    print(f"saved a {args.size} {args.vision_tower} VLM ({parameter_count(loaded.model):,} parameters, "
+          f"fingerprint {loaded.fingerprint}) to {out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fedvlm.edge.adapters import LoraSettings
+    from fedvlm.edge.data import load_records
+    from fedvlm.edge.device_state import check_compatible, load_state, save_state
+    from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.edge.training import TrainingConfig
+
+    records = load_records(args.data, skip_bad=args.skip_bad)
+    if records.skipped:
+        print(f"skipped {records.skipped} malformed records (--skip-bad)", file=sys.stderr)
+    eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
+    lora = LoraSettings(r=args.rank, alpha=args.alpha, init_seed=args.lora_seed)
+    model = PersonalVLM.from_pretrained(args.model, lora=lora, strategy=args.strategy,
+                                        quantization=args.quantization, device=args.device)
+    previous = load_state(args.state_dir)
+    if previous is not None:
+        check_compatible(previous, federation=args.federation, client_id=args.client_id,
+                         base_fingerprint=model.fingerprint, lora=lora.to_dict())
+        model.restore(previous)
+    print(f"model {args.model}: quantisation {model.loaded.quantization} on {model.loaded.device}; "
+          f"{len(records.records)} training records")
+
+    report: dict = {}
+    if eval_records:
+        report["before"] = model.evaluate(eval_records).to_dict()
+    config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                            learning_rate=args.lr, seed=args.seed)
+    report["train"] = model.train(records.records, config).to_dict()
+    if eval_records:
+        report["after"] = model.evaluate(eval_records).to_dict()
+    round_number = previous.round if previous else 0
+    state = model.device_state(federation=args.federation, client_id=args.client_id, round=round_number,
+                               global_version=previous.global_version if previous else 0,
+                               global_state=previous.global_state if previous else {},
+                               metrics=(previous.metrics if previous else []) + [report])
+    snapshot = save_state(args.state_dir, state, write_peft_adapter=model.save_pretrained)
+    print(json.dumps(report, indent=2))
+    print(f"state saved to {snapshot}")
+    return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedvlm.edge.errors import user_errors
+
+    return user_errors()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_main, argv, _user_errors(), PROGRAM)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The edge SDK's user-facing errors, in one light module.
+
+The command line catches these and prints one clear line instead of a traceback; keeping
+them here (no torch import) keeps ``fedvlm-edge --help`` fast.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """A mistake the user can fix: the message says what was wrong and what to do."""
+
+
+class ModelLoadError(EdgeError):
+    """The model directory is missing, incomplete or not a vision-language model."""
+
+
+class QuantizationError(EdgeError):
+    """The requested quantisation cannot be applied."""
+
+
+class DeviceStateError(EdgeError):
+    """The state directory is unreadable or belongs to another federation or model."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from fedvlm.edge.data.records import DataError
+
+    return (EdgeError, DataError, FileNotFoundError, ValueError, KeyError)

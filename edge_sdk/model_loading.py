@@ -1,0 +1,169 @@
+"""Load a transformers vision-language model from a local directory, offline.
+
+A device never reaches a model hub at run time: a path that does not exist or holds no
+model is a clear error, never a download. Any VLM the Auto classes know
+(``AutoModelForImageTextToText`` + ``AutoProcessor``) loads; the tiny test models are
+saved with ``save_pretrained`` and come back through exactly this code.
+"""
+
+from __future__ import annotations
+
+from fedvlm.edge.errors import ModelLoadError
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fedvlm.edge.quantization import (
+    QuantizationMode,
+    bitsandbytes_config,
+    check_mode,
+    default_quantization,
+    modules_to_keep_full_precision,
+)
+
+# Sampled blocks per weight file for the fingerprint: enough to tell two checkpoints of the
+# same architecture apart, without reading gigabytes at every start.
+_FINGERPRINT_SAMPLES = 16
+_FINGERPRINT_BLOCK = 1 << 20
+
+
+
+
+@dataclasses.dataclass
+class LoadedVLM:
+    """A model ready for training or inference, and what identifies its base weights."""
+
+    model: torch.nn.Module
+    processor: object
+    model_dir: Path
+    device: torch.device
+    quantization: QuantizationMode
+    fingerprint: str
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    return resolved
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model directory {str(path)!r} does not exist. FedVLM loads models from local "
+            "directories only (nothing is downloaded); build a test model with "
+            "`fedvlm-edge make-tiny-model DIR` or point to a saved model."
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{str(path)!r} holds no config.json: it is not a saved transformers model "
+            "(save one with model.save_pretrained(DIR) and processor.save_pretrained(DIR))."
+        )
+    return path
+
+
+def base_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A short stable id of the base weights: config plus sampled bytes of every weight file.
+
+    Clients and hub compare it so that factors trained on different bases never mix.
+    """
+    path = check_model_dir(model_dir)
+    digest = hashlib.sha256()
+    config = json.loads((path / "config.json").read_text())
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    weight_files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    for weight_file in weight_files:
+        size = weight_file.stat().st_size
+        digest.update(f"{weight_file.name}:{size}".encode())
+        with weight_file.open("rb") as handle:
+            step = max(size // _FINGERPRINT_SAMPLES, 1)
+            for offset in range(0, size, step):
+                handle.seek(offset)
+                digest.update(handle.read(_FINGERPRINT_BLOCK))
+    return digest.hexdigest()[:16]
+
+
+def _model_class():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+def _fp32_weight_bytes_and_keep_list(path: Path) -> tuple[int, list[str]]:
+    """Size the model without allocating it, by building it on the meta device."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        skeleton = _model_class().from_config(config)
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    return 4 * n_params, modules_to_keep_full_precision(skeleton)
+
+
+def _keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking NF4 weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first no-grad forward in eval mode repacks each 4-bit
+    weight in place for ``gemv_4bit``, an op with no autograd formula. Training after an
+    evaluation then back-propagates through it silently wrong (bitsandbytes 0.50 warns
+    "an autograd kernel was not registered"): the gradients of every earlier layer's LoRA
+    factors are garbage. A device alternates training and evaluation, so keep the
+    differentiable layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_vlm(
+    model_dir: str | os.PathLike,
+    *,
+    quantization: str = "auto",
+    device: str | torch.device | None = "auto",
+) -> LoadedVLM:
+    """Load model and processor from ``model_dir`` with the base frozen and quantised.
+
+    ``quantization``: ``auto`` (see :func:`fedvlm.edge.quantization.default_quantization`),
+    ``none``, ``nf4`` or ``int8``.
+    """
+    path = check_model_dir(model_dir)
+    target = resolve_device(device)
+    from transformers import AutoProcessor
+
+    fp32_bytes, keep_full_precision = _fp32_weight_bytes_and_keep_list(path)
+    mode = default_quantization(target, fp32_bytes) if quantization == "auto" else check_mode(quantization)
+    kwargs: dict = {"local_files_only": True, "dtype": torch.float32}
+    quant_config = bitsandbytes_config(mode, keep_full_precision)
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+        kwargs["device_map"] = {"": target.index if target.type == "cuda" and target.index else target.type}
+    try:
+        model = _model_class().from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load a vision-language model from {str(path)!r}: {exc}") from exc
+    if quant_config is None:
+        model.to(target)
+    else:
+        _keep_4bit_weights_differentiable(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.eval()
+    return LoadedVLM(
+        model=model,
+        processor=processor,
+        model_dir=path,
+        device=target,
+        quantization=mode,
+        fingerprint=base_fingerprint(path),
+    )

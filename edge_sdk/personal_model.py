@@ -1,0 +1,162 @@
+"""A device's personalised VLM: a frozen base, LoRA factors, and a strategy's split.
+
+``PersonalVLM`` is what the edge client, the simulator and the examples use. It knows,
+through its strategy, which factors may leave the device (``shared_update``) and which
+stay (``personal_factors``), and absorbs a global state without ever touching the
+personal factors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fedvlm.edge.adapters import LoraSettings, adapter_state, attach_lora, load_adapter_state
+from fedvlm.edge.base_delta import base_deltas, set_base_deltas
+from fedvlm.edge.device_state import DeviceState
+from fedvlm.edge.evaluation import EvalMetrics, evaluate, generate_answers
+from fedvlm.edge.model_loading import LoadedVLM, load_vlm
+from fedvlm.edge.training import QAExample, TrainingConfig, TrainMetrics, encode_examples, train
+from fedvlm.shared.lora_keys import factor_of
+from fedvlm.shared.strategies import Strategy, get_strategy
+from fedvlm.shared.strategies.fedex import BASE_DELTA_SUFFIX
+
+
+def _split_base_deltas(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+    """Separate LoRA factors from FedEx's dense base deltas (keyed ``<module><suffix>``)."""
+    factors = {k: v for k, v in state.items() if factor_of(k) is not None}
+    deltas = {k[: -len(BASE_DELTA_SUFFIX)]: v for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
+    unknown = set(state) - set(factors) - {m + BASE_DELTA_SUFFIX for m in deltas}
+    if unknown:
+        raise KeyError(f"global state holds tensors that are neither LoRA factors nor base deltas: {sorted(unknown)[:3]}")
+    return factors, deltas
+
+
+class PersonalVLM:
+    """A loaded VLM with pLoRA (or another strategy's) factors attached."""
+
+    def __init__(self, loaded: LoadedVLM, lora: LoraSettings | None = None, strategy: Strategy | str = "plora"):
+        self.loaded = loaded
+        self.lora = lora or LoraSettings()
+        self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.model = attach_lora(loaded.model, self.lora, frozen_factors=self.strategy.frozen_factors)
+        self._initial_state = adapter_state(self.model)
+        self._encoded: dict[int, list] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        *,
+        lora: LoraSettings | None = None,
+        strategy: Strategy | str = "plora",
+        quantization: str = "auto",
+        device: str | None = "auto",
+    ) -> "PersonalVLM":
+        return cls(load_vlm(model_dir, quantization=quantization, device=device), lora, strategy)
+
+    @property
+    def processor(self):
+        return self.loaded.processor
+
+    @property
+    def fingerprint(self) -> str:
+        return self.loaded.fingerprint
+
+    # ---- what leaves the device and what stays -------------------------------------------------
+
+    def adapter_state(self) -> dict[str, np.ndarray]:
+        """Every LoRA factor, plus FedEx base deltas when the strategy uses them."""
+        state = adapter_state(self.model)
+        for module, delta in base_deltas(self.model).items():
+            state[module + BASE_DELTA_SUFFIX] = delta
+        return state
+
+    def shared_update(self) -> dict[str, np.ndarray]:
+        """The tensors this strategy lets leave the device (pLoRA: the B factors)."""
+        shared, _ = self.strategy.split(adapter_state(self.model))
+        return shared
+
+    def personal_factors(self) -> dict[str, np.ndarray]:
+        """The tensors that never leave the device (pLoRA: the A factors)."""
+        _, personal = self.strategy.split(adapter_state(self.model))
+        return personal
+
+    def apply_global(self, global_state: Mapping[str, np.ndarray]) -> None:
+        """Take the federation's global state; personal factors are left exactly as they are.
+
+        Names, shapes and dtypes are validated first; a mismatch raises before anything changes.
+        """
+        new_state = self.strategy.absorb(adapter_state(self.model), dict(global_state))
+        factors, deltas = _split_base_deltas(new_state)
+        load_adapter_state(self.model, factors)
+        if deltas:
+            set_base_deltas(self.model, deltas)
+
+    def load_personal(self, personal: Mapping[str, np.ndarray]) -> None:
+        load_adapter_state(self.model, personal)
+
+    def reset_adapters(self) -> None:
+        """Back to the federation's shared initialisation (fresh factors, no base delta)."""
+        load_adapter_state(self.model, self._initial_state)
+        deltas = base_deltas(self.model)
+        if deltas:
+            set_base_deltas(self.model, {m: np.zeros_like(d) for m, d in deltas.items()})
+
+    def load_adapter_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Swap in a whole adapter (as returned by :meth:`adapter_state`)."""
+        factors, deltas = _split_base_deltas(state)
+        load_adapter_state(self.model, factors)
+        current = base_deltas(self.model)
+        if deltas or current:
+            set_base_deltas(self.model, {**{m: np.zeros_like(d) for m, d in current.items()}, **deltas})
+
+    # ---- local work ------------------------------------------------------------------------------
+
+    def encoded(self, examples: Sequence[QAExample]) -> list:
+        """Examples encoded once per data set (a device trains on the same data every round)."""
+        key = id(examples)
+        if key not in self._encoded:
+            self._encoded[key] = encode_examples(self.processor, examples)
+        return self._encoded[key]
+
+    def train(self, examples: Sequence[QAExample], config: TrainingConfig | None = None, **kwargs) -> TrainMetrics:
+        return train(self.model, self.processor, self.encoded(examples), config or TrainingConfig(), **kwargs)
+
+    def evaluate(self, examples: Sequence[QAExample], **kwargs) -> EvalMetrics:
+        return evaluate(self.model, self.processor, examples, **kwargs)
+
+    def answer(self, image, question: str, *, max_new_tokens: int = 8) -> str:
+        return generate_answers(self.model, self.processor, [image], [question], max_new_tokens=max_new_tokens)[0]
+
+    # ---- persistence -----------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+        """The full adapter (global + personal) in PEFT's format: ``PeftModel.from_pretrained`` loads it."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out)
+        return out
+
+    def device_state(self, *, federation: str, client_id: str, round: int, global_version: int,
+                     global_state: Mapping[str, np.ndarray], metrics: list[dict] | None = None) -> DeviceState:
+        return DeviceState(
+            federation=federation,
+            client_id=client_id,
+            strategy=self.strategy.name,
+            base_fingerprint=self.fingerprint,
+            lora=self.lora.to_dict(),
+            round=round,
+            global_version=global_version,
+            personal=self.personal_factors(),
+            global_state=dict(global_state),
+            metrics=list(metrics or []),
+        )
+
+    def restore(self, state: DeviceState) -> None:
+        """Resume from a saved device state: its global state, then its personal factors."""
+        if state.global_state:
+            self.apply_global(state.global_state)
+        self.load_personal(state.personal)

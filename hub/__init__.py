@@ -1,0 +1,1 @@
+"""FedVLM hub: aggregates the shared LoRA factors and broadcasts the global ones."""

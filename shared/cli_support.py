@@ -1,0 +1,29 @@
+"""What every FedVLM command line shares: user errors end in one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+# Exit status for a user mistake (bad flag, missing file, malformed data), as argparse uses.
+USER_ERROR_EXIT = 2
+
+
+def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None,
+                user_errors: tuple[type[BaseException], ...], program: str) -> int:
+    """Run ``main(argv)``; exceptions in ``user_errors`` print ``program: error: ...`` and exit 2.
+
+    Set FEDVLM_DEBUG=1 to see the traceback anyway. Anything else is a bug and keeps its
+    traceback so it can be reported.
+    """
+    try:
+        return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 130
+    except user_errors as exc:
+        if os.environ.get("FEDVLM_DEBUG"):
+            raise
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT

@@ -1,0 +1,33 @@
+"""Fixtures shared by the whole suite: a tiny VLM saved to disk and a small data set.
+
+Everything is built locally (nothing can be downloaded) and loaded back through the real
+loading code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Offline semantics everywhere: a missing local model must be an error, never a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from fedvlm.edge.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_federation():
+    """Two clients' worth of synthetic concept-shift data at the tiny model's image size."""
+    from fedvlm.edge.data.synthetic import ScenarioConfig, generate_federation
+
+    config = ScenarioConfig.preset("concept-shift", n_clients=2, examples_per_client=32,
+                                   test_examples_per_client=16, image_size=32, seed=0)
+    return generate_federation(config)

@@ -1,0 +1,119 @@
+"""pLoRA on a frozen quantised base: the right modules adapted, the loss goes down."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from fedvlm.edge.adapters import LoraSettings, attach_lora
+from fedvlm.edge.evaluation import evaluate, normalize_answer
+from fedvlm.edge.model_loading import load_vlm
+from fedvlm.edge.quantization import default_quantization, weight_bytes
+from fedvlm.edge.training import TrainingConfig, train
+
+
+@dataclasses.dataclass
+class Example:
+    image: Image.Image
+    question: str
+    chosen: str
+
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
+EXAMPLES = [Example(Image.new("RGB", (32, 32), rgb), "what colour is it?", name) for name, rgb in COLOURS.items()] * 8
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "none"])
+def test_quantised_training_lowers_the_loss(tiny_model_dir, quantization):
+    loaded = load_vlm(tiny_model_dir, quantization=quantization, device="cpu")
+    assert loaded.quantization == quantization
+    model = attach_lora(loaded.model, LoraSettings(r=4, alpha=8))
+    before = evaluate(model, loaded.processor, EXAMPLES[:6])
+    metrics = train(model, loaded.processor, EXAMPLES, TrainingConfig(steps=25, learning_rate=1e-2, progress=False))
+    after = evaluate(model, loaded.processor, EXAMPLES[:6])
+    assert metrics.steps == 25 and metrics.examples == 25 * 8
+    assert after.loss < before.loss - 0.3
+    assert metrics.loss < metrics.first_loss
+
+
+def test_quantised_weights_are_smaller(tiny_model_dir):
+    sizes = {q: weight_bytes(load_vlm(tiny_model_dir, quantization=q).model) for q in ("none", "int8", "nf4")}
+    assert sizes["nf4"] < sizes["int8"] < sizes["none"]
+
+
+def test_lora_targets_only_the_language_model(tiny_model_dir):
+    loaded = load_vlm(tiny_model_dir, quantization="nf4")
+    model = attach_lora(loaded.model, LoraSettings(r=4, include_projector=False))
+    adapted = {name.rsplit(".lora_", 1)[0] for name, _ in model.named_parameters() if ".lora_" in name}
+    assert adapted, "no LoRA modules"
+    assert all(".language_model.layers." in name and ".self_attn." in name for name in adapted)
+    assert not any("vision_tower" in name for name in adapted)
+    # 2 layers x 4 projections.
+    assert len(adapted) == 8
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+    with_projector = attach_lora(load_vlm(tiny_model_dir, quantization="none").model,
+                                 LoraSettings(r=4, include_projector=True))
+    names = {n for n, _ in with_projector.named_parameters() if ".lora_" in n}
+    assert any("multi_modal_projector" in n for n in names)
+    assert not any("vision_tower" in n for n in names)
+
+
+def test_frozen_factor_stays_fixed(tiny_model_dir):
+    loaded = load_vlm(tiny_model_dir, quantization="none")
+    model = attach_lora(loaded.model, LoraSettings(r=4), frozen_factors={"A"})
+    a_before = {n: p.clone() for n, p in model.named_parameters() if ".lora_A." in n}
+    train(model, loaded.processor, EXAMPLES, TrainingConfig(steps=3, progress=False))
+    assert all(torch.equal(a_before[n], p) for n, p in model.named_parameters() if n in a_before)
+
+
+def test_same_seed_same_initialisation(tiny_model_dir):
+    def lora_a(seed):
+        model = attach_lora(load_vlm(tiny_model_dir, quantization="none").model, LoraSettings(r=4, init_seed=seed))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
+
+    first, again, other = lora_a(5), lora_a(5), lora_a(6)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def _lora_grads(model, processor):
+    batch = processor(images=[EXAMPLES[0].image], text=["<image>what colour? red"], return_tensors="pt")
+    model.train()
+    model.zero_grad()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_nf4_gradients_stay_correct_after_an_evaluation(tiny_model_dir):
+    """bitsandbytes repacks NF4 weights for a non-differentiable CPU kernel on the first
+    no-grad eval forward; load_vlm must prevent it or later gradients are silently wrong."""
+    loaded = load_vlm(tiny_model_dir, quantization="nf4")
+    model = attach_lora(loaded.model, LoraSettings(r=4))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(std=0.5)  # B = 0 would hide wrong input gradients
+    before = _lora_grads(model, loaded.processor)
+    evaluate(model, loaded.processor, EXAMPLES[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        after = _lora_grads(model, loaded.processor)
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-5), name
+
+
+def test_default_quantization_per_device():
+    assert default_quantization(torch.device("cuda"), 10_000) == "nf4"
+    assert default_quantization(torch.device("cpu"), 10_000) == "none"
+    assert default_quantization(torch.device("cpu"), 1 << 50) == "nf4"
+
+
+def test_normalize_answer():
+    assert normalize_answer("  The Red!  ") == "red"
+    assert normalize_answer("a big  Circle.") == "big circle"
