@@ -31,3 +31,20 @@ def tiny_federation():
     config = ScenarioConfig.preset("concept-shift", n_clients=2, examples_per_client=32,
                                    test_examples_per_client=16, image_size=32, seed=0)
     return generate_federation(config)
+
+
+@pytest.fixture(scope="session")
+def colour_examples():
+    """24 one-colour images asking for their colour: quick to learn, for training tests."""
+    import dataclasses
+
+    from PIL import Image
+
+    @dataclasses.dataclass
+    class Example:
+        image: Image.Image
+        question: str
+        chosen: str
+
+    colours = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
+    return [Example(Image.new("RGB", (32, 32), rgb), "what colour is it?", name) for name, rgb in colours.items()] * 8

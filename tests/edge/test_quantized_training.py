@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
 import torch
-from PIL import Image
 
 from fedvlm.edge.adapters import LoraSettings, attach_lora
 from fedvlm.edge.evaluation import evaluate, normalize_answer
@@ -16,25 +14,20 @@ from fedvlm.edge.quantization import default_quantization, weight_bytes
 from fedvlm.edge.training import TrainingConfig, train
 
 
-@dataclasses.dataclass
-class Example:
-    image: Image.Image
-    question: str
-    chosen: str
 
-
-COLOURS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
-EXAMPLES = [Example(Image.new("RGB", (32, 32), rgb), "what colour is it?", name) for name, rgb in COLOURS.items()] * 8
+@pytest.fixture
+def examples(colour_examples):
+    return colour_examples
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "none"])
-def test_quantised_training_lowers_the_loss(tiny_model_dir, quantization):
+def test_quantised_training_lowers_the_loss(tiny_model_dir, quantization, examples):
     loaded = load_vlm(tiny_model_dir, quantization=quantization, device="cpu")
     assert loaded.quantization == quantization
     model = attach_lora(loaded.model, LoraSettings(r=4, alpha=8))
-    before = evaluate(model, loaded.processor, EXAMPLES[:6])
-    metrics = train(model, loaded.processor, EXAMPLES, TrainingConfig(steps=25, learning_rate=1e-2, progress=False))
-    after = evaluate(model, loaded.processor, EXAMPLES[:6])
+    before = evaluate(model, loaded.processor, examples[:6])
+    metrics = train(model, loaded.processor, examples, TrainingConfig(steps=25, learning_rate=1e-2, progress=False))
+    after = evaluate(model, loaded.processor, examples[:6])
     assert metrics.steps == 25 and metrics.examples == 25 * 8
     assert after.loss < before.loss - 0.3
     assert metrics.loss < metrics.first_loss
@@ -64,11 +57,11 @@ def test_lora_targets_only_the_language_model(tiny_model_dir):
     assert not any("vision_tower" in n for n in names)
 
 
-def test_frozen_factor_stays_fixed(tiny_model_dir):
+def test_frozen_factor_stays_fixed(tiny_model_dir, examples):
     loaded = load_vlm(tiny_model_dir, quantization="none")
     model = attach_lora(loaded.model, LoraSettings(r=4), frozen_factors={"A"})
     a_before = {n: p.clone() for n, p in model.named_parameters() if ".lora_A." in n}
-    train(model, loaded.processor, EXAMPLES, TrainingConfig(steps=3, progress=False))
+    train(model, loaded.processor, examples, TrainingConfig(steps=3, progress=False))
     assert all(torch.equal(a_before[n], p) for n, p in model.named_parameters() if n in a_before)
 
 
@@ -82,15 +75,15 @@ def test_same_seed_same_initialisation(tiny_model_dir):
     assert not all(torch.equal(first[n], other[n]) for n in first)
 
 
-def _lora_grads(model, processor):
-    batch = processor(images=[EXAMPLES[0].image], text=["<image>what colour? red"], return_tensors="pt")
+def _lora_grads(model, processor, examples):
+    batch = processor(images=[examples[0].image], text=["<image>what colour? red"], return_tensors="pt")
     model.train()
     model.zero_grad()
     model(**batch, labels=batch["input_ids"]).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_nf4_gradients_stay_correct_after_an_evaluation(tiny_model_dir):
+def test_nf4_gradients_stay_correct_after_an_evaluation(tiny_model_dir, examples):
     """bitsandbytes repacks NF4 weights for a non-differentiable CPU kernel on the first
     no-grad eval forward; load_vlm must prevent it or later gradients are silently wrong."""
     loaded = load_vlm(tiny_model_dir, quantization="nf4")
@@ -99,11 +92,11 @@ def test_nf4_gradients_stay_correct_after_an_evaluation(tiny_model_dir):
         for name, parameter in model.named_parameters():
             if ".lora_B." in name:
                 parameter.normal_(std=0.5)  # B = 0 would hide wrong input gradients
-    before = _lora_grads(model, loaded.processor)
-    evaluate(model, loaded.processor, EXAMPLES[:3])
+    before = _lora_grads(model, loaded.processor, examples)
+    evaluate(model, loaded.processor, examples[:3])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        after = _lora_grads(model, loaded.processor)
+        after = _lora_grads(model, loaded.processor, examples)
     for name in before:
         assert torch.allclose(before[name], after[name], atol=1e-5), name
 

@@ -1,0 +1,126 @@
+"""A short full-parameter pre-training that lets a tiny base model see.
+
+A randomly initialised tiny VLM cannot tell red from blue, so every federated method
+would score zero on it. Demos and benchmarks therefore pre-train the base first (all
+parameters, a few hundred steps) on generic English questions about shapes that no
+client sees, plus text-only lines that list the answer words of every client convention,
+standing in for a real language model's word knowledge (without them a personal adapter
+would have to invent output rows for words the base never produced). All clients then
+share this base, frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fedvlm.edge.batching import IGNORE_INDEX, collate
+from fedvlm.edge.training import QAExample, _batch_order, encode_examples
+
+
+@dataclasses.dataclass
+class PretrainingConfig:
+    """Attributes:
+    steps: optimiser steps.
+    batch_size: image-question examples per step.
+    learning_rate: AdamW learning rate (all parameters).
+    text_every: every n-th step trains on text-only lines instead of images (0: never).
+    seed: batch order and initialisation of the pass.
+    progress: show a progress bar.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    text_every: int = 4
+    seed: int = 0
+    progress: bool = True
+
+
+def _text_batch(tokenizer, lines: Sequence[str]) -> dict[str, torch.Tensor]:
+    eos = tokenizer.eos_token or ""
+    encoded = tokenizer([line + eos for line in lines], padding=True, return_tensors="pt", add_special_tokens=False)
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+
+
+def pretrain(
+    model: torch.nn.Module,
+    processor,
+    examples: Sequence[QAExample],
+    text_lines: Sequence[str] = (),
+    config: PretrainingConfig | None = None,
+) -> list[float]:
+    """Train every parameter of ``model`` in place; returns the loss per step."""
+    config = config or PretrainingConfig()
+    encoded = encode_examples(processor, examples)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    order = _batch_order(len(encoded), config.steps * config.batch_size, config.seed)
+    text_order = _batch_order(len(text_lines), config.steps * config.batch_size, config.seed + 1) if text_lines else []
+    pad = processor.tokenizer.pad_token_id
+    losses = []
+    model.train()
+    torch.manual_seed(config.seed)
+    for step in tqdm(range(config.steps), desc="pre-train base", disable=not config.progress, leave=False):
+        window = slice(step * config.batch_size, (step + 1) * config.batch_size)
+        if text_lines and config.text_every and step % config.text_every == config.text_every - 1:
+            batch = _text_batch(processor.tokenizer, [text_lines[i] for i in text_order[window]])
+        else:
+            batch = collate([encoded[i] for i in order[window]], pad)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return losses
+
+
+def make_pretrained_tiny_model(
+    out_dir: str | Path,
+    size: str = "small",
+    *,
+    seed: int = 0,
+    examples: int = 2048,
+    config: PretrainingConfig | None = None,
+) -> Path:
+    """Build a tiny VLM, pre-train it on generic synthetic data and save it to ``out_dir``.
+
+    Reuses ``out_dir`` if a model with the same recipe is already there.
+    """
+    import json
+
+    from fedvlm.edge.data.synthetic import all_words, convention_vocabulary_lines, pretraining_records
+    from fedvlm.edge.tiny_model import SIZES, build_tiny_vlm
+
+    config = config or PretrainingConfig(seed=seed)
+    out = Path(out_dir)
+    recipe = {"size": size, "seed": seed, "examples": examples, "pretraining": dataclasses.asdict(config)}
+    recipe["pretraining"].pop("progress")
+    recipe_file = out / "fedvlm_recipe.json"
+    if recipe_file.exists() and json.loads(recipe_file.read_text()) == recipe and (out / "config.json").exists():
+        return out
+    started = time.perf_counter()
+    model, processor = build_tiny_vlm(size, seed=seed, extra_words=all_words())
+    records = pretraining_records(examples, seed=seed, image_size=SIZES[size].image_size)
+    losses = pretrain(model, processor, records, convention_vocabulary_lines(), config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    recipe["result"] = {"first_loss": losses[0], "last_loss": losses[-1],
+                        "seconds": round(time.perf_counter() - started, 1)}
+    recipe_file.write_text(json.dumps({k: v for k, v in recipe.items() if k != "result"}))
+    (out / "fedvlm_pretraining.json").write_text(json.dumps(recipe, indent=2))
+    return out

@@ -1,0 +1,133 @@
+"""PersonalVLM: what leaves the device, what stays, and absorbing the global state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from fedvlm.edge.adapters import LoraSettings
+from fedvlm.edge.model_loading import load_vlm
+from fedvlm.edge.personal_model import PersonalVLM
+from fedvlm.edge.training import TrainingConfig
+from fedvlm.shared.lora_keys import factor_of
+from fedvlm.shared.strategies import STRATEGY_NAMES
+from fedvlm.shared.tensor_codec import TensorMismatchError
+
+LORA = LoraSettings(r=4, alpha=8, init_seed=7)
+QUICK = TrainingConfig(steps=4, learning_rate=1e-2, progress=False)
+
+
+def _model(model_dir, strategy="plora", quantization="nf4"):
+    return PersonalVLM.from_pretrained(model_dir, lora=LORA, strategy=strategy, quantization=quantization)
+
+
+EXPECTED_SHARED = {"plora": {"B"}, "ffa": {"B"}, "fedit": {"A", "B"}, "fedex": {"A", "B"}, "fedsa": {"A"}, "local": set()}
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_split_shares_exactly_the_strategys_factors(tiny_model_dir, strategy):
+    model = _model(tiny_model_dir, strategy, quantization="none")
+    everything = model.adapter_state()
+    shared, personal = model.shared_update(), model.personal_factors()
+    assert {factor_of(k) for k in shared} == EXPECTED_SHARED[strategy]
+    assert set(shared) | set(personal) == set(everything)
+    assert not set(shared) & set(personal)
+
+
+def test_apply_global_replaces_b_and_never_touches_a(tiny_model_dir, colour_examples):
+    client = _model(tiny_model_dir)
+    client.train(colour_examples, QUICK)
+    personal_before = client.personal_factors()
+    global_b = {k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32)
+                for k, v in client.shared_update().items()}
+    client.apply_global(global_b)
+    for key, value in client.shared_update().items():
+        np.testing.assert_array_equal(value, global_b[key])
+    for key, value in client.personal_factors().items():
+        np.testing.assert_array_equal(value, personal_before[key])
+
+
+def test_mismatched_global_is_refused_and_changes_nothing(tiny_model_dir, colour_examples):
+    client = _model(tiny_model_dir)
+    client.train(colour_examples, QUICK)
+    before = client.adapter_state()
+    good = client.shared_update()
+    first = sorted(good)[0]
+    wrong_shape = {**good, first: np.zeros((3, 3), np.float32)}
+    with pytest.raises(TensorMismatchError, match="shape"):
+        client.apply_global(wrong_shape)
+    missing = {k: v for k, v in good.items() if k != first}
+    with pytest.raises(TensorMismatchError, match="lacks tensor"):
+        client.apply_global(missing)
+    wrong_dtype = {**good, first: good[first].astype(np.float64)}
+    with pytest.raises(TensorMismatchError, match="dtype"):
+        client.apply_global(wrong_dtype)
+    not_finite = {**good, first: np.full_like(good[first], np.nan)}
+    with pytest.raises(TensorMismatchError):
+        client.apply_global(not_finite)
+    after = client.adapter_state()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_peft_format_loads_with_peft_from_pretrained(tiny_model_dir, colour_examples, tmp_path):
+    client = _model(tiny_model_dir, quantization="none")
+    client.train(colour_examples, QUICK)
+    client.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_vlm(tiny_model_dir, quantization="none").model, tmp_path / "adapter")
+    batch = client.processor(images=[colour_examples[0].image], text=["<image>what colour is it?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(client.model(**batch).logits, reloaded(**batch).logits, atol=1e-6)
+
+
+def test_fedex_base_delta_equals_adding_it_to_the_weight(tiny_model_dir, colour_examples):
+    client = _model(tiny_model_dir, "fedex", quantization="none")
+    shared = client.shared_update()
+    rng = np.random.default_rng(1)
+    global_state = {k: v.copy() for k, v in shared.items()}
+    module = sorted(k for k in shared if ".q_proj.lora_A" in k)[0].rsplit(".lora_A", 1)[0]
+    layer = client.model.get_submodule(module).base_layer
+    delta = rng.normal(scale=0.1, size=tuple(layer.weight.shape)).astype(np.float32)
+    for key in shared:
+        if factor_of(key) == "A":
+            mod = key.rsplit(".lora_A", 1)[0]
+            shape = tuple(client.model.get_submodule(mod).base_layer.weight.shape)
+            global_state[mod + ".fedex_base_delta"] = delta if mod == module else np.zeros(shape, np.float32)
+    batch = client.processor(images=[colour_examples[0].image], text=["<image>what colour is it?"], return_tensors="pt")
+    client.apply_global(global_state)
+    with torch.no_grad():
+        with_delta = client.model(**batch).logits
+        layer.weight += torch.from_numpy(delta)
+        client.apply_global({**global_state, module + ".fedex_base_delta": np.zeros_like(delta)})
+        with_weight = client.model(**batch).logits
+    assert torch.allclose(with_delta, with_weight, atol=1e-5)
+    assert module + ".fedex_base_delta" in client.adapter_state()
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tiny_model_dir, colour_examples, tmp_path):
+    config = TrainingConfig(steps=6, learning_rate=1e-2, progress=False)
+    straight = _model(tiny_model_dir, quantization="none")
+    straight.train(colour_examples, config)
+
+    resumed = _model(tiny_model_dir, quantization="none")
+    checkpoint = tmp_path / "train.ckpt"
+    from fedvlm.edge import training
+
+    original = training._save_checkpoint
+
+    def crash_after_saving(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash after step 3")
+
+    training._save_checkpoint = crash_after_saving
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            resumed.train(colour_examples, config, checkpoint_path=checkpoint, checkpoint_every=3)
+    finally:
+        training._save_checkpoint = original
+    assert checkpoint.exists()
+    metrics = resumed.train(colour_examples, config, checkpoint_path=checkpoint, checkpoint_every=3)
+    assert metrics.steps == 3 and not checkpoint.exists()
+    a, b = straight.adapter_state(), resumed.adapter_state()
+    assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
