@@ -1,0 +1,368 @@
+"""Payloads split into MQTT-sized chunks, and reassembled with bounded memory and time.
+
+Each chunk is a fixed 74-byte header followed by up to ``chunk_size`` payload bytes
+(all integers big-endian)::
+
+    offset  size  field
+    0       4     magic b"FVCK"
+    4       2     protocol version (1)
+    6       16    message id: the same in every chunk of one payload
+    22      4     chunk index, 0-based
+    26      4     chunk count
+    30      4     chunk size: payload bytes in every chunk but the last
+    34      8     total payload size in bytes
+    42      32    SHA-256 of the whole payload
+    74      ...   this chunk's payload bytes
+
+Every chunk repeats the whole-message fields, so a receiver can size and check a message
+from whichever chunk arrives first, and chunks may arrive in any order or twice (QoS 1
+redelivers). ``Reassembler`` is not thread-safe; feed it from one thread (paho calls
+its callbacks from its network thread).
+
+Zero-length messages on a retained chunk topic are the broker's way of saying a retained
+message was deleted; transports skip them instead of feeding them here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import secrets
+import struct
+import time
+from collections.abc import Callable
+
+from .errors import ProtocolError, ReasonCode
+from .version import PROTOCOL_VERSION
+
+__all__ = [
+    "CHUNK_MAGIC",
+    "CHUNK_HEADER_SIZE",
+    "MESSAGE_ID_SIZE",
+    "DEFAULT_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_PENDING_MESSAGES",
+    "DEFAULT_MAX_PENDING_BYTES",
+    "DEFAULT_TIMEOUT_S",
+    "ChunkHeader",
+    "CompletedMessage",
+    "DroppedMessage",
+    "Reassembler",
+    "expected_chunk_count",
+    "new_message_id",
+    "parse_chunk_header",
+    "split_payload",
+]
+
+CHUNK_MAGIC = b"FVCK"
+_HEADER = struct.Struct(">4sH16sIIIQ32s")
+CHUNK_HEADER_SIZE = _HEADER.size  # 74
+MESSAGE_ID_SIZE = 16
+
+# Header plus data of a default chunk is exactly 256 KiB, within every common broker's
+# default maximum message size.
+DEFAULT_CHUNK_SIZE = 256 * 1024 - CHUNK_HEADER_SIZE
+# A floor on chunk size bounds the chunk count, and with it the per-message bookkeeping a
+# hostile header could make the receiver allocate.
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_PENDING_MESSAGES = 64
+DEFAULT_MAX_PENDING_BYTES = 1024 * 1024 * 1024
+# Long enough for a large update over a slow uplink (256 MiB at ~4 Mbit/s).
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def expected_chunk_count(total_size: int, chunk_size: int) -> int:
+    """Chunks a payload of ``total_size`` bytes needs; an empty payload still sends one."""
+    return max(1, -(-total_size // chunk_size))
+
+
+def new_message_id() -> bytes:
+    return secrets.token_bytes(MESSAGE_ID_SIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkHeader:
+    message_id: bytes
+    index: int
+    count: int
+    chunk_size: int
+    total_size: int
+    sha256: bytes
+
+    def differences_from(self, other: ChunkHeader) -> list[str]:
+        """Whole-message fields on which two chunk headers of one message disagree."""
+        return [f"{name} {mine!r} vs {theirs!r}" for name, mine, theirs in (
+            ("chunk count", self.count, other.count),
+            ("chunk size", self.chunk_size, other.chunk_size),
+            ("total size", self.total_size, other.total_size),
+            ("SHA-256", self.sha256.hex(), other.sha256.hex()),
+        ) if mine != theirs]  # fmt: skip
+
+    def expected_data_size(self) -> int:
+        """Payload bytes this chunk must carry, given its index."""
+        if self.index < self.count - 1:
+            return self.chunk_size
+        return self.total_size - (self.count - 1) * self.chunk_size
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletedMessage:
+    """A reassembled payload whose SHA-256 matched its header."""
+
+    sender: str
+    message_id: bytes
+    payload: bytes
+    sha256: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DroppedMessage:
+    """A message the reassembler gave up on, reported once by ``drain_expired``."""
+
+    sender: str
+    message_id: bytes
+    reason: ReasonCode
+    detail: str
+
+
+def split_payload(payload: bytes | bytearray | memoryview, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  message_id: bytes | None = None) -> list[bytes]:  # fmt: skip
+    """Split ``payload`` into chunks, each a header plus at most ``chunk_size`` bytes.
+
+    ``message_id`` defaults to 16 random bytes. Pass a fixed one to make a republish
+    byte-identical to the first publish (the hub uses the first 16 bytes of the payload's
+    SHA-256 for global versions, so retained chunks from two publishes never mix).
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
+            MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE):  # fmt: skip
+        raise ValueError(f"chunk_size must be an integer from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes, "
+                         f"got {chunk_size!r}")  # fmt: skip
+    if message_id is None:
+        message_id = new_message_id()
+    elif not isinstance(message_id, (bytes, bytearray)) or len(message_id) != MESSAGE_ID_SIZE:
+        raise ValueError(f"message_id must be {MESSAGE_ID_SIZE} bytes, got {message_id!r}")
+    view = memoryview(payload).cast("B")
+    total_size = view.nbytes
+    count = expected_chunk_count(total_size, chunk_size)
+    if count > 0xFFFFFFFF:
+        raise ValueError(f"a {total_size}-byte payload needs {count} chunks, more than a header can count; "
+                         "use a larger chunk_size")  # fmt: skip
+    digest = hashlib.sha256(view).digest()
+    chunks = []
+    for index in range(count):
+        header = _HEADER.pack(CHUNK_MAGIC, PROTOCOL_VERSION, bytes(message_id), index, count, chunk_size,
+                              total_size, digest)  # fmt: skip
+        # join copies the slice once, straight into the chunk.
+        chunks.append(b"".join((header, view[index * chunk_size:(index + 1) * chunk_size])))
+    return chunks
+
+
+def parse_chunk_header(chunk: bytes | bytearray | memoryview, *, sender: str | None = None) -> ChunkHeader:
+    """Read and sanity-check a chunk's header without trusting any of its numbers."""
+    if len(chunk) < CHUNK_HEADER_SIZE:
+        raise ProtocolError(ReasonCode.TRUNCATED_HEADER,
+                            f"chunk of {len(chunk)} bytes is shorter than the {CHUNK_HEADER_SIZE}-byte chunk header; "
+                            "the publisher sent something that is not a FedVLM chunk", sender=sender)  # fmt: skip
+    magic, version, message_id, index, count, chunk_size, total_size, digest = _HEADER.unpack_from(chunk)
+    if magic != CHUNK_MAGIC:
+        raise ProtocolError(ReasonCode.MALFORMED,
+                            f"chunk starts with {magic!r}, not the chunk magic {CHUNK_MAGIC!r}", sender=sender)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(ReasonCode.UNSUPPORTED_VERSION,
+                            f"chunk uses protocol version {version}; this FedVLM speaks version {PROTOCOL_VERSION}, "
+                            "so upgrade whichever side is older", sender=sender, message_id=message_id)  # fmt: skip
+    return ChunkHeader(message_id, index, count, chunk_size, total_size, digest)
+
+
+class _PendingMessage:
+    __slots__ = ("header", "buffer", "received", "received_count", "deadline")
+
+    def __init__(self, header: ChunkHeader, deadline: float) -> None:
+        self.header = header
+        self.buffer = bytearray(header.total_size)
+        self.received = bytearray(header.count)  # one flag per chunk: count ≤ size / MIN_CHUNK_SIZE + 1
+        self.received_count = 0
+        self.deadline = deadline
+
+
+class Reassembler:
+    """Turns chunks back into payloads, keyed by (sender, message id).
+
+    Limits, all checked from the header before anything is allocated:
+
+    - ``max_message_bytes``: largest payload accepted (``TOO_LARGE`` otherwise);
+    - ``max_pending_messages`` and ``max_pending_bytes``: incomplete messages held at once
+      (a new message beyond them is refused with ``OVERLOADED``);
+    - ``timeout_s``: a message must complete within this many seconds of its first chunk,
+      or it is dropped and reported by ``drain_expired`` as ``EXPIRED``.
+
+    ``feed`` raises ``ProtocolError`` for a refused chunk or dropped message. A message is
+    reported once: after it completes or is dropped, further chunks of it (QoS 1
+    duplicates, the rest of a refused message) are ignored for ``timeout_s``.
+    """
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES,
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        for name, value in (("max_message_bytes", max_message_bytes), ("max_pending_messages", max_pending_messages),
+                            ("max_pending_bytes", max_pending_bytes)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_message_bytes > max_pending_bytes:
+            raise ValueError(f"max_message_bytes ({max_message_bytes}) exceeds max_pending_bytes "
+                             f"({max_pending_bytes}), "
+                             "so the largest message could never be held; raise max_pending_bytes")  # fmt: skip
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self.max_message_bytes = max_message_bytes
+        self.max_pending_messages = max_pending_messages
+        self.max_pending_bytes = max_pending_bytes
+        self.timeout_s = float(timeout_s)
+        self._clock = clock
+        # Insertion order is start order and every message gets the same timeout, so the
+        # first entry always expires first.
+        self._pending: dict[tuple[str, bytes], _PendingMessage] = {}
+        self._pending_bytes = 0
+        # Messages already completed or dropped -> when to forget them. Bounded so a flood
+        # of message ids cannot grow it without limit.
+        self._finished: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
+        self._max_finished = max(4096, 4 * max_pending_messages)
+        # Expired messages not yet handed to drain_expired; bounded for a caller that never drains.
+        self._expired: collections.deque[DroppedMessage] = collections.deque(maxlen=max(1024, max_pending_messages))
+
+    @property
+    def pending_message_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes allocated for incomplete messages."""
+        return self._pending_bytes
+
+    def feed(self, chunk: bytes | bytearray | memoryview, *, sender: str) -> CompletedMessage | None:
+        """Add one chunk from ``sender``; return the message when this chunk completes it.
+
+        Returns None for a chunk that leaves its message incomplete and for a chunk of a
+        message already completed or dropped. Raises ``ProtocolError`` when the chunk is
+        refused (the rest of its message may still arrive) or its message is dropped.
+        """
+        now = self._clock()
+        self._expire(now)
+        header = parse_chunk_header(chunk, sender=sender)
+        key = (sender, header.message_id)
+        if key in self._finished:
+            return None
+        pending = self._pending.get(key)
+        if pending is not None and (differences := header.differences_from(pending.header)):
+            raise self._error(ReasonCode.INCONSISTENT, header, sender,
+                              f"chunk {header.index} refused: it disagrees with the message's first chunk on "
+                              f"{'; '.join(differences)}")  # fmt: skip
+        if pending is None and header.total_size > self.max_message_bytes:
+            self._remember_finished(key, now)
+            raise self._error(ReasonCode.TOO_LARGE, header, sender,
+                              f"declares {header.total_size} bytes, over this receiver's limit of "
+                              f"{self.max_message_bytes}; send a smaller payload or raise "
+                              "max_message_bytes")  # fmt: skip
+        self._check_chunk(header, len(chunk) - CHUNK_HEADER_SIZE, sender)
+        if pending is None:
+            pending = self._start(key, header, now)
+        if pending.received[header.index]:
+            return None  # a duplicate (QoS 1 redelivery): already written
+        start = header.index * header.chunk_size
+        pending.buffer[start:start + header.expected_data_size()] = memoryview(chunk)[CHUNK_HEADER_SIZE:]
+        pending.received[header.index] = 1
+        pending.received_count += 1
+        if pending.received_count < header.count:
+            return None
+        return self._complete(key, pending, now)
+
+    def drain_expired(self) -> list[DroppedMessage]:
+        """Messages that timed out since the last call (each reported once); frees their memory."""
+        self._expire(self._clock())
+        expired = list(self._expired)
+        self._expired.clear()
+        return expired
+
+    # ------------------------------------------------------------------ internals
+    def _error(self, reason: ReasonCode, header: ChunkHeader, sender: str, text: str) -> ProtocolError:
+        return ProtocolError(reason, f"message {header.message_id.hex()} from {sender!r}: {text}",
+                             sender=sender, message_id=header.message_id)  # fmt: skip
+
+    def _check_chunk(self, header: ChunkHeader, data_size: int, sender: str) -> None:
+        """Checks that need only this chunk, done before any allocation."""
+        if not MIN_CHUNK_SIZE <= header.chunk_size <= MAX_CHUNK_SIZE:
+            raise self._error(ReasonCode.MALFORMED, header, sender,
+                              f"chunk size {header.chunk_size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        expected_count = expected_chunk_count(header.total_size, header.chunk_size)
+        if header.count != expected_count:
+            raise self._error(ReasonCode.INCONSISTENT, header, sender,
+                              f"declares {header.count} chunks, but {header.total_size} bytes in chunks of "
+                              f"{header.chunk_size} make {expected_count}")  # fmt: skip
+        if header.index >= header.count:
+            raise self._error(ReasonCode.INCONSISTENT, header, sender,
+                              f"chunk index {header.index} is not below the chunk count {header.count}")
+        if data_size != header.expected_data_size():
+            raise self._error(ReasonCode.INCONSISTENT, header, sender,
+                              f"chunk {header.index} carries {data_size} payload bytes, its header implies "
+                              f"{header.expected_data_size()}; the chunk was truncated or padded")  # fmt: skip
+
+    def _start(self, key: tuple[str, bytes], header: ChunkHeader, now: float) -> _PendingMessage:
+        sender = key[0]
+        if len(self._pending) >= self.max_pending_messages:
+            self._remember_finished(key, now)
+            raise self._error(ReasonCode.OVERLOADED, header, sender,
+                              f"refused: already reassembling {len(self._pending)} messages (the limit); "
+                              "the sender should retry later")  # fmt: skip
+        if self._pending_bytes + header.total_size > self.max_pending_bytes:
+            self._remember_finished(key, now)
+            raise self._error(ReasonCode.OVERLOADED, header, sender,
+                              f"refused: its {header.total_size} bytes would take pending memory past "
+                              f"{self.max_pending_bytes} ({self._pending_bytes} in use); the sender should retry later")
+        pending = _PendingMessage(header, deadline=now + self.timeout_s)
+        self._pending[key] = pending
+        self._pending_bytes += header.total_size
+        return pending
+
+    def _complete(self, key: tuple[str, bytes], pending: _PendingMessage, now: float) -> CompletedMessage:
+        del self._pending[key]
+        self._pending_bytes -= pending.header.total_size
+        self._remember_finished(key, now)
+        digest = hashlib.sha256(pending.buffer).digest()
+        if digest != pending.header.sha256:
+            raise self._error(ReasonCode.CORRUPT, pending.header, key[0],
+                              f"dropped: reassembled bytes have SHA-256 {digest.hex()}, header says "
+                              f"{pending.header.sha256.hex()}; the sender should resend")  # fmt: skip
+        return CompletedMessage(sender=key[0], message_id=key[1], payload=bytes(pending.buffer), sha256=digest)
+
+    def _remember_finished(self, key: tuple[str, bytes], now: float) -> None:
+        self._finished[key] = now + self.timeout_s
+        self._finished.move_to_end(key)
+        while len(self._finished) > self._max_finished:
+            self._finished.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        while self._pending:
+            key, pending = next(iter(self._pending.items()))
+            if pending.deadline > now:
+                break
+            del self._pending[key]
+            self._pending_bytes -= pending.header.total_size
+            self._remember_finished(key, now)
+            self._expired.append(DroppedMessage(
+                sender=key[0], message_id=key[1], reason=ReasonCode.EXPIRED,
+                detail=(f"message {key[1].hex()} from {key[0]!r} expired after {self.timeout_s:g} s with "
+                        f"{pending.received_count} of {pending.header.count} chunks received; "
+                        "the sender should resend"),
+            ))  # fmt: skip
+        while self._finished:
+            key, forget_at = next(iter(self._finished.items()))
+            if forget_at > now:
+                break
+            del self._finished[key]

@@ -1,0 +1,201 @@
+"""Signed envelopes: every update carries an HMAC-SHA256 under its client's secret.
+
+Layout (integers big-endian)::
+
+    offset      size  field
+    0           4     magic b"FVSE"
+    4           2     protocol version (1)
+    6           1     n: length of the signer's client id
+    7           n     signer's client id (ASCII)
+    7+n         4     m: length of the metadata JSON (at most 64 KiB)
+    11+n        m     metadata JSON (EnvelopeMetadata)
+    11+n+m      8     b: length of the body
+    19+n+m      b     body (safetensors bytes, opaque here)
+    19+n+m+b    32    HMAC-SHA256(secret, every byte before it)
+
+The hub reads only the magic, version and signer before checking the HMAC; lengths,
+metadata and body are parsed after, so nothing an attacker controls is interpreted until
+the signature is known good. The signer must also be the client named in the metadata
+(and, when the hub passes it, the client id of the topic it arrived on), so a client
+cannot submit an update as another client.
+
+Replays: the signature does not expire. The metadata binds federation and round, and the
+hub accepts one update per client per round, so an old update replayed is refused as
+WRONG_ROUND or DUPLICATE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ProtocolError, ReasonCode, SignatureError
+from .identifiers import MAX_ID_LENGTH, validate_client_id
+from .messages import EnvelopeMetadata
+from .version import PROTOCOL_VERSION
+
+__all__ = [
+    "ENVELOPE_MAGIC",
+    "MAC_SIZE",
+    "MAX_METADATA_BYTES",
+    "MIN_SECRET_BYTES",
+    "SecretLookup",
+    "VerifiedEnvelope",
+    "new_client_secret",
+    "open_envelope",
+    "sign",
+]
+
+ENVELOPE_MAGIC = b"FVSE"
+MAC_SIZE = 32
+MAX_METADATA_BYTES = 64 * 1024
+# HMAC is only as strong as its key; 16 bytes is 128 bits. new_client_secret gives 256.
+MIN_SECRET_BYTES = 16
+_PREFIX = struct.Struct(">4sHB")  # magic, version, client id length
+_METADATA_LENGTH = struct.Struct(">I")
+_BODY_LENGTH = struct.Struct(">Q")
+_SMALLEST_ENVELOPE = _PREFIX.size + 1 + _METADATA_LENGTH.size + _BODY_LENGTH.size + MAC_SIZE
+
+SecretLookup = Callable[[str], bytes | str | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedEnvelope:
+    """An envelope whose signature checked out; ``client_id`` is the authenticated signer."""
+
+    client_id: str
+    metadata: EnvelopeMetadata
+    body: bytes
+
+
+def new_client_secret() -> str:
+    """A fresh random per-client secret (256 bits, URL-safe text) for the hub to issue."""
+    return secrets.token_urlsafe(32)
+
+
+def _secret_key(secret: bytes | str, client_id: str) -> bytes:
+    key = secret.encode("utf-8") if isinstance(secret, str) else secret
+    if not isinstance(key, (bytes, bytearray)):
+        raise TypeError(f"the secret of client {client_id!r} must be bytes or str, got {type(secret).__name__}")
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"the secret of client {client_id!r} is {len(key)} bytes; HMAC needs at least "
+                         f"{MIN_SECRET_BYTES}: issue one with new_client_secret()")  # fmt: skip
+    return bytes(key)
+
+
+def sign(body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapping[str, Any], client_id: str,
+         secret: bytes | str) -> bytes:  # fmt: skip
+    """Wrap ``body`` and ``metadata`` in an envelope signed as ``client_id`` with ``secret``."""
+    validate_client_id(client_id)
+    if not isinstance(metadata, EnvelopeMetadata):
+        metadata = EnvelopeMetadata.from_dict(metadata)
+    if metadata.client_id != client_id:
+        raise ProtocolError(ReasonCode.CLIENT_MISMATCH,
+                            f"metadata names client {metadata.client_id!r} but the envelope is signed as "
+                            f"{client_id!r}; a client may only send its own updates")  # fmt: skip
+    key = _secret_key(secret, client_id)
+    metadata_json = json.dumps(metadata.to_dict(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(metadata_json) > MAX_METADATA_BYTES:
+        raise ProtocolError(ReasonCode.TOO_LARGE,
+                            f"metadata is {len(metadata_json)} bytes; the limit is {MAX_METADATA_BYTES}")
+    body_view = memoryview(body).cast("B")
+    client_id_bytes = client_id.encode("ascii")
+    signed_prefix = b"".join((
+        _PREFIX.pack(ENVELOPE_MAGIC, PROTOCOL_VERSION, len(client_id_bytes)), client_id_bytes,
+        _METADATA_LENGTH.pack(len(metadata_json)), metadata_json, _BODY_LENGTH.pack(body_view.nbytes),
+    ))  # fmt: skip
+    mac = hmac.new(key, signed_prefix, hashlib.sha256)
+    mac.update(body_view)
+    return b"".join((signed_prefix, body_view, mac.digest()))
+
+
+def open_envelope(data: bytes | bytearray | memoryview, secret_lookup: SecretLookup, *,
+                  expected_client_id: str | None = None) -> VerifiedEnvelope:  # fmt: skip
+    """Authenticate an envelope, then parse it.
+
+    ``secret_lookup(client_id)`` returns that client's secret, or None for a client the hub
+    does not know. ``expected_client_id`` (the client id of the topic the envelope came on)
+    must match the signer when given. Raises ``SignatureError`` (UNKNOWN_CLIENT,
+    BAD_SIGNATURE, CLIENT_MISMATCH) or ``ProtocolError`` (MALFORMED, UNSUPPORTED_VERSION).
+    A secret from ``secret_lookup`` shorter than MIN_SECRET_BYTES is a hub configuration
+    error and raises ValueError.
+    """
+    view = memoryview(data).cast("B")
+    signer = _read_signer(view)
+    secret = secret_lookup(signer)
+    if secret is None:
+        raise SignatureError(ReasonCode.UNKNOWN_CLIENT,
+                             f"envelope signed by {signer!r}, a client this hub has no secret for; "
+                             "register the client with the hub first", sender=signer)  # fmt: skip
+    expected_mac = hmac.new(_secret_key(secret, signer), view[:-MAC_SIZE], hashlib.sha256).digest()
+    if not hmac.compare_digest(expected_mac, view[-MAC_SIZE:]):
+        raise SignatureError(ReasonCode.BAD_SIGNATURE,
+                             f"envelope from {signer!r} fails its HMAC check: it was altered in transit or signed "
+                             "with another secret (re-register the client if its secret was rotated)",
+                             sender=signer)  # fmt: skip
+    if expected_client_id is not None and signer != expected_client_id:
+        raise SignatureError(ReasonCode.CLIENT_MISMATCH,
+                             f"envelope signed by {signer!r} arrived on the topic of client {expected_client_id!r}",
+                             sender=signer)  # fmt: skip
+    metadata, body = _read_signed_part(view, signer)
+    if metadata.client_id != signer:
+        raise SignatureError(ReasonCode.CLIENT_MISMATCH,
+                             f"envelope signed by {signer!r} claims in its metadata to come from "
+                             f"{metadata.client_id!r}", sender=signer)  # fmt: skip
+    return VerifiedEnvelope(client_id=signer, metadata=metadata, body=body)
+
+
+def _malformed(text: str, signer: str | None = None) -> ProtocolError:
+    return ProtocolError(ReasonCode.MALFORMED, f"malformed envelope: {text}", sender=signer)
+
+
+def _read_signer(view: memoryview) -> str:
+    """The unauthenticated prefix: just enough to know whose secret to check against."""
+    if view.nbytes < _SMALLEST_ENVELOPE:
+        raise _malformed(f"{view.nbytes} bytes is shorter than the smallest possible envelope ({_SMALLEST_ENVELOPE})")
+    magic, version, id_length = _PREFIX.unpack_from(view)
+    if magic != ENVELOPE_MAGIC:
+        raise _malformed(f"starts with {magic!r}, not {ENVELOPE_MAGIC!r}; updates must be wrapped with "
+                         "fedvlm.shared.protocol.sign before they are sent")  # fmt: skip
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(ReasonCode.UNSUPPORTED_VERSION,
+                            f"envelope uses protocol version {version}; this FedVLM speaks version "
+                            f"{PROTOCOL_VERSION}, so upgrade whichever side is older")  # fmt: skip
+    if not 1 <= id_length <= MAX_ID_LENGTH:
+        raise _malformed(f"signer id length {id_length} is outside 1..{MAX_ID_LENGTH}")
+    raw_id = bytes(view[_PREFIX.size:_PREFIX.size + id_length])
+    try:
+        return validate_client_id(raw_id.decode("ascii"))
+    except (UnicodeDecodeError, ProtocolError):
+        raise _malformed(f"signer id {raw_id!r} is not a valid client id") from None
+
+
+def _read_signed_part(view: memoryview, signer: str) -> tuple[EnvelopeMetadata, bytes]:
+    """Lengths, metadata and body: parsed only after the HMAC verified, and still checked
+    because a client with a valid secret may run buggy code."""
+    offset = _PREFIX.size + len(signer)
+    end = view.nbytes - MAC_SIZE
+    (metadata_length,) = _METADATA_LENGTH.unpack_from(view, offset)
+    offset += _METADATA_LENGTH.size
+    if metadata_length > MAX_METADATA_BYTES or offset + metadata_length + _BODY_LENGTH.size > end:
+        raise _malformed(f"metadata length {metadata_length} does not fit the envelope", signer)
+    try:
+        metadata_obj = json.loads(bytes(view[offset:offset + metadata_length]))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise _malformed(f"metadata is not valid UTF-8 JSON: {error}", signer) from None
+    try:
+        metadata = EnvelopeMetadata.from_dict(metadata_obj)
+    except ProtocolError as error:
+        raise _malformed(f"metadata: {error}", signer) from None
+    offset += metadata_length
+    (body_length,) = _BODY_LENGTH.unpack_from(view, offset)
+    offset += _BODY_LENGTH.size
+    if offset + body_length != end:
+        raise _malformed(f"body length {body_length} disagrees with the {end - offset} bytes present", signer)
+    return metadata, bytes(view[offset:end])
