@@ -1,0 +1,287 @@
+"""One MQTT connection, as the edge and the hub both use it (paho-mqtt 2.x).
+
+What it adds to paho: broker URLs (``mqtt://user:pass@host:port``, ``mqtts://`` for TLS),
+a blocking ``connect`` with an error a person can act on, publishes that wait for the
+broker's acknowledgement, subscriptions that come back after a reconnect, reconnection
+with exponential back-off, and a last will. MQTT 5 is used when the broker speaks it
+(``protocol="auto"`` tries 5, then falls back to 3.1.1); everything works on 3.1.1.
+
+paho is imported lazily: ``fedvlm.shared`` itself must not need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+import threading
+import time
+import urllib.parse
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker could not be reached or refused the connection."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is and how to authenticate. Parse one with :meth:`parse`."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, *, username: str | None = None, password: str | None = None,
+              ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> "BrokerAddress":
+        """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…`` (TLS, default port 8883)."""
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts:// (TLS), e.g. mqtt://127.0.0.1:1883")
+        if not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} names no host, e.g. mqtt://127.0.0.1:1883")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        try:
+            port = parsed.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+        return cls(
+            host=parsed.hostname,
+            port=port,
+            tls=tls or bool(ca_file),
+            username=username or (urllib.parse.unquote(parsed.username) if parsed.username else None),
+            password=password or (urllib.parse.unquote(parsed.password) if parsed.password else None),
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
+
+    def url(self) -> str:
+        """The URL without the password, for logs and messages."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    """A persistent MQTT session with automatic reconnection.
+
+    Handlers run on paho's network thread: keep them short, hand heavy work to a queue.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        protocol: str = "auto",
+        keepalive: int = 30,
+        persistent_session: bool = True,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        try:
+            import paho.mqtt.client  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError("MQTT needs paho-mqtt: pip install 'fedvlm[edge]' or 'fedvlm[hub]'") from exc
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"MQTT protocol {protocol!r}: choose auto, 5 or 3.1.1")
+        self.address = address
+        self.client_id = client_id
+        self.will = will
+        self.keepalive = keepalive
+        self.persistent_session = persistent_session
+        self._reconnect = (reconnect_min_s, reconnect_max_s)
+        self._protocols = ["5", "3.1.1"] if protocol == "auto" else [protocol]
+        self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self._closing = False
+        self._client = None
+        self.protocol: str | None = None
+        self._connect_error: str | None = None
+        self.on_reconnect: list[Callable[[], None]] = []
+        self._ever_connected = False
+
+    # ---- connection -------------------------------------------------------------------------------
+
+    def _make_client(self, protocol: str):
+        import paho.mqtt.client as mqtt
+
+        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        kwargs = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": self.client_id,
+                  "protocol": version}
+        if version == mqtt.MQTTv311:
+            kwargs["clean_session"] = not self.persistent_session
+        client = mqtt.Client(**kwargs)
+        if self.address.username:
+            client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            context = ssl.create_default_context(cafile=self.address.ca_file)
+            if self.address.cert_file:
+                context.load_cert_chain(self.address.cert_file, self.address.key_file)
+            client.tls_set_context(context)
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client.reconnect_delay_set(min_delay=max(1, int(self._reconnect[0])), max_delay=int(self._reconnect[1]))
+        # Large retained sets (global chunks) arrive in bursts: don't cap in-flight messages low.
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def connect(self, timeout: float = 10.0) -> "MqttLink":
+        """Connect (blocking up to ``timeout``); raises :class:`BrokerUnavailable` with advice."""
+        errors = []
+        for protocol in self._protocols:
+            client = self._make_client(protocol)
+            self._connect_error = None
+            connect_kwargs = {"keepalive": self.keepalive}
+            if protocol == "5":
+                import paho.mqtt.client as mqtt
+                from paho.mqtt.properties import Properties
+                from paho.mqtt.packettypes import PacketTypes
+
+                properties = Properties(PacketTypes.CONNECT)
+                # Keep the session (subscriptions, queued QoS 1 messages) across disconnects.
+                properties.SessionExpiryInterval = 3600 if self.persistent_session else 0
+                connect_kwargs.update(clean_start=not self.persistent_session, properties=properties)
+            try:
+                # Synchronous TCP connect: a refused or unresolvable address fails now, clearly.
+                client.connect(self.address.host, self.address.port, **connect_kwargs)
+            except (OSError, ValueError) as exc:
+                raise BrokerUnavailable(
+                    f"cannot reach the MQTT broker at {self.address.url()}: {exc}. Is it running? "
+                    "(Without --broker the hub starts its own embedded broker.)"
+                ) from exc
+            self._client = client
+            client.loop_start()
+            # Some MQTT 3.1.1-only brokers (amqtt) neither answer nor close an MQTT 5 CONNECT:
+            # give the first of two attempts a short wait; a broker answers in milliseconds.
+            wait = min(timeout, 3.0) if len(self._protocols) > 1 and protocol == "5" else timeout
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and not self.connected.is_set() and self._connect_error is None:
+                time.sleep(0.02)
+            if self.connected.is_set():
+                self.protocol = protocol
+                return self
+            client.loop_stop()
+            client.disconnect()
+            self._client = None
+            errors.append(f"MQTT {protocol}: {self._connect_error or 'no answer within %.0f s' % wait}")
+            if self._connect_error and "not authorized" in self._connect_error.lower():
+                break
+        raise BrokerUnavailable(
+            f"could not connect to the MQTT broker at {self.address.url()} ({'; '.join(errors)}). "
+            "Check that the broker runs there, and the username, password and TLS settings."
+        )
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            self._connect_error = str(reason_code)
+            return
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, (qos, _) in subscriptions:
+            client.subscribe(topic_filter, qos=qos)
+        reconnected = self._ever_connected
+        self._ever_connected = True
+        self.connected.set()
+        if reconnected:
+            log.info("reconnected to %s", self.address.url())
+            for callback in list(self.on_reconnect):
+                callback()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if not self._ever_connected and self._connect_error is None:
+            # Closed before CONNACK: typically a broker that does not speak this MQTT version.
+            self._connect_error = f"the broker closed the connection ({reason_code})"
+        self.connected.clear()
+        if not self._closing:
+            log.warning("lost the broker at %s (%s); reconnecting", self.address.url(), reason_code)
+
+    # ---- messages ---------------------------------------------------------------------------------
+
+    def _on_message(self, client, userdata, message) -> None:
+        import paho.mqtt.client as mqtt
+
+        with self._lock:
+            handlers = [h for f, (_, h) in self._subscriptions.items() if mqtt.topic_matches_sub(_plain_filter(f), message.topic)]
+        for handler in handlers:
+            try:
+                handler(message.topic, bytes(message.payload), bool(message.retain))
+            except Exception:  # a handler bug must not kill the network thread
+                log.exception("handler for %s failed", message.topic)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Subscribe now and again after every reconnect."""
+        with self._lock:
+            self._subscriptions[topic_filter] = (qos, handler)
+        if self._client is not None and self.connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        if self._client is not None:
+            self._client.unsubscribe(topic_filter)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 60.0) -> None:
+        """Publish and wait until the broker acknowledged it (QoS 1) or it left (QoS 0)."""
+        if self._client is None:
+            raise BrokerUnavailable("not connected: call connect() first")
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc == 0:
+                break
+            # Not connected right now: paho refuses; wait for the reconnect and try again.
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"could not publish to {topic}: broker at {self.address.url()} unreachable")
+            self.connected.wait(timeout=0.5)
+        remaining = max(deadline - time.monotonic(), 0.1)
+        info.wait_for_publish(timeout=remaining)
+        if not info.is_published():
+            raise BrokerUnavailable(f"the broker did not acknowledge a message on {topic} within {timeout:.0f} s")
+
+    def close(self, final: tuple[str, bytes] | None = None) -> None:
+        """Publish ``final`` (topic, payload; retained) if connected, then disconnect cleanly."""
+        self._closing = True
+        if self._client is None:
+            return
+        if final is not None and self.connected.is_set():
+            try:
+                self.publish(final[0], final[1], retain=True, timeout=5)
+            except BrokerUnavailable:
+                pass
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._client = None
+        self.connected.clear()
+
+
+def _plain_filter(topic_filter: str) -> str:
+    """``$share/group/a/b`` matches messages on ``a/b``."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
