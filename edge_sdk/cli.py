@@ -67,7 +67,81 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="batch-order seed (default: 0)")
     train.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
     train.set_defaults(handler=_train)
+
+    join = commands.add_parser("join", help="join a federation's hub and take part in its rounds",
+                               description="Join a hub over MQTT: fetch the global factors, train on local "
+                                           "data when selected, publish the signed update. Only the factors "
+                                           "the federation's strategy shares leave the device.")
+    join.add_argument("--hub", required=True, metavar="URL", help="broker URL: mqtt://host:port or mqtts://host:port")
+    join.add_argument("--federation", required=True, help="the federation's name")
+    join.add_argument("--client-id", required=True, help="this device's id, as registered with the hub")
+    join.add_argument("--secret-file", required=True, metavar="FILE",
+                      help="file holding the secret `fedvlm-hub clients add` printed")
+    join.add_argument("--model", required=True, metavar="DIR", help="local directory of the base VLM")
+    join.add_argument("--data", required=True, metavar="PATH", help="the device's RLAIF-V training records")
+    join.add_argument("--eval-data", metavar="PATH", help="held-out records scored after each round")
+    join.add_argument("--state-dir", required=True, metavar="DIR", help="the device's state directory")
+    join.add_argument("--rounds", type=int, help="leave after sending this many updates (default: until the hub is done)")
+    join.add_argument("--steps", type=int, default=20, help="local optimiser steps per round unless the hub says (default: 20)")
+    join.add_argument("--batch-size", type=int, default=8, help="default: 8")
+    join.add_argument("--lr", type=float, default=2e-3, help="learning rate unless the hub says (default: 2e-3)")
+    join.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"], help="default: auto")
+    join.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    join.add_argument("--username", help="broker username (production brokers)")
+    join.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    join.add_argument("--ca-file", metavar="FILE", help="CA certificate for TLS (mqtts://)")
+    join.add_argument("--cert-file", metavar="FILE", help="client certificate for TLS")
+    join.add_argument("--key-file", metavar="FILE", help="client key for TLS")
+    join.add_argument("--mqtt-version", default="auto", choices=["auto", "5", "3.1.1"],
+                      help="MQTT protocol version (default: auto, 5 with a fallback to 3.1.1)")
+    join.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
+    join.add_argument("--timeout", type=float, help="give up after this many seconds")
+    join.add_argument("--quiet", action="store_true", help="no progress bars")
+    join.set_defaults(handler=_join)
     return parser
+
+
+def _read_secret(path: str, what: str) -> str:
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read the {what} file {path!r}: {exc.strerror}") from exc
+    if not secret:
+        raise ValueError(f"the {what} file {path!r} is empty")
+    return secret
+
+
+def _join(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedvlm.edge.data import load_records
+    from fedvlm.edge.edge_client import ConnectionOptions, EdgeClient
+    from fedvlm.edge.training import TrainingConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    secret = _read_secret(args.secret_file, "secret")
+    records = load_records(args.data, skip_bad=args.skip_bad)
+    eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
+    connection = ConnectionOptions(
+        username=args.username,
+        password=_read_secret(args.password_file, "password") if args.password_file else None,
+        ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, mqtt_protocol=args.mqtt_version,
+    )
+    client = EdgeClient(
+        args.model, records.records, args.hub, args.federation, args.client_id, secret, args.state_dir,
+        eval_examples=eval_records,
+        training=TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                progress=not args.quiet),
+        quantization=args.quantization, device=args.device, connection=connection,
+    )
+    reports = client.run(rounds=args.rounds, timeout=args.timeout)
+    for report in reports:
+        accuracy = report.evaluation["accuracy"] if report.evaluation else None
+        print(json.dumps({"round": report.round, "accepted": report.accepted, "reason": report.reason,
+                          "train_loss": round(report.train["loss"], 4),
+                          "eval_accuracy": accuracy, "bytes_sent": report.bytes_sent}))
+    print(f"state kept in {args.state_dir}")
+    return 0
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

@@ -25,5 +25,6 @@ class DeviceStateError(EdgeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from fedvlm.edge.data.records import DataError
+    from fedvlm.shared.mqtt_link import BrokerUnavailable
 
-    return (EdgeError, DataError, FileNotFoundError, ValueError, KeyError)
+    return (EdgeError, DataError, BrokerUnavailable, FileNotFoundError, TimeoutError, ValueError, KeyError)

@@ -1,0 +1,55 @@
+"""The edge SDK's data layer: RLAIF-V records and a synthetic non-IID federation.
+
+- :func:`load_records` / :func:`write_records`: RLAIF-V parquet or JSON Lines to and from
+  :class:`Record` (image, question, chosen, rejected, origin_dataset, source).
+- :func:`generate_federation` with a :class:`ScenarioConfig` (presets ``iid``,
+  ``concept-shift``, ``label-skew``, ``task-skew``, ``mixed``): a seeded synthetic visual
+  QA federation with per-client train/test splits and a common test set.
+"""
+
+from fedvlm.edge.data.conventions import (
+    CLASSES,
+    LANGUAGES,
+    NEUTRAL_CONVENTION,
+    QUESTION_KINDS,
+    Convention,
+    client_convention,
+    convention_vocabulary_lines,
+)
+from fedvlm.edge.data.reading import load_records
+from fedvlm.edge.data.records import DataError, EncodedImage, LoadedRecords, Record
+from fedvlm.edge.data.scenario import PRESETS, ClientProfile, ScenarioConfig
+from fedvlm.edge.data.synthetic import (
+    ClientData,
+    Federation,
+    all_words,
+    generate_federation,
+    pretraining_records,
+    question_kind,
+)
+from fedvlm.edge.data.writing import write_records
+
+__all__ = [
+    "CLASSES",
+    "ClientData",
+    "ClientProfile",
+    "Convention",
+    "DataError",
+    "EncodedImage",
+    "Federation",
+    "LANGUAGES",
+    "LoadedRecords",
+    "NEUTRAL_CONVENTION",
+    "PRESETS",
+    "QUESTION_KINDS",
+    "Record",
+    "ScenarioConfig",
+    "all_words",
+    "client_convention",
+    "convention_vocabulary_lines",
+    "generate_federation",
+    "load_records",
+    "pretraining_records",
+    "question_kind",
+    "write_records",
+]

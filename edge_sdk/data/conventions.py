@@ -1,0 +1,148 @@
+"""Answer conventions: the words a client uses to name the same visual fact.
+
+Concept shift in the synthetic benchmark comes from here. Every client sees the same kind
+of pictures and is asked the same English questions, but answers in its own convention:
+its own language for every answer word, and for some clients a mirrored camera. A
+mirrored camera shows the scene flipped, while the labels describe the scene itself, so
+a shape drawn on the left of the picture is labelled "right". One global model cannot
+satisfy two conventions at once; a personalised one can.
+
+Answer words are plain lower-case ASCII (diacritics dropped: French "carre", German
+"gruen", Portuguese "tres") so that every tokenizer and answer normaliser treats them
+alike. A few words coincide across languages, as real words do (French "triangle", Dutch
+and German "links"/"rechts", Spanish and Portuguese "azul").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
+
+# The classes of each question kind, named in English; a class index points into these and
+# into every language's word list below.
+CLASSES: dict[str, tuple[str, ...]] = {
+    "colour": ("red", "green", "blue", "yellow", "purple", "white"),
+    "shape": ("circle", "square", "triangle", "cross"),
+    "count": ("one", "two", "three", "four"),
+    "position": ("left", "right"),
+}
+
+LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
+    "english": CLASSES,
+    "french": {
+        "colour": ("rouge", "vert", "bleu", "jaune", "violet", "blanc"),
+        "shape": ("cercle", "carre", "triangle", "croix"),
+        "count": ("un", "deux", "trois", "quatre"),
+        "position": ("gauche", "droite"),
+    },
+    "german": {
+        "colour": ("rot", "gruen", "blau", "gelb", "lila", "weiss"),
+        "shape": ("kreis", "quadrat", "dreieck", "kreuz"),
+        "count": ("eins", "zwei", "drei", "vier"),
+        "position": ("links", "rechts"),
+    },
+    "spanish": {
+        "colour": ("rojo", "verde", "azul", "amarillo", "morado", "blanco"),
+        "shape": ("circulo", "cuadrado", "triangulo", "cruz"),
+        "count": ("uno", "dos", "tres", "cuatro"),
+        "position": ("izquierda", "derecha"),
+    },
+    "italian": {
+        "colour": ("rosso", "verde", "blu", "giallo", "viola", "bianco"),
+        "shape": ("cerchio", "quadrato", "triangolo", "croce"),
+        "count": ("uno", "due", "tre", "quattro"),
+        "position": ("sinistra", "destra"),
+    },
+    "dutch": {
+        "colour": ("rood", "groen", "blauw", "geel", "paars", "wit"),
+        "shape": ("cirkel", "vierkant", "driehoek", "kruis"),
+        "count": ("een", "twee", "drie", "vier"),
+        "position": ("links", "rechts"),
+    },
+    "portuguese": {
+        "colour": ("vermelho", "verde", "azul", "amarelo", "roxo", "branco"),
+        "shape": ("circulo", "quadrado", "triangulo", "cruz"),
+        "count": ("um", "dois", "tres", "quatro"),
+        "position": ("esquerda", "direita"),
+    },
+    "indonesian": {
+        "colour": ("merah", "hijau", "biru", "kuning", "ungu", "putih"),
+        "shape": ("lingkaran", "persegi", "segitiga", "silang"),
+        "count": ("satu", "dua", "tiga", "empat"),
+        "position": ("kiri", "kanan"),
+    },
+}
+
+# The order in which clients get languages under concept shift: client 0 English, client 1
+# French, and so on, wrapping around after the last one.
+LANGUAGE_ORDER: tuple[str, ...] = tuple(LANGUAGES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Convention:
+    """How a client words its answers.
+
+    Attributes:
+        language: one of :data:`LANGUAGES`; every answer word is in it.
+        mirrored: the client's camera mirrors the picture, so position answers name the
+            opposite side of the one the shape is drawn on.
+    """
+
+    language: str = "english"
+    mirrored: bool = False
+
+    def __post_init__(self) -> None:
+        if self.language not in LANGUAGES:
+            raise ValueError(f"unknown answer language {self.language!r}; choose one of {', '.join(LANGUAGES)}")
+
+    @property
+    def name(self) -> str:
+        return self.language + ("-mirrored" if self.mirrored else "")
+
+    def words(self, kind: str) -> tuple[str, ...]:
+        """This convention's answer words for a question kind, in class order."""
+        return LANGUAGES[self.language][kind]
+
+    def answer(self, kind: str, class_index: int) -> str:
+        """The answer this client gives when the picture shows class ``class_index``."""
+        if kind == "position" and self.mirrored:
+            class_index = len(CLASSES["position"]) - 1 - class_index
+        return self.words(kind)[class_index]
+
+
+NEUTRAL_CONVENTION = Convention()
+"""English, not mirrored: the convention of the common test set and of pre-training."""
+
+
+def client_convention(client_index: int, *, concept_shift: bool) -> Convention:
+    """The convention of client ``client_index``.
+
+    Without concept shift every client is neutral. With it, languages go round
+    :data:`LANGUAGE_ORDER` and odd clients have mirrored cameras; from the second round of
+    languages on, the mirroring flips, so 16 clients all differ (client 0 is English and
+    client 8 English-mirrored). Client 0 always shares the common test set's convention.
+    """
+    if not concept_shift:
+        return NEUTRAL_CONVENTION
+    language_round, language_index = divmod(client_index, len(LANGUAGE_ORDER))
+    mirrored = (client_index % 2 == 1) != (language_round % 2 == 1)
+    return Convention(LANGUAGE_ORDER[language_index], mirrored)
+
+
+def convention_vocabulary_lines() -> list[str]:
+    """Text-only lines listing every convention's answer words.
+
+    Pre-training reads them in place of a real language model's knowledge of words: a
+    model that has seen "rouge" can learn to say it for red from a few examples; one that
+    never has must invent its output embedding from nothing. Two kinds of line: per
+    language and question kind ("french colours: rouge vert bleu ..."), and per class across
+    languages ("red rouge rot rojo rosso rood vermelho merah").
+    """
+    kind_plurals = {"colour": "colours", "shape": "shapes", "count": "numbers", "position": "sides"}
+    lines = [f"{language} {kind_plurals[kind]}: {' '.join(words[kind])}"
+             for language, words in LANGUAGES.items() for kind in QUESTION_KINDS]
+    for kind in QUESTION_KINDS:
+        for class_index in range(len(CLASSES[kind])):
+            lines.append(" ".join(words[kind][class_index] for words in LANGUAGES.values()))
+    return lines

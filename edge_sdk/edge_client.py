@@ -1,0 +1,436 @@
+"""The device side of a federation: join a hub over MQTT and take part in its rounds.
+
+The client reacts to the hub's retained messages:
+
+* the hub state names the round, the selected clients, the strategy and the LoRA layout;
+  the model is built from it, so every device uses the layout the hub announced;
+* the global manifest names the latest global version; the client fetches its retained
+  chunks, checks the manifest's SHA-256, and absorbs the shared factors (the personal ones
+  stay as they are);
+* when it is selected for a round and holds the latest global version, it trains on its
+  local data, evaluates, and publishes its signed update (only the tensors its strategy
+  lets leave the device), then waits for the hub's acknowledgement.
+
+The update is written to the state directory before it is published, so a device that
+crashes after sending re-sends the identical bytes (the hub counts it once) instead of a
+different update. State is committed atomically after every round and every new global
+version. MQTT callbacks only enqueue events; all work happens on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import time
+from pathlib import Path
+from typing import Sequence
+
+from fedvlm.edge.errors import EdgeError
+from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
+from fedvlm.edge.training import QAExample, TrainingConfig
+from fedvlm.shared import tensor_codec
+from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.mqtt_link import BrokerAddress, MqttLink, Will
+from fedvlm.shared.protocol import (
+    Ack,
+    Announcement,
+    EnvelopeMetadata,
+    GlobalManifest,
+    HubState,
+    Presence,
+    ProtocolError,
+    Reassembler,
+    RoundPhase,
+    Topics,
+    new_message_id,
+    sign,
+    split_payload,
+)
+from fedvlm.shared.protocol.chunks import DEFAULT_CHUNK_SIZE
+
+log = logging.getLogger(__name__)
+
+_PENDING_UPDATE = "pending_update.bin"
+_PENDING_INFO = "pending_update.json"
+
+
+class EdgeClientError(EdgeError):
+    """The client cannot take part: wrong secret, rejected update, incompatible hub."""
+
+
+@dataclasses.dataclass
+class RoundReport:
+    """What one round did on this device."""
+
+    round: int
+    accepted: bool
+    reason: str
+    samples: int
+    train: dict
+    evaluation: dict | None
+    bytes_sent: int
+    global_version: int
+
+
+@dataclasses.dataclass
+class ConnectionOptions:
+    """How to reach the broker (see ``BrokerAddress.parse``)."""
+
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    mqtt_protocol: str = "auto"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+
+class EdgeClient:
+    """A device in a federation.
+
+    Args:
+        model_dir: local directory of the base VLM (the hub checks its fingerprint).
+        train_examples: the device's training examples (image, question, chosen).
+        hub_url: ``mqtt://host:port`` or ``mqtts://…`` of the federation's broker.
+        federation: the federation's name.
+        client_id: this device's id, registered with the hub.
+        secret: the secret the hub issued for ``client_id``.
+        state_dir: where personal factors, the last global version and the round are kept.
+        eval_examples: held-out examples scored after each round's training (optional).
+        training: local training settings; the hub's round config may override
+            ``steps`` (``local_steps``) and ``learning_rate``.
+        quantization, device: as in :func:`fedvlm.edge.model_loading.load_vlm`.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        train_examples: Sequence[QAExample],
+        hub_url: str,
+        federation: str,
+        client_id: str,
+        secret: str,
+        state_dir: str | os.PathLike,
+        *,
+        eval_examples: Sequence[QAExample] | None = None,
+        training: TrainingConfig | None = None,
+        quantization: str = "auto",
+        device: str = "auto",
+        connection: ConnectionOptions | None = None,
+    ) -> None:
+        if not train_examples:
+            raise EdgeClientError("the device has no training examples")
+        self.model_dir = Path(model_dir)
+        self.train_examples = train_examples
+        self.eval_examples = eval_examples
+        self.federation = federation
+        self.client_id = client_id
+        self.secret = secret
+        self.state_dir = Path(state_dir)
+        self.training = training or TrainingConfig(progress=False)
+        self.quantization = quantization
+        self.device = device
+        self.connection = connection or ConnectionOptions()
+        self.topics = Topics(federation)
+        self.address = BrokerAddress.parse(
+            hub_url, username=self.connection.username, password=self.connection.password,
+            ca_file=self.connection.ca_file, cert_file=self.connection.cert_file, key_file=self.connection.key_file,
+        )
+        self.model = None  # built from the hub's announced layout (PersonalVLM)
+        self.state: DeviceState | None = None
+        self.hub_state: HubState | None = None
+        self.manifest: GlobalManifest | None = None
+        self.reports: list[RoundReport] = []
+        self._events: queue.Queue = queue.Queue()
+        self._reassembler = Reassembler(timeout_s=120)
+        self._fetching_version: int | None = None
+        self._link: MqttLink | None = None
+
+    # ---- MQTT callbacks: enqueue only -----------------------------------------------------------
+
+    def _on_hub_state(self, topic: str, payload: bytes, retained: bool) -> None:
+        if payload:
+            self._events.put(("hub_state", payload))
+
+    def _on_manifest(self, topic: str, payload: bytes, retained: bool) -> None:
+        if payload:
+            self._events.put(("manifest", payload))
+
+    def _on_ack(self, topic: str, payload: bytes, retained: bool) -> None:
+        if payload:
+            self._events.put(("ack", payload))
+
+    def _on_global_chunk(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not payload:
+            return  # a retained message being cleared
+        try:
+            done = self._reassembler.feed(payload, sender="hub")
+        except ProtocolError as problem:
+            self._events.put(("chunk_error", str(problem)))
+            return
+        if done is not None:
+            self._events.put(("global_payload", done.payload))
+
+    def _announce(self, status: Presence) -> bytes:
+        return Announcement(
+            client_id=self.client_id, status=status, sdk_version=_sdk_version(),
+            last_round=self.state.round if self.state and self.state.round else None,
+        ).to_json()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def connect(self, timeout: float = 15.0) -> None:
+        self._restore_state_if_any()
+        will = Will(self.topics.client_announce(self.client_id), self._announce(Presence.OFFLINE))
+        self._link = MqttLink(self.address, f"fedvlm-{self.federation}-{self.client_id}", will=will,
+                              protocol=self.connection.mqtt_protocol)
+        self._link.connect(timeout)
+        self._link.on_reconnect.append(lambda: self._events.put(("reconnected", b"")))
+        self._link.subscribe(self.topics.client_ack(self.client_id), self._on_ack)
+        self._link.subscribe(self.topics.hub_state(), self._on_hub_state)
+        self._link.subscribe(self.topics.global_manifest(), self._on_manifest)
+        self._link.publish(self.topics.client_announce(self.client_id), self._announce(Presence.ONLINE), retain=True)
+        log.info("%s joined federation %s at %s", self.client_id, self.federation, self.address.url())
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close(final=(self.topics.client_announce(self.client_id), self._announce(Presence.OFFLINE)))
+            self._link = None
+
+    def run(self, rounds: int | None = None, *, timeout: float | None = None) -> list[RoundReport]:
+        """Take part until the hub is done, ``rounds`` rounds were sent, or ``timeout`` s passed."""
+        own_link = self._link is None
+        if own_link:
+            self.connect()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent_here = 0
+        try:
+            while rounds is None or sent_here < rounds:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.client_id}: no round finished within {timeout:.0f} s")
+                try:
+                    kind, payload = self._events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                report = self._handle(kind, payload)
+                if report is not None:
+                    sent_here += 1
+                if self.hub_state is not None and self.hub_state.phase is RoundPhase.DONE and self._up_to_date():
+                    break
+        finally:
+            if own_link:
+                self.close()
+        return self.reports
+
+    def run_rounds(self, n: int, *, timeout: float | None = None) -> list[RoundReport]:
+        return self.run(rounds=n, timeout=timeout)
+
+    # ---- event handling ---------------------------------------------------------------------------
+
+    def _handle(self, kind: str, payload: bytes) -> RoundReport | None:
+        if kind == "hub_state":
+            self.hub_state = HubState.from_json(payload)
+            self._ensure_model()
+            self._fetch_global_if_newer()
+            return self._maybe_take_part()
+        if kind == "manifest":
+            manifest = GlobalManifest.from_json(payload)
+            if manifest.federation == self.federation:
+                self.manifest = manifest
+                self._fetch_global_if_newer()
+            return self._maybe_take_part()
+        if kind == "global_payload":
+            self._absorb_global(payload)
+            return self._maybe_take_part()
+        if kind == "chunk_error":
+            log.warning("%s: dropped a global chunk: %s", self.client_id, payload)
+        if kind == "reconnected" and self._link is not None:
+            self._link.publish(self.topics.client_announce(self.client_id), self._announce(Presence.ONLINE), retain=True)
+            self._fetching_version = None
+            self._fetch_global_if_newer()
+        return None
+
+    def _restore_state_if_any(self) -> None:
+        self.state = load_state(self.state_dir)
+
+    def _ensure_model(self) -> None:
+        """Build the model from the hub's announced strategy and LoRA layout (once)."""
+        if self.model is not None or self.hub_state is None:
+            return
+        from fedvlm.edge.personal_model import PersonalVLM
+
+        config = self.hub_state.round_config
+        lora = LoraSettings.from_dict(config.get("lora", {}))
+        strategy = config.get("strategy", "plora")
+        self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
+                                                 quantization=self.quantization, device=self.device)
+        pinned = config.get("base_fingerprint")
+        if pinned and pinned != self.model.fingerprint:
+            raise EdgeClientError(
+                f"the hub's federation uses base model {pinned}, {self.model_dir} is {self.model.fingerprint}: "
+                "load the same base model as the other devices"
+            )
+        if self.state is not None:
+            check_compatible(self.state, federation=self.federation, client_id=self.client_id,
+                             base_fingerprint=self.model.fingerprint, lora=lora.to_dict())
+            self.model.restore(self.state)
+        else:
+            self.state = self.model.device_state(federation=self.federation, client_id=self.client_id,
+                                                 round=0, global_version=0, global_state={})
+
+    def _up_to_date(self) -> bool:
+        latest = self.manifest.version if self.manifest else 0
+        if self.hub_state is not None:
+            latest = max(latest, self.hub_state.global_version)
+        return self.state is not None and self.state.global_version >= latest
+
+    def _fetch_global_if_newer(self) -> None:
+        if self.manifest is None or self.model is None or self._link is None:
+            return
+        if self.manifest.version <= self.state.global_version or self._fetching_version == self.manifest.version:
+            return
+        if self._fetching_version is not None:
+            self._link.unsubscribe(self.topics.global_chunks_filter(self._fetching_version))
+        self._fetching_version = self.manifest.version
+        self._link.subscribe(self.topics.global_chunks_filter(self.manifest.version), self._on_global_chunk)
+
+    def _absorb_global(self, payload: bytes) -> None:
+        manifest = self.manifest
+        if manifest is None or self._fetching_version != manifest.version:
+            return
+        if tensor_codec.sha256_hex(payload) != manifest.payload_sha256 or len(payload) != manifest.total_size:
+            log.warning("%s: global version %d does not match its manifest; waiting for a republish",
+                        self.client_id, manifest.version)
+            return
+        tensors, metadata = tensor_codec.decode(payload)
+        self.model.apply_global({k: v.copy() for k, v in tensors.items()})
+        self._link.unsubscribe(self.topics.global_chunks_filter(manifest.version))
+        self._fetching_version = None
+        self.state.global_version = manifest.version
+        self.state.global_state = {k: v for k, v in tensors.items()}
+        self._commit_state()
+        log.info("%s: absorbed global version %d", self.client_id, manifest.version)
+
+    def _commit_state(self) -> None:
+        self.state.personal = self.model.personal_factors()
+        save_state(self.state_dir, self.state, write_peft_adapter=self.model.save_pretrained)
+
+    # ---- taking part in a round -------------------------------------------------------------------
+
+    def _maybe_take_part(self) -> RoundReport | None:
+        hub = self.hub_state
+        if hub is None or self.model is None or hub.phase is not RoundPhase.COLLECTING:
+            return None
+        if self.client_id not in hub.selected_clients or self.state.round >= hub.round:
+            return None
+        if self.state.global_version < hub.global_version:
+            return None  # train on the latest global state only; it is being fetched
+        return self._take_part(hub)
+
+    def _take_part(self, hub: HubState) -> RoundReport:
+        pending = self._pending_update(hub.round)
+        if pending is not None:
+            envelope, message_id, train_metrics, eval_metrics = pending
+            log.info("%s: re-sending the update of round %d saved before a restart", self.client_id, hub.round)
+        else:
+            config = dataclasses.replace(
+                self.training,
+                steps=int(hub.round_config.get("local_steps", self.training.steps)),
+                learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
+                seed=self.training.seed + hub.round,
+            )
+            train_metrics = self.model.train(self.train_examples, config, description=f"{self.client_id} round {hub.round}").to_dict()
+            eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
+            envelope = self._signed_update(hub.round, train_metrics, eval_metrics)
+            message_id = new_message_id()
+            self._save_pending(hub.round, envelope, message_id, train_metrics, eval_metrics)
+        for chunk in split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id):
+            self._link.publish(self.topics.update(self.client_id, message_id), chunk, qos=1)
+        ack = self._wait_for_ack(message_id, hub)
+        report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
+                             samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,
+                             bytes_sent=len(envelope), global_version=self.state.global_version)
+        self.reports.append(report)
+        if ack.accepted:
+            self.state.round = hub.round
+            self.state.metrics = self.state.metrics + [dataclasses.asdict(report)]
+            self._commit_state()
+            log.info("%s: round %d accepted", self.client_id, hub.round)
+        else:
+            # A rejected update will not become acceptable by re-sending it: record the round
+            # as done for this device and surface the reason.
+            self.state.round = hub.round
+            self._commit_state()
+            log.warning("%s: round %d rejected: %s", self.client_id, hub.round, report.reason)
+        self._clear_pending()
+        return report
+
+    def _signed_update(self, round_number: int, train_metrics: dict, eval_metrics: dict | None) -> bytes:
+        shared = self.model.shared_update()
+        metadata = EnvelopeMetadata(
+            federation=self.federation, round=round_number, client_id=self.client_id,
+            sample_count=len(self.train_examples), strategy=self.model.strategy.name,
+            base_fingerprint=self.model.fingerprint, lora_config_hash=self.model.lora.config_hash(),
+        )
+        body_metadata = {k: str(v) for k, v in metadata.to_dict().items() if k != "type"}
+        body_metadata["metrics"] = json.dumps({"train": train_metrics, "eval": eval_metrics})
+        body = tensor_codec.encode(shared, body_metadata)
+        return sign(body, metadata, self.client_id, self.secret)
+
+    def _wait_for_ack(self, message_id: bytes, hub: HubState, timeout: float | None = None) -> Ack:
+        wait = timeout or max((hub.deadline or time.time()) - time.time(), 0) + 60
+        deadline = time.monotonic() + wait
+        deferred = []
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    kind, payload = self._events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if kind == "ack":
+                    ack = Ack.from_json(payload)
+                    if ack.message_id == message_id.hex():
+                        return ack
+                    continue
+                deferred.append((kind, payload))
+        finally:
+            for event in deferred:  # handled after the round, in order
+                self._events.put(event)
+        raise EdgeClientError(f"{self.client_id}: the hub did not acknowledge the update within {wait:.0f} s")
+
+    # ---- the update kept until acknowledged -------------------------------------------------------
+
+    def _save_pending(self, round_number: int, envelope: bytes, message_id: bytes, train: dict, evaluation) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in ((_PENDING_UPDATE, envelope),
+                           (_PENDING_INFO, json.dumps({"round": round_number, "message_id": message_id.hex(),
+                                                       "train": train, "evaluation": evaluation}).encode())):
+            tmp = self.state_dir / (name + ".tmp")
+            with tmp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.state_dir / name)
+
+    def _pending_update(self, round_number: int):
+        info_path, body_path = self.state_dir / _PENDING_INFO, self.state_dir / _PENDING_UPDATE
+        if not info_path.exists() or not body_path.exists():
+            return None
+        info = json.loads(info_path.read_text())
+        if info["round"] != round_number:
+            self._clear_pending()
+            return None
+        return body_path.read_bytes(), bytes.fromhex(info["message_id"]), info["train"], info["evaluation"]
+
+    def _clear_pending(self) -> None:
+        for name in (_PENDING_UPDATE, _PENDING_INFO):
+            (self.state_dir / name).unlink(missing_ok=True)
+
+
+def _sdk_version() -> str:
+    from fedvlm import __version__
+
+    return __version__
