@@ -1,14 +1,45 @@
-"""``fedvlm-hub``: the hub's command line."""
+"""``fedvlm-hub``: run a federation's hub, manage its clients, show its status.
+
+    fedvlm-hub start [--config hub.toml] [--broker URL] [--federation NAME] [--rounds N] ...
+    fedvlm-hub clients add NAME        # prints the new secret alone on the last line
+    fedvlm-hub clients list
+    fedvlm-hub clients revoke NAME
+    fedvlm-hub status [--json]
+
+Every sub-command takes ``--state-dir`` (default ``./fedvlm-hub``) and ``--config``
+(whose ``state_dir`` is used when ``--state-dir`` is not given).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from fedvlm.shared.cli_support import run_command
+from fedvlm.shared.mqtt_link import BrokerUnavailable
+from fedvlm.shared.strategies import STRATEGY_NAMES
+
+from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
 
 PROGRAM = "fedvlm-hub"
+PASSWORD_ENVIRONMENT = "FEDVLM_BROKER_PASSWORD"
+
+_START_EPILOG = """\
+Settings come from the TOML file (--config), then the flags on top. TOML keys are the
+HubConfig field names (federation, strategy, rounds, min_clients, fraction, quorum,
+round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
+cert_file, key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
+max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s) plus a
+[lora] table (r, alpha, dropout, target_projections, include_projector, init_seed).
+Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
+The broker password may also come from the environment variable FEDVLM_BROKER_PASSWORD.
+Stop with Ctrl-C or SIGTERM: the hub publishes its offline state and exits.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,22 +49,187 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM,
         description="FedVLM hub: aggregates the shared LoRA factors of a federation's devices and "
                     "broadcasts the global ones over MQTT.",
-    )
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    start = commands.add_parser("start", help="run the federation's rounds", description="Run the hub: wait for "
+                                "clients, open rounds, collect signed updates, aggregate, publish global versions.",
+                                epilog=_START_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_state_arguments(start)
+    federation = start.add_argument_group("federation")
+    federation.add_argument("--federation", help="federation id (default: default)")
+    federation.add_argument("--strategy", choices=STRATEGY_NAMES, help="aggregation strategy (default: plora)")
+    federation.add_argument("--rounds", type=int, help="rounds to run, then exit (default: run forever)")
+    federation.add_argument("--min-clients", type=int, help="online clients needed to open a round (default: 2)")
+    federation.add_argument("--fraction", type=float, help="share of online clients selected per round (default: 1)")
+    federation.add_argument("--quorum", type=int, help="accepted updates needed at the deadline "
+                                                       "(default: half the selected clients, rounded up)")
+    federation.add_argument("--round-timeout", type=float, metavar="SECONDS", help="seconds from opening a round to "
+                            "its deadline (default: 600)")
+    federation.add_argument("--selection-seed", type=int, help="seed of the per-round client sampling (default: 0)")
+    federation.add_argument("--base-fingerprint", help="base model every client must use "
+                            "(default: the first accepted update's)")
+    federation.add_argument("--lora-rank", type=int, help="LoRA rank r announced to clients (default: 8)")
+    federation.add_argument("--lora-alpha", type=int, help="LoRA alpha announced to clients (default: 16)")
+    federation.add_argument("--lora-seed", type=int, help="seed of the shared LoRA initialisation (default: 0)")
+    federation.add_argument("--local-steps", type=int, help="training steps per round, a hint in the round config")
+    federation.add_argument("--learning-rate", type=float, help="learning rate, a hint in the round config")
+    transport = start.add_argument_group("broker")
+    transport.add_argument("--broker", metavar="URL", help="use this broker: mqtt://host:port or mqtts://host:port "
+                           "(default: start an embedded broker)")
+    transport.add_argument("--username", help="broker username")
+    transport.add_argument("--password", help=f"broker password (or set {PASSWORD_ENVIRONMENT})")
+    transport.add_argument("--ca-file", help="CA certificates to verify the broker (PEM); implies TLS")
+    transport.add_argument("--cert-file", help="client certificate for TLS (PEM)")
+    transport.add_argument("--key-file", help="private key of --cert-file (PEM)")
+    transport.add_argument("--mqtt-protocol", choices=("auto", "5", "3.1.1"), help="MQTT version (default: auto)")
+    transport.add_argument("--host", dest="embedded_host", help="address of the embedded broker (default: 127.0.0.1)")
+    transport.add_argument("--port", dest="embedded_port", type=int, help="port of the embedded broker "
+                           "(default: 1883)")
+    transport.add_argument("--chunk-size", type=int, help="payload bytes per chunk of a global version")
+    transport.add_argument("--max-update-bytes", type=int, help="largest signed update accepted, in bytes")
+    transport.add_argument("--linger", dest="done_linger_s", type=float, metavar="SECONDS", help="with the embedded "
+                           "broker, keep serving this long after the last round so clients get the last global "
+                           "version (default: 30)")
+    start.add_argument("--quiet", action="store_true", help="no progress lines on the console")
+
+    clients = commands.add_parser("clients", help="register, list or revoke clients",
+                                  description="Manage the clients allowed to send updates.")
+    clients.set_defaults(print_clients_help=clients.print_help)
+    client_commands = clients.add_subparsers(dest="clients_command", metavar="ACTION")
+    add = client_commands.add_parser("add", help="register a client and print its secret once",
+                                     description="Register a client. Its secret is printed once, alone on the last "
+                                                 "line; give it to the device (e.g. in a file only it can read).")
+    add.add_argument("name", help="client id: letters, digits, '.', '_', '-'")
+    _add_state_arguments(add)
+    listing = client_commands.add_parser("list", help="list registered clients (never their secrets)",
+                                         description="List the registered clients and their presence.")
+    _add_state_arguments(listing)
+    revoke = client_commands.add_parser("revoke", help="revoke a client: its secret is deleted",
+                                        description="Revoke a client; its next update is refused as unknown_client.")
+    revoke.add_argument("name")
+    _add_state_arguments(revoke)
+
+    status = commands.add_parser("status", help="show the federation's state (hub running or not)",
+                                 description="Show round, phase, clients online, last aggregation and accepted/"
+                                             "rejected counts, read from the hub's state directory.")
+    _add_state_arguments(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, help=f"the hub's state directory (default: ./{DEFAULT_STATE_DIR}, "
+                                                       "or state_dir from --config)")
+    parser.add_argument("--config", type=Path, help="hub TOML config file")
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir is not None:
+        return args.state_dir
+    if args.config is not None:
+        configured = read_toml(args.config).get("state_dir")
+        if configured:
+            return Path(configured)
+    return DEFAULT_STATE_DIR
+
+
+def _start_config(args: argparse.Namespace) -> HubConfig:
+    overrides: dict[str, Any] = {
+        key: getattr(args, key)
+        for key in ("federation", "strategy", "rounds", "min_clients", "fraction", "quorum", "selection_seed",
+                    "state_dir", "broker", "username", "password", "ca_file", "cert_file", "key_file",
+                    "mqtt_protocol", "embedded_host", "embedded_port", "chunk_size", "max_update_bytes",
+                    "base_fingerprint", "local_steps", "learning_rate", "done_linger_s")
+    }  # fmt: skip
+    overrides["round_timeout_s"] = args.round_timeout
+    if overrides["password"] is None and os.environ.get(PASSWORD_ENVIRONMENT):
+        overrides["password"] = os.environ[PASSWORD_ENVIRONMENT]
+    lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "init_seed": args.lora_seed}
+    return load_config(args.config, overrides, lora)
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    from .console import Console
+    from .service import HubService
+
+    config = _start_config(args)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = HubService(config, console=Console(enabled=not args.quiet))
+
+    def stop(signum: int, frame: Any) -> None:
+        service.request_stop()
+
+    # Ctrl-C and SIGTERM end the hub cleanly (offline state published) instead of mid-write.
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        service.serve()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def _run_clients(args: argparse.Namespace) -> int:
+    from .clients import list_clients, register_client, revoke_client
+
+    if args.clients_command is None:
+        args.print_clients_help()
+        return 0
+    state_dir = _state_dir(args)
+    if args.clients_command == "add":
+        secret = register_client(state_dir, args.name)
+        print(f"registered client {args.name!r} in {state_dir}. Its secret follows, shown only this once; "
+              "give it to the device and keep it private:")  # fmt: skip
+        print(secret)
+        return 0
+    if args.clients_command == "revoke":
+        revoke_client(state_dir, args.name)
+        print(f"revoked client {args.name!r}: its updates are now refused")
+        return 0
+    if args.clients_command == "list":
+        records = list_clients(state_dir)
+        if not records:
+            print(f"no clients registered in {state_dir}; add one with `{PROGRAM} clients add NAME`")
+            return 0
+        print(f"{'client':<32} {'status':<8} {'last presence':<13} registered")
+        for record in records:
+            status = "active" if record.active else "revoked"
+            print(f"{record.client_id:<32} {status:<8} {record.presence:<13} {_when(record.created_at)}")
+        return 0
+    raise AssertionError(f"unhandled clients action {args.clients_command!r}")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from .status import read_status, status_json
+
+    status = read_status(_state_dir(args))
+    print(status_json(status) if args.json else status.format())
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    if args.command == "start":
+        return _run_start(args)
+    if args.command == "clients":
+        return _run_clients(args)
+    if args.command == "status":
+        return _run_status(args)
+    parser.print_help()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(_main, argv, (ValueError, FileNotFoundError), PROGRAM)
+    return run_command(_main, argv, (ValueError, FileNotFoundError, PermissionError, BrokerUnavailable), PROGRAM)
 
 
 if __name__ == "__main__":

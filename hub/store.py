@@ -1,0 +1,410 @@
+"""The hub's durable state in one SQLite database: clients, rounds, receipts, rejections, global versions.
+
+SQLite in WAL mode with ``synchronous=FULL``: a committed transaction survives a power
+cut, and the status command can read while the hub writes. Every multi-row change that
+must happen together (a receipt and the federation's pins; a global version and the end
+of its round) is one transaction, so a hub killed at any instant restarts from a
+consistent state.
+
+The database holds the clients' secrets, so it is created with mode 0600 (and its
+directory 0700). Secrets are returned only by :meth:`HubStore.secret_of`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ClientRegistryError, HubError, StateDirMismatch
+
+__all__ = [
+    "DATABASE_NAME",
+    "HubStore",
+    "ClientRecord",
+    "RoundRecord",
+    "Receipt",
+    "GlobalVersionRecord",
+    "RejectionRecord",
+    "RECENT_REJECTIONS_KEPT",
+]
+
+DATABASE_NAME = "hub.sqlite3"
+SCHEMA_VERSION = 1
+RECENT_REJECTIONS_KEPT = 200
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id  TEXT PRIMARY KEY,
+    secret     TEXT,                      -- NULL once revoked
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    last_seen  REAL,
+    presence   TEXT NOT NULL DEFAULT 'offline'
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round          INTEGER NOT NULL,
+    attempt        INTEGER NOT NULL,
+    selected       TEXT NOT NULL,         -- JSON list of client ids
+    quorum         INTEGER NOT NULL,
+    deadline       REAL NOT NULL,
+    opened_at      REAL NOT NULL,
+    closed_at      REAL,                  -- NULL while collecting
+    outcome        TEXT,                  -- 'aggregated' or 'retry' once closed
+    global_version INTEGER,               -- set when outcome is 'aggregated'
+    PRIMARY KEY (round, attempt)
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    round          INTEGER NOT NULL,
+    client_id      TEXT NOT NULL,
+    attempt        INTEGER NOT NULL,
+    message_id     TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,         -- of the signed envelope: identifies a re-send
+    body_sha256    TEXT NOT NULL,         -- of the stored safetensors file: checked on resume
+    sample_count   INTEGER NOT NULL,
+    file_path      TEXT NOT NULL,
+    accepted_at    REAL NOT NULL,
+    metrics        TEXT,                  -- the client's reported metrics (JSON), if any
+    PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS rejection_counts (
+    reason TEXT PRIMARY KEY,
+    count  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recent_rejections (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at        REAL NOT NULL,
+    client_id TEXT,
+    round     INTEGER,
+    reason    TEXT NOT NULL,
+    detail    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS global_versions (
+    version     INTEGER PRIMARY KEY,
+    round       INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    file_path   TEXT NOT NULL,
+    total_size  INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    chunk_size  INTEGER NOT NULL,
+    manifest    TEXT NOT NULL,            -- the GlobalManifest JSON, republished byte for byte
+    created_at  REAL NOT NULL,
+    published   INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    created_at: float
+    revoked_at: float | None
+    last_seen: float | None
+    presence: str
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    attempt: int
+    selected: tuple[str, ...]
+    quorum: int
+    deadline: float
+    opened_at: float
+    closed_at: float | None = None
+    outcome: str | None = None
+    global_version: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_at is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    """An accepted update: written to ``file_path`` before this row was committed."""
+
+    round: int
+    client_id: str
+    attempt: int
+    message_id: str
+    payload_sha256: str
+    body_sha256: str
+    sample_count: int
+    file_path: str
+    accepted_at: float
+    metrics: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalVersionRecord:
+    version: int
+    round: int
+    sha256: str
+    file_path: str
+    total_size: int
+    chunk_count: int
+    chunk_size: int
+    manifest: str
+    created_at: float
+    published: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionRecord:
+    at: float
+    client_id: str | None
+    round: int | None
+    reason: str
+    detail: str
+
+
+class HubStore:
+    """One hub's SQLite database. Safe to share between threads (one lock serialises use)."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            if not create:
+                raise HubError(f"no hub state at {self.path}: start the hub or register a client there first, "
+                               "or pass the --state-dir the hub uses")  # fmt: skip
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Create the file ourselves so it is 0600 from the first byte; SQLite gives its
+            # WAL and shared-memory files the database file's permissions.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            with self._conn:
+                self._conn.executescript(_SCHEMA)
+                self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                                   (str(SCHEMA_VERSION),))  # fmt: skip
+        except sqlite3.DatabaseError as error:
+            raise HubError(f"{self.path} is not a usable hub database ({error}); "
+                           "point --state-dir at the hub's own state directory") from None  # fmt: skip
+        version = self.get_meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise HubError(f"{self.path} has schema version {version}; this hub reads version {SCHEMA_VERSION}")
+
+    @classmethod
+    def in_state_dir(cls, state_dir: str | Path, *, create: bool = True) -> HubStore:
+        return cls(Path(state_dir) / DATABASE_NAME, create=create)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> HubStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _query(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cursor = self._conn.execute(sql, tuple(parameters))
+            return cursor.fetchall()
+
+    # ------------------------------------------------------------------ meta
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        with self._lock, self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items())
+
+    def bind_federation(self, federation: str, strategy: str, lora_config_hash: str) -> None:
+        """Record which federation this state belongs to, or refuse a state dir of another one.
+
+        A state dir holds one federation's rounds, pins and checkpoints; running another
+        federation, strategy or LoRA layout on it would mix incompatible updates.
+        """
+        wanted = {"federation": federation, "strategy": strategy, "lora_config_hash": lora_config_hash}
+        with self._lock, self._conn:
+            for key, value in wanted.items():
+                current = self.get_meta(key)
+                if current is None:
+                    self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+                elif current != value:
+                    what = {"federation": "federation", "strategy": "strategy",
+                            "lora_config_hash": "LoRA settings (hash)"}[key]  # fmt: skip
+                    raise StateDirMismatch(
+                        f"state dir {self.path.parent} belongs to a federation with {what} {current!r}, not "
+                        f"{value!r}; use another --state-dir for a new federation, or the original settings"
+                    )
+
+    # ------------------------------------------------------------------ clients
+    def add_client(self, client_id: str, secret: str, now: float) -> None:
+        with self._lock:
+            existing = self._query("SELECT revoked_at FROM clients WHERE client_id = ?", (client_id,))
+            if existing:
+                state = "revoked" if existing[0][0] is not None else "registered"
+                raise ClientRegistryError(f"client {client_id!r} is already {state}; choose another name "
+                                          "(a secret is issued only once, at registration)")  # fmt: skip
+            with self._conn:
+                self._conn.execute("INSERT INTO clients (client_id, secret, created_at) VALUES (?, ?, ?)",
+                                   (client_id, secret, now))  # fmt: skip
+
+    def revoke_client(self, client_id: str, now: float) -> None:
+        with self._lock, self._conn:
+            cursor = self._conn.execute(
+                "UPDATE clients SET secret = NULL, revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL",
+                (now, client_id))  # fmt: skip
+            if cursor.rowcount == 0:
+                raise ClientRegistryError(f"client {client_id!r} is not registered (or already revoked)")
+
+    def secret_of(self, client_id: str) -> str | None:
+        """The client's secret, or None for an unknown or revoked client."""
+        rows = self._query("SELECT secret FROM clients WHERE client_id = ? AND revoked_at IS NULL", (client_id,))
+        return rows[0][0] if rows else None
+
+    def active_client_ids(self) -> set[str]:
+        return {row[0] for row in self._query("SELECT client_id FROM clients WHERE revoked_at IS NULL")}
+
+    def list_clients(self) -> list[ClientRecord]:
+        rows = self._query("SELECT client_id, created_at, revoked_at, last_seen, presence FROM clients "
+                           "ORDER BY client_id")  # fmt: skip
+        return [ClientRecord(*row) for row in rows]
+
+    def set_presence(self, client_id: str, presence: str, now: float) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE clients SET presence = ?, last_seen = ? WHERE client_id = ?",
+                               (presence, now, client_id))  # fmt: skip
+
+    def reset_presence(self) -> None:
+        """Everyone offline until their (retained) announcements arrive again."""
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE clients SET presence = 'offline'")
+
+    # ------------------------------------------------------------------ rounds
+    def open_round(self, record: RoundRecord) -> None:
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT INTO rounds (round, attempt, selected, quorum, deadline, opened_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.round, record.attempt, json.dumps(list(record.selected)), record.quorum, record.deadline,
+                 record.opened_at))  # fmt: skip
+
+    def extend_deadline(self, round_number: int, attempt: int, deadline: float) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE rounds SET deadline = ? WHERE round = ? AND attempt = ?",
+                               (deadline, round_number, attempt))  # fmt: skip
+
+    def close_round_for_retry(self, round_number: int, attempt: int, now: float) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE rounds SET closed_at = ?, outcome = 'retry' WHERE round = ? AND attempt = ?",
+                               (now, round_number, attempt))  # fmt: skip
+
+    def latest_round(self) -> RoundRecord | None:
+        rows = self._query(f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round DESC, attempt DESC LIMIT 1")
+        return _round_record(rows[0]) if rows else None
+
+    def rounds(self) -> list[RoundRecord]:
+        return [_round_record(row) for row in self._query(f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round, attempt")]
+
+    def completed_rounds(self) -> int:
+        rows = self._query("SELECT MAX(round) FROM rounds WHERE outcome = 'aggregated'")
+        return rows[0][0] or 0
+
+    # ------------------------------------------------------------------ receipts
+    def add_receipt(self, receipt: Receipt, pins: Mapping[str, str] | None = None) -> None:
+        """Commit an accepted update, and with it any federation pins it sets (one transaction)."""
+        with self._lock, self._conn:
+            self._conn.execute(f"INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+                               dataclasses.astuple(receipt))  # fmt: skip
+            if pins:
+                self._conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", pins.items())
+
+    def delete_receipt(self, round_number: int, client_id: str) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("DELETE FROM receipts WHERE round = ? AND client_id = ?", (round_number, client_id))
+
+    def receipt(self, round_number: int, client_id: str) -> Receipt | None:
+        rows = self._query(f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE round = ? AND client_id = ?",
+                           (round_number, client_id))  # fmt: skip
+        return Receipt(*rows[0]) if rows else None
+
+    def receipts(self, round_number: int) -> list[Receipt]:
+        rows = self._query(f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE round = ? ORDER BY accepted_at, client_id",
+                           (round_number,))  # fmt: skip
+        return [Receipt(*row) for row in rows]
+
+    def count_receipts(self) -> int:
+        return self._query("SELECT COUNT(*) FROM receipts")[0][0]
+
+    # ------------------------------------------------------------------ rejections
+    def record_rejection(self, rejection: RejectionRecord) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("INSERT INTO rejection_counts (reason, count) VALUES (?, 1) "
+                               "ON CONFLICT (reason) DO UPDATE SET count = count + 1", (rejection.reason,))
+            self._conn.execute("INSERT INTO recent_rejections (at, client_id, round, reason, detail) "
+                               "VALUES (?, ?, ?, ?, ?)", dataclasses.astuple(rejection))  # fmt: skip
+            # Keep the log bounded: a misbehaving client must not grow the database forever.
+            self._conn.execute("DELETE FROM recent_rejections WHERE id <= "
+                               "(SELECT MAX(id) FROM recent_rejections) - ?", (RECENT_REJECTIONS_KEPT,))
+
+    def rejection_counts(self) -> dict[str, int]:
+        return dict(self._query("SELECT reason, count FROM rejection_counts ORDER BY reason"))
+
+    def recent_rejections(self, limit: int = 20) -> list[RejectionRecord]:
+        rows = self._query("SELECT at, client_id, round, reason, detail FROM recent_rejections "
+                           "ORDER BY id DESC LIMIT ?", (limit,))  # fmt: skip
+        return [RejectionRecord(*row) for row in rows]
+
+    # ------------------------------------------------------------------ global versions
+    def add_global_version(self, record: GlobalVersionRecord, *, closes_attempt: int, now: float) -> None:
+        """Record a new global version and close the round (attempt) that produced it, together."""
+        with self._lock, self._conn:
+            self._conn.execute(f"INSERT INTO global_versions ({_GLOBAL_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+                               dataclasses.astuple(record))  # fmt: skip
+            self._conn.execute("UPDATE rounds SET closed_at = ?, outcome = 'aggregated', global_version = ? "
+                               "WHERE round = ? AND attempt = ?", (now, record.version, record.round, closes_attempt))
+
+    def mark_published(self, version: int) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE global_versions SET published = 1 WHERE version = ?", (version,))
+
+    def latest_global(self) -> GlobalVersionRecord | None:
+        rows = self._query(f"SELECT {_GLOBAL_COLUMNS} FROM global_versions ORDER BY version DESC LIMIT 1")
+        return _global_record(rows[0]) if rows else None
+
+    def global_version(self, version: int) -> GlobalVersionRecord | None:
+        rows = self._query(f"SELECT {_GLOBAL_COLUMNS} FROM global_versions WHERE version = ?", (version,))
+        return _global_record(rows[0]) if rows else None
+
+    def global_versions(self) -> list[GlobalVersionRecord]:
+        return [_global_record(row) for row in self._query(f"SELECT {_GLOBAL_COLUMNS} FROM global_versions "
+                                                           "ORDER BY version")]  # fmt: skip
+
+
+_ROUND_COLUMNS = "round, attempt, selected, quorum, deadline, opened_at, closed_at, outcome, global_version"
+_RECEIPT_COLUMNS = ("round, client_id, attempt, message_id, payload_sha256, body_sha256, sample_count, file_path, "
+                    "accepted_at, metrics")  # fmt: skip
+_GLOBAL_COLUMNS = "version, round, sha256, file_path, total_size, chunk_count, chunk_size, manifest, created_at, published"
+
+
+def _round_record(row: sqlite3.Row) -> RoundRecord:
+    values = list(row)
+    values[2] = tuple(json.loads(values[2]))
+    return RoundRecord(*values)
+
+
+def _global_record(row: sqlite3.Row) -> GlobalVersionRecord:
+    values = list(row)
+    values[-1] = bool(values[-1])
+    return GlobalVersionRecord(*values)

@@ -1,0 +1,184 @@
+"""What the hub checks inside an update whose signature already verified.
+
+The order matters: the envelope's HMAC is checked first (``open_envelope``), then the
+cheap metadata checks here, and only then are the tensors decoded, so an update from a
+wrong federation or strategy never costs a safetensors parse. Every refusal is an
+:class:`UpdateRejected` carrying the reason code and a sentence for the client's operator.
+
+The federation *pins* what all its updates must share: the base model fingerprint and
+the tensor layout (names, shapes, dtypes). Both come from the first accepted update
+unless the base fingerprint was configured, and are stored with that update's receipt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedvlm.shared import lora_keys, tensor_codec
+from fedvlm.shared.protocol import EnvelopeMetadata, MessageKind, ReasonCode, VerifiedEnvelope
+from fedvlm.shared.strategies import Strategy
+from fedvlm.shared.tensor_codec import CodecError, TensorMismatchError, TensorSpec
+
+__all__ = [
+    "UpdateRejected",
+    "UpdateRules",
+    "FederationPins",
+    "DecodedUpdate",
+    "check_addressing",
+    "check_compatibility",
+    "decode_update",
+    "PIN_BASE_FINGERPRINT",
+    "PIN_TENSOR_SPEC",
+]
+
+# Keys of the pins in the store's meta table.
+PIN_BASE_FINGERPRINT = "base_fingerprint"
+PIN_TENSOR_SPEC = "tensor_spec"
+# Metrics a client reports travel in the body metadata; kept with the receipt, bounded.
+_MAX_METRICS_CHARS = 64 * 1024
+
+
+class UpdateRejected(Exception):
+    """An update the hub refuses; ``reason`` goes in the Ack, ``text`` tells the client why."""
+
+    def __init__(self, reason: ReasonCode, text: str) -> None:
+        super().__init__(text)
+        self.reason = ReasonCode(reason)
+        self.text = text
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRules:
+    """The federation's fixed facts an update must agree with."""
+
+    federation: str
+    strategy: Strategy
+    lora_config_hash: str
+    max_update_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationPins:
+    """What the first accepted update (or the configuration) fixed for the whole federation."""
+
+    base_fingerprint: str | None = None
+    tensor_spec: TensorSpec | None = None
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, str | None]) -> FederationPins:
+        spec = meta.get(PIN_TENSOR_SPEC)
+        return cls(base_fingerprint=meta.get(PIN_BASE_FINGERPRINT),
+                   tensor_spec=TensorSpec.from_json(spec) if spec else None)  # fmt: skip
+
+    def updated(self, new_pins: Mapping[str, str]) -> FederationPins:
+        return FederationPins.from_meta({PIN_BASE_FINGERPRINT: self.base_fingerprint,
+                                         PIN_TENSOR_SPEC: self.tensor_spec.to_json() if self.tensor_spec else None,
+                                         **new_pins})  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedUpdate:
+    """An update's tensors, checked against the federation; ``new_pins`` are what it pins, if first."""
+
+    tensors: dict[str, np.ndarray]
+    metrics: str | None
+    new_pins: dict[str, str]
+
+
+def check_addressing(metadata: EnvelopeMetadata, rules: UpdateRules) -> None:
+    """Refuse an update addressed to another federation, or an envelope that is not an update."""
+    if metadata.federation != rules.federation:
+        raise UpdateRejected(ReasonCode.WRONG_FEDERATION,
+                             f"update is for federation {metadata.federation!r}; this hub runs {rules.federation!r}")
+    if metadata.kind is not MessageKind.UPDATE:
+        raise UpdateRejected(ReasonCode.MALFORMED, f"envelope kind {metadata.kind.value!r} is not an update")
+
+
+def check_compatibility(metadata: EnvelopeMetadata, rules: UpdateRules, pins: FederationPins) -> None:
+    """Refuse an update trained with another strategy, LoRA layout or base model."""
+    if metadata.strategy != rules.strategy.name:
+        raise UpdateRejected(ReasonCode.INCOMPATIBLE,
+                             f"update uses strategy {metadata.strategy!r}; the federation uses "
+                             f"{rules.strategy.name!r} (read it from the hub state's round_config)")  # fmt: skip
+    if metadata.lora_config_hash != rules.lora_config_hash:
+        raise UpdateRejected(ReasonCode.INCOMPATIBLE,
+                             f"update's LoRA config hash {metadata.lora_config_hash[:16]}… differs from the "
+                             f"federation's {rules.lora_config_hash[:16]}…; build the adapter from the 'lora' "
+                             "settings in the hub state's round_config")  # fmt: skip
+    if pins.base_fingerprint is not None and metadata.base_fingerprint != pins.base_fingerprint:
+        raise UpdateRejected(ReasonCode.INCOMPATIBLE,
+                             f"update was trained on base model {metadata.base_fingerprint}; the federation uses "
+                             f"{pins.base_fingerprint}: load the same base model as the other clients")  # fmt: skip
+
+
+def decode_update(envelope: VerifiedEnvelope, rules: UpdateRules, pins: FederationPins) -> DecodedUpdate:
+    """Decode the body's tensors and check them against the strategy and the pinned layout."""
+    metadata = envelope.metadata
+    if len(envelope.body) > rules.max_update_bytes:
+        raise UpdateRejected(ReasonCode.TOO_LARGE, f"update body is {len(envelope.body)} bytes, over the hub's "
+                                                   f"limit of {rules.max_update_bytes}")  # fmt: skip
+    try:
+        tensors, body_metadata = tensor_codec.decode(envelope.body, max_bytes=rules.max_update_bytes)
+    except CodecError as error:
+        raise UpdateRejected(ReasonCode.INVALID_UPDATE, f"update body is not valid safetensors: {error}") from None
+    _check_body_metadata(metadata, body_metadata)
+    _check_shared_factors(tensors, rules.strategy)
+    new_pins: dict[str, str] = {}
+    try:
+        if pins.tensor_spec is not None:
+            tensor_codec.validate(tensors, pins.tensor_spec, what="update")
+        else:
+            # The first update sets the layout; it must still hold only finite floats.
+            tensor_codec.validate(tensors, TensorSpec.of(tensors), what="update")
+            new_pins[PIN_TENSOR_SPEC] = TensorSpec.of(tensors).to_json()
+    except TensorMismatchError as error:
+        raise UpdateRejected(ReasonCode.INVALID_UPDATE,
+                             f"{error}; every update of this federation must match its tensor layout") from None
+    for name, array in tensors.items():
+        if array.dtype.kind != "f":
+            raise UpdateRejected(ReasonCode.INVALID_UPDATE,
+                                 f"update tensor {name!r} has dtype {array.dtype}; LoRA factors are floating point")
+    if pins.base_fingerprint is None:
+        new_pins[PIN_BASE_FINGERPRINT] = metadata.base_fingerprint
+    metrics = body_metadata.get("metrics")
+    if metrics is not None and len(metrics) > _MAX_METRICS_CHARS:
+        metrics = None  # informational only: too big to keep, not worth refusing the update
+    return DecodedUpdate(tensors=tensors, metrics=metrics, new_pins=new_pins)
+
+
+def _check_body_metadata(metadata: EnvelopeMetadata, body_metadata: Mapping[str, str]) -> None:
+    """The signed envelope and the safetensors body repeat the same facts; they must agree."""
+    for key, value in metadata.to_dict().items():
+        if key in body_metadata and body_metadata[key] != str(value):
+            raise UpdateRejected(ReasonCode.INVALID_UPDATE,
+                                 f"update body metadata says {key}={body_metadata[key]!r} but the signed envelope "
+                                 f"says {value!r}; the client must encode the same facts in both")  # fmt: skip
+    if "metrics" in body_metadata:
+        try:
+            json.loads(body_metadata["metrics"])
+        except ValueError:
+            raise UpdateRejected(ReasonCode.INVALID_UPDATE, "update body metadata 'metrics' is not JSON") from None
+
+
+def _check_shared_factors(tensors: Mapping[str, np.ndarray], strategy: Strategy) -> None:
+    """Only the factors the strategy shares may arrive: a personal factor must never be accepted."""
+    if not strategy.shared_factors:
+        if tensors:
+            raise UpdateRejected(ReasonCode.INVALID_UPDATE,
+                                 f"strategy {strategy.name!r} shares no tensors, but the update carries "
+                                 f"{len(tensors)} (e.g. {next(iter(tensors))!r}); send an update without tensors")
+        return
+    if not tensors:
+        raise UpdateRejected(ReasonCode.INVALID_UPDATE, "update carries no tensors")
+    shared = " and ".join(f"lora_{factor}" for factor in sorted(strategy.shared_factors))
+    for name in tensors:
+        factor = lora_keys.factor_of(name)
+        if factor not in strategy.shared_factors:
+            kind = "not a LoRA factor" if factor is None else f"a lora_{factor} factor"
+            raise UpdateRejected(ReasonCode.INVALID_UPDATE,
+                                 f"update tensor {name!r} is {kind}, which strategy {strategy.name!r} keeps on the "
+                                 f"device; send only the {shared} tensors")  # fmt: skip
