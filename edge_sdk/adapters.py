@@ -11,6 +11,7 @@ names (``get_peft_model_state_dict``), which is what ``fedvlm.shared`` splits an
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -38,7 +39,9 @@ def attach_lora(
         bias="none",
     )
     # Same seed, same factors on every client, whatever the process's RNG state.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT calls a transformers API that transformers 5 deprecates; nothing for a user to do.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(settings.init_seed)
         peft_model = get_peft_model(model, config)
     if not any(factor_of(name) for name, _ in peft_model.named_parameters()):

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
+from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.lora_config import LoraSettings
@@ -43,6 +43,7 @@ from fedvlm.shared.protocol import (
     Presence,
     ProtocolError,
     Reassembler,
+    ReasonCode,
     RoundPhase,
     Topics,
     new_message_id,
@@ -52,6 +53,13 @@ from fedvlm.shared.protocol import (
 from fedvlm.shared.protocol.chunks import DEFAULT_CHUNK_SIZE
 
 log = logging.getLogger(__name__)
+
+# Rejections that mean this device is set up wrongly: stop and tell the user.
+_MISCONFIGURED = frozenset({ReasonCode.UNKNOWN_CLIENT, ReasonCode.BAD_SIGNATURE, ReasonCode.CLIENT_MISMATCH,
+                            ReasonCode.WRONG_FEDERATION, ReasonCode.INCOMPATIBLE, ReasonCode.TOO_LARGE})
+# Rejections caused by timing or load: the same round may still take an update from us.
+_TRY_AGAIN = frozenset({ReasonCode.LATE, ReasonCode.NOT_SELECTED, ReasonCode.WRONG_ROUND, ReasonCode.HUB_ERROR,
+                        ReasonCode.OVERLOADED, ReasonCode.EXPIRED, ReasonCode.CORRUPT})
 
 _PENDING_UPDATE = "pending_update.bin"
 _PENDING_INFO = "pending_update.json"
@@ -354,18 +362,24 @@ class EdgeClient:
                              samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,
                              bytes_sent=len(envelope), global_version=self.state.global_version)
         self.reports.append(report)
+        self._clear_pending()
         if ack.accepted:
             self.state.round = hub.round
             self.state.metrics = self.state.metrics + [dataclasses.asdict(report)]
             self._commit_state()
             log.info("%s: round %d accepted", self.client_id, hub.round)
+        elif ack.reason_code in _MISCONFIGURED:
+            raise EdgeClientError(f"{self.client_id}: the hub refused our update ({ack.reason_code.value}): "
+                                  f"{report.reason}")
+        elif ack.reason_code in _TRY_AGAIN:
+            # Timing, not content: train and send again if the round reopens with us in it.
+            log.warning("%s: round %d not taken now (%s); waiting for the next round", self.client_id,
+                        hub.round, report.reason)
         else:
-            # A rejected update will not become acceptable by re-sending it: record the round
-            # as done for this device and surface the reason.
+            # This update will not become acceptable by re-sending it: the round is over for us.
             self.state.round = hub.round
             self._commit_state()
             log.warning("%s: round %d rejected: %s", self.client_id, hub.round, report.reason)
-        self._clear_pending()
         return report
 
     def _signed_update(self, round_number: int, train_metrics: dict, eval_metrics: dict | None) -> bytes:

@@ -81,7 +81,7 @@ def pretrain(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

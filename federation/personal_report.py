@@ -72,13 +72,15 @@ def plot_rounds(rows: Sequence[ClientScores], out_file: Path, title: str) -> Pat
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for row in rows:
         rounds = list(range(0, len(row.per_round) + 1))
         axis.plot(rounds, [row.before] + row.per_round, marker="o", label=row.client_id)
-    axis.set_xlabel("round")
+    axis.set_xlabel("round (0: before federation; r: after the device's local training in round r)")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_ylabel("accuracy on the client's own test set")
     axis.set_ylim(-0.02, 1.02)
     axis.set_title(title)

@@ -1,0 +1,79 @@
+"""``fedvlm``: whole-federation commands (the demo; simulation comes with issue 6)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fedvlm.shared.cli_support import run_command
+
+PROGRAM = "fedvlm"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedvlm import __version__
+    from fedvlm.shared.strategies import STRATEGY_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="FedVLM: personalised federated fine-tuning of vision-language models (pLoRA). "
+                    "Device commands are in fedvlm-edge, hub commands in fedvlm-hub.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo", help="a whole federation on one machine: hub, embedded broker, devices",
+        description="Run a whole federation on this machine with the real commands: a pre-trained tiny VLM, "
+                    "non-IID synthetic data, `fedvlm-hub start` with its embedded broker and one "
+                    "`fedvlm-edge join` process per device; then score every device on its own test set.",
+    )
+    demo.add_argument("--work-dir", type=Path, default=Path("work/demo"),
+                      help="where everything goes; model and data are reused by a second run (default: work/demo)")
+    demo.add_argument("--clients", type=int, default=4, help="devices (default: 4)")
+    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
+    demo.add_argument("--strategy", default="plora", choices=STRATEGY_NAMES, help="default: plora")
+    demo.add_argument("--broker", metavar="URL", help="use an existing broker, e.g. mqtt://127.0.0.1:1883 "
+                                                      "(default: the hub's embedded broker on a free port)")
+    demo.add_argument("--local-steps", type=int, default=25, help="training steps per device per round (default: 25)")
+    demo.add_argument("--examples-per-client", type=int, default=64, help="training examples per device (default: 64)")
+    demo.add_argument("--quantization", default="nf4", choices=["none", "nf4", "int8"],
+                      help="quantisation of the devices' frozen base (default: nf4)")
+    demo.add_argument("--seed", type=int, default=0, help="data and model seed (default: 0)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fedvlm.demo import DemoSettings, run_demo
+
+    for name in ("clients", "rounds", "local_steps", "examples_per_client"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.clients < 2:
+        raise ValueError("--clients must be at least 2: a federation needs more than one device")
+    settings = DemoSettings(work_dir=args.work_dir, clients=args.clients, rounds=args.rounds, strategy=args.strategy,
+                            broker=args.broker, local_steps=args.local_steps,
+                            examples_per_client=args.examples_per_client, quantization=args.quantization,
+                            seed=args.seed)
+    return run_demo(settings)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fedvlm.shared.mqtt_link import BrokerUnavailable
+
+    return run_command(_main, argv, (ValueError, FileNotFoundError, BrokerUnavailable), PROGRAM)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The edge client against a real hub: late join from retained messages, broker restarts."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from fedvlm.edge.device_state import load_state
+from fedvlm.edge.edge_client import EdgeClient, EdgeClientError
+from fedvlm.edge.training import TrainingConfig
+from fedvlm.hub.clients import register_client
+from fedvlm.hub.config import HubConfig
+from fedvlm.hub.console import Console
+from fedvlm.hub.service import HubService
+from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.lora_keys import factor_of
+from tests.brokers import MosquittoProcess
+
+QUICK = TrainingConfig(steps=2, batch_size=4, learning_rate=1e-2, progress=False)
+
+
+def _client(tmp_path, model_dir, federation, name, secret, broker, data):
+    return EdgeClient(model_dir, data.train, broker.url, "fed", name, secret, tmp_path / "devices" / name,
+                      eval_examples=data.test[:4], training=QUICK, quantization="none")
+
+
+def _hub(tmp_path, broker, **settings) -> HubService:
+    config = HubConfig(federation="fed", state_dir=tmp_path / "hub", broker=broker.url, round_timeout_s=60,
+                       done_linger_s=0, lora=LoraSettings(r=4, alpha=8), **settings)
+    return HubService(config, console=Console(enabled=False)).start()
+
+
+def _run_in_threads(clients, **kwargs):
+    errors = []
+
+    def run(client):
+        try:
+            client.run(timeout=120, **kwargs)
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    return threads, errors
+
+
+def test_late_device_gets_the_global_version_from_retained_messages(tmp_path, tiny_model_dir, tiny_federation):
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        secrets = {name: register_client(tmp_path / "hub", name) for name in ("a", "b", "late")}
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=2)
+        data = tiny_federation.clients
+        early = [_client(tmp_path, tiny_model_dir, "fed", n, secrets[n], mosquitto.broker, data[i])
+                 for i, n in enumerate(("a", "b"))]
+        threads, errors = _run_in_threads(early)
+        for thread in threads:
+            thread.join(timeout=180)
+        assert not errors, errors
+        assert hub.wait_finished(timeout=30)
+        hub.stop()
+
+        # The hub is gone; the broker still holds its retained state, manifest and chunks.
+        late = _client(tmp_path, tiny_model_dir, "fed", "late", secrets["late"], mosquitto.broker, data[0])
+        late.run(timeout=60)
+        state = load_state(tmp_path / "devices" / "late")
+        assert state.global_version == 1 and state.round == 0  # absorbed, never trained
+        global_b = load_state(tmp_path / "devices" / "a").global_state
+        shared = late.model.shared_update()
+        assert set(shared) == set(global_b) and all(factor_of(k) == "B" for k in shared)
+        assert all(np.array_equal(shared[k], global_b[k]) for k in shared)
+    finally:
+        mosquitto.stop()
+
+
+def test_devices_and_hub_reconnect_after_a_broker_restart(tmp_path, tiny_model_dir, tiny_federation):
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        secrets = {name: register_client(tmp_path / "hub", name) for name in ("a", "b")}
+        hub = _hub(tmp_path, mosquitto.broker, rounds=2, min_clients=2)
+        data = tiny_federation.clients
+        clients = [_client(tmp_path, tiny_model_dir, "fed", n, secrets[n], mosquitto.broker, data[i])
+                   for i, n in enumerate(("a", "b"))]
+        threads, errors = _run_in_threads(clients)
+        # Restart the broker (same port, nothing retained: persistence is off) once round 1 is in.
+        deadline_hit = not _wait_until(lambda: all(c.state and c.state.round >= 1 for c in clients), 120)
+        assert not deadline_hit, "round 1 never completed"
+        mosquitto.stop()
+        mosquitto.start()
+        for thread in threads:
+            thread.join(timeout=240)
+        assert not errors, errors
+        assert hub.wait_finished(timeout=60)
+        hub.stop()
+        for name in ("a", "b"):
+            state = load_state(tmp_path / "devices" / name)
+            assert state.round == 2 and state.global_version == 2
+    finally:
+        mosquitto.stop()
+
+
+def test_a_device_with_a_wrong_secret_stops_with_a_clear_error(tmp_path, tiny_model_dir, tiny_federation):
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        register_client(tmp_path / "hub", "b")
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=1)
+        data = tiny_federation.clients
+        device = _client(tmp_path, tiny_model_dir, "fed", "b", "not-the-secret-the-hub-issued", mosquitto.broker,
+                         data[1])
+        with pytest.raises(EdgeClientError, match="bad_signature"):
+            device.run(timeout=120)
+        hub.stop()
+    finally:
+        mosquitto.stop()
+
+
+def _wait_until(condition, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
