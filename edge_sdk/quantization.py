@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from fedvlm.edge.errors import QuantizationError
 
-import logging
 import os
 from typing import Literal
 
@@ -68,9 +67,6 @@ def bitsandbytes_config(mode: QuantizationMode, keep_full_precision: list[str]):
     """A transformers ``BitsAndBytesConfig`` for ``mode`` (None for ``none``)."""
     if mode == "none":
         return None
-    # On import, bitsandbytes suggests the `kernels` package for its CPU kernels; that package
-    # fetches code from a model hub at run time, which a device must not do. Keep it quiet.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401  (fail here, with advice, not deep in from_pretrained)

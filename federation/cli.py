@@ -32,11 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--work-dir", type=Path, default=Path("work/demo"),
                       help="where everything goes; model and data are reused by a second run (default: work/demo)")
     demo.add_argument("--clients", type=int, default=4, help="devices (default: 4)")
-    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
+    demo.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
     demo.add_argument("--strategy", default="plora", choices=STRATEGY_NAMES, help="default: plora")
     demo.add_argument("--broker", metavar="URL", help="use an existing broker, e.g. mqtt://127.0.0.1:1883 "
                                                       "(default: the hub's embedded broker on a free port)")
-    demo.add_argument("--local-steps", type=int, default=25, help="training steps per device per round (default: 25)")
+    demo.add_argument("--local-steps", type=int, default=30, help="training steps per device per round (default: 30)")
     demo.add_argument("--examples-per-client", type=int, default=64, help="training examples per device (default: 64)")
     demo.add_argument("--quantization", default="nf4", choices=["none", "nf4", "int8"],
                       help="quantisation of the devices' frozen base (default: nf4)")

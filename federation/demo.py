@@ -32,16 +32,16 @@ class DemoSettings:
 
     work_dir: Path = Path("work/demo")
     clients: int = 4
-    rounds: int = 3
+    rounds: int = 5
     strategy: str = "plora"
     broker: str | None = None  # None: the hub's embedded broker
-    local_steps: int = 25
+    local_steps: int = 30
     learning_rate: float = 3e-3
     examples_per_client: int = 64
     test_examples_per_client: int = 32
     quantization: str = "nf4"
     seed: int = 0
-    pretrain_steps: int = 600
+    pretrain_steps: int = 800
 
 
 def _say(text: str) -> None:
@@ -169,12 +169,15 @@ def run_federation(settings: DemoSettings, model_dir: Path, data_dir: Path, clie
 
 
 def report(settings: DemoSettings, model_dir: Path, federation, run_dir: Path) -> dict:
+    import transformers
+
     from fedvlm.edge.device_state import load_state
     from fedvlm.edge.personal_model import PersonalVLM
     from fedvlm.shared.lora_config import LoraSettings
 
     from fedvlm.personal_report import format_table, plot_rounds, score_clients
 
+    transformers.utils.logging.disable_progress_bar()  # one small model: no loading bar
     states = {c.client_id: load_state(run_dir / "devices" / c.client_id) for c in federation.clients}
     lora = LoraSettings.from_dict(next(iter(states.values())).lora)
     model = PersonalVLM.from_pretrained(model_dir, lora=lora, strategy=settings.strategy,
