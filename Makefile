@@ -9,12 +9,13 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge clean
+.PHONY: help venv demo test bench-edge bench-transport clean
 
 help:
 	@echo "make demo        run the main job (see README)"
 	@echo "make test        run the test suite"
 	@echo "make bench-edge  edge training benchmark (throughput and memory)"
+	@echo "make bench-transport  protocol vs plain MQTT publish; aggregation vs numpy"
 	@echo "make clean       remove the virtual environment and the work dir"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -34,6 +35,9 @@ test: $(STAMP)
 
 bench-edge: $(STAMP)
 	$(PY) benchmarks/edge_train.py --out $(WORK)/bench
+
+bench-transport: $(STAMP)
+	$(PY) benchmarks/transport.py --out $(WORK)/bench --repeats 25
 
 clean:
 	rm -rf $(VENV) $(WORK)

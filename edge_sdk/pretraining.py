@@ -12,6 +12,7 @@ share this base, frozen.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -88,6 +89,21 @@ def pretrain(
     return losses
 
 
+def _recipe(size: str, seed: int, examples: int, config: PretrainingConfig) -> dict:
+    settings = dataclasses.asdict(config)
+    settings.pop("progress")
+    return {"size": size, "seed": seed, "examples": examples, "pretraining": settings}
+
+
+def is_built(out_dir: str | Path, size: str = "small", *, seed: int = 0, examples: int = 2048,
+             config: PretrainingConfig | None = None) -> bool:
+    """True when ``out_dir`` already holds a model pre-trained with exactly this recipe."""
+    out = Path(out_dir)
+    recipe_file = out / "fedvlm_recipe.json"
+    wanted = _recipe(size, seed, examples, config or PretrainingConfig(seed=seed))
+    return recipe_file.exists() and json.loads(recipe_file.read_text()) == wanted and (out / "config.json").exists()
+
+
 def make_pretrained_tiny_model(
     out_dir: str | Path,
     size: str = "small",
@@ -98,20 +114,17 @@ def make_pretrained_tiny_model(
 ) -> Path:
     """Build a tiny VLM, pre-train it on generic synthetic data and save it to ``out_dir``.
 
-    Reuses ``out_dir`` if a model with the same recipe is already there.
+    Reuses ``out_dir`` if a model with the same recipe is already there (:func:`is_built`).
     """
-    import json
-
     from fedvlm.edge.data.synthetic import all_words, convention_vocabulary_lines, pretraining_records
     from fedvlm.edge.tiny_model import SIZES, build_tiny_vlm
 
     config = config or PretrainingConfig(seed=seed)
     out = Path(out_dir)
-    recipe = {"size": size, "seed": seed, "examples": examples, "pretraining": dataclasses.asdict(config)}
-    recipe["pretraining"].pop("progress")
-    recipe_file = out / "fedvlm_recipe.json"
-    if recipe_file.exists() and json.loads(recipe_file.read_text()) == recipe and (out / "config.json").exists():
+    if is_built(out, size, seed=seed, examples=examples, config=config):
         return out
+    recipe = _recipe(size, seed, examples, config)
+    (out / "fedvlm_recipe.json").unlink(missing_ok=True)  # a rebuild cut short must not look complete
     started = time.perf_counter()
     model, processor = build_tiny_vlm(size, seed=seed, extra_words=all_words())
     records = pretraining_records(examples, seed=seed, image_size=SIZES[size].image_size)
@@ -119,8 +132,9 @@ def make_pretrained_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    recipe["result"] = {"first_loss": losses[0], "last_loss": losses[-1],
-                        "seconds": round(time.perf_counter() - started, 1)}
-    recipe_file.write_text(json.dumps({k: v for k, v in recipe.items() if k != "result"}))
-    (out / "fedvlm_pretraining.json").write_text(json.dumps(recipe, indent=2))
+    report = {**recipe, "result": {"first_loss": losses[0], "last_loss": losses[-1],
+                                   "seconds": round(time.perf_counter() - started, 1)}}
+    (out / "fedvlm_pretraining.json").write_text(json.dumps(report, indent=2))
+    # Written last: its presence means the model files above are complete.
+    (out / "fedvlm_recipe.json").write_text(json.dumps(recipe))
     return out

@@ -55,15 +55,13 @@ def _free_port() -> int:
 
 
 def prepare_model(settings: DemoSettings) -> Path:
-    from fedvlm.edge.pretraining import PretrainingConfig, make_pretrained_tiny_model
+    from fedvlm.edge.pretraining import PretrainingConfig, is_built, make_pretrained_tiny_model
 
     started = time.perf_counter()
     out = settings.work_dir / "model"
-    reused = (out / "fedvlm_recipe.json").exists()
-    model_dir = make_pretrained_tiny_model(
-        out, "small", seed=settings.seed,
-        config=PretrainingConfig(steps=settings.pretrain_steps, seed=settings.seed),
-    )
+    config = PretrainingConfig(steps=settings.pretrain_steps, seed=settings.seed)
+    reused = is_built(out, "small", seed=settings.seed, config=config)
+    model_dir = make_pretrained_tiny_model(out, "small", seed=settings.seed, config=config)
     report = json.loads((model_dir / "fedvlm_pretraining.json").read_text())
     how = "reused" if reused else f"built and pre-trained in {time.perf_counter() - started:.0f} s"
     _say(f"      small VLM {how} (pre-training loss {report['result']['first_loss']:.2f} -> "
@@ -169,15 +167,12 @@ def run_federation(settings: DemoSettings, model_dir: Path, data_dir: Path, clie
 
 
 def report(settings: DemoSettings, model_dir: Path, federation, run_dir: Path) -> dict:
-    import transformers
-
     from fedvlm.edge.device_state import load_state
     from fedvlm.edge.personal_model import PersonalVLM
     from fedvlm.shared.lora_config import LoraSettings
 
     from fedvlm.personal_report import format_table, plot_rounds, score_clients
 
-    transformers.utils.logging.disable_progress_bar()  # one small model: no loading bar
     states = {c.client_id: load_state(run_dir / "devices" / c.client_id) for c in federation.clients}
     lora = LoraSettings.from_dict(next(iter(states.values())).lora)
     model = PersonalVLM.from_pretrained(model_dir, lora=lora, strategy=settings.strategy,
@@ -208,6 +203,9 @@ def report(settings: DemoSettings, model_dir: Path, federation, run_dir: Path) -
 
 
 def run_demo(settings: DemoSettings) -> int:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # small models: loading bars are noise here
     started = time.perf_counter()
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     _say(f"FedVLM demo: {settings.clients} devices, {settings.rounds} rounds of {settings.strategy}, "
