@@ -355,8 +355,9 @@ class EdgeClient:
             envelope = self._signed_update(hub.round, train_metrics, eval_metrics)
             message_id = new_message_id()
             self._save_pending(hub.round, envelope, message_id, train_metrics, eval_metrics)
-        for chunk in split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id):
-            self._link.publish(self.topics.update(self.client_id, message_id), chunk, qos=1)
+        topic = self.topics.update(self.client_id, message_id)
+        chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id)
+        self._link.publish_many([(topic, chunk) for chunk in chunks], qos=1)
         ack = self._wait_for_ack(message_id, hub)
         report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
                              samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,

@@ -46,12 +46,12 @@ class GlobalPublisher:
         if len(chunks) != manifest.chunk_count:
             raise ValueError(f"global version {manifest.version}: manifest says {manifest.chunk_count} chunks, "
                              f"the payload makes {len(chunks)}")  # fmt: skip
-        for index, chunk in enumerate(chunks):
-            self.link.publish(self.topics.global_chunk(manifest.version, index), chunk, qos=1, retain=True,
-                              timeout=self.timeout)  # fmt: skip
+        self.link.publish_many([(self.topics.global_chunk(manifest.version, index), chunk)
+                                for index, chunk in enumerate(chunks)], qos=1, retain=True, timeout=self.timeout)
+        # Only after every chunk is acknowledged: the manifest goes out last.
         self.link.publish(self.topics.global_manifest(), manifest.to_json(), qos=1, retain=True, timeout=self.timeout)
 
     def clear(self, version: int, chunk_count: int) -> None:
         """Delete a superseded version's retained chunks (zero-length retained messages)."""
-        for index in range(chunk_count):
-            self.link.publish(self.topics.global_chunk(version, index), b"", qos=1, retain=True, timeout=self.timeout)
+        self.link.publish_many([(self.topics.global_chunk(version, index), b"") for index in range(chunk_count)],
+                               qos=1, retain=True, timeout=self.timeout)

@@ -11,13 +11,14 @@ paho is imported lazily: ``fedvlm.shared`` itself must not need it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import ssl
 import threading
 import time
 import urllib.parse
-from typing import Callable
+from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -248,19 +249,41 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 60.0) -> None:
         """Publish and wait until the broker acknowledged it (QoS 1) or it left (QoS 0)."""
+        self.publish_many([(topic, payload)], qos=qos, retain=retain, timeout=timeout)
+
+    def publish_many(self, messages: Sequence[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
+                     timeout: float = 60.0, window: int = 32) -> None:
+        """Publish ``(topic, payload)`` messages in order, keeping up to ``window`` unacknowledged.
+
+        Waiting for each acknowledgement before the next chunk would cost one round trip per
+        chunk; a window keeps the link busy while bounding memory (window x chunk size).
+        Returns once the broker acknowledged every message; QoS 1 messages still in flight
+        at a disconnect are re-sent by paho after the reconnect.
+        """
         if self._client is None:
             raise BrokerUnavailable("not connected: call connect() first")
         deadline = time.monotonic() + timeout
+        in_flight: collections.deque = collections.deque()
+        for topic, payload in messages:
+            if len(in_flight) >= window:
+                self._await_ack(in_flight.popleft(), deadline, timeout)
+            in_flight.append((topic, self._enqueue(topic, payload, qos, retain, deadline)))
+        while in_flight:
+            self._await_ack(in_flight.popleft(), deadline, timeout)
+
+    def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, deadline: float):
         while True:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             if info.rc == 0:
-                break
+                return info
             # Not connected right now: paho refuses; wait for the reconnect and try again.
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"could not publish to {topic}: broker at {self.address.url()} unreachable")
             self.connected.wait(timeout=0.5)
-        remaining = max(deadline - time.monotonic(), 0.1)
-        info.wait_for_publish(timeout=remaining)
+
+    def _await_ack(self, sent: tuple, deadline: float, timeout: float) -> None:
+        topic, info = sent
+        info.wait_for_publish(timeout=max(deadline - time.monotonic(), 0.1))
         if not info.is_published():
             raise BrokerUnavailable(f"the broker did not acknowledge a message on {topic} within {timeout:.0f} s")
 
