@@ -33,7 +33,7 @@ from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.lora_config import LoraSettings
-from fedvlm.shared.mqtt_link import BrokerAddress, MqttLink, Will
+from fedvlm.shared.mqtt_link import BrokerAddress, Mqtt5Extras, MqttLink, Will
 from fedvlm.shared.protocol import (
     Ack,
     Announcement,
@@ -357,7 +357,14 @@ class EdgeClient:
             self._save_pending(hub.round, envelope, message_id, train_metrics, eval_metrics)
         topic = self.topics.update(self.client_id, message_id)
         chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id)
-        self._link.publish_many([(topic, chunk) for chunk in chunks], qos=1)
+        # MQTT 5: chunks nobody can reassemble after the round's deadline expire in the broker.
+        extras = Mqtt5Extras(
+            expiry_s=max(int((hub.deadline or time.time() + 600) - time.time()), 60),
+            content_type="application/vnd.fedvlm.chunk",
+            user_properties=(("fedvlm-kind", "update"), ("fedvlm-client", self.client_id),
+                             ("fedvlm-round", str(hub.round))),
+        )
+        self._link.publish_many([(topic, chunk) for chunk in chunks], qos=1, extras=extras)
         ack = self._wait_for_ack(message_id, hub)
         report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
                              samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,

@@ -81,6 +81,33 @@ class Will:
     retain: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class Mqtt5Extras:
+    """MQTT 5 publish properties; ignored on an MQTT 3.1.1 connection.
+
+    Receivers never depend on them (every fact is in the payload): they let a broker drop
+    messages nobody can use any more (``expiry_s``) and let broker rules and dashboards
+    route and meter traffic without parsing payloads.
+    """
+
+    expiry_s: int | None = None
+    content_type: str | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+    def to_properties(self):
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.PUBLISH)
+        if self.expiry_s is not None:
+            properties.MessageExpiryInterval = max(1, int(self.expiry_s))
+        if self.content_type:
+            properties.ContentType = self.content_type
+        if self.user_properties:
+            properties.UserProperty = list(self.user_properties)
+        return properties
+
+
 class MqttLink:
     """A persistent MQTT session with automatic reconnection.
 
@@ -247,12 +274,13 @@ class MqttLink:
         if self._client is not None:
             self._client.unsubscribe(topic_filter)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 60.0) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 60.0,
+                extras: "Mqtt5Extras | None" = None) -> None:
         """Publish and wait until the broker acknowledged it (QoS 1) or it left (QoS 0)."""
-        self.publish_many([(topic, payload)], qos=qos, retain=retain, timeout=timeout)
+        self.publish_many([(topic, payload)], qos=qos, retain=retain, timeout=timeout, extras=extras)
 
     def publish_many(self, messages: Sequence[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
-                     timeout: float = 60.0, window: int = 32) -> None:
+                     timeout: float = 60.0, window: int = 32, extras: "Mqtt5Extras | None" = None) -> None:
         """Publish ``(topic, payload)`` messages in order, keeping up to ``window`` unacknowledged.
 
         Waiting for each acknowledgement before the next chunk would cost one round trip per
@@ -263,17 +291,18 @@ class MqttLink:
         if self._client is None:
             raise BrokerUnavailable("not connected: call connect() first")
         deadline = time.monotonic() + timeout
+        properties = extras.to_properties() if extras is not None and self.protocol == "5" else None
         in_flight: collections.deque = collections.deque()
         for topic, payload in messages:
             if len(in_flight) >= window:
                 self._await_ack(in_flight.popleft(), deadline, timeout)
-            in_flight.append((topic, self._enqueue(topic, payload, qos, retain, deadline)))
+            in_flight.append((topic, self._enqueue(topic, payload, qos, retain, deadline, properties)))
         while in_flight:
             self._await_ack(in_flight.popleft(), deadline, timeout)
 
-    def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, deadline: float):
+    def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, deadline: float, properties=None):
         while True:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
             if info.rc == 0:
                 return info
             # Not connected right now: paho refuses; wait for the reconnect and try again.

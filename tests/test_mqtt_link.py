@@ -1,0 +1,97 @@
+"""MqttLink against real brokers: URLs, clear connection errors, ordered windowed publishing, MQTT 5 extras."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fedvlm.shared.mqtt_link import BrokerAddress, BrokerUnavailable, Mqtt5Extras, MqttLink
+from tests.brokers import any_broker, embedded_broker, free_port, mosquitto_broker  # noqa: F401
+
+
+def test_broker_urls():
+    plain = BrokerAddress.parse("mqtt://127.0.0.1")
+    assert (plain.host, plain.port, plain.tls) == ("127.0.0.1", 1883, False)
+    secure = BrokerAddress.parse("mqtts://dev%40fleet:p%3Ass@broker.example:8884")
+    assert (secure.host, secure.port, secure.tls, secure.username, secure.password) == (
+        "broker.example", 8884, True, "dev@fleet", "p:ss")
+    assert "p:ss" not in secure.url() and "p:ss" not in repr(secure)
+    assert BrokerAddress.parse("mqtts://h").port == 8883
+    for bad in ("http://h:1883", "mqtt://", "mqtt://h:notaport"):
+        with pytest.raises(ValueError, match="broker URL"):
+            BrokerAddress.parse(bad)
+
+
+def test_unreachable_broker_is_a_clear_error_at_once():
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="Connection refused.*Is it running"):
+        MqttLink(BrokerAddress("127.0.0.1", free_port()), "nobody").connect(timeout=5)
+    assert time.monotonic() - started < 3
+
+
+def _collector(link: MqttLink, topic_filter: str):
+    received, done = [], threading.Event()
+
+    def on_message(topic, payload, retained):
+        received.append((topic, payload))
+        done.set()
+
+    link.subscribe(topic_filter, on_message)
+    return received, done
+
+
+def test_publish_many_delivers_in_order(any_broker):  # noqa: F811
+    receiver = MqttLink(any_broker.address, "receiver", protocol=any_broker.protocol).connect()
+    sender = MqttLink(any_broker.address, "sender", protocol=any_broker.protocol).connect()
+    try:
+        received, _ = _collector(receiver, "t/#")
+        time.sleep(0.3)
+        messages = [(f"t/{i % 3}", i.to_bytes(4, "big") * 1000) for i in range(100)]
+        sender.publish_many(messages, window=8)
+        deadline = time.monotonic() + 10
+        while len(received) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [payload for _, payload in received] == [payload for _, payload in messages]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_mqtt5_extras_reach_an_mqtt5_subscriber(mosquitto_broker):  # noqa: F811
+    import paho.mqtt.client as mqtt
+
+    got, arrived = [], threading.Event()
+    subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="props", protocol=mqtt.MQTTv5)
+    subscriber.on_message = lambda client, userdata, message: (got.append(message.properties), arrived.set())
+    subscriber.connect(mosquitto_broker.host, mosquitto_broker.port)
+    subscriber.subscribe("x/1", qos=1)
+    subscriber.loop_start()
+    sender = MqttLink(mosquitto_broker.address, "sender", protocol="5").connect()
+    try:
+        time.sleep(0.3)
+        sender.publish("x/1", b"chunk", extras=Mqtt5Extras(expiry_s=120, content_type="application/x-test",
+                                                            user_properties=(("fedvlm-kind", "update"),)))
+        assert arrived.wait(5)
+        properties = got[0]
+        assert properties.ContentType == "application/x-test"
+        assert ("fedvlm-kind", "update") in properties.UserProperty
+        assert 0 < properties.MessageExpiryInterval <= 120
+    finally:
+        sender.close()
+        subscriber.loop_stop()
+        subscriber.disconnect()
+
+
+def test_mqtt5_extras_are_dropped_on_mqtt311(embedded_broker):  # noqa: F811
+    receiver = MqttLink(embedded_broker.address, "receiver", protocol="3.1.1").connect()
+    sender = MqttLink(embedded_broker.address, "sender", protocol="3.1.1").connect()
+    try:
+        received, arrived = _collector(receiver, "x/1")
+        time.sleep(0.3)
+        sender.publish("x/1", b"chunk", extras=Mqtt5Extras(expiry_s=5, user_properties=(("k", "v"),)))
+        assert arrived.wait(5) and received == [("x/1", b"chunk")]
+    finally:
+        sender.close()
+        receiver.close()
