@@ -57,13 +57,13 @@ def measure_throughput(model_dir: Path, quantization: str, steps: int, batch_siz
     from fedvlm.edge.adapters import LoraSettings, attach_lora
     from fedvlm.edge.batching import collate
     from fedvlm.edge.model_loading import load_vlm
-    from fedvlm.edge.training import TrainingConfig, _batch_order, encode_examples, train
+    from fedvlm.edge.training import TrainingConfig, batch_order, encode_examples, train
 
     loaded = load_vlm(model_dir, quantization=quantization, device="cpu")
     model = attach_lora(loaded.model, LoraSettings())
     examples = encode_examples(loaded.processor, _examples(64, 64))
     config = TrainingConfig(steps=steps, batch_size=batch_size, learning_rate=1e-3, progress=False)
-    order = _batch_order(len(examples), steps * batch_size, config.seed)
+    order = batch_order(len(examples), steps * batch_size, config.seed)
     pad = loaded.processor.tokenizer.pad_token_id
     # The very same batches, in the same order, for both loops.
     batches = [collate([examples[i] for i in order[s * batch_size:(s + 1) * batch_size]], pad) for s in range(steps)]

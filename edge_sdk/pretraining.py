@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedvlm.edge.batching import IGNORE_INDEX, collate
-from fedvlm.edge.training import QAExample, _batch_order, encode_examples
+from fedvlm.edge.training import QAExample, batch_order, encode_examples
 
 
 @dataclasses.dataclass
@@ -64,8 +64,8 @@ def pretrain(
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    order = _batch_order(len(encoded), config.steps * config.batch_size, config.seed)
-    text_order = _batch_order(len(text_lines), config.steps * config.batch_size, config.seed + 1) if text_lines else []
+    order = batch_order(len(encoded), config.steps * config.batch_size, config.seed)
+    text_order = batch_order(len(text_lines), config.steps * config.batch_size, config.seed + 1) if text_lines else []
     pad = processor.tokenizer.pad_token_id
     losses = []
     model.train()

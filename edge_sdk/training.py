@@ -83,7 +83,7 @@ def encode_examples(processor, examples: Sequence[QAExample]) -> list[EncodedExa
     return [prompt_format.encode(e.image, e.question, e.chosen) for e in examples]
 
 
-def _batch_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
+def batch_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     """Epochs of seeded permutations, concatenated, so every example is seen equally often."""
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -113,7 +113,7 @@ def train(
     pad_id = processor.tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     per_step = config.batch_size * config.grad_accum
-    order = _batch_order(len(encoded), config.steps * per_step, config.seed)
+    order = batch_order(len(encoded), config.steps * per_step, config.seed)
 
     start_step, losses = 0, []
     checkpoint = Path(checkpoint_path) if checkpoint_path else None
