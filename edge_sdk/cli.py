@@ -98,6 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--timeout", type=float, help="give up after this many seconds")
     join.add_argument("--quiet", action="store_true", help="no progress bars")
     join.set_defaults(handler=_join)
+
+    export = commands.add_parser("export", help="export the personalised model to ONNX",
+                                 description="Export the base VLM to ONNX once (prefill and decode-step graphs "
+                                             "with the LoRA factors as swappable inputs) and write this device's "
+                                             "adapter (personal + current global factors) as "
+                                             "<client-id>.onnx_adapter beside it; --merged writes one "
+                                             "self-contained model with the adapter folded into the weights.")
+    export.add_argument("--state-dir", required=True, metavar="DIR", help="the device's state directory")
+    export.add_argument("--model", required=True, metavar="DIR", help="local directory of the base VLM")
+    export.add_argument("--out", required=True, metavar="DIR", help="where to write the ONNX export")
+    export.add_argument("--merged", action="store_true", help="fold the adapter into the weights (no adapter file)")
+    export.set_defaults(handler=_export)
+
+    ask = commands.add_parser("ask", help="answer a question about an image with ONNX Runtime",
+                              description="Load an ONNX export, activate an adapter (if given) and answer "
+                                          "greedily.")
+    ask.add_argument("--onnx", required=True, metavar="DIR", help="directory written by `fedvlm-edge export`")
+    ask.add_argument("--adapter", metavar="FILE", help="a .onnx_adapter file (default: the base model, no adapter)")
+    ask.add_argument("--image", required=True, metavar="IMG", help="image file")
+    ask.add_argument("--question", required=True, help="the question")
+    ask.add_argument("--max-new-tokens", type=int, default=8, help="default: 8")
+    ask.set_defaults(handler=_ask)
     return parser
 
 
@@ -193,6 +215,48 @@ def _train(args: argparse.Namespace) -> int:
     snapshot = save_state(args.state_dir, state, write_peft_adapter=model.save_pretrained)
     print(json.dumps(report, indent=2))
     print(f"state saved to {snapshot}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedvlm.edge.adapters import LoraSettings
+    from fedvlm.edge.device_state import load_state
+    from fedvlm.edge.errors import DeviceStateError
+    from fedvlm.edge.onnx_adapter import ADAPTER_SUFFIX, write_adapter
+    from fedvlm.edge.onnx_export import export_onnx, read_manifest
+    from fedvlm.edge.personal_model import PersonalVLM
+
+    state = load_state(args.state_dir)
+    if state is None:
+        raise DeviceStateError(f"{args.state_dir!r} holds no device state: train or join a federation first")
+    model = PersonalVLM.from_pretrained(args.model, lora=LoraSettings.from_dict(state.lora), strategy=state.strategy,
+                                        quantization="none", device="cpu")
+    if model.fingerprint != state.base_fingerprint:
+        raise DeviceStateError(f"the state in {args.state_dir!r} was trained on base {state.base_fingerprint}, "
+                               f"{args.model!r} is base {model.fingerprint}")
+    model.restore(state)
+    out = export_onnx(model, args.out, merged=args.merged)
+    if args.merged:
+        print(f"merged ONNX model of client {state.client_id} (round {state.round}) written to {out}")
+        return 0
+    adapter = write_adapter(out / f"{state.client_id}{ADAPTER_SUFFIX}", model.adapter_state(), read_manifest(out))
+    print(f"ONNX base written to {out}; adapter of client {state.client_id} (round {state.round}): {adapter} "
+          f"({adapter.stat().st_size:,} bytes)")
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from fedvlm.edge.onnx_runner import OnnxVLM
+
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read the image {args.image!r}: {exc}") from exc
+    vlm = OnnxVLM.load(args.onnx)
+    vlm.activate(args.adapter)
+    print(vlm.answer(image, args.question, max_new_tokens=args.max_new_tokens))
     return 0
 
 

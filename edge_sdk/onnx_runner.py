@@ -1,0 +1,130 @@
+"""Local inference with ONNX Runtime: the exported base, a swappable adapter, greedy decoding.
+
+    vlm = OnnxVLM.load("export/")
+    vlm.activate("alice.onnx_adapter")       # None: the base model
+    vlm.answer(image, "what colour is it?")
+
+The prompt is built exactly as in training (:class:`fedvlm.edge.batching.PromptFormat`,
+left-padded batches); the prompt runs once through the prefill graph, then one token per
+decode step with the key/value cache, as ``generate()`` does greedily (rows that finished
+are fed the pad token, and their answers end at the end-of-sequence token).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fedvlm.edge.onnx_adapter import check_adapter
+from fedvlm.edge.onnx_export import DECODE_FILE, PREFILL_FILE, OnnxExportError, kv_names, read_manifest
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxVLM:
+    """The exported prefill and decode graphs with the processor saved beside them."""
+
+    def __init__(self, onnx_dir: Path, manifest: dict, prefill, decode, processor):
+        from fedvlm.edge.batching import PromptFormat
+
+        self.onnx_dir = onnx_dir
+        self.manifest = manifest
+        self.prefill = prefill
+        self.decode = decode
+        self.processor = processor
+        self.prompt_format = PromptFormat(processor)
+        self.n_layers = manifest["n_layers"]
+        self.adapter_path: Path | None = None
+        self._run_options = None
+        self._adapter = None
+
+    @classmethod
+    def load(cls, onnx_dir: str | os.PathLike, providers: Sequence[str] | None = None) -> "OnnxVLM":
+        import onnxruntime as ort
+        from transformers import AutoProcessor
+
+        path = Path(onnx_dir)
+        manifest = read_manifest(path)
+        for name in (PREFILL_FILE, DECODE_FILE):
+            if not (path / name).is_file():
+                raise OnnxExportError(f"ONNX export {str(path)!r} lacks {name}")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # LoRA inputs with defaults are meant: no warning per input
+        chosen = list(providers) if providers else default_providers()
+        prefill = ort.InferenceSession(str(path / PREFILL_FILE), options, providers=chosen)
+        decode = ort.InferenceSession(str(path / DECODE_FILE), options, providers=chosen)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        return cls(path, manifest, prefill, decode, processor)
+
+    @property
+    def has_adapters(self) -> bool:
+        return not self.manifest["merged"]
+
+    def activate(self, adapter_path: str | os.PathLike | None) -> None:
+        """Answer with this adapter from now on (None: the base model with no adapter)."""
+        import onnxruntime as ort
+
+        if adapter_path is None:
+            self._adapter, self._run_options, self.adapter_path = None, None, None
+            return
+        if not self.has_adapters:
+            raise OnnxExportError(f"{str(self.onnx_dir)!r} is a merged export: it takes no adapter")
+        path = check_adapter(adapter_path, self.manifest)
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        run_options = ort.RunOptions()
+        run_options.add_active_adapter(adapter)
+        self._adapter, self._run_options, self.adapter_path = adapter, run_options, path
+
+    def prefill_logits(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the prefill graph: ``[logits, present_key_0, present_value_0, ...]``."""
+        feeds = {k: np.ascontiguousarray(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
+        feeds["pixel_values"] = feeds["pixel_values"].astype(np.float32)
+        return self.prefill.run(None, feeds, self._run_options)
+
+    def generate(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 8) -> np.ndarray:
+        """Greedy new token ids ``[batch, <= max_new_tokens]``, padded after each row's end."""
+        tokenizer = self.processor.tokenizer
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        encoded = self.prompt_format.encode_prompts(images, questions)
+        inputs = {k: v.numpy() for k, v in encoded.items()}
+        mask = inputs["attention_mask"].astype(np.int64)
+        outputs = self.prefill_logits(inputs)
+        batch = mask.shape[0]
+        finished = np.zeros(batch, dtype=bool)
+        tokens: list[np.ndarray] = []
+        past_names = kv_names("past", self.n_layers)
+        for step in range(max_new_tokens):
+            next_token = outputs[0][:, -1].argmax(-1).astype(np.int64)
+            if pad is not None:
+                next_token = np.where(finished, pad, next_token)
+            tokens.append(next_token)
+            if eos is not None:
+                finished |= next_token == eos
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            feeds = {"input_ids": next_token[:, None], "attention_mask": mask}
+            feeds.update(zip(past_names, outputs[1:]))
+            outputs = self.decode.run(None, feeds, self._run_options)
+        return np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), dtype=np.int64)
+
+    def answers(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 8) -> list[str]:
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if not images:
+            return []
+        new_tokens = self.generate(images, questions, max_new_tokens=max_new_tokens)
+        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def answer(self, image, question: str, *, max_new_tokens: int = 8) -> str:
+        return self.answers([image], [question], max_new_tokens=max_new_tokens)[0]
