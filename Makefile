@@ -9,12 +9,13 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge bench-transport clean
+.PHONY: help venv demo test bench-edge bench-inference bench-transport clean
 
 help:
 	@echo "make demo        run the main job (see README)"
 	@echo "make test        run the test suite"
 	@echo "make bench-edge  edge training benchmark (throughput and memory)"
+	@echo "make bench-inference  ONNX Runtime with an adapter vs PyTorch eager generate()"
 	@echo "make bench-transport  protocol vs plain MQTT publish; aggregation vs numpy"
 	@echo "make clean       remove the virtual environment and the work dir"
 
@@ -35,6 +36,9 @@ test: $(STAMP)
 
 bench-edge: $(STAMP)
 	$(PY) benchmarks/edge_train.py --out $(WORK)/bench
+
+bench-inference: $(STAMP)
+	$(PY) benchmarks/inference.py --out $(WORK)/bench
 
 bench-transport: $(STAMP)
 	$(PY) benchmarks/transport.py --out $(WORK)/bench --repeats 25

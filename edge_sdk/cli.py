@@ -194,7 +194,7 @@ def _train(args: argparse.Namespace) -> int:
     previous = load_state(args.state_dir)
     if previous is not None:
         check_compatible(previous, federation=args.federation, client_id=args.client_id,
-                         base_fingerprint=model.fingerprint, lora=lora.to_dict())
+                         base_fingerprint=model.fingerprint, lora=lora.to_dict(), strategy=model.strategy.name)
         model.restore(previous)
     print(f"model {args.model}: quantisation {model.loaded.quantization} on {model.loaded.device}; "
           f"{len(records.records)} training records")

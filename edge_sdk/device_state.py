@@ -7,6 +7,7 @@ Layout of ``state_dir``::
         state.json             federation, client, strategy, round, global version, configs
         personal.safetensors   the personal factors: never leave the device
         global.safetensors     the last global state received (shared factors, base deltas)
+        shared.safetensors     the shared factors as they are on the device now
         adapter/               the full adapter (global + personal) in PEFT's own format
 
 A save writes a whole new snapshot directory, fsyncs it, then swaps ``CURRENT`` with
@@ -49,6 +50,9 @@ class DeviceState:
     global_version: int = 0
     personal: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     global_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # The shared factors as they are on the device now: the last global ones, or what the
+    # device trained since (local training without a hub, or a round's update not yet merged).
+    current_shared: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     metrics: list[dict] = dataclasses.field(default_factory=list)
     updated_at: float = 0.0
 
@@ -104,6 +108,7 @@ def save_state(
     _write_file(snapshot / "state.json", lambda p: p.write_text(json.dumps(state.describe(), indent=2)))
     _write_file(snapshot / "personal.safetensors", lambda p: save_file(_contiguous(state.personal), str(p)))
     _write_file(snapshot / "global.safetensors", lambda p: save_file(_contiguous(state.global_state), str(p)))
+    _write_file(snapshot / "shared.safetensors", lambda p: save_file(_contiguous(state.current_shared), str(p)))
     if write_peft_adapter is not None:
         write_peft_adapter(snapshot / "adapter")
     _fsync_dir(snapshot)
@@ -155,6 +160,7 @@ def load_state(state_dir: str | os.PathLike) -> DeviceState | None:
         info = json.loads((snapshot / "state.json").read_text())
         personal = load_file(str(snapshot / "personal.safetensors"))
         global_state = load_file(str(snapshot / "global.safetensors"))
+        current_shared = load_file(str(snapshot / "shared.safetensors"))
     except (OSError, ValueError) as exc:
         raise DeviceStateError(f"device state in {snapshot} is unreadable: {exc}") from exc
     if info.get("state_version") != STATE_VERSION:
@@ -172,12 +178,14 @@ def load_state(state_dir: str | os.PathLike) -> DeviceState | None:
         global_version=info["global_version"],
         personal=personal,
         global_state=global_state,
+        current_shared=current_shared,
         metrics=info.get("metrics", []),
         updated_at=info.get("updated_at", 0.0),
     )
 
 
-def check_compatible(state: DeviceState, *, federation: str, client_id: str, base_fingerprint: str, lora: dict) -> None:
+def check_compatible(state: DeviceState, *, federation: str, client_id: str, base_fingerprint: str, lora: dict,
+                     strategy: str | None = None) -> None:
     """Refuse to resume a state that belongs to another federation, client, base or layout."""
     mismatches = [
         (what, saved, wanted)
@@ -186,6 +194,7 @@ def check_compatible(state: DeviceState, *, federation: str, client_id: str, bas
             ("client id", state.client_id, client_id),
             ("base model fingerprint", state.base_fingerprint, base_fingerprint),
             ("LoRA settings", state.lora, lora),
+            ("strategy", state.strategy, strategy if strategy is not None else state.strategy),
         )
         if saved != wanted
     ]

@@ -61,6 +61,12 @@ _MISCONFIGURED = frozenset({ReasonCode.UNKNOWN_CLIENT, ReasonCode.BAD_SIGNATURE,
 _TRY_AGAIN = frozenset({ReasonCode.LATE, ReasonCode.NOT_SELECTED, ReasonCode.WRONG_ROUND, ReasonCode.HUB_ERROR,
                         ReasonCode.OVERLOADED, ReasonCode.EXPIRED, ReasonCode.CORRUPT})
 
+# A global version whose chunks fail the manifest's hash this often is left until the hub
+# publishes it again (after a reconnect resets the count).
+_MAX_REFETCHES = 3
+# Seconds without an acknowledgement before the same update is published again.
+_RESEND_AFTER_S = 10.0
+
 _PENDING_UPDATE = "pending_update.bin"
 _PENDING_INFO = "pending_update.json"
 
@@ -155,6 +161,7 @@ class EdgeClient:
         self._events: queue.Queue = queue.Queue()
         self._reassembler = Reassembler(timeout_s=120)
         self._fetching_version: int | None = None
+        self._refetches: dict[int, int] = {}  # global version -> failed fetches
         self._link: MqttLink | None = None
 
     # ---- MQTT callbacks: enqueue only -----------------------------------------------------------
@@ -216,16 +223,22 @@ class EdgeClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         sent_here = 0
         try:
-            while rounds is None or sent_here < rounds:
+            # With a round budget, stay until the hub merged the last update we sent.
+            while rounds is None or sent_here < rounds or not self._has_global_of_last_round():
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"{self.client_id}: no round finished within {timeout:.0f} s")
                 try:
                     kind, payload = self._events.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                report = self._handle(kind, payload)
-                if report is not None:
-                    sent_here += 1
+                try:
+                    report = self._handle(kind, payload)
+                except (ProtocolError, ValueError, KeyError) as problem:
+                    # One malformed retained message or global version must not end the device.
+                    log.warning("%s: ignored a %s message: %s", self.client_id, kind, problem)
+                    continue
+                if report is not None and self.state.round == report.round:
+                    sent_here += 1  # the round is over for this device (accepted, or refused for good)
                 if self.hub_state is not None and self.hub_state.phase is RoundPhase.DONE and self._up_to_date():
                     break
         finally:
@@ -258,6 +271,7 @@ class EdgeClient:
         if kind == "reconnected" and self._link is not None:
             self._link.publish(self.topics.client_announce(self.client_id), self._announce(Presence.ONLINE), retain=True)
             self._fetching_version = None
+            self._refetches.clear()
             self._fetch_global_if_newer()
         return None
 
@@ -283,11 +297,17 @@ class EdgeClient:
             )
         if self.state is not None:
             check_compatible(self.state, federation=self.federation, client_id=self.client_id,
-                             base_fingerprint=self.model.fingerprint, lora=lora.to_dict())
+                             base_fingerprint=self.model.fingerprint, lora=lora.to_dict(),
+                             strategy=self.model.strategy.name)
             self.model.restore(self.state)
         else:
             self.state = self.model.device_state(federation=self.federation, client_id=self.client_id,
                                                  round=0, global_version=0, global_state={})
+
+    def _has_global_of_last_round(self) -> bool:
+        if self.hub_state is not None and self.hub_state.phase is RoundPhase.DONE and self._up_to_date():
+            return True
+        return self.state is not None and self.state.global_version >= self.state.round
 
     def _up_to_date(self) -> bool:
         latest = self.manifest.version if self.manifest else 0
@@ -300,6 +320,8 @@ class EdgeClient:
             return
         if self.manifest.version <= self.state.global_version or self._fetching_version == self.manifest.version:
             return
+        if self._refetches.get(self.manifest.version, 0) > _MAX_REFETCHES:
+            return
         if self._fetching_version is not None:
             self._link.unsubscribe(self.topics.global_chunks_filter(self._fetching_version))
         self._fetching_version = self.manifest.version
@@ -310,8 +332,16 @@ class EdgeClient:
         if manifest is None or self._fetching_version != manifest.version:
             return
         if tensor_codec.sha256_hex(payload) != manifest.payload_sha256 or len(payload) != manifest.total_size:
-            log.warning("%s: global version %d does not match its manifest; waiting for a republish",
-                        self.client_id, manifest.version)
+            self._link.unsubscribe(self.topics.global_chunks_filter(manifest.version))
+            self._fetching_version = None
+            self._refetches[manifest.version] = self._refetches.get(manifest.version, 0) + 1
+            if self._refetches[manifest.version] <= _MAX_REFETCHES:
+                log.warning("%s: global version %d does not match its manifest; fetching it again",
+                            self.client_id, manifest.version)
+                self._fetch_global_if_newer()  # the retained chunks are delivered again
+            else:
+                log.warning("%s: global version %d keeps failing its manifest's check; waiting for the hub "
+                            "to publish it again", self.client_id, manifest.version)
             return
         tensors, metadata = tensor_codec.decode(payload)
         self.model.apply_global({k: v.copy() for k, v in tensors.items()})
@@ -338,7 +368,7 @@ class EdgeClient:
             return None  # train on the latest global state only; it is being fetched
         return self._take_part(hub)
 
-    def _take_part(self, hub: HubState) -> RoundReport:
+    def _take_part(self, hub: HubState) -> RoundReport | None:
         pending = self._pending_update(hub.round)
         if pending is not None:
             envelope, message_id, train_metrics, eval_metrics = pending
@@ -364,8 +394,18 @@ class EdgeClient:
             user_properties=(("fedvlm-kind", "update"), ("fedvlm-client", self.client_id),
                              ("fedvlm-round", str(hub.round))),
         )
-        self._link.publish_many([(topic, chunk) for chunk in chunks], qos=1, extras=extras)
-        ack = self._wait_for_ack(message_id, hub)
+        messages = [(topic, chunk) for chunk in chunks]
+        self._link.publish_many(messages, qos=1, extras=extras)
+        # Re-sent unchanged while no ack comes: after a broker restart the hub may have missed
+        # it; the hub counts one message id once and answers a repeat with the same verdict.
+        ack = self._wait_for_ack(message_id, hub,
+                                 resend=lambda: self._link.publish_many(messages, qos=1, extras=extras))
+        if ack is None:
+            # The hub or the broker is away: keep the saved update; it is re-sent, byte for
+            # byte, when the hub's state arrives again (e.g. after a reconnect).
+            log.warning("%s: no acknowledgement for round %d yet; will re-send the same update",
+                        self.client_id, hub.round)
+            return None
         report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
                              samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,
                              bytes_sent=len(envelope), global_version=self.state.global_version)
@@ -402,12 +442,17 @@ class EdgeClient:
         body = tensor_codec.encode(shared, body_metadata)
         return sign(body, metadata, self.client_id, self.secret)
 
-    def _wait_for_ack(self, message_id: bytes, hub: HubState, timeout: float | None = None) -> Ack:
+    def _wait_for_ack(self, message_id: bytes, hub: HubState, timeout: float | None = None,
+                      resend=None) -> Ack | None:
         wait = timeout or max((hub.deadline or time.time()) - time.time(), 0) + 60
         deadline = time.monotonic() + wait
+        next_resend = time.monotonic() + _RESEND_AFTER_S
         deferred = []
         try:
             while time.monotonic() < deadline:
+                if resend is not None and time.monotonic() > next_resend:
+                    resend()
+                    next_resend = time.monotonic() + _RESEND_AFTER_S
                 try:
                     kind, payload = self._events.get(timeout=0.5)
                 except queue.Empty:
@@ -421,7 +466,7 @@ class EdgeClient:
         finally:
             for event in deferred:  # handled after the round, in order
                 self._events.put(event)
-        raise EdgeClientError(f"{self.client_id}: the hub did not acknowledge the update within {wait:.0f} s")
+        return None
 
     # ---- the update kept until acknowledged -------------------------------------------------------
 

@@ -44,7 +44,7 @@ class PersonalVLM:
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.model = attach_lora(loaded.model, self.lora, frozen_factors=self.strategy.frozen_factors)
         self._initial_state = adapter_state(self.model)
-        self._encoded: dict[int, list] = {}
+        self._encoded: tuple[Sequence[QAExample], list] | None = None
 
     @classmethod
     def from_pretrained(
@@ -117,11 +117,11 @@ class PersonalVLM:
     # ---- local work ------------------------------------------------------------------------------
 
     def encoded(self, examples: Sequence[QAExample]) -> list:
-        """Examples encoded once per data set (a device trains on the same data every round)."""
-        key = id(examples)
-        if key not in self._encoded:
-            self._encoded[key] = encode_examples(self.processor, examples)
-        return self._encoded[key]
+        """Examples encoded once: a device trains on the same data set every round, so the
+        last data set's encoding is kept (holding the data set itself, so it is the same one)."""
+        if self._encoded is None or self._encoded[0] is not examples:
+            self._encoded = (examples, encode_examples(self.processor, examples))
+        return self._encoded[1]
 
     def train(self, examples: Sequence[QAExample], config: TrainingConfig | None = None, **kwargs) -> TrainMetrics:
         return train(self.model, self.processor, self.encoded(examples), config or TrainingConfig(), **kwargs)
@@ -152,11 +152,15 @@ class PersonalVLM:
             global_version=global_version,
             personal=self.personal_factors(),
             global_state=dict(global_state),
+            current_shared=self.shared_update(),
             metrics=list(metrics or []),
         )
 
     def restore(self, state: DeviceState) -> None:
-        """Resume from a saved device state: its global state, then its personal factors."""
+        """Resume exactly where the device was: global state (validated, with base deltas),
+        then the shared factors as the device last had them, then its personal factors."""
         if state.global_state:
             self.apply_global(state.global_state)
+        if state.current_shared:
+            load_adapter_state(self.model, state.current_shared)
         self.load_personal(state.personal)

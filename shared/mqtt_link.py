@@ -148,6 +148,9 @@ class MqttLink:
         self._connect_error: str | None = None
         self.on_reconnect: list[Callable[[], None]] = []
         self._ever_connected = False
+        # Message ids the broker acknowledged (QoS 1) or paho sent (QoS 0), until awaited.
+        self._acked: set[int] = set()
+        self._acked_condition = threading.Condition()
 
     # ---- connection -------------------------------------------------------------------------------
 
@@ -176,6 +179,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def connect(self, timeout: float = 10.0) -> "MqttLink":
@@ -301,20 +305,37 @@ class MqttLink:
             self._await_ack(in_flight.popleft(), deadline, timeout)
 
     def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, deadline: float, properties=None):
+        import paho.mqtt.client as mqtt
+
         while True:
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-            if info.rc == 0:
+            # While disconnected paho still queues a QoS 1/2 message and sends it after the
+            # reconnect: publishing it again would duplicate it.
+            if info.rc == 0 or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
                 return info
-            # Not connected right now: paho refuses; wait for the reconnect and try again.
+            # QoS 0 while disconnected is dropped by paho: wait for the reconnect and try again.
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"could not publish to {topic}: broker at {self.address.url()} unreachable")
             self.connected.wait(timeout=0.5)
 
     def _await_ack(self, sent: tuple, deadline: float, timeout: float) -> None:
+        # Tracked through on_publish rather than MQTTMessageInfo.wait_for_publish: paho marks a
+        # message queued while disconnected with an error code that wait_for_publish raises
+        # on, although it sends the message after the reconnect and reports it then.
         topic, info = sent
-        info.wait_for_publish(timeout=max(deadline - time.monotonic(), 0.1))
-        if not info.is_published():
-            raise BrokerUnavailable(f"the broker did not acknowledge a message on {topic} within {timeout:.0f} s")
+        with self._acked_condition:
+            while info.mid not in self._acked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnavailable(
+                        f"the broker did not acknowledge a message on {topic} within {timeout:.0f} s")
+                self._acked_condition.wait(min(remaining, 0.5))
+            self._acked.discard(info.mid)
+
+    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        with self._acked_condition:
+            self._acked.add(mid)
+            self._acked_condition.notify_all()
 
     def close(self, final: tuple[str, bytes] | None = None) -> None:
         """Publish ``final`` (topic, payload; retained) if connected, then disconnect cleanly."""

@@ -131,3 +131,17 @@ def test_interrupted_training_resumes_from_its_checkpoint(tiny_model_dir, colour
     assert metrics.steps == 3 and not checkpoint.exists()
     a, b = straight.adapter_state(), resumed.adapter_state()
     assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_restoring_a_saved_state_gives_back_every_trained_factor(tiny_model_dir, colour_examples, tmp_path):
+    from fedvlm.edge.device_state import load_state, save_state
+
+    trained = _model(tiny_model_dir, quantization="none")
+    trained.train(colour_examples, QUICK)  # local training: no global version has replaced B
+    save_state(tmp_path, trained.device_state(federation="f", client_id="c", round=0, global_version=0,
+                                              global_state={}))
+    fresh = _model(tiny_model_dir, quantization="none")
+    fresh.restore(load_state(tmp_path))
+    before, after = trained.adapter_state(), fresh.adapter_state()
+    assert any(np.abs(v).max() > 0 for k, v in before.items() if factor_of(k) == "B")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
