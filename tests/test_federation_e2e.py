@@ -53,6 +53,8 @@ class Capture:
 
     updates: list = dataclasses.field(default_factory=list)  # (client, round, metadata, tensors)
     globals: dict = dataclasses.field(default_factory=dict)  # version -> tensors
+    envelope_sha256: dict = dataclasses.field(default_factory=dict)  # (client, round) -> sha256 hex
+    global_sha256: dict = dataclasses.field(default_factory=dict)  # version -> sha256 hex
     raw_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -78,9 +80,11 @@ class Capture:
                 envelope = open_envelope(payload, secrets.get)
                 tensors, metadata = tensor_codec.decode(envelope.body)
                 self.updates.append((envelope.client_id, envelope.metadata.round, envelope.metadata, tensors))
+                self.envelope_sha256[(envelope.client_id, envelope.metadata.round)] = tensor_codec.sha256_hex(payload)
             else:
                 tensors, metadata = tensor_codec.decode(payload)
                 self.globals[int(metadata["version"])] = tensors
+                self.global_sha256[int(metadata["version"])] = tensor_codec.sha256_hex(payload)
 
 
 def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -177,6 +181,20 @@ def test_plora_federation_over_a_real_broker(tmp_path, tiny_model_dir, client_da
         stored = load_file(str(hub_dir / "globals" / f"v{version:06d}.safetensors"))
         assert set(stored) == set(global_tensors)
         assert all(np.array_equal(stored[k], global_tensors[k]) for k in stored)
+
+    # The hub's SQLite records exactly the updates and versions that crossed the broker.
+    import sqlite3
+
+    with sqlite3.connect(hub_dir / "hub.sqlite3") as db:
+        receipts = {(client, round_number): (sha, samples) for client, round_number, sha, samples in
+                    db.execute("SELECT client_id, round, payload_sha256, sample_count FROM receipts")}
+        versions = {version: (sha, published) for version, sha, published in
+                    db.execute("SELECT version, sha256, published FROM global_versions")}
+    assert set(receipts) == set(capture.envelope_sha256)
+    for client, round_number, metadata, _ in capture.updates:
+        assert receipts[(client, round_number)] == (capture.envelope_sha256[(client, round_number)],
+                                                    metadata.sample_count)
+    assert versions == {v: (sha, 1) for v, sha in capture.global_sha256.items()}
 
     # Every device kept its own A, and they differ; each holds the last global B.
     states = {name: load_state(tmp_path / "devices" / name) for name in CLIENTS}
