@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def test_sigterm_publishes_the_offline_state_and_exits_cleanly(tmp_path: Path):
         wait_for_port("127.0.0.1", port, timeout=30)
         watcher = FakeClient(RunningBroker("embedded", "127.0.0.1", port), "fed", "a", None).connect()
         watcher.wait_state(lambda s: s.status is Presence.ONLINE and s.phase is RoundPhase.WAITING)
+        # The hub publishes its state, then records it in SQLite: allow it a moment.
+        deadline = time.monotonic() + 10
+        while not read_status(state_dir).hub_running and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert read_status(state_dir).hub_running
         hub.send_signal(signal.SIGTERM)
         assert hub.wait(timeout=20) == 0
