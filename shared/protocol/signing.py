@@ -170,6 +170,8 @@ def _read_signer(view: memoryview) -> str:
     if not 1 <= id_length <= MAX_ID_LENGTH:
         raise _malformed(f"signer id length {id_length} is outside 1..{MAX_ID_LENGTH}")
     raw_id = bytes(view[_PREFIX.size:_PREFIX.size + id_length])
+    if len(raw_id) != id_length or view.nbytes < _PREFIX.size + id_length + MAC_SIZE:
+        raise _malformed(f"{view.nbytes} bytes cannot hold a {id_length}-character signer id and a signature")
     try:
         return validate_client_id(raw_id.decode("ascii"))
     except (UnicodeDecodeError, ProtocolError):
@@ -181,6 +183,8 @@ def _read_signed_part(view: memoryview, signer: str) -> tuple[EnvelopeMetadata, 
     because a client with a valid secret may run buggy code."""
     offset = _PREFIX.size + len(signer)
     end = view.nbytes - MAC_SIZE
+    if offset + _METADATA_LENGTH.size + _BODY_LENGTH.size > end:
+        raise _malformed(f"{view.nbytes} bytes cannot hold the length fields after signer {signer!r}", signer)
     (metadata_length,) = _METADATA_LENGTH.unpack_from(view, offset)
     offset += _METADATA_LENGTH.size
     if metadata_length > MAX_METADATA_BYTES or offset + metadata_length + _BODY_LENGTH.size > end:

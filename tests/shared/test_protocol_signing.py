@@ -134,3 +134,25 @@ def test_short_secret_is_refused_on_both_sides():
     envelope = sign(BODY, METADATA, "alice", SECRETS["alice"])
     with pytest.raises(ValueError, match="new_client_secret"):
         open_envelope(envelope, lambda client_id: b"short")
+
+
+def test_a_validly_signed_but_truncated_envelope_is_malformed_not_a_crash():
+    """A client holding a real secret may still send garbage: it must be refused cleanly."""
+    import hashlib
+    import hmac as hmac_module
+    import struct
+
+    from fedvlm.shared.protocol import ProtocolError, ReasonCode, open_envelope
+    from fedvlm.shared.protocol.signing import ENVELOPE_MAGIC, _secret_key
+    from fedvlm.shared.protocol.version import PROTOCOL_VERSION
+
+    client, secret = "a-rather-long-client-identifier", "s" * 32
+    for extra in (b"", b"\x00", b"\x00\x00\x00\x00\x00"):
+        signed = struct.pack(">4sHB", ENVELOPE_MAGIC, PROTOCOL_VERSION, len(client)) + client.encode() + extra
+        envelope = signed + hmac_module.new(_secret_key(secret, client), signed, hashlib.sha256).digest()
+        try:
+            open_envelope(envelope, {client: secret}.get)
+        except ProtocolError as problem:
+            assert problem.reason is ReasonCode.MALFORMED
+        else:
+            raise AssertionError("a truncated envelope was accepted")
