@@ -17,8 +17,6 @@ stale half-written snapshots are removed by the next save.
 
 from __future__ import annotations
 
-from fedvlm.edge.errors import DeviceStateError
-
 import dataclasses
 import json
 import os
@@ -29,6 +27,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from fedvlm.edge.errors import DeviceStateError
+from fedvlm.shared.durable_files import write_durably
 
 CURRENT = "CURRENT"
 _SNAPSHOT_PREFIX = "snapshot-"
@@ -113,10 +114,7 @@ def save_state(
         write_peft_adapter(snapshot / "adapter")
     _fsync_dir(snapshot)
 
-    pointer_tmp = root / f"{CURRENT}.tmp"
-    _write_file(pointer_tmp, lambda p: p.write_text(snapshot.name))
-    os.replace(pointer_tmp, root / CURRENT)  # the commit point
-    _fsync_dir(root)
+    write_durably(root / CURRENT, snapshot.name.encode())  # the commit point
     _remove_other_snapshots(root, keep=snapshot.name)
     return snapshot
 

@@ -32,6 +32,7 @@ from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, 
 from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
+from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.mqtt_link import BrokerAddress, Mqtt5Extras, MqttLink, Will
 from fedvlm.shared.protocol import (
@@ -471,16 +472,10 @@ class EdgeClient:
     # ---- the update kept until acknowledged -------------------------------------------------------
 
     def _save_pending(self, round_number: int, envelope: bytes, message_id: bytes, train: dict, evaluation) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in ((_PENDING_UPDATE, envelope),
-                           (_PENDING_INFO, json.dumps({"round": round_number, "message_id": message_id.hex(),
-                                                       "train": train, "evaluation": evaluation}).encode())):
-            tmp = self.state_dir / (name + ".tmp")
-            with tmp.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.state_dir / name)
+        # The envelope first: the info file's presence is what marks a pending update complete.
+        write_durably(self.state_dir / _PENDING_UPDATE, envelope)
+        info = {"round": round_number, "message_id": message_id.hex(), "train": train, "evaluation": evaluation}
+        write_durably(self.state_dir / _PENDING_INFO, json.dumps(info).encode())
 
     def _pending_update(self, round_number: int):
         info_path, body_path = self.state_dir / _PENDING_INFO, self.state_dir / _PENDING_UPDATE

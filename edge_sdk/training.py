@@ -12,6 +12,7 @@ data order every ``checkpoint_every`` steps and resumes from that file after a c
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import time
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedvlm.edge.batching import EncodedExample, PromptFormat, collate
+from fedvlm.shared.durable_files import write_durably
 
 
 class QAExample(Protocol):
@@ -167,12 +169,12 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path: Path, step: int, losses: list[float], model, optimizer) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    buffer = io.BytesIO()
     torch.save(
         {"step": step, "losses": losses, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict()},
-        tmp,
+        buffer,
     )
-    os.replace(tmp, path)
+    write_durably(path, buffer.getvalue())
 
 
 def _resume(path: Path, model, optimizer) -> tuple[int, list[float]]:

@@ -14,9 +14,9 @@ letters, digits, ``._-``, not starting with a dot).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.protocol import validate_client_id
 
 __all__ = ["CheckpointStore", "update_path", "global_path"]
@@ -38,11 +38,11 @@ class CheckpointStore:
 
     def write_update(self, round_number: int, client_id: str, body: bytes) -> Path:
         """Store an accepted update's safetensors body; returns its path (replacing an older file)."""
-        return _write_durably(update_path(self.state_dir, round_number, client_id), body)
+        return write_durably(update_path(self.state_dir, round_number, client_id), body)
 
     def write_global(self, version: int, payload: bytes) -> Path:
         """Store a global version's safetensors payload (the exact bytes that are published)."""
-        return _write_durably(global_path(self.state_dir, version), payload)
+        return write_durably(global_path(self.state_dir, version), payload)
 
     @staticmethod
     def read(path: str | Path) -> bytes:
@@ -51,29 +51,3 @@ class CheckpointStore:
     def discard_update(self, round_number: int, client_id: str) -> None:
         """Remove an update file whose receipt was never committed (best effort)."""
         update_path(self.state_dir, round_number, client_id).unlink(missing_ok=True)
-
-
-def _write_durably(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(descriptor, view)
-                view = view[written:]
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # a disk-full half-file must not linger
-        raise
-    # The rename is durable only once the directory entry is on disk too.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path

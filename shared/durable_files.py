@@ -1,0 +1,35 @@
+"""Atomic, durable file writes: the one way FedVLM replaces a file that must survive a crash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_durably(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically and durably (0600): after a crash at any point
+    the file holds either its old or its new content, never a mix, and no temporary remains."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(descriptor, view)
+                view = view[written:]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a disk-full half-file must not linger
+        raise
+    # The rename is durable only once the directory entry is on disk too.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
