@@ -89,11 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     join.add_argument("--username", help="broker username (production brokers)")
     join.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    join.add_argument("--broker-login", action="store_true",
+                      help="log in to the broker as the client id with the password derived from the secret "
+                           "(the accounts `fedvlm-hub broker-config` sets up); replaces --username/--password-file")
     join.add_argument("--ca-file", metavar="FILE", help="CA certificate for TLS (mqtts://)")
     join.add_argument("--cert-file", metavar="FILE", help="client certificate for TLS")
     join.add_argument("--key-file", metavar="FILE", help="client key for TLS")
     join.add_argument("--mqtt-version", default="auto", choices=["auto", "5", "3.1.1"],
                       help="MQTT protocol version (default: auto, 5 with a fallback to 3.1.1)")
+    privacy = join.add_argument_group(
+        "differential privacy", "Clip this round's change to the shared factors to L2 norm C and add Gaussian noise "
+        "of standard deviation sigma*C before the update is signed; (epsilon, delta) is reported per round and in "
+        "total (RDP accountant, kept in the state dir). Personal factors are never touched.")
+    privacy.add_argument("--dp-clip", type=float, metavar="C", help="L2 norm bound of the shared update's change "
+                         "(turns differential privacy on; needs --dp-noise-multiplier)")
+    privacy.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA", help="noise standard deviation "
+                         "as a multiple of C")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5, metavar="DELTA",
+                         help="delta of the reported (epsilon, delta) (default: 1e-5)")
     join.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
     join.add_argument("--timeout", type=float, help="give up after this many seconds")
     join.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -140,13 +153,30 @@ def _join(args: argparse.Namespace) -> int:
     from fedvlm.edge.edge_client import ConnectionOptions, EdgeClient
     from fedvlm.edge.training import TrainingConfig
 
+    # Settings are checked before anything slow (loading data, the model) happens.
+    privacy = None
+    if args.dp_clip is not None or args.dp_noise_multiplier is not None:
+        from fedvlm.edge.privacy import DPConfig
+
+        if args.dp_clip is None or args.dp_noise_multiplier is None:
+            raise ValueError("differential privacy needs both --dp-clip and --dp-noise-multiplier")
+        privacy = DPConfig(clip=args.dp_clip, noise_multiplier=args.dp_noise_multiplier, delta=args.dp_delta)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     secret = _read_secret(args.secret_file, "secret")
     records = load_records(args.data, skip_bad=args.skip_bad)
     eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
+    username = args.username
+    password = _read_secret(args.password_file, "password") if args.password_file else None
+    if args.broker_login:
+        from fedvlm.shared.broker_credentials import broker_password
+
+        if args.username or args.password_file:
+            raise ValueError("--broker-login logs in as the client id with the password derived from the secret; "
+                             "drop --username/--password-file, or drop --broker-login")
+        username, password = args.client_id, broker_password(secret)
     connection = ConnectionOptions(
-        username=args.username,
-        password=_read_secret(args.password_file, "password") if args.password_file else None,
+        username=username,
+        password=password,
         ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, mqtt_protocol=args.mqtt_version,
     )
     client = EdgeClient(
@@ -154,14 +184,17 @@ def _join(args: argparse.Namespace) -> int:
         eval_examples=eval_records,
         training=TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                 progress=not args.quiet),
-        quantization=args.quantization, device=args.device, connection=connection,
+        quantization=args.quantization, device=args.device, connection=connection, privacy=privacy,
     )
     reports = client.run(rounds=args.rounds, timeout=args.timeout)
     for report in reports:
         accuracy = report.evaluation["accuracy"] if report.evaluation else None
         print(json.dumps({"round": report.round, "accepted": report.accepted, "reason": report.reason,
                           "train_loss": round(report.train["loss"], 4),
-                          "eval_accuracy": accuracy, "bytes_sent": report.bytes_sent}))
+                          "eval_accuracy": accuracy, "bytes_sent": report.bytes_sent,
+                          **({"privacy": {key: report.privacy[key] for key in ("epsilon_round", "epsilon_total",
+                                                                                 "delta", "releases")}}
+                             if report.privacy else {})}))  # fmt: skip
     print(f"state kept in {args.state_dir}")
     return 0
 

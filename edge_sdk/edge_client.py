@@ -30,6 +30,7 @@ from typing import Sequence
 
 from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
 from fedvlm.edge.errors import EdgeError
+from fedvlm.edge.privacy import DPConfig, UpdatePrivatizer
 from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
@@ -88,6 +89,7 @@ class RoundReport:
     evaluation: dict | None
     bytes_sent: int
     global_version: int
+    privacy: dict | None = None  # (ε, δ) spent, with differential privacy on (see fedvlm.edge.privacy)
 
 
 @dataclasses.dataclass
@@ -118,6 +120,8 @@ class EdgeClient:
         training: local training settings; the hub's round config may override
             ``steps`` (``local_steps``) and ``learning_rate``.
         quantization, device: as in :func:`fedvlm.edge.model_loading.load_vlm`.
+        privacy: differential privacy of the shared update (clip, noise multiplier, δ);
+            None sends the trained factors as they are.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class EdgeClient:
         quantization: str = "auto",
         device: str = "auto",
         connection: ConnectionOptions | None = None,
+        privacy: DPConfig | None = None,
     ) -> None:
         if not train_examples:
             raise EdgeClientError("the device has no training examples")
@@ -149,6 +154,7 @@ class EdgeClient:
         self.quantization = quantization
         self.device = device
         self.connection = connection or ConnectionOptions()
+        self.privacy = UpdatePrivatizer(privacy, self.state_dir) if privacy is not None else None
         self.topics = Topics(federation)
         self.address = BrokerAddress.parse(
             hub_url, username=self.connection.username, password=self.connection.password,
@@ -381,6 +387,8 @@ class EdgeClient:
                 learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
                 seed=self.training.seed + hub.round,
             )
+            if self.privacy is not None:  # DP clips the change from here: the global version received
+                self.privacy.before_training(self.model.shared_update())
             train_metrics = self.model.train(self.train_examples, config, description=f"{self.client_id} round {hub.round}").to_dict()
             eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
             envelope = self._signed_update(hub.round, train_metrics, eval_metrics)
@@ -409,7 +417,8 @@ class EdgeClient:
             return None
         report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
                              samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,
-                             bytes_sent=len(envelope), global_version=self.state.global_version)
+                             bytes_sent=len(envelope), global_version=self.state.global_version,
+                             privacy=self._privacy_spent(hub.round))
         self.reports.append(report)
         self._clear_pending()
         if ack.accepted:
@@ -433,15 +442,24 @@ class EdgeClient:
 
     def _signed_update(self, round_number: int, train_metrics: dict, eval_metrics: dict | None) -> bytes:
         shared = self.model.shared_update()
+        if self.privacy is not None:  # clipped and noised before it is signed; personal factors untouched
+            shared = self.privacy.privatize(shared, round_number)
         metadata = EnvelopeMetadata(
             federation=self.federation, round=round_number, client_id=self.client_id,
             sample_count=len(self.train_examples), strategy=self.model.strategy.name,
             base_fingerprint=self.model.fingerprint, lora_config_hash=self.model.lora.config_hash(),
         )
         body_metadata = {k: str(v) for k, v in metadata.to_dict().items() if k != "type"}
-        body_metadata["metrics"] = json.dumps({"train": train_metrics, "eval": eval_metrics})
+        metrics = {"train": train_metrics, "eval": eval_metrics}
+        if self.privacy is not None:
+            metrics["privacy"] = self._privacy_spent(round_number)
+        body_metadata["metrics"] = json.dumps(metrics)
         body = tensor_codec.encode(shared, body_metadata)
         return sign(body, metadata, self.client_id, self.secret)
+
+    def _privacy_spent(self, round_number: int) -> dict | None:
+        spent = self.privacy.last_spent if self.privacy is not None else None
+        return spent.to_dict() if spent is not None and spent.round == round_number else None
 
     def _wait_for_ack(self, message_id: bytes, hub: HubState, timeout: float | None = None,
                       resend=None) -> Ack | None:

@@ -5,6 +5,7 @@
     fedvlm-hub clients list
     fedvlm-hub clients revoke NAME
     fedvlm-hub status [--json]
+    fedvlm-hub broker-config --out DIR # password file, ACL and TLS config for a production mosquitto
 
 Every sub-command takes ``--state-dir`` (default ``./fedvlm-hub``) and ``--config``
 (whose ``state_dir`` is used when ``--state-dir`` is not given).
@@ -25,19 +26,23 @@ from fedvlm.shared.mqtt_link import BrokerUnavailable
 from fedvlm.shared.strategies import STRATEGY_NAMES
 
 from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
+from .errors import HubError
 
 PROGRAM = "fedvlm-hub"
 PASSWORD_ENVIRONMENT = "FEDVLM_BROKER_PASSWORD"
+_SECRETS_KEY_HELP = ("key file that encrypts the client secrets in the state database (default: "
+                     "$FEDVLM_HUB_SECRETS_KEY_FILE, else secrets.key in the state dir; created with the first client)")
 
 _START_EPILOG = """\
 Settings come from the TOML file (--config), then the flags on top. TOML keys are the
 HubConfig field names (federation, strategy, rounds, min_clients, fraction, quorum,
 round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
-cert_file, key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
+cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
 max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s) plus a
 [lora] table (r, alpha, dropout, target_projections, include_projector, init_seed).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
-The broker password may also come from the environment variable FEDVLM_BROKER_PASSWORD.
+The broker password may also come from a file (--password-file, so it never shows in
+`ps`) or the environment variable FEDVLM_BROKER_PASSWORD.
 Stop with Ctrl-C or SIGTERM: the hub publishes its offline state and exits.
 """
 
@@ -79,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     transport.add_argument("--broker", metavar="URL", help="use this broker: mqtt://host:port or mqtts://host:port "
                            "(default: start an embedded broker)")
     transport.add_argument("--username", help="broker username")
-    transport.add_argument("--password", help=f"broker password (or set {PASSWORD_ENVIRONMENT})")
+    password = transport.add_mutually_exclusive_group()
+    password.add_argument("--password", help="broker password (visible to other users in `ps`: prefer "
+                          f"--password-file or {PASSWORD_ENVIRONMENT})")
+    password.add_argument("--password-file", type=Path, metavar="FILE", help="file holding the broker password "
+                          "(e.g. hub.password from `fedvlm-hub broker-config`)")
     transport.add_argument("--ca-file", help="CA certificates to verify the broker (PEM); implies TLS")
     transport.add_argument("--cert-file", help="client certificate for TLS (PEM)")
     transport.add_argument("--key-file", help="private key of --cert-file (PEM)")
@@ -92,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     transport.add_argument("--linger", dest="done_linger_s", type=float, metavar="SECONDS", help="with the embedded "
                            "broker, keep serving this long after the last round so clients get the last global "
                            "version (default: 30)")
+    start.add_argument("--secrets-key-file", help=_SECRETS_KEY_HELP)
     start.add_argument("--quiet", action="store_true", help="no progress lines on the console")
 
     clients = commands.add_parser("clients", help="register, list or revoke clients",
@@ -103,11 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "line; give it to the device (e.g. in a file only it can read).")
     add.add_argument("name", help="client id: letters, digits, '.', '_', '-'")
     _add_state_arguments(add)
+    add.add_argument("--secrets-key-file", help=_SECRETS_KEY_HELP)
     listing = client_commands.add_parser("list", help="list registered clients (never their secrets)",
                                          description="List the registered clients and their presence.")
     _add_state_arguments(listing)
     revoke = client_commands.add_parser("revoke", help="revoke a client: its secret is deleted",
-                                        description="Revoke a client; its next update is refused as unknown_client.")
+                                        description="Revoke a client: its secret is deleted, so its next update is "
+                                                    "refused as unknown_client, even by a hub that is running. On a "
+                                                    "broker set up with broker-config, run broker-config again and "
+                                                    "reload the broker to remove its broker account too.")
     revoke.add_argument("name")
     _add_state_arguments(revoke)
 
@@ -116,6 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
                                              "rejected counts, read from the hub's state directory.")
     _add_state_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    broker = commands.add_parser(
+        "broker-config", help="write a locked-down mosquitto setup (accounts, ACL, TLS) for this federation",
+        description="Write what a production mosquitto 2.x needs for this federation into --out: a password "
+                    "file (one account per active client, username = client id, password derived from its "
+                    "secret; plus the hub's account), an ACL confining each client to its own topics, a "
+                    "mosquitto.conf with a TLS listener and no anonymous access, hub.password for `start "
+                    "--password-file`, and README.txt saying what to do with them. Run it again after adding or "
+                    "revoking clients, then reload mosquitto (SIGHUP).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _add_state_arguments(broker)
+    broker.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the files into")
+    broker.add_argument("--federation", help="federation id (default: the one the hub's state dir belongs to)")
+    broker.add_argument("--hub-username", default="fedvlm-hub", help="the hub's broker username (default: "
+                        "fedvlm-hub; must not be a client id)")
+    broker.add_argument("--port", type=int, default=8883, help="TLS listener port (default: 8883)")
+    broker.add_argument("--bind", metavar="ADDRESS", help="address the listener binds (default: all)")
+    broker.add_argument("--tls-cafile", metavar="FILE", help="CA certificate (PEM) for the listener "
+                        "(default: a placeholder path to fill in)")
+    broker.add_argument("--tls-certfile", metavar="FILE", help="the broker's certificate (PEM)")
+    broker.add_argument("--tls-keyfile", metavar="FILE", help="the broker's private key (PEM)")
+    broker.add_argument("--secrets-key-file", help=_SECRETS_KEY_HELP)
     return parser
 
 
@@ -135,6 +171,15 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return DEFAULT_STATE_DIR
 
 
+def _secrets_key_file(args: argparse.Namespace) -> str | None:
+    """--secrets-key-file, else secrets_key_file from --config (None: env var or state dir)."""
+    if getattr(args, "secrets_key_file", None):
+        return args.secrets_key_file
+    if args.config is not None:
+        return read_toml(args.config).get("secrets_key_file")
+    return None
+
+
 def _start_config(args: argparse.Namespace) -> HubConfig:
     overrides: dict[str, Any] = {
         key: getattr(args, key)
@@ -144,10 +189,23 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
                     "base_fingerprint", "local_steps", "learning_rate", "done_linger_s")
     }  # fmt: skip
     overrides["round_timeout_s"] = args.round_timeout
+    overrides["secrets_key_file"] = args.secrets_key_file
+    if args.password_file is not None:
+        overrides["password"] = _read_password_file(args.password_file)
     if overrides["password"] is None and os.environ.get(PASSWORD_ENVIRONMENT):
         overrides["password"] = os.environ[PASSWORD_ENVIRONMENT]
     lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "init_seed": args.lora_seed}
     return load_config(args.config, overrides, lora)
+
+
+def _read_password_file(path: Path) -> str:
+    try:
+        password = path.read_text().strip()
+    except OSError as error:
+        raise HubError(f"cannot read the broker password file {path}: {error.strerror}") from None
+    if not password:
+        raise HubError(f"the broker password file {path} is empty")
+    return password
 
 
 def _run_start(args: argparse.Namespace) -> int:
@@ -179,7 +237,7 @@ def _run_clients(args: argparse.Namespace) -> int:
         return 0
     state_dir = _state_dir(args)
     if args.clients_command == "add":
-        secret = register_client(state_dir, args.name)
+        secret = register_client(state_dir, args.name, secrets_key_file=_secrets_key_file(args))
         print(f"registered client {args.name!r} in {state_dir}. Its secret follows, shown only this once; "
               "give it to the device and keep it private:")  # fmt: skip
         print(secret)
@@ -209,6 +267,17 @@ def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_broker_config(args: argparse.Namespace) -> int:
+    from .broker_config import write_broker_config
+
+    files = write_broker_config(_state_dir(args), args.out, federation=args.federation,
+                                hub_username=args.hub_username, port=args.port, bind=args.bind,
+                                cafile=args.tls_cafile, certfile=args.tls_certfile, keyfile=args.tls_keyfile,
+                                secrets_key_file=_secrets_key_file(args))  # fmt: skip
+    print(files.readme, end="")
+    return 0
+
+
 def _when(timestamp: float) -> str:
     import time
 
@@ -224,6 +293,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _run_clients(args)
     if args.command == "status":
         return _run_status(args)
+    if args.command == "broker-config":
+        return _run_broker_config(args)
     parser.print_help()
     return 0
 

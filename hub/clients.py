@@ -1,10 +1,13 @@
 """The client registry: who may send updates, each with a secret issued once.
 
-The secret is the HMAC key of the client's signed updates. The hub keeps it in its
-database (mode 0600) and hands it out exactly once, when the client is registered; a
-revoked client's secret is deleted, so its next update fails with ``unknown_client``.
-A running hub looks secrets up on every update, so registering or revoking takes effect
-at once, without a restart.
+The secret is the HMAC key of the client's signed updates. The hub keeps it encrypted in
+its database (mode 0600; see ``secrets_at_rest``) and hands it out exactly once, when the
+client is registered; a revoked client's secret is deleted, so its next update fails with
+``unknown_client``. A running hub reads the secret from the database for every update
+(no cache), so registering or revoking takes effect on the next message, without a
+restart. The broker password of a client is derived from its secret
+(``fedvlm.shared.broker_credentials``); revoking at the broker too means rewriting the
+broker's password file (``fedvlm-hub broker-config``) and reloading the broker.
 """
 
 from __future__ import annotations
@@ -20,19 +23,20 @@ from .store import ClientRecord, HubStore
 __all__ = ["register_client", "revoke_client", "list_clients"]
 
 
-def register_client(state_dir: str | Path, client_id: str) -> str:
+def register_client(state_dir: str | Path, client_id: str, *, secrets_key_file: str | Path | None = None) -> str:
     """Register ``client_id`` and return its new secret (the only time it is shown)."""
     try:
         validate_client_id(client_id)
     except ProtocolError as error:
         raise ClientRegistryError(f"cannot register {client_id!r}: {error}") from None
     secret = new_client_secret()
-    with HubStore.in_state_dir(state_dir) as store:
+    with HubStore.in_state_dir(state_dir, secrets_key_file=secrets_key_file) as store:
         store.add_client(client_id, secret, time.time())
     return secret
 
 
 def revoke_client(state_dir: str | Path, client_id: str) -> None:
+    # No key needed: revoking deletes the ciphertext; the hub's next lookup finds nothing.
     with HubStore.in_state_dir(state_dir, create=False) as store:
         store.revoke_client(client_id, time.time())
 

@@ -49,7 +49,7 @@ __all__ = ["HubConfig", "DEFAULT_STATE_DIR", "DEFAULT_EMBEDDED_PORT", "load_conf
 DEFAULT_STATE_DIR = Path("fedvlm-hub")
 DEFAULT_EMBEDDED_PORT = 1883
 # Keys whose values are file paths: relative ones in a TOML file are relative to that file.
-_PATH_KEYS = ("state_dir", "ca_file", "cert_file", "key_file")
+_PATH_KEYS = ("state_dir", "ca_file", "cert_file", "key_file", "secrets_key_file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,8 @@ class HubConfig:
         broker: ``mqtt://host:port`` or ``mqtts://…`` of an existing broker; None starts an
             embedded broker on ``embedded_host:embedded_port``.
         username, password, ca_file, cert_file, key_file: broker login and TLS files.
+        secrets_key_file: the key that encrypts client secrets in the state database
+            (default: ``$FEDVLM_HUB_SECRETS_KEY_FILE``, else ``secrets.key`` in the state dir).
         mqtt_protocol: ``auto`` (MQTT 5, falling back to 3.1.1), ``5`` or ``3.1.1``; the
             embedded broker always uses 3.1.1.
         embedded_host, embedded_port: where the embedded broker listens (loopback by default).
@@ -101,6 +103,7 @@ class HubConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    secrets_key_file: str | None = None
     mqtt_protocol: str = "auto"
     embedded_host: str = "127.0.0.1"
     embedded_port: int = DEFAULT_EMBEDDED_PORT
@@ -133,7 +136,7 @@ class HubConfig:
             if not self.broker.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
                 raise HubConfigError(f"broker {self.broker!r} must be a URL such as mqtt://127.0.0.1:1883 "
                                      "or mqtts://broker.example:8883")  # fmt: skip
-        for key in ("username", "password", "ca_file", "cert_file", "key_file", "base_fingerprint"):
+        for key in ("username", "password", "ca_file", "cert_file", "key_file", "secrets_key_file", "base_fingerprint"):
             if getattr(self, key) is not None:
                 _check_text(key, getattr(self, key))
         if self.key_file and not self.cert_file:

@@ -144,7 +144,7 @@ class HubService:
         self.console.event(f"hub for federation {self.config.federation!r} (strategy {self.strategy.name}), "
                            f"state in {self.config.state_dir}")  # fmt: skip
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = HubStore.in_state_dir(self.config.state_dir)
+        self.store = HubStore.in_state_dir(self.config.state_dir, secrets_key_file=self.config.secrets_key_file)
         try:
             self._open_state(self.store)
             if self.config.uses_embedded_broker:

@@ -7,7 +7,10 @@ of its round) is one transaction, so a hub killed at any instant restarts from a
 consistent state.
 
 The database holds the clients' secrets, so it is created with mode 0600 (and its
-directory 0700). Secrets are returned only by :meth:`HubStore.secret_of`.
+directory 0700), and each secret is stored AES-GCM encrypted under a key kept outside the
+database (``secrets_at_rest``: threat model there). Secrets are returned only by
+:meth:`HubStore.secret_of`. A database written by an older hub, with plain-text secrets,
+is encrypted in place the first time a writer (the hub, ``clients add``) opens it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ClientRegistryError, HubError, StateDirMismatch
+from .secrets_at_rest import SecretBox, SecretsKeyError, is_encrypted, resolve_key_path
 
 __all__ = [
     "DATABASE_NAME",
@@ -35,6 +39,7 @@ __all__ = [
 ]
 
 DATABASE_NAME = "hub.sqlite3"
+_KEY_ID_META = "secrets_key_id"
 SCHEMA_VERSION = 1
 RECENT_REJECTIONS_KEPT = 200
 
@@ -45,7 +50,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 CREATE TABLE IF NOT EXISTS clients (
     client_id  TEXT PRIMARY KEY,
-    secret     TEXT,                      -- NULL once revoked
+    secret     TEXT,                      -- AES-GCM ciphertext ('aesgcm1:...'); NULL once revoked
     created_at REAL NOT NULL,
     revoked_at REAL,
     last_seen  REAL,
@@ -175,8 +180,17 @@ class RejectionRecord:
 class HubStore:
     """One hub's SQLite database. Safe to share between threads (one lock serialises use)."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True, secrets_key_file: str | Path | None = None) -> None:
+        """Open (``create``: or create) the database.
+
+        ``secrets_key_file`` is the key that encrypts client secrets (default: the
+        ``FEDVLM_HUB_SECRETS_KEY_FILE`` environment variable, else ``secrets.key`` beside
+        the database). It is read only when a secret is, so ``status`` never needs it. A
+        writer (``create=True``) encrypts plain-text secrets left by an older hub at once.
+        """
         self.path = Path(path)
+        self.secrets_key_path = resolve_key_path(self.path.parent, secrets_key_file)
+        self._box: SecretBox | None = None
         if not self.path.exists():
             if not create:
                 raise HubError(f"no hub state at {self.path}: start the hub or register a client there first, "
@@ -190,6 +204,9 @@ class HubStore:
             self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            # Overwrite deleted and replaced content with zeros, so a revoked client's or a
+            # migrated plain-text secret does not linger in free space of the file.
+            self._conn.execute("PRAGMA secure_delete=ON")
             with self._conn:
                 self._conn.executescript(_SCHEMA)
                 self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -200,10 +217,17 @@ class HubStore:
         version = self.get_meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise HubError(f"{self.path} has schema version {version}; this hub reads version {SCHEMA_VERSION}")
+        if create:
+            try:
+                self.protect_secrets()
+            except BaseException:
+                self._conn.close()
+                raise
 
     @classmethod
-    def in_state_dir(cls, state_dir: str | Path, *, create: bool = True) -> HubStore:
-        return cls(Path(state_dir) / DATABASE_NAME, create=create)
+    def in_state_dir(cls, state_dir: str | Path, *, create: bool = True,
+                     secrets_key_file: str | Path | None = None) -> HubStore:  # fmt: skip
+        return cls(Path(state_dir) / DATABASE_NAME, create=create, secrets_key_file=secrets_key_file)
 
     def close(self) -> None:
         with self._lock:
@@ -249,6 +273,58 @@ class HubStore:
                         f"{value!r}; use another --state-dir for a new federation, or the original settings"
                     )
 
+    # ------------------------------------------------------------------ secrets at rest
+    def _secret_box(self) -> SecretBox:
+        """The key that encrypts secrets, checked against the one this database was written with."""
+        with self._lock:
+            if self._box is not None:
+                return self._box
+            recorded = self.get_meta(_KEY_ID_META)
+            # A new key only for a database that has never had one: creating one for a
+            # database written under another key would make its secrets unreadable.
+            box = SecretBox.load(self.secrets_key_path, create=recorded is None)
+            if recorded is None:
+                self.set_meta({_KEY_ID_META: box.key_id})
+            elif recorded != box.key_id:
+                raise SecretsKeyError(
+                    f"the client secrets in {self.path} were encrypted with key id {recorded}, but "
+                    f"{self.secrets_key_path} is key id {box.key_id}: point --secrets-key-file (or "
+                    "FEDVLM_HUB_SECRETS_KEY_FILE) at the key this hub was set up with"
+                )
+            self._box = box
+            return box
+
+    def protect_secrets(self) -> int:
+        """Encrypt any plain-text secret (a database from an older hub); returns how many.
+
+        Also checks that the secrets key is the right one whenever secrets are stored, so a
+        hub with the wrong key fails at start rather than on every update.
+        """
+        with self._lock:
+            rows = self._query("SELECT client_id, secret FROM clients WHERE secret IS NOT NULL")
+            plain = [(client_id, secret) for client_id, secret in rows if not is_encrypted(secret)]
+            if not rows and self.get_meta(_KEY_ID_META) is None:
+                return 0  # nothing to protect yet: the key is made with the first secret
+            box = self._secret_box()
+            if not plain:
+                return 0
+            with self._conn:
+                self._conn.executemany("UPDATE clients SET secret = ? WHERE client_id = ?",
+                                       [(box.encrypt(secret, client_id), client_id) for client_id, secret in plain])
+            # The old pages (with the plain text) sit in the write-ahead log until a checkpoint
+            # copies the new ones over them; do it now and empty the log.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return len(plain)
+
+    def set_private_meta(self, key: str, value: str) -> None:
+        """Store a value encrypted like a client secret (e.g. the hub's broker password)."""
+        sealed = self._secret_box().encrypt(value, f"meta:{key}")  # ':' never occurs in a client id
+        self.set_meta({key: sealed})
+
+    def private_meta(self, key: str) -> str | None:
+        stored = self.get_meta(key)
+        return None if stored is None else self._secret_box().decrypt(stored, f"meta:{key}")
+
     # ------------------------------------------------------------------ clients
     def add_client(self, client_id: str, secret: str, now: float) -> None:
         with self._lock:
@@ -257,9 +333,10 @@ class HubStore:
                 state = "revoked" if existing[0][0] is not None else "registered"
                 raise ClientRegistryError(f"client {client_id!r} is already {state}; choose another name "
                                           "(a secret is issued only once, at registration)")  # fmt: skip
+            sealed = self._secret_box().encrypt(secret, client_id)
             with self._conn:
                 self._conn.execute("INSERT INTO clients (client_id, secret, created_at) VALUES (?, ?, ?)",
-                                   (client_id, secret, now))  # fmt: skip
+                                   (client_id, sealed, now))  # fmt: skip
 
     def revoke_client(self, client_id: str, now: float) -> None:
         with self._lock, self._conn:
@@ -270,9 +347,23 @@ class HubStore:
                 raise ClientRegistryError(f"client {client_id!r} is not registered (or already revoked)")
 
     def secret_of(self, client_id: str) -> str | None:
-        """The client's secret, or None for an unknown or revoked client."""
+        """The client's secret, or None for an unknown or revoked client.
+
+        Read from the database on every call (no cache), so a ``clients revoke`` by another
+        process applies to the very next message.
+        """
         rows = self._query("SELECT secret FROM clients WHERE client_id = ? AND revoked_at IS NULL", (client_id,))
-        return rows[0][0] if rows else None
+        if not rows or rows[0][0] is None:
+            return None
+        stored = rows[0][0]
+        if not is_encrypted(stored):
+            return stored  # written by an older hub and not migrated yet (a read-only opener)
+        return self._secret_box().decrypt(stored, client_id)
+
+    def active_secrets(self) -> dict[str, str]:
+        """Every active client's secret (for writing the broker's password file)."""
+        return {client_id: secret for client_id in sorted(self.active_client_ids())
+                if (secret := self.secret_of(client_id)) is not None}  # fmt: skip
 
     def active_client_ids(self) -> set[str]:
         return {row[0] for row in self._query("SELECT client_id FROM clients WHERE revoked_at IS NULL")}

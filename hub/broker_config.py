@@ -1,0 +1,259 @@
+"""``fedvlm-hub broker-config``: the files a production mosquitto needs for one federation.
+
+Written into one folder:
+
+- ``passwords``: a mosquitto ``password_file`` (PBKDF2-SHA512, the ``$7$`` format of
+  mosquitto 2.x) with one account per active client (username = client id, password
+  derived from its secret: ``fedvlm.shared.broker_credentials``) and one for the hub;
+- ``acl``: each client may publish only its own announcement and updates and read only
+  the hub's broadcasts and its own acks; the hub reads and writes its federation's tree;
+- ``mosquitto.conf``: a TLS listener, no anonymous access, the two files above, and
+  ``use_username_as_clientid`` so no account can take over another's MQTT session;
+- ``hub.password``: the hub's broker password, for ``fedvlm-hub start --password-file``;
+- ``README.txt``: what to do with them.
+
+Nothing here can sign an update: the password file holds one-way hashes of one-way
+derivations of the secrets, and the hub's broker password is random. Revoked clients get
+no account. Re-run after ``clients add`` or ``clients revoke`` and reload mosquitto
+(SIGHUP re-reads the password and ACL files).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import os
+import secrets
+import time
+from pathlib import Path
+
+from fedvlm.shared.broker_credentials import broker_password
+from fedvlm.shared.protocol import ProtocolError, Topics, validate_client_id, validate_federation_id
+
+from .errors import HubError
+from .store import HubStore
+
+__all__ = [
+    "DEFAULT_HUB_USERNAME",
+    "DEFAULT_TLS_PORT",
+    "BrokerConfigFiles",
+    "mosquitto_password_hash",
+    "acl_text",
+    "write_broker_config",
+]
+
+DEFAULT_HUB_USERNAME = "fedvlm-hub"
+DEFAULT_TLS_PORT = 8883
+_HUB_PASSWORD_META = "broker_hub_password"
+# mosquitto_passwd's own defaults (mosquitto 2.x): 12-byte salt, 101 PBKDF2 iterations.
+# Every password here is 256 random bits (or derived from them), so key stretching adds
+# nothing against guessing; it would only cost the broker CPU on every connection.
+_SALT_BYTES = 12
+_ITERATIONS = 101
+# A valid client id standing for mosquitto's %u while the ACL is built from the protocol's
+# own topic patterns (Topics.client_permissions), so the two can never drift apart.
+_USERNAME_STANDIN = "fedvlm-acl-username-standin"
+_PLACEHOLDER_CERTS = {"cafile": "/etc/mosquitto/certs/ca.crt", "certfile": "/etc/mosquitto/certs/server.crt",
+                      "keyfile": "/etc/mosquitto/certs/server.key"}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerConfigFiles:
+    """What ``write_broker_config`` wrote."""
+
+    out_dir: Path
+    password_file: Path
+    acl_file: Path
+    conf_file: Path
+    hub_password_file: Path
+    readme_file: Path
+    federation: str
+    hub_username: str
+    clients: tuple[str, ...]
+    readme: str
+
+
+def mosquitto_password_hash(password: str, *, salt: bytes | None = None, iterations: int = _ITERATIONS) -> str:
+    """``$7$<iterations>$<salt>$<hash>``: PBKDF2-HMAC-SHA512, as mosquitto_passwd writes it."""
+    salt = salt if salt is not None else secrets.token_bytes(_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, 64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME) -> str:
+    """A mosquitto ``acl_file`` confining each client (username = client id) to its own topics."""
+    topics = Topics(federation)
+    client = topics.client_permissions(_USERNAME_STANDIN)
+    hub = topics.hub_permissions()
+
+    def pattern(topic: str) -> str:
+        return topic.replace(_USERNAME_STANDIN, "%u")
+
+    lines = [
+        f"# FedVLM federation {federation!r}: written by fedvlm-hub broker-config.",
+        "# Devices log in with their client id as username (use_username_as_clientid in mosquitto.conf).",
+        "# A device may publish only its own announcement and updates, and read only the hub's",
+        "# broadcasts and its own acks: never another device's updates, acks or announcements.",
+        "# No other topic (including $SYS) is granted to anyone.",
+        "",
+        "# the hub: reads announcements and updates, writes state, global versions and acks",
+        f"user {hub_username}",
+        *(f"topic readwrite {topic}" for topic in sorted(set(hub.publish) | set(hub.subscribe))),
+        "",
+        "# every device (%u = its username = its client id). The hub's broadcasts are patterns",
+        "# without %u on purpose: patterns apply to every account, plain 'topic' lines here would",
+        "# apply to anonymous clients only. mosquitto warns about them at start; that is expected.",
+        *(f"pattern write {pattern(topic)}" for topic in client.publish),
+        *(f"pattern read {pattern(topic)}" for topic in client.subscribe),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _conf_text(*, federation: str, port: int, bind: str | None, tls: dict[str, str], placeholders: bool,
+               password_file: Path, acl_file: Path) -> str:  # fmt: skip
+    placeholder_note = ("# TLS: REPLACE the three placeholder paths below with your CA, the broker's certificate\n"
+                        "# (its name must match the host devices connect to) and its private key.\n"
+                        if placeholders else "# TLS files as given to broker-config.\n")  # fmt: skip
+    return (
+        f"# mosquitto 2.x configuration for FedVLM federation {federation!r}, written by fedvlm-hub broker-config\n"
+        f"# on {time.strftime('%Y-%m-%d %H:%M:%S')}. Use it as mosquitto.conf, or include it from there.\n"
+        "per_listener_settings false\n"
+        "# Nobody connects without an account; the ACL confines each account to its own topics.\n"
+        "allow_anonymous false\n"
+        f"password_file {password_file}\n"
+        f"acl_file {acl_file}\n"
+        "\n"
+        "# Listener settings follow the listener line (before it they would create a default\n"
+        "# plain-text listener on port 1883).\n"
+        f"listener {port}{' ' + bind if bind else ''}\n"
+        "# The MQTT client id is forced to the username, so one device cannot take over (and\n"
+        "# disconnect) another device's session by reusing its client id.\n"
+        "use_username_as_clientid true\n"
+        f"{placeholder_note}"
+        f"cafile {tls['cafile']}\n"
+        f"certfile {tls['certfile']}\n"
+        f"keyfile {tls['keyfile']}\n"
+        "# TLS 1.2 at least; devices verify the broker against the CA (fedvlm-edge join --ca-file).\n"
+        "tls_version tlsv1.2\n"
+    )
+
+
+def _readme_text(files: BrokerConfigFiles, *, port: int, placeholders: bool) -> str:
+    out = files.out_dir
+    cert_step = ("   The TLS paths in mosquitto.conf are placeholders: put the CA, the broker's certificate\n"
+                 "   and key there (or edit the paths), e.g. with your PKI or `openssl`.\n"
+                 if placeholders else "   The TLS files are the ones you passed; keep the key readable by mosquitto only.\n")
+    return f"""\
+FedVLM broker configuration for federation {files.federation!r}
+{'=' * (42 + len(files.federation))}
+
+Files in {out}:
+  mosquitto.conf  TLS listener on port {port}, no anonymous access, password_file, acl_file
+  passwords       mosquitto password file: {len(files.clients)} device account(s) + the hub ({files.hub_username})
+  acl             each device publishes only its own updates/announcements and reads only the
+                  hub's topics and its own acks; the hub reads and writes its federation
+  hub.password    the hub's broker password (keep it on the hub machine only)
+
+1. On the broker machine: copy mosquitto.conf, passwords and acl (e.g. to /etc/mosquitto/conf.d/)
+   and fix the password_file and acl_file paths in mosquitto.conf if you moved them. Make
+   passwords and acl readable by the mosquitto user only: chown mosquitto passwords acl;
+   chmod 600 passwords acl. Do NOT copy hub.password or the hub's state directory there.
+{cert_step}2. Start (or restart) mosquitto: mosquitto -c /etc/mosquitto/conf.d/mosquitto.conf
+3. Start the hub against it (the password comes from a file, so it never shows in `ps`):
+     fedvlm-hub start --broker mqtts://BROKER_HOST:{port} --username {files.hub_username} \\
+         --password-file {files.hub_password_file} --ca-file CA.crt --state-dir STATE_DIR ...
+4. Each device logs in as its client id with the password derived from its secret:
+     fedvlm-edge join --hub mqtts://BROKER_HOST:{port} --federation {files.federation} --client-id NAME \\
+         --secret-file NAME.secret --broker-login --ca-file CA.crt ...
+5. After every `fedvlm-hub clients add` or `clients revoke`, run broker-config again and
+   reload mosquitto so the accounts follow the registry:
+     fedvlm-hub broker-config --state-dir STATE_DIR --out {out}   # then copy passwords again
+     kill -HUP $(pidof mosquitto)                                 # re-reads passwords and acl
+   (A revoked device's updates are refused by the hub at once; the reload also shuts it
+   out of the broker.)
+
+What an attacker gets from these files: the password file holds salted PBKDF2-SHA512 hashes
+of passwords that are themselves one-way derivations (HMAC-SHA256) of the devices' secrets,
+so neither it nor a broker that sees the passwords at login can sign an update; the hub
+refuses every update whose HMAC does not verify under the device's secret.
+"""
+
+
+def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federation: str | None = None,
+                        hub_username: str = DEFAULT_HUB_USERNAME, port: int = DEFAULT_TLS_PORT,
+                        bind: str | None = None, cafile: str | None = None, certfile: str | None = None,
+                        keyfile: str | None = None,
+                        secrets_key_file: str | Path | None = None) -> BrokerConfigFiles:  # fmt: skip
+    """Write the broker's password file, ACL and config for the clients registered in ``state_dir``."""
+    try:
+        validate_client_id(hub_username)  # same alphabet: safe in the ACL and password file
+    except ProtocolError as error:
+        raise HubError(f"hub username {hub_username!r}: {error}") from None
+    if not 1 <= port <= 65535:
+        raise HubError(f"port must be 1-65535, got {port}")
+    given = {"cafile": cafile, "certfile": certfile, "keyfile": keyfile}
+    if any(given.values()) and not (certfile and keyfile):
+        raise HubError("TLS needs both --tls-certfile and --tls-keyfile (and usually --tls-cafile); "
+                       "or pass none of them to get placeholders to fill in")  # fmt: skip
+    placeholders = not any(given.values())
+    tls = {key: str(Path(value).resolve()) if value else _PLACEHOLDER_CERTS[key] for key, value in given.items()}
+
+    with HubStore.in_state_dir(state_dir, create=False, secrets_key_file=secrets_key_file) as store:
+        bound = store.get_meta("federation")
+        if federation is not None and bound is not None and federation != bound:
+            raise HubError(f"the hub state in {state_dir} belongs to federation {bound!r}, not {federation!r}; "
+                           "drop --federation or use that federation's state dir")  # fmt: skip
+        federation = federation or bound
+        if federation is None:
+            raise HubError(f"the hub in {state_dir} has not started a federation yet: pass --federation NAME "
+                           "(the name you will give `fedvlm-hub start --federation`)")  # fmt: skip
+        try:
+            validate_federation_id(federation)
+        except ProtocolError as error:
+            raise HubError(f"federation: {error}") from None
+        store.protect_secrets()
+        client_secrets = store.active_secrets()
+        if hub_username in client_secrets or hub_username in {record.client_id for record in store.list_clients()}:
+            raise HubError(f"a client is registered as {hub_username!r}, the hub's broker username; choose "
+                           "another with --hub-username")  # fmt: skip
+        hub_password = store.private_meta(_HUB_PASSWORD_META)
+        if hub_password is None:
+            # Kept (encrypted) in the state, so re-running after a `clients add` keeps the
+            # hub's login valid on a broker that was already set up.
+            hub_password = secrets.token_urlsafe(32)
+            store.set_private_meta(_HUB_PASSWORD_META, hub_password)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out = out.resolve()
+    password_lines = [f"{hub_username}:{mosquitto_password_hash(hub_password)}"]
+    password_lines += [f"{client_id}:{mosquitto_password_hash(broker_password(secret))}"
+                       for client_id, secret in client_secrets.items()]  # fmt: skip
+    files = BrokerConfigFiles(
+        out_dir=out, password_file=out / "passwords", acl_file=out / "acl", conf_file=out / "mosquitto.conf",
+        hub_password_file=out / "hub.password", readme_file=out / "README.txt", federation=federation,
+        hub_username=hub_username, clients=tuple(client_secrets), readme="",
+    )  # fmt: skip
+    _write_private(files.password_file, "\n".join(password_lines) + "\n")
+    _write_private(files.acl_file, acl_text(federation, hub_username))
+    _write_private(files.hub_password_file, hub_password + "\n")
+    _write_private(files.conf_file, _conf_text(federation=federation, port=port, bind=bind, tls=tls,
+                                               placeholders=placeholders, password_file=files.password_file,
+                                               acl_file=files.acl_file))  # fmt: skip
+    readme = _readme_text(files, port=port, placeholders=placeholders)
+    _write_private(files.readme_file, readme)
+    return dataclasses.replace(files, readme=readme)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 (replacing it atomically)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,35 @@
+"""A device's broker login, derived from the secret the hub issued it.
+
+On a locked-down broker (``fedvlm-hub broker-config``) a device logs in with its client
+id as the MQTT username and ``broker_password(secret)`` as the password. Both sides derive
+the same password, so a device needs one secret, not two.
+
+Why derived, and why this way: the broker password travels to the broker at every
+connection and the broker's password file keeps a hash of it, so the broker (and anyone
+who takes over the broker machine) must learn nothing that can sign updates. The
+password is HMAC-SHA256 keyed by the secret over a fixed label: one-way, so neither the
+password nor its hash gives back the secret; a stolen broker account can at most publish
+on that client's own topics, where the hub refuses anything not signed with the secret
+(``bad_signature``). The secret is 256 random bits, so the derived password is as hard to
+guess as a fresh random one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+__all__ = ["broker_password"]
+
+# Versioned, so a future scheme can never produce the same password by accident.
+_LABEL = b"fedvlm/v1 broker password"
+
+
+def broker_password(secret: str | bytes) -> str:
+    """The MQTT password of the client holding ``secret`` (URL-safe text, 43 characters)."""
+    key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    if not key:
+        raise ValueError("cannot derive a broker password from an empty secret")
+    digest = hmac.new(key, _LABEL, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")

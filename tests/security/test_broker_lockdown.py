@@ -1,0 +1,209 @@
+"""``fedvlm-hub broker-config`` against a real mosquitto with TLS: who gets in, who reads and writes what."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fedvlm.hub.cli import main as hub_main
+from fedvlm.hub.config import HubConfig
+from fedvlm.hub.console import Console
+from fedvlm.hub.service import HubService
+from fedvlm.hub.store import HubStore
+from fedvlm.shared.broker_credentials import broker_password
+from fedvlm.shared.mqtt_link import BrokerUnavailable, MqttLink
+from fedvlm.shared.protocol import Announcement, Presence, Topics, new_message_id
+from tests.brokers import free_port
+from tests.hub.fake_clients import FakeClient, b_factors
+from tests.security.locked_broker import LockedMosquitto, Login, make_pki
+
+FEDERATION = "fed"
+HUB_USER = "fedvlm-hub"
+
+
+class Lockdown:
+    """A hub state with registered clients, the files broker-config wrote, and mosquitto running them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "hub"
+        self.out = root / "broker"
+        self.pki = make_pki(root / "pki")
+        self.port = free_port()
+        self.secrets = {name: self._add(name) for name in ("alice", "bob", "carol", "dave")}
+        hub_main(["clients", "revoke", "carol", "--state-dir", str(self.state)])  # revoked before: no account
+        self.write_config()
+        self.hub_password = (self.out / "hub.password").read_text().strip()
+        self.mosquitto = LockedMosquitto(self.out / "mosquitto.conf", self.port).start()
+
+    def _add(self, name: str) -> str:
+        from fedvlm.hub.clients import register_client
+
+        return register_client(self.state, name)
+
+    def write_config(self) -> None:
+        assert hub_main(["broker-config", "--state-dir", str(self.state), "--out", str(self.out), "--federation",
+                         FEDERATION, "--port", str(self.port), "--bind", "127.0.0.1",
+                         "--tls-cafile", str(self.pki.ca_cert), "--tls-certfile", str(self.pki.server_cert),
+                         "--tls-keyfile", str(self.pki.server_key)]) == 0  # fmt: skip
+
+    def login(self, name: str, password: str | None = None) -> Login:
+        password = password if password is not None else broker_password(self.secrets[name])
+        return Login(self.mosquitto.address(name, password, ca_file=self.pki.ca_cert))
+
+    def connect(self, username: str | None, password: str | None, *, protocol: str = "5",
+                ca_file: Path | None = None, tls: bool = True) -> MqttLink:  # fmt: skip
+        address = self.mosquitto.address(username, password, ca_file=(ca_file or self.pki.ca_cert) if tls else None,
+                                         tls=tls)  # fmt: skip
+        return MqttLink(address, f"probe-{new_message_id().hex()[:6]}", protocol=protocol,
+                        persistent_session=False, reconnect_max_s=1).connect(5)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lockdown(tmp_path_factory):
+    setup = Lockdown(tmp_path_factory.mktemp("lockdown"))
+    yield setup
+    setup.mosquitto.stop()
+
+
+def _verify_mosquitto_hash(line_hash: str, password: str) -> bool:
+    _, kind, iterations, salt, digest = line_hash.split("$")
+    assert kind == "7"
+    computed = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations), 64)
+    return base64.b64encode(computed).decode() == digest
+
+
+def test_the_written_files_hold_hashes_and_patterns_not_secrets(lockdown: Lockdown):
+    out = lockdown.out
+    for name in ("passwords", "acl", "mosquitto.conf", "hub.password", "README.txt"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
+    accounts = dict(line.split(":", 1) for line in (out / "passwords").read_text().splitlines())
+    assert set(accounts) == {HUB_USER, "alice", "bob", "dave"}  # carol is revoked: no account
+    assert _verify_mosquitto_hash(accounts[HUB_USER], lockdown.hub_password)
+    for name in ("alice", "bob", "dave"):
+        assert _verify_mosquitto_hash(accounts[name], broker_password(lockdown.secrets[name]))
+        assert not _verify_mosquitto_hash(accounts[name], lockdown.secrets[name])  # the secret is not the password
+    everything = "".join((out / name).read_text() for name in ("passwords", "acl", "mosquitto.conf", "README.txt"))
+    for secret in lockdown.secrets.values():
+        assert secret not in everything and broker_password(secret) not in everything
+    assert lockdown.hub_password not in everything
+    conf = (out / "mosquitto.conf").read_text()
+    for line in ("allow_anonymous false", f"password_file {out / 'passwords'}", f"acl_file {out / 'acl'}",
+                 "use_username_as_clientid true", f"listener {lockdown.port} 127.0.0.1",
+                 f"certfile {lockdown.pki.server_cert}", "tls_version tlsv1.2"):  # fmt: skip
+        assert line in conf.splitlines(), line
+    acl = (out / "acl").read_text().splitlines()
+    assert "pattern write fedvlm/v1/fed/updates/%u/+" in acl and "pattern read fedvlm/v1/fed/clients/%u/ack" in acl
+    assert not any(line.startswith("pattern") and "updates" in line and "read" in line for line in acl)
+    # Re-running (after a clients add) keeps the hub's broker password, so a running setup stays valid.
+    lockdown.write_config()
+    assert (out / "hub.password").read_text().strip() == lockdown.hub_password
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_only_registered_accounts_with_the_right_password_get_in(lockdown: Lockdown, protocol: str):
+    alice_password = broker_password(lockdown.secrets["alice"])
+    refused = {
+        "anonymous": (None, None),
+        "wrong password": ("alice", "not-the-password"),
+        "the HMAC secret instead of the broker password": ("alice", lockdown.secrets["alice"]),
+        "another client's password": ("alice", broker_password(lockdown.secrets["bob"])),
+        "a revoked client": ("carol", broker_password(lockdown.secrets["carol"])),
+        "an unregistered name": ("mallory", alice_password),
+    }
+    for case, (username, password) in refused.items():
+        with pytest.raises(BrokerUnavailable, match="Not authorized"):
+            lockdown.connect(username, password, protocol=protocol)
+            pytest.fail(f"{case}: connected")
+    lockdown.connect("alice", alice_password, protocol=protocol).close()
+    lockdown.connect(HUB_USER, lockdown.hub_password, protocol=protocol).close()
+
+
+def test_tls_is_required_and_the_broker_is_verified(lockdown: Lockdown):
+    alice_password = broker_password(lockdown.secrets["alice"])
+    with pytest.raises(BrokerUnavailable):  # plain MQTT to the TLS listener
+        lockdown.connect("alice", alice_password, tls=False)
+    with pytest.raises(BrokerUnavailable, match="certificate verify failed"):  # a CA that did not sign the broker
+        lockdown.connect("alice", alice_password, ca_file=lockdown.pki.other_ca_cert)
+    lockdown.connect("alice", alice_password).close()
+
+
+def test_revoking_at_the_broker_after_rewriting_the_config_and_a_reload(lockdown: Lockdown):
+    dave_password = broker_password(lockdown.secrets["dave"])
+    lockdown.connect("dave", dave_password).close()
+    assert hub_main(["clients", "revoke", "dave", "--state-dir", str(lockdown.state)]) == 0
+    lockdown.write_config()
+    lockdown.mosquitto.reload()
+    deadline = time.monotonic() + 5
+    while True:  # SIGHUP is handled asynchronously
+        try:
+            lockdown.connect("dave", dave_password).close()
+        except BrokerUnavailable as error:
+            assert "Not authorized" in str(error)
+            break
+        assert time.monotonic() < deadline, "dave still gets in after the reload"
+        time.sleep(0.1)
+    lockdown.connect("alice", broker_password(lockdown.secrets["alice"])).close()
+
+
+def test_a_client_can_neither_read_nor_impersonate_another(lockdown: Lockdown, tmp_path: Path):
+    config = HubConfig(federation=FEDERATION, state_dir=lockdown.state, broker=f"mqtts://127.0.0.1:{lockdown.port}",
+                       username=HUB_USER, password=lockdown.hub_password, ca_file=str(lockdown.pki.ca_cert),
+                       mqtt_protocol="5", min_clients=2, round_timeout_s=30.0, rounds=1, done_linger_s=0.0)
+    hub = HubService(config, console=Console(enabled=False)).start()
+    topics = Topics(FEDERATION)
+    alice = FakeClient(lockdown.login("alice"), FEDERATION, "alice", lockdown.secrets["alice"])
+    bob = FakeClient(lockdown.login("bob"), FEDERATION, "bob", lockdown.secrets["bob"])
+    seen_by_alice: list[str] = []
+    lock = threading.Lock()
+
+    def eavesdrop(topic: str, payload: bytes, retained: bool) -> None:
+        with lock:
+            seen_by_alice.append(topic)
+
+    try:
+        alice.connect()
+        bob.connect()
+        # alice tries to listen to everything about bob (and everything at all).
+        for topic_filter in ("fedvlm/v1/fed/updates/#", "fedvlm/v1/fed/updates/bob/+", topics.client_ack("bob"),
+                             topics.client_announce("bob"), "fedvlm/v1/fed/clients/+/announce", "fedvlm/v1/#", "#"):
+            alice.link.subscribe(topic_filter, eavesdrop)
+        alice.wait_collecting(1, timeout=20)
+
+        # alice publishes as bob: an update on bob's topic, and bob's presence as offline.
+        forged = alice.envelope(b_factors(9), 1)
+        alice.publish(forged, topic_client="bob")
+        alice.link.publish(topics.client_announce("bob"),
+                           Announcement("bob", Presence.OFFLINE, "0.1.0").to_json(), retain=True)  # fmt: skip
+        # Then both send their own updates (published after the forgeries on alice's connection,
+        # so the hub would have judged the forgeries first had the broker let them through).
+        assert alice.wait_ack(alice.send(b_factors(1), 1)).accepted
+        bob_message = bob.send(b_factors(2), 1)
+        assert bob.wait_ack(bob_message).accepted
+        assert hub.wait_finished(20)
+        time.sleep(0.5)  # room for any stray delivery
+
+        with HubStore.in_state_dir(lockdown.state, create=False) as store:
+            # The hub never saw the forged update (it would have been refused and counted as
+            # client_mismatch) nor the forged announcement (bob stays online).
+            assert store.rejection_counts() == {}
+            receipts = {r.client_id: r for r in store.receipts(1)}
+            assert set(receipts) == {"alice", "bob"} and receipts["bob"].message_id == bob_message.hex()
+            assert {c.client_id: c.presence for c in store.list_clients()}["bob"] == "online"
+        with lock:
+            received = list(seen_by_alice)
+        assert any(topic == topics.hub_state() for topic in received)  # alice's subscriptions do work
+        leaked = [topic for topic in received
+                  if "/bob/" in topic or "/updates/" in topic or topic.endswith("/announce")]
+        assert leaked == [], f"alice received another client's messages: {leaked}"
+        assert bob.acks.empty()  # bob got exactly his one ack, which wait_ack consumed
+    finally:
+        alice.close(announce_offline=False)
+        bob.close(announce_offline=False)
+        hub.stop()
