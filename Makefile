@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge bench-inference bench-transport clean
+.PHONY: help venv demo test bench-edge bench-inference bench-transport fuzz clean
 
 help:
 	@echo "make demo        run the main job (see README)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-edge  edge training benchmark (throughput and memory)"
 	@echo "make bench-inference  ONNX Runtime with an adapter vs PyTorch eager generate()"
 	@echo "make bench-transport  protocol vs plain MQTT publish; aggregation vs numpy"
+	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -42,6 +43,14 @@ bench-inference: $(STAMP)
 
 bench-transport: $(STAMP)
 	$(PY) benchmarks/transport.py --out $(WORK)/bench --repeats 25
+
+FUZZ_MESSAGES ?= 10000
+FUZZ_SEED ?= 7
+
+# Seeded: the same FUZZ_SEED sends the same messages. Reports: $(WORK)/fuzz/fuzz-<broker>-<seed>.json
+fuzz: $(STAMP)
+	$(PY) benchmarks/fuzz_hub.py --messages $(FUZZ_MESSAGES) --seed $(FUZZ_SEED) --broker embedded --out $(WORK)/fuzz
+	$(PY) benchmarks/fuzz_hub.py --messages $(FUZZ_MESSAGES) --seed $(FUZZ_SEED) --broker mosquitto --out $(WORK)/fuzz
 
 clean:
 	rm -rf $(VENV) $(WORK)
