@@ -43,6 +43,7 @@ from fedvlm.shared.protocol import (
 from fedvlm.shared.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES
 
 from .errors import HubConfigError
+from .norm_bound import DEFAULT_NORM_FACTOR, NORM_ACTIONS, NormBoundRule
 
 __all__ = ["HubConfig", "DEFAULT_STATE_DIR", "DEFAULT_EMBEDDED_PORT", "load_config", "read_toml"]
 
@@ -86,6 +87,11 @@ class HubConfig:
         done_linger_s: with the embedded broker, how long the hub keeps it running after
             the last round so clients can fetch the last global version (it stops sooner
             once every client has gone offline).
+        max_update_norm: absolute bound on how far one update may move the shared factors
+            (L2 norm of update - global over all its tensors); None: no absolute bound.
+        norm_factor: relative bound, this many times the previous round's median update
+            norm (default 5); 0 turns it off. See ``fedvlm.hub.norm_bound``.
+        norm_action: ``clip`` (default) an update over the bound onto it, or ``reject`` it.
     """
 
     federation: str = "default"
@@ -114,6 +120,9 @@ class HubConfig:
     local_steps: int | None = None
     learning_rate: float | None = None
     done_linger_s: float = 30.0
+    max_update_norm: float | None = None
+    norm_factor: float = DEFAULT_NORM_FACTOR
+    norm_action: str = "clip"
 
     def __post_init__(self) -> None:
         try:
@@ -159,8 +168,19 @@ class HubConfig:
         if self.learning_rate is not None:
             _check_number("learning_rate", self.learning_rate, above=0.0)
         _check_number("done_linger_s", self.done_linger_s, above=0.0, allow_equal=True)
+        if self.max_update_norm is not None:
+            _check_number("max_update_norm", self.max_update_norm, above=0.0)
+        _check_number("norm_factor", self.norm_factor, above=0.0, allow_equal=True)
+        if self.norm_action not in NORM_ACTIONS:
+            raise HubConfigError(f"norm_action must be one of {', '.join(NORM_ACTIONS)}, got {self.norm_action!r}")
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def norm_bound(self) -> NormBoundRule:
+        """The norm-bounding rule for each update (see ``fedvlm.hub.norm_bound``)."""
+        return NormBoundRule(max_update_norm=self.max_update_norm, norm_factor=self.norm_factor,
+                             action=self.norm_action)  # fmt: skip
+
     @property
     def uses_embedded_broker(self) -> bool:
         return self.broker is None

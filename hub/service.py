@@ -47,6 +47,7 @@ from .config import HubConfig
 from .console import Console
 from .errors import StateDirMismatch
 from .intake import UpdateIntake
+from .norm_bound import MEDIANS_META_KEY, NormBoundedAggregator, NormBoundedStrategy, NormHistory
 from .presence import PresenceTracker
 from .publisher import GlobalPublisher, global_payload
 from .rounds import LifecyclePhase, OpenRound, Outcome, RoundLifecycle, RoundPolicy
@@ -88,7 +89,16 @@ class HubService:
         self.topics = Topics(config.federation)
         self.strategy = get_strategy(config.strategy)
         self._clock = clock
-        self._rules = UpdateRules(federation=config.federation, strategy=self.strategy,
+        # Norm bounding wraps the strategy, so every update the intake adds (live, or
+        # re-added from disk after a restart) is bounded by the same rule and reference.
+        self._norm_history = NormHistory(load=lambda: self._require_store().get_meta(MEDIANS_META_KEY),
+                                         save=lambda text: self._require_store().set_meta({MEDIANS_META_KEY: text}))
+        shared_strategy: Any = self.strategy
+        if config.norm_bound.enabled:
+            shared_strategy = NormBoundedStrategy(self.strategy, config.norm_bound, self._norm_history,
+                                                  reference=self._load_previous_global,
+                                                  round_number=self._collecting_round)  # fmt: skip
+        self._rules = UpdateRules(federation=config.federation, strategy=shared_strategy,
                                   lora_config_hash=config.lora.config_hash(),
                                   max_update_bytes=config.max_update_bytes)  # fmt: skip
         self._policy = RoundPolicy(min_clients=config.min_clients, fraction=config.fraction, quorum=config.quorum,
@@ -443,6 +453,14 @@ class HubService:
                                      chunk_size=manifest.chunk_size, manifest=manifest.to_json().decode("utf-8"),
                                      created_at=now, published=False)  # fmt: skip
         store.add_global_version(record, closes_attempt=current.attempt, now=now)
+        aggregator = intake.aggregator
+        if isinstance(aggregator, NormBoundedAggregator):
+            # After the version is committed: a hub killed before this line re-aggregates
+            # the round, and its bound must still come from the rounds before it.
+            self._norm_history.record(current.number, aggregator.norms)
+            if aggregator.clipped:
+                self.console.event(f"round {current.number}: {aggregator.clipped} update(s) clipped to the update "
+                                   f"norm bound")  # fmt: skip
         samples = sum(receipt.sample_count for receipt in store.receipts(current.number))
         self._lifecycle.complete()
         intake.start_new_aggregate()
@@ -452,6 +470,13 @@ class HubService:
         self._unpublished_version = version
         self._publish_global(record)
         self._state_dirty = True
+
+    def _collecting_round(self) -> int:
+        """The round updates are being collected for (the one after the last aggregated round)."""
+        latest = self._require_store().latest_round()
+        if latest is None:
+            return 1
+        return latest.round + 1 if latest.outcome == "aggregated" else latest.round
 
     def _load_previous_global(self) -> dict[str, Any] | None:
         """The latest global version's tensors (FedEx folds its base deltas forward)."""

@@ -1,0 +1,222 @@
+"""Norm bounding: how far one client's update may pull the global model.
+
+A poisoning client sends shared factors far from the current global ones (a huge B). The
+hub measures each update's *displacement*: the L2 norm of ``update - global`` over all of
+its shared tensors together (the global version the round was trained from; zeros before
+the first one), and bounds it before the update enters the round's streaming sum:
+
+- ``clip`` (default): an update whose displacement exceeds the bound is scaled back onto
+  the bound (``global + delta * bound / norm``) and accepted. Its pull on the new global
+  version is then at most ``bound * weight / total_weight`` — never more than ``bound``.
+- ``reject``: it is refused as ``invalid_update`` instead.
+
+The bound is the smaller of an absolute one (``max_update_norm``) and a relative one:
+``norm_factor`` times the median displacement of the previous aggregated round. Why the
+previous round and not this one: aggregation is streaming (each update is added and
+forgotten), so this round's distribution is unknown while its updates arrive, and
+buffering them would give up the hub's constant memory. The median of the previous round
+is robust while hostile clients are a minority (a single attacker cannot move it), and
+displacements of honest clients change slowly from one round to the next. The first
+round has no history: only the absolute bound applies there, so set ``max_update_norm``
+when round 1 must be protected too.
+
+The medians are kept in the hub's SQLite meta table (``update_norm_medians``), so a hub
+restarted mid-round bounds the round's updates exactly as before: its aggregator is
+rebuilt from the stored (unclipped) bodies through the same rule and the same reference.
+
+Bounding is done by wrapping the strategy: :class:`NormBoundedStrategy` hands out
+:class:`NormBoundedAggregator`\\ s, so every path that adds an update (a live update, a
+rebuild after a restart) goes through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from fedvlm.shared.aggregation import AggregationError, StreamingWeightedMean
+from fedvlm.shared.strategies import Aggregator, Strategy
+
+__all__ = ["NormBoundRule", "NormHistory", "NormBoundedAggregator", "NormBoundedStrategy", "update_displacement",
+           "NORM_ACTIONS", "DEFAULT_NORM_FACTOR", "MEDIANS_META_KEY"]  # fmt: skip
+
+NORM_ACTIONS = ("clip", "reject")
+# Honest updates of one round differ in size by small factors (data size, local steps);
+# a poisoning update that matters is orders of magnitude away. 5x the median leaves honest
+# outliers alone and caps an attacker at a few honest updates' worth of pull.
+DEFAULT_NORM_FACTOR = 5.0
+MEDIANS_META_KEY = "update_norm_medians"
+_MEDIANS_KEPT = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class NormBoundRule:
+    """The configured rule.
+
+    Attributes:
+        max_update_norm: absolute bound on an update's displacement (L2 over all shared
+            tensors); None for no absolute bound.
+        norm_factor: relative bound, this times the previous round's median displacement;
+            None or 0 for no relative bound.
+        action: ``clip`` or ``reject`` an update over the bound.
+    """
+
+    max_update_norm: float | None = None
+    norm_factor: float | None = DEFAULT_NORM_FACTOR
+    action: str = "clip"
+
+    def __post_init__(self) -> None:
+        for key in ("max_update_norm", "norm_factor"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):  # fmt: skip
+                raise ValueError(f"{key} must be a non-negative finite number, got {value!r}")
+        if self.max_update_norm == 0:
+            raise ValueError("max_update_norm must be positive (leave it unset for no absolute bound)")
+        if self.action not in NORM_ACTIONS:
+            raise ValueError(f"norm action must be one of {', '.join(NORM_ACTIONS)}, got {self.action!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_update_norm is not None or bool(self.norm_factor)
+
+    def bound(self, previous_median: float | None) -> float | None:
+        """The bound for a round whose previous round's median displacement was ``previous_median``."""
+        bounds = []
+        if self.max_update_norm is not None:
+            bounds.append(float(self.max_update_norm))
+        if self.norm_factor and previous_median is not None and previous_median > 0:
+            bounds.append(self.norm_factor * previous_median)
+        return min(bounds) if bounds else None
+
+
+class NormHistory:
+    """Median displacement per aggregated round, persisted through ``load``/``save`` callables
+    (the hub's SQLite meta table)."""
+
+    def __init__(self, load: Callable[[], str | None], save: Callable[[str], None]) -> None:
+        self._load, self._save = load, save
+
+    def medians(self) -> dict[int, float]:
+        text = self._load()
+        return {int(r): float(m) for r, m in json.loads(text).items()} if text else {}
+
+    def median_before(self, round_number: int) -> float | None:
+        earlier = {r: m for r, m in self.medians().items() if r < round_number}
+        return earlier[max(earlier)] if earlier else None
+
+    def record(self, round_number: int, norms: list[float]) -> None:
+        if not norms:
+            return
+        medians = self.medians()
+        medians[round_number] = float(statistics.median(norms))
+        kept = dict(sorted(medians.items())[-_MEDIANS_KEPT:])
+        self._save(json.dumps({str(r): m for r, m in kept.items()}))
+
+
+def update_displacement(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> float:
+    """L2 norm of ``tensors - reference`` over all tensors (a missing reference tensor is zero), in float64."""
+    total = 0.0
+    for name, array in tensors.items():
+        delta = np.asarray(array, dtype=np.float64)
+        if reference is not None and name in reference:
+            delta = delta - np.asarray(reference[name], dtype=np.float64)
+        total += float(np.dot(delta.reshape(-1), delta.reshape(-1)))
+    return math.sqrt(total)
+
+
+class NormBoundedAggregator(Aggregator):
+    """An aggregator that bounds every update's displacement before the wrapped one sums it.
+
+    ``bound()`` and ``reference()`` are asked at every ``add``: the aggregator for the next
+    round is made before the round that precedes it is recorded, and the history does not
+    change while a round collects. ``norms`` are the raw displacements of the updates it
+    took, ``clipped`` how many were scaled.
+    """
+
+    def __init__(self, inner: Aggregator, rule: NormBoundRule, bound: Callable[[], float | None],
+                 reference: Callable[[], Mapping[str, np.ndarray] | None]) -> None:  # fmt: skip
+        self.inner = inner
+        self.strategy_name = inner.strategy_name
+        self.rule = rule
+        self.bound = bound
+        self._reference = reference
+        self.norms: list[float] = []
+        self.clipped = 0
+
+    @property
+    def count(self) -> int:
+        return self.inner.count
+
+    @property
+    def total_weight(self) -> float:
+        return self.inner.total_weight
+
+    def add(self, shared_tensors: Mapping[str, np.ndarray], weight: float) -> None:
+        # The plain checks first (floats, NaN/Inf, overflowing magnitudes): garbage is
+        # refused, never clipped into something acceptable.
+        StreamingWeightedMean().check(shared_tensors, weight)
+        reference, bound = self._reference(), self.bound()
+        norm = update_displacement(shared_tensors, reference)
+        tensors = shared_tensors
+        clipped = False
+        if bound is not None and norm > bound:
+            if self.rule.action == "reject":
+                raise AggregationError(f"update moves the shared factors by {norm:.4g} (L2 norm of update - global), "
+                                       f"over this round's bound of {bound:.4g}; the update is refused")
+            scale = bound / norm
+            tensors = {}
+            for name, array in shared_tensors.items():
+                base = np.asarray(reference[name], dtype=np.float64) if reference and name in reference else 0.0
+                tensors[name] = (base + (np.asarray(array, dtype=np.float64) - base) * scale).astype(array.dtype)
+            clipped = True
+        self.inner.add(tensors, weight)  # all or nothing: record only once it is in
+        self.norms.append(norm)
+        self.clipped += int(clipped)
+
+    def result(self, previous_global: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        return self.inner.result(previous_global)
+
+    def merge(self, other: Aggregator) -> None:
+        if isinstance(other, NormBoundedAggregator):
+            self.inner.merge(other.inner)
+            self.norms.extend(other.norms)
+            self.clipped += other.clipped
+        else:
+            self.inner.merge(other)
+
+    def to_state(self) -> dict[str, Any]:
+        return self.inner.to_state()
+
+
+class NormBoundedStrategy:
+    """A strategy whose aggregators bound each update's displacement; everything else is the wrapped one's.
+
+    ``reference()`` is the global version updates are measured against (None before the
+    first); ``round_number()`` the round being collected, whose bound comes from ``history``.
+    """
+
+    def __init__(self, strategy: Strategy, rule: NormBoundRule, history: NormHistory,
+                 reference: Callable[[], Mapping[str, np.ndarray] | None],
+                 round_number: Callable[[], int]) -> None:  # fmt: skip
+        self.wrapped = strategy
+        self.rule = rule
+        self.history = history
+        self._reference = reference
+        self._round_number = round_number
+
+    def __getattr__(self, name: str) -> Any:  # name, shared_factors, split, absorb, ...
+        return getattr(self.wrapped, name)
+
+    def current_bound(self) -> float | None:
+        return self.rule.bound(self.history.median_before(self._round_number()))
+
+    def new_aggregator(self, scaling: float) -> NormBoundedAggregator:
+        return NormBoundedAggregator(self.wrapped.new_aggregator(scaling), self.rule, self.current_bound,
+                                     self._reference)  # fmt: skip

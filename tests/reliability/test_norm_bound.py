@@ -1,0 +1,139 @@
+"""Norm bounding: one poisoning client cannot pull the global B further than the bound,
+and honest rounds come out exactly as without bounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedvlm.hub.norm_bound import NormBoundedAggregator, NormBoundRule, update_displacement
+from fedvlm.hub.status import read_status
+from fedvlm.shared import tensor_codec
+from fedvlm.shared.protocol import ReasonCode, RoundPhase
+from fedvlm.shared.strategies import get_strategy
+from tests.hub.fake_clients import b_factors, fetch_global, weighted_mean
+
+ATTACK = 1000.0  # the poisoner's B: a thousand times an honest one
+
+
+def norm(tensors) -> float:
+    return update_displacement(tensors, None)
+
+
+def minus(x, y):
+    return {name: np.asarray(x[name], np.float64) - np.asarray(y[name], np.float64) for name in x}
+
+
+def small_step(reference, seed):
+    """An honest round-2 update: the global B plus a small local change."""
+    return {name: (reference[name] + 0.1 * noise).astype(np.float32) for name, noise in b_factors(seed).items()}
+
+
+def received_global(federation, version):
+    a = federation.clients["a"]
+    a.wait_state(lambda s: s.global_version == version, timeout=30)
+    manifest, payload = fetch_global(federation.broker, "fed")
+    assert manifest.version == version
+    return tensor_codec.decode(payload)[0]
+
+
+def test_a_poisoner_moves_the_global_b_by_at_most_the_bound_in_each_round(start_federation):
+    max_norm, factor = 20.0, 5.0
+    federation = start_federation(clients=("a", "b", "m"), min_clients=3, rounds=2, max_update_norm=max_norm,
+                                  norm_factor=factor)  # fmt: skip
+    a, b, m = federation.connect("a", "b", "m")
+
+    # Round 1 (no history): the absolute bound clips the poisoner; honest updates pass.
+    a.wait_collecting(1)
+    honest1 = {"a": ({k: 0.1 * v for k, v in b_factors(1).items()}, 10),
+               "b": ({k: 0.1 * v for k, v in b_factors(2).items()}, 30)}  # fmt: skip
+    poison1 = ({k: ATTACK * np.ones_like(v) for k, v in b_factors(3).items()}, 20)
+    for client, (tensors, weight) in ((a, honest1["a"]), (b, honest1["b"]), (m, poison1)):
+        assert client.wait_ack(client.send(tensors, 1, weight)).accepted  # clip: accepted, scaled down
+    global1 = received_global(federation, 1)
+    share = poison1[1] / 60
+    # The pull of m: the global minus the one m would have made by sending the reference
+    # itself (zeros before the first global), i.e. no change at all.
+    neutral1 = weighted_mean([*honest1.values(), ({k: np.zeros_like(v) for k, v in poison1[0].items()}, 20)])
+    pull1 = norm(minus(global1, neutral1))
+    assert pull1 <= max_norm * share * (1 + 1e-5)
+    assert pull1 == pytest.approx(max_norm * share, rel=1e-4)  # clipped onto the bound, not dropped
+    unbounded = norm(minus(weighted_mean([*honest1.values(), poison1]), neutral1))
+    assert unbounded > 100 * pull1  # what the rule prevented
+
+    # Round 2: the relative bound (5 x round 1's median update norm) is now the tighter one.
+    a.wait_collecting(2)
+    median1 = float(np.median([norm(honest1["a"][0]), norm(honest1["b"][0]), norm(poison1[0])]))
+    bound2 = min(max_norm, factor * median1)
+    assert bound2 < max_norm
+    honest2 = {"a": (small_step(global1, 4), 10), "b": (small_step(global1, 5), 30)}
+    assert max(norm(minus(t, global1)) for t, _ in honest2.values()) < bound2  # honest ones are inside it
+    poison2 = ({k: global1[k] - ATTACK * np.ones_like(v) for k, v in global1.items()}, 20)
+    for client, (tensors, weight) in ((a, honest2["a"]), (b, honest2["b"]), (m, poison2)):
+        assert client.wait_ack(client.send(tensors, 2, weight)).accepted
+    global2 = received_global(federation, 2)
+    neutral2 = weighted_mean([*honest2.values(), (global1, 20)])
+    pull2 = norm(minus(global2, neutral2))
+    assert pull2 <= bound2 * share * (1 + 1e-5)
+    assert pull2 == pytest.approx(bound2 * share, rel=1e-4)
+    # Honest updates entered unclipped: the global is exactly the mean with m's update
+    # scaled onto the bound.
+    clipped = {k: global1[k] + (poison2[0][k] - global1[k]) * bound2 / norm(minus(poison2[0], global1))
+               for k in global1}  # fmt: skip
+    expected = weighted_mean([*honest2.values(), (clipped, 20)])
+    for name in expected:
+        np.testing.assert_allclose(global2[name], expected[name], rtol=1e-5, atol=1e-6)
+    a.wait_state(lambda s: s.phase is RoundPhase.DONE)
+
+
+def test_reject_mode_refuses_the_poisoner_and_the_round_completes_from_the_others(start_federation):
+    federation = start_federation(clients=("a", "b", "m"), min_clients=3, quorum=2, rounds=1, max_update_norm=20.0,
+                                  norm_action="reject", round_timeout_s=8.0)  # fmt: skip
+    a, b, m = federation.connect("a", "b", "m")
+    a.wait_collecting(1)
+    honest = [(b_factors(1), 10), (b_factors(2), 30)]
+    for client, (tensors, weight) in zip((a, b), honest):
+        assert client.wait_ack(client.send(tensors, 1, weight)).accepted
+    ack = m.wait_ack(m.send({k: ATTACK * np.ones_like(v) for k, v in b_factors(3).items()}, 1, 20))
+    assert (ack.accepted, ack.reason_code) == (False, ReasonCode.INVALID_UPDATE)
+    assert "bound" in ack.reason_text
+    tensors = received_global(federation, 1)  # at the deadline, from the quorum
+    expected = weighted_mean(honest)
+    for name in expected:
+        np.testing.assert_allclose(tensors[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert read_status(federation.config.state_dir).rejections == {"invalid_update": 1}
+
+
+def test_honest_updates_inside_the_bound_aggregate_exactly_as_without_it():
+    rule = NormBoundRule(max_update_norm=50.0, norm_factor=5.0)
+    reference = b_factors(0)
+    bounded = NormBoundedAggregator(get_strategy("plora").new_aggregator(2.0), rule, lambda: rule.bound(1.0),
+                                    lambda: reference)  # fmt: skip
+    plain = get_strategy("plora").new_aggregator(2.0)
+    for seed, weight in ((1, 3), (2, 8), (3, 5)):
+        update = small_step(reference, seed)
+        bounded.add(update, weight)
+        plain.add(update, weight)
+    assert bounded.clipped == 0
+    for name, value in plain.result(None).items():
+        np.testing.assert_array_equal(bounded.result(None)[name], value)
+
+
+def test_garbage_is_refused_not_clipped_into_something_acceptable():
+    rule = NormBoundRule(max_update_norm=1.0)
+    bounded = NormBoundedAggregator(get_strategy("plora").new_aggregator(2.0), rule, lambda: 1.0, lambda: None)
+    for poison in (np.nan, np.inf, 1e35):
+        with pytest.raises(ValueError):
+            bounded.add({k: np.full_like(v, poison) for k, v in b_factors(1).items()}, 10)
+    assert bounded.count == 0
+
+
+@pytest.mark.parametrize("rule, median, bound", [
+    (NormBoundRule(), None, None),                      # default, first round: nothing to compare with
+    (NormBoundRule(), 2.0, 10.0),                       # default: 5 x the previous median
+    (NormBoundRule(max_update_norm=3.0), 2.0, 3.0),     # the tighter of the two
+    (NormBoundRule(max_update_norm=3.0, norm_factor=0), 2.0, 3.0),
+    (NormBoundRule(norm_factor=0), 2.0, None),          # off
+])  # fmt: skip
+def test_the_bound_is_the_tighter_of_the_absolute_and_the_relative_one(rule, median, bound):
+    assert rule.bound(median) == bound
