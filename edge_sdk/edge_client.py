@@ -161,6 +161,7 @@ class EdgeClient:
             ca_file=self.connection.ca_file, cert_file=self.connection.cert_file, key_file=self.connection.key_file,
         )
         self.model = None  # built from the hub's announced layout (PersonalVLM)
+        self._initial_shared: dict = {}  # the shared factors as initialised (global version 0)
         self.state: DeviceState | None = None
         self.hub_state: HubState | None = None
         self.manifest: GlobalManifest | None = None
@@ -296,6 +297,7 @@ class EdgeClient:
         strategy = config.get("strategy", "plora")
         self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
                                                  quantization=self.quantization, device=self.device)
+        self._initial_shared = self.model.shared_update()  # global version 0: DP measures changes from here
         pinned = config.get("base_fingerprint")
         if pinned and pinned != self.model.fingerprint:
             raise EdgeClientError(
@@ -387,8 +389,8 @@ class EdgeClient:
                 learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
                 seed=self.training.seed + hub.round,
             )
-            if self.privacy is not None:  # DP clips the change from here: the global version received
-                self.privacy.before_training(self.model.shared_update())
+            if self.privacy is not None:
+                self.privacy.before_training(self._dp_reference())
             train_metrics = self.model.train(self.train_examples, config, description=f"{self.client_id} round {hub.round}").to_dict()
             eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
             envelope = self._signed_update(hub.round, train_metrics, eval_metrics)
@@ -456,6 +458,13 @@ class EdgeClient:
         body_metadata["metrics"] = json.dumps(metrics)
         body = tensor_codec.encode(shared, body_metadata)
         return sign(body, metadata, self.client_id, self.secret)
+
+    def _dp_reference(self) -> dict:
+        """The shared factors of the global version this device trains from: DP clips the
+        change from them. Not the factors before this training run: after a retried round
+        those already hold an earlier, unclipped training run."""
+        global_state = self.state.global_state if self.state.global_version > 0 else {}
+        return {name: global_state.get(name, initial) for name, initial in self._initial_shared.items()}
 
     def _privacy_spent(self, round_number: int) -> dict | None:
         spent = self.privacy.last_spent if self.privacy is not None else None

@@ -1,8 +1,8 @@
 """Differential privacy on the device: clip the shared update, add Gaussian noise, count ε.
 
-Before an update is signed, the change this round made to the factors that leave the
-device (their value after local training minus their value when training started, i.e.
-the global version received) is clipped to L2 norm ``clip`` over all shared tensors
+Before an update is signed, the change the device made to the factors that leave it
+(their value after local training minus their value in the global version it trained
+from; the shared initialisation before the first global version) is clipped to L2 norm ``clip`` over all shared tensors
 together, and Gaussian noise of standard deviation ``noise_multiplier * clip`` is added
 to every coordinate (the Gaussian mechanism of DP-FedAvg, McMahan et al., ICLR 2018).
 The device then sends ``reference + clipped delta + noise``. Personal factors never leave
@@ -223,8 +223,10 @@ class UpdatePrivatizer:
         self._reference: dict[str, np.ndarray] | None = None
         self.last_spent: PrivacySpent | None = None
 
-    def before_training(self, shared: Mapping[str, np.ndarray]) -> None:
-        self._reference = {name: np.array(value, copy=True) for name, value in shared.items()}
+    def before_training(self, reference: Mapping[str, np.ndarray]) -> None:
+        """Record what the change is measured from: the shared factors of the global version
+        the device trains from (the shared initialisation before the first global)."""
+        self._reference = {name: np.array(value, copy=True) for name, value in reference.items()}
 
     def privatize(self, shared: Mapping[str, np.ndarray], round_number: int) -> dict[str, np.ndarray]:
         if self._reference is None:

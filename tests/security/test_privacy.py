@@ -103,6 +103,37 @@ def test_personal_factors_are_untouched_bit_for_bit(tiny_model_dir, colour_examp
     assert any(factor_of(k) == "A" for k in after)
 
 
+def test_a_retried_round_still_sends_at_most_clip_away_from_the_global(tiny_model_dir, colour_examples, tmp_path):
+    """The change is measured from the global version, not from the factors before this
+    training run: after a retried round those already hold an earlier, unclipped run."""
+    from fedvlm.edge.adapters import LoraSettings
+    from fedvlm.edge.edge_client import EdgeClient
+    from fedvlm.edge.training import TrainingConfig
+    from fedvlm.shared.protocol import HubState, Presence, RoundPhase
+
+    clip = 1e-4
+    client = EdgeClient(tiny_model_dir, colour_examples, "mqtt://127.0.0.1:1", "fed", "c", "s" * 43, tmp_path,
+                        quantization="none", device="cpu",
+                        privacy=DPConfig(clip=clip, noise_multiplier=1e-3, seed=4))  # fmt: skip
+    client.hub_state = HubState(federation="fed", status=Presence.ONLINE, round=1, phase=RoundPhase.COLLECTING,
+                                global_version=0, selected_clients=("c",),
+                                round_config={"strategy": "plora", "lora": LoraSettings(r=4, alpha=8).to_dict()})
+    client._ensure_model()
+    initial = client.model.shared_update()
+    for _attempt in range(2):  # round 1 retried: the device trains again from where it was
+        client.privacy.before_training(client._dp_reference())
+        client.model.train(colour_examples, TrainingConfig(steps=3, learning_rate=1e-2, progress=False))
+        sent = client.privacy.privatize(client.model.shared_update(), 1)
+    trained = {k: v.astype(np.float64) - initial[k] for k, v in client.model.shared_update().items()}
+    assert _norm(trained) > 10 * clip  # training moved B far beyond the bound...
+    assert _norm({k: v.astype(np.float64) - initial[k] for k, v in sent.items()}) < 1.2 * clip  # ...what left did not
+    assert client.privacy.last_spent.releases == 2  # each retrained update is a release of its own
+    # Once a global version is held, it is the reference.
+    client.state.global_version = 1
+    client.state.global_state = {k: v + 1.0 for k, v in initial.items()}
+    assert all(np.array_equal(client._dp_reference()[k], initial[k] + 1.0) for k in initial)
+
+
 def test_accountant_matches_the_closed_form_of_the_gaussian_mechanism():
     # For the Gaussian mechanism ε(α) = T·α/(2σ²) + log(1/δ)/(α−1); over real α > 1 the
     # minimum is a + 2·sqrt(a·L) with a = T/(2σ²), L = log(1/δ). A dense grid gets close.
