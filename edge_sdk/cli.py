@@ -161,6 +161,9 @@ def _join(args: argparse.Namespace) -> int:
         if args.dp_clip is None or args.dp_noise_multiplier is None:
             raise ValueError("differential privacy needs both --dp-clip and --dp-noise-multiplier")
         privacy = DPConfig(clip=args.dp_clip, noise_multiplier=args.dp_noise_multiplier, delta=args.dp_delta)
+    if args.broker_login and (args.username or args.password_file):
+        raise ValueError("--broker-login logs in as the client id with the password derived from the secret; "
+                         "drop --username/--password-file, or drop --broker-login")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     secret = _read_secret(args.secret_file, "secret")
     records = load_records(args.data, skip_bad=args.skip_bad)
@@ -170,9 +173,6 @@ def _join(args: argparse.Namespace) -> int:
     if args.broker_login:
         from fedvlm.shared.broker_credentials import broker_password
 
-        if args.username or args.password_file:
-            raise ValueError("--broker-login logs in as the client id with the password derived from the secret; "
-                             "drop --username/--password-file, or drop --broker-login")
         username, password = args.client_id, broker_password(secret)
     connection = ConnectionOptions(
         username=username,

@@ -1,0 +1,69 @@
+"""User mistakes on the security flags end in one line saying what to do, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedvlm.edge.cli import main as edge_main
+from fedvlm.hub.cli import main as hub_main
+
+
+def _error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, capsys) -> Path:
+    assert hub_main(["clients", "add", "dev-1", "--state-dir", str(tmp_path / "hub")]) == 0
+    capsys.readouterr()
+    return tmp_path / "hub"
+
+
+def test_broker_config_mistakes(state_dir: Path, tmp_path: Path, capsys):
+    out = str(tmp_path / "out")
+    err = _error(capsys, hub_main(["broker-config", "--state-dir", str(tmp_path / "none"), "--out", out]))
+    assert "no hub state" in err
+    err = _error(capsys, hub_main(["broker-config", "--state-dir", str(state_dir), "--out", out]))
+    assert "pass --federation NAME" in err
+    err = _error(capsys, hub_main(["broker-config", "--state-dir", str(state_dir), "--out", out, "--federation", "f",
+                                   "--tls-certfile", "server.crt"]))  # fmt: skip
+    assert "--tls-keyfile" in err
+    err = _error(capsys, hub_main(["broker-config", "--state-dir", str(state_dir), "--out", out, "--federation", "f",
+                                   "--hub-username", "dev-1"]))  # fmt: skip
+    assert "choose another with --hub-username" in err
+    assert not Path(out).exists()  # nothing half-written
+
+
+def test_placeholders_when_no_tls_files_are_given(state_dir: Path, tmp_path: Path, capsys):
+    assert hub_main(["broker-config", "--state-dir", str(state_dir), "--out", str(tmp_path / "out"),
+                     "--federation", "f"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "placeholders" in printed and "kill -HUP" in printed
+    conf = (tmp_path / "out" / "mosquitto.conf").read_text()
+    assert "REPLACE the three placeholder paths" in conf and "listener 8883\n" in conf
+
+
+@pytest.mark.parametrize("content", [None, ""])
+def test_start_with_an_unreadable_or_empty_password_file(state_dir: Path, tmp_path: Path, capsys, content):
+    password_file = tmp_path / "hub.password"
+    if content is not None:
+        password_file.write_text(content)
+    err = _error(capsys, hub_main(["start", "--state-dir", str(state_dir), "--broker", "mqtts://127.0.0.1:1",
+                                   "--password-file", str(password_file)]))  # fmt: skip
+    assert str(password_file) in err
+
+
+def test_broker_login_excludes_an_explicit_username(tmp_path: Path, capsys):
+    (tmp_path / "s").write_text("x" * 43)
+    (tmp_path / "d.jsonl").write_text("")
+    code = edge_main(["join", "--hub", "mqtts://127.0.0.1:1", "--federation", "f", "--client-id", "c",
+                      "--secret-file", str(tmp_path / "s"), "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
+                      "--state-dir", str(tmp_path / "st"), "--broker-login", "--username", "c"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "drop --username/--password-file, or drop --broker-login" in err
