@@ -253,17 +253,33 @@ def case_header_games(ctx: FuzzContext) -> Case:
 
 
 def case_reordered_duplicated(ctx: FuzzContext) -> Case:
-    """A refused-for-a-reason envelope in many 1 KiB chunks, duplicated and shuffled: one verdict."""
+    """A refused-for-a-reason envelope in many 1 KiB chunks, duplicated and shuffled: one verdict.
+
+    For a permanent reason (wrong federation, strategy) duplicates may also come after the
+    message completed: the hub answers a message id once and ignores its stray chunks. For
+    a timing reason (a round that is closed or not open) the hub forgets the message so
+    that a re-send can be judged afresh, so here duplicates arrive only while the message
+    is still incomplete; stray chunks after such a verdict are the subject of
+    tests/reliability/test_hostile_input.py.
+    """
     sender = ctx.hostile()
-    tensors = ctx.tensors()
-    # Padding in the body metadata makes several chunks; the defect is the wrong round.
-    round_number = ctx.round_number + ctx.rng.choice((-1, 1, 7))
-    envelope = ctx.envelope(sender, tensors, extra={"pad": "x" * ctx.rng.randint(1000, 6000)}, round=round_number)
+    pad = {"pad": "x" * ctx.rng.randint(1000, 6000)}
+    timing = ctx.rng.random() < 0.5
+    if timing:
+        round_number = ctx.round_number + ctx.rng.choice((-1, 1, 7))
+        envelope, reason = ctx.envelope(sender, extra=pad, round=round_number), _stale_round_reason(round_number)
+    else:
+        changes = ctx.rng.choice(({"federation": "elsewhere"}, {"strategy": "fedit"}))
+        reason = "wrong_federation" if "federation" in changes else "incompatible"
+        envelope = ctx.envelope(sender, extra=pad, **changes)
     chunks = ctx.chunks(sender, envelope)
-    sent = chunks + [ctx.rng.choice(chunks) for _ in range(ctx.rng.randint(1, 4))]
+    sent = list(chunks)
     ctx.rng.shuffle(sent)
-    # Copies that arrive after the last original are ignored (the message is already answered).
-    return Case("reordered_duplicated", sent, _expect(**{_stale_round_reason(round_number): 1}))
+    for _ in range(ctx.rng.randint(1, 4)):
+        # Before the last original (timing reasons), or anywhere (after completion: ignored).
+        position = ctx.rng.randrange(len(sent)) if timing else ctx.rng.randrange(len(sent) + 1)
+        sent.insert(position, ctx.rng.choice(chunks))
+    return Case("reordered_duplicated", sent, _expect(**{reason: 1}))
 
 
 def _stale_round_reason(round_number: int) -> str:

@@ -63,6 +63,11 @@ _TICK_S = 0.1
 _PROGRESS_EVERY_S = 10.0
 _PUBLISH_TIMEOUT_S = 10.0
 _RETRY_PUBLISH_AFTER_S = 2.0
+# Test-only fault injection: with FEDVLM_HUB_TEST_PAUSE_AT=aggregating (before the new
+# version is computed and committed) or =publishing (version committed, its chunks and
+# manifest on the broker, not yet marked published) the hub prints a line and freezes
+# there, so a fault test can SIGKILL it at exactly that point. Unset in production.
+TEST_PAUSE_ENV = "FEDVLM_HUB_TEST_PAUSE_AT"
 _PHASES = {LifecyclePhase.WAITING: RoundPhase.WAITING, LifecyclePhase.COLLECTING: RoundPhase.COLLECTING,
            LifecyclePhase.DONE: RoundPhase.DONE}  # fmt: skip
 
@@ -433,6 +438,7 @@ class HubService:
         current = self._lifecycle.current
         assert current is not None
         self._publish_state(phase=RoundPhase.AGGREGATING)
+        _test_pause("aggregating")
         latest = store.latest_global()
         version = (latest.version if latest is not None else 0) + 1
         tensors = intake.aggregator.result(self._load_previous_global())
@@ -496,6 +502,7 @@ class HubService:
                 self._publish_state(phase=RoundPhase.PUBLISHING)
             self._publisher.publish(self._files.read(record.file_path), GlobalManifest.from_json(record.manifest))
             if not record.published:
+                _test_pause("publishing")
                 store.mark_published(record.version)
                 self.console.event(f"published global version {record.version} ({record.chunk_count} chunk(s))")
             previous = store.global_version(record.version - 1)
@@ -580,3 +587,11 @@ class HubService:
         except BrokerUnavailable as error:
             # The verdict stands either way; a client without an ack re-sends and is answered then.
             log.warning("could not acknowledge %s's message %s: %s", ack.client_id, ack.message_id, error)
+
+
+def _test_pause(point: str) -> None:
+    """Freeze here when a fault test asked for it (``TEST_PAUSE_ENV``); a no-op otherwise."""
+    if os.environ.get(TEST_PAUSE_ENV) == point:
+        print(f"{TEST_PAUSE_ENV}: paused at {point}", flush=True)
+        while True:
+            time.sleep(3600)
