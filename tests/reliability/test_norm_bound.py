@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedvlm.hub.console import Console
 from fedvlm.hub.norm_bound import NormBoundedAggregator, NormBoundRule, update_displacement
+from fedvlm.hub.service import HubService
 from fedvlm.hub.status import read_status
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.protocol import ReasonCode, RoundPhase
@@ -137,3 +139,26 @@ def test_garbage_is_refused_not_clipped_into_something_acceptable():
 ])  # fmt: skip
 def test_the_bound_is_the_tighter_of_the_absolute_and_the_relative_one(rule, median, bound):
     assert rule.bound(median) == bound
+
+
+def test_a_restarted_hub_rebuilds_the_round_with_the_poisoner_clipped_the_same_way(start_federation):
+    """The hub stores update bodies as received (unclipped); a restarted hub re-adds them
+    through the same rule against the same reference, so the clipped round is rebuilt exactly."""
+    max_norm = 20.0
+    federation = start_federation(clients=("a", "b", "m"), min_clients=3, rounds=1, max_update_norm=max_norm)
+    a, b, m = federation.connect("a", "b", "m")
+    a.wait_collecting(1)
+    honest = [({k: 0.1 * v for k, v in b_factors(1).items()}, 10), ({k: 0.1 * v for k, v in b_factors(2).items()}, 30)]
+    poison = ({k: ATTACK * np.ones_like(v) for k, v in b_factors(3).items()}, 20)
+    assert m.wait_ack(m.send(poison[0], 1, poison[1])).accepted
+    assert a.wait_ack(a.send(honest[0][0], 1, honest[0][1])).accepted
+
+    federation.hub.stop()  # the embedded broker stops with it; the clients reconnect to the new one
+    federation.hub = HubService(federation.config, console=Console()).start()
+    a.wait_state(lambda s: s.status.value == "online" and s.phase is RoundPhase.COLLECTING, timeout=30)
+    assert b.wait_ack(b.send(honest[1][0], 1, honest[1][1]), timeout=30).accepted
+    tensors = received_global(federation, 1)
+    clipped = {k: v * max_norm / norm(poison[0]) for k, v in poison[0].items()}  # reference: zeros in round 1
+    expected = weighted_mean([*honest, (clipped, poison[1])])
+    for name in expected:
+        np.testing.assert_allclose(tensors[name], expected[name], rtol=1e-5, atol=1e-6)
