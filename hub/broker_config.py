@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import json
 import os
 import secrets
 import time
@@ -37,6 +38,8 @@ from .store import HubStore
 __all__ = [
     "DEFAULT_HUB_USERNAME",
     "DEFAULT_TLS_PORT",
+    "BROKER_CONFIG_DIR_META",
+    "previous_options",
     "BrokerConfigFiles",
     "mosquitto_password_hash",
     "acl_text",
@@ -46,6 +49,11 @@ __all__ = [
 DEFAULT_HUB_USERNAME = "fedvlm-hub"
 DEFAULT_TLS_PORT = 8883
 _HUB_PASSWORD_META = "broker_hub_password"
+# Where broker-config last wrote and with which options, so `clients add`/`revoke` can
+# remind the operator to refresh it and a re-run needs no options repeated.
+BROKER_CONFIG_DIR_META = "broker_config_dir"
+_OPTIONS_META = "broker_config_options"
+_REMEMBERED = ("federation", "hub_username", "port", "bind", "cafile", "certfile", "keyfile")
 # mosquitto_passwd's own defaults (mosquitto 2.x): 12-byte salt, 101 PBKDF2 iterations.
 # Every password here is 256 random bits (or derived from them), so key stretching adds
 # nothing against guessing; it would only cost the broker CPU on every connection.
@@ -72,6 +80,20 @@ class BrokerConfigFiles:
     hub_username: str
     clients: tuple[str, ...]
     readme: str
+
+
+def previous_options(state_dir: str | Path) -> dict:
+    """The options broker-config was last run with for this state dir ({} if never)."""
+    try:
+        with HubStore.in_state_dir(state_dir, create=False) as store:
+            stored = store.get_meta(_OPTIONS_META)
+    except HubError:
+        return {}
+    try:
+        options = json.loads(stored) if stored else {}
+    except ValueError:
+        return {}
+    return {key: options[key] for key in _REMEMBERED if options.get(key) is not None}
 
 
 def mosquitto_password_hash(password: str, *, salt: bytes | None = None, iterations: int = _ITERATIONS) -> str:
@@ -144,7 +166,8 @@ def _readme_text(files: BrokerConfigFiles, *, port: int, placeholders: bool) -> 
     out = files.out_dir
     cert_step = ("   The TLS paths in mosquitto.conf are placeholders: put the CA, the broker's certificate\n"
                  "   and key there (or edit the paths), e.g. with your PKI or `openssl`.\n"
-                 if placeholders else "   The TLS files are the ones you passed; keep the key readable by mosquitto only.\n")
+                 if placeholders
+                 else "   The TLS files are the ones you passed; keep the key readable by mosquitto only.\n")
     return f"""\
 FedVLM broker configuration for federation {files.federation!r}
 {'=' * (42 + len(files.federation))}
@@ -228,6 +251,11 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = out.resolve()
+    options = {"federation": federation, "hub_username": hub_username, "port": port, "bind": bind, **tls}
+    if placeholders:
+        options.update(cafile=None, certfile=None, keyfile=None)
+    with HubStore.in_state_dir(state_dir, create=False, secrets_key_file=secrets_key_file) as store:
+        store.set_meta({BROKER_CONFIG_DIR_META: str(out), _OPTIONS_META: json.dumps(options)})
     password_lines = [f"{hub_username}:{mosquitto_password_hash(hub_password)}"]
     password_lines += [f"{client_id}:{mosquitto_password_hash(broker_password(secret))}"
                        for client_id, secret in client_secrets.items()]  # fmt: skip

@@ -146,14 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "secret; plus the hub's account), an ACL confining each client to its own topics, a "
                     "mosquitto.conf with a TLS listener and no anonymous access, hub.password for `start "
                     "--password-file`, and README.txt saying what to do with them. Run it again after adding or "
-                    "revoking clients, then reload mosquitto (SIGHUP).",
+                    "revoking clients, then reload mosquitto (SIGHUP); options not given are those of the previous run "
+        "for the same state dir.",
         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_state_arguments(broker)
     broker.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the files into")
     broker.add_argument("--federation", help="federation id (default: the one the hub's state dir belongs to)")
-    broker.add_argument("--hub-username", default="fedvlm-hub", help="the hub's broker username (default: "
-                        "fedvlm-hub; must not be a client id)")
-    broker.add_argument("--port", type=int, default=8883, help="TLS listener port (default: 8883)")
+    broker.add_argument("--hub-username", help="the hub's broker username (default: fedvlm-hub; must not be a "
+                        "client id)")
+    broker.add_argument("--port", type=int, help="TLS listener port (default: 8883)")
     broker.add_argument("--bind", metavar="ADDRESS", help="address the listener binds (default: all)")
     broker.add_argument("--tls-cafile", metavar="FILE", help="CA certificate (PEM) for the listener "
                         "(default: a placeholder path to fill in)")
@@ -239,7 +240,7 @@ def _run_start(args: argparse.Namespace) -> int:
 
 
 def _run_clients(args: argparse.Namespace) -> int:
-    from .clients import list_clients, register_client, revoke_client
+    from .clients import broker_config_dir, list_clients, register_client, revoke_client
 
     if args.clients_command is None:
         args.print_clients_help()
@@ -247,6 +248,7 @@ def _run_clients(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args)
     if args.clients_command == "add":
         secret = register_client(state_dir, args.name, secrets_key_file=_secrets_key_file(args))
+        _remind_broker_config(state_dir, broker_config_dir(state_dir), f"give {args.name!r} a broker account")
         print(f"registered client {args.name!r} in {state_dir}. Its secret follows, shown only this once; "
               "give it to the device and keep it private:")  # fmt: skip
         print(secret)
@@ -254,6 +256,7 @@ def _run_clients(args: argparse.Namespace) -> int:
     if args.clients_command == "revoke":
         revoke_client(state_dir, args.name)
         print(f"revoked client {args.name!r}: its updates are now refused")
+        _remind_broker_config(state_dir, broker_config_dir(state_dir), f"remove the broker account of {args.name!r}")
         return 0
     if args.clients_command == "list":
         records = list_clients(state_dir)
@@ -268,6 +271,14 @@ def _run_clients(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled clients action {args.clients_command!r}")
 
 
+def _remind_broker_config(state_dir: Path, out_dir: str | None, purpose: str) -> None:
+    """After add/revoke on a hub whose broker was set up with broker-config: how to catch it up."""
+    if out_dir:
+        print(f"the broker's accounts are now out of date: to {purpose}, run `{PROGRAM} broker-config "
+              f"--state-dir {state_dir} --out {out_dir}` (it reuses the previous options), install the new "
+              "password file and reload mosquitto (SIGHUP)")  # fmt: skip
+
+
 def _run_status(args: argparse.Namespace) -> int:
     from .status import read_status, status_json
 
@@ -277,12 +288,19 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_broker_config(args: argparse.Namespace) -> int:
-    from .broker_config import write_broker_config
+    from .broker_config import DEFAULT_HUB_USERNAME, DEFAULT_TLS_PORT, previous_options, write_broker_config
 
-    files = write_broker_config(_state_dir(args), args.out, federation=args.federation,
-                                hub_username=args.hub_username, port=args.port, bind=args.bind,
-                                cafile=args.tls_cafile, certfile=args.tls_certfile, keyfile=args.tls_keyfile,
-                                secrets_key_file=_secrets_key_file(args))  # fmt: skip
+    state_dir = _state_dir(args)
+    given = {"federation": args.federation, "hub_username": args.hub_username, "port": args.port, "bind": args.bind,
+             "cafile": args.tls_cafile, "certfile": args.tls_certfile, "keyfile": args.tls_keyfile}
+    # A re-run after `clients add`/`revoke` needs no options again: the previous run's fill the gaps
+    # (TLS files as a set: giving any of them replaces all three).
+    previous = previous_options(state_dir)
+    if any(given[key] for key in ("cafile", "certfile", "keyfile")):
+        previous = {key: value for key, value in previous.items() if key not in ("cafile", "certfile", "keyfile")}
+    options = {**{"hub_username": DEFAULT_HUB_USERNAME, "port": DEFAULT_TLS_PORT}, **previous,
+               **{key: value for key, value in given.items() if value is not None}}
+    files = write_broker_config(state_dir, args.out, secrets_key_file=_secrets_key_file(args), **options)
     print(files.readme, end="")
     return 0
 

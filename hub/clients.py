@@ -20,7 +20,7 @@ from fedvlm.shared.protocol import ProtocolError, new_client_secret, validate_cl
 from .errors import ClientRegistryError
 from .store import ClientRecord, HubStore
 
-__all__ = ["register_client", "revoke_client", "list_clients"]
+__all__ = ["register_client", "revoke_client", "list_clients", "broker_config_dir"]
 
 
 def register_client(state_dir: str | Path, client_id: str, *, secrets_key_file: str | Path | None = None) -> str:
@@ -39,6 +39,14 @@ def revoke_client(state_dir: str | Path, client_id: str) -> None:
     # No key needed: revoking deletes the ciphertext; the hub's next lookup finds nothing.
     with HubStore.in_state_dir(state_dir, create=False) as store:
         store.revoke_client(client_id, time.time())
+
+
+def broker_config_dir(state_dir: str | Path) -> str | None:
+    """Where ``fedvlm-hub broker-config`` last wrote the broker's files, if it ever ran."""
+    from .broker_config import BROKER_CONFIG_DIR_META
+
+    with HubStore.in_state_dir(state_dir, create=False) as store:
+        return store.get_meta(BROKER_CONFIG_DIR_META)
 
 
 def list_clients(state_dir: str | Path) -> list[ClientRecord]:

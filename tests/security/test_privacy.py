@@ -172,7 +172,8 @@ def test_ledger_reports_each_round_and_the_total_across_restarts(tmp_path):
     # Mixed noise levels compose in RDP: 2/(2·1²) + 1/(2·2²) per order.
     mixed = epsilon_from_rdp(2 * gaussian_rdp(1.0) + gaussian_rdp(2.0), DEFAULT_ORDERS, 1e-5)[0]
     assert third.epsilon_total == pytest.approx(mixed)
-    assert [entry["round"] for entry in json.loads((tmp_path / "privacy_ledger.json").read_text())["releases"]] == [1, 2, 3]
+    ledger = json.loads((tmp_path / "privacy_ledger.json").read_text())
+    assert [entry["round"] for entry in ledger["releases"]] == [1, 2, 3]
     # A damaged ledger is refused, never silently reset to zero.
     (tmp_path / "privacy_ledger.json").write_text("{not json")
     with pytest.raises(PrivacyConfigError, match="under-report"):

@@ -62,8 +62,29 @@ def test_broker_login_excludes_an_explicit_username(tmp_path: Path, capsys):
     (tmp_path / "s").write_text("x" * 43)
     (tmp_path / "d.jsonl").write_text("")
     code = edge_main(["join", "--hub", "mqtts://127.0.0.1:1", "--federation", "f", "--client-id", "c",
-                      "--secret-file", str(tmp_path / "s"), "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
+                      "--secret-file", str(tmp_path / "s"), "--model", str(tmp_path),
+                      "--data", str(tmp_path / "d.jsonl"),
                       "--state-dir", str(tmp_path / "st"), "--broker-login", "--username", "c"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "drop --username/--password-file, or drop --broker-login" in err
+
+
+def test_add_and_revoke_remind_to_refresh_the_broker_and_a_rerun_needs_no_options(state_dir: Path, tmp_path: Path,
+                                                                                  capsys):  # fmt: skip
+    out = tmp_path / "out"
+    assert hub_main(["broker-config", "--state-dir", str(state_dir), "--out", str(out), "--federation", "f",
+                     "--port", "18883", "--tls-certfile", "/pki/server.crt", "--tls-keyfile", "/pki/server.key"]) == 0
+    capsys.readouterr()
+    assert hub_main(["clients", "add", "dev-2", "--state-dir", str(state_dir)]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert any(f"broker-config --state-dir {state_dir} --out {out}" in line for line in lines[:-1])
+    assert len(lines[-1]) == 43  # the secret is still alone on the last line
+    assert hub_main(["broker-config", "--state-dir", str(state_dir), "--out", str(out)]) == 0  # no options again
+    conf = (out / "mosquitto.conf").read_text()
+    assert "listener 18883\n" in conf and "certfile /pki/server.crt\n" in conf
+    assert {line.split(":")[0] for line in (out / "passwords").read_text().splitlines()} == {"fedvlm-hub", "dev-1",
+                                                                                              "dev-2"}
+    capsys.readouterr()
+    assert hub_main(["clients", "revoke", "dev-1", "--state-dir", str(state_dir)]) == 0
+    assert "remove the broker account of 'dev-1'" in capsys.readouterr().out
