@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedvlm.shared.cli_support import run_command
+from fedvlm.simulate.command import add_simulate_command
 
 PROGRAM = "fedvlm"
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="quantisation of the devices' frozen base (default: nf4)")
     demo.add_argument("--seed", type=int, default=0, help="data and model seed (default: 0)")
     demo.set_defaults(handler=_demo)
+    add_simulate_command(commands)
     return parser
 
 

@@ -1,0 +1,192 @@
+"""One (strategy, seed) run of a whole federation in one process, on one base model.
+
+The base is loaded once and wrapped with LoRA once; clients differ only in their adapter
+state (a dict of numpy arrays), which is swapped in before a client trains or is scored.
+Training is FedVLM's own trainer (``fedvlm.edge.training.train``), the split into shared
+and personal tensors and the aggregation are the strategy's own (the hub's code path), and
+every update and global version goes through the wire encoding before it is used.
+
+Order of a round, as on the real hub: select clients (seeded, the same for every
+strategy), each trains from its current state and sends its shared tensors, the hub
+aggregates and publishes, every client absorbs the global version (personal tensors
+untouched); then every client's personal model is scored on its own held-out data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fedvlm.edge.evaluation import evaluate
+from fedvlm.edge.personal_model import PersonalVLM
+from fedvlm.edge.training import TrainingConfig, encode_examples, train
+from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.simulate import wire
+from fedvlm.simulate.clients import SimulatedClient
+from fedvlm.simulate.settings import BASE, CENTRALISED, SimulationSettings
+
+OnRound = Callable[[int], None]  # called with the number of rounds just finished
+
+
+def lora_settings(settings: SimulationSettings, seed: int) -> LoraSettings:
+    """The adapter layout of a seed's runs: every strategy starts from the same factors."""
+    return LoraSettings(r=settings.lora_rank, alpha=2 * settings.lora_rank, init_seed=seed)
+
+
+def training_config(settings: SimulationSettings, steps: int, seed: int, round_number: int, stream: int) -> TrainingConfig:
+    """Same learning rate and batch order for every strategy: the order depends on seed, round and client only."""
+    return TrainingConfig(steps=steps, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+                          seed=seed * 1_000_003 + round_number * 1_009 + stream, progress=False)
+
+
+def select_clients(settings: SimulationSettings, seed: int, round_number: int) -> list[int]:
+    rng = np.random.default_rng([seed, round_number, 41])
+    return sorted(int(i) for i in rng.choice(settings.clients, settings.selected_per_round, replace=False))
+
+
+def _digest(state: dict[str, np.ndarray]) -> str:
+    hasher = hashlib.sha256()
+    for name in sorted(state):
+        hasher.update(name.encode())
+        hasher.update(np.ascontiguousarray(state[name]).tobytes())
+    return hasher.hexdigest()
+
+
+class Scorer:
+    """Exact-match accuracy of an adapter state on a test set; identical states are scored once
+    (under fedit, ffa and fedex every client holds the same global model)."""
+
+    def __init__(self, model: PersonalVLM):
+        self.model = model
+        self._cache: dict[tuple[str, int], float] = {}
+
+    def accuracy(self, state: dict[str, np.ndarray], examples: Sequence) -> float:
+        key = (_digest(state), id(examples))
+        if key not in self._cache:
+            self.model.load_adapter_state(state)
+            self._cache[key] = evaluate(self.model.model, self.model.processor, examples).accuracy
+        return self._cache[key]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One (strategy, seed) run; ``to_dict`` is what the per-run file holds."""
+
+    strategy: str
+    seed: int
+    rounds: list[dict]  # per round: personal accuracy (mean and per client), bytes this round
+    per_client: list[dict]
+    shared: dict  # what leaves a device: tensor count, values, factors
+    seconds: float
+
+    @property
+    def personal_accuracy(self) -> float:
+        return float(np.mean([c["personal_accuracy"] for c in self.per_client]))
+
+    @property
+    def global_accuracy(self) -> float:
+        return float(np.mean([c["global_accuracy"] for c in self.per_client]))
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "seed": self.seed, "personal_accuracy": self.personal_accuracy,
+                "global_accuracy": self.global_accuracy, **dataclasses.asdict(self)}
+
+
+def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
+        pooled: Sequence, on_round: OnRound = lambda done: None) -> RunResult:
+    """Run strategy ``name`` (or a reference) for one seed."""
+    started = time.perf_counter()
+    strategy = "fedit" if name in (CENTRALISED, BASE) else name  # references train both factors, share nothing
+    model = PersonalVLM.from_pretrained(model_dir, lora=lora_settings(settings, seed), strategy=strategy,
+                                        quantization=settings.quantization)
+    if name in (CENTRALISED, BASE):
+        rounds, per_client = _reference(name, model, settings, seed, clients, pooled, on_round)
+        shared = {"tensors": 0, "values": 0, "factors": []}
+    else:
+        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round)
+    return RunResult(name, seed, rounds, per_client, shared, time.perf_counter() - started)
+
+
+def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
+                pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict]:
+    strategy, scorer = model.strategy, Scorer(model)
+    model.reset_adapters()
+    states = [model.adapter_state() for _ in clients]
+    encoded = [encode_examples(model.processor, client.train) for client in clients]
+    bytes_up, bytes_down = [0] * len(clients), [0] * len(clients)
+    shared_template, _ = strategy.split(states[0])
+    previous_global = None
+    rounds = []
+    for round_number in range(1, settings.rounds + 1):
+        selected = select_clients(settings, seed, round_number)
+        aggregator = strategy.new_aggregator(model.lora.scaling)
+        sent = []
+        for index in selected:
+            model.load_adapter_state(states[index])
+            train(model.model, model.processor, encoded[index],
+                  training_config(settings, settings.local_steps, seed, round_number, index))
+            states[index] = model.adapter_state()
+            shared = model.shared_update()
+            if shared:  # `local` shares nothing: no message at all
+                payload = wire.update_payload(
+                    shared, round_number=round_number, client_id=clients[index].client_id,
+                    samples=len(clients[index].train), strategy=strategy.name, base_fingerprint=model.fingerprint,
+                    lora_config_hash=model.lora.config_hash())
+                aggregator.add(wire.received(payload), weight=len(clients[index].train))
+                bytes_up[index] += len(payload)
+                sent.append(len(payload))
+        down = 0
+        if aggregator.count:
+            new_global = aggregator.result(previous_global)
+            payload = wire.global_version_payload(new_global, round_number=round_number, strategy=strategy.name)
+            global_state = wire.received(payload)
+            down = len(payload)
+            for index in range(len(clients)):  # the global version is retained: every client fetches it
+                states[index] = strategy.absorb(states[index], global_state)
+                bytes_down[index] += down
+            previous_global = new_global
+        accuracies = [scorer.accuracy(states[i], clients[i].test) for i in range(len(clients))]
+        rounds.append({"round": round_number, "selected": [clients[i].client_id for i in selected],
+                       "personal_accuracy": float(np.mean(accuracies)), "per_client": accuracies,
+                       "bytes_up_per_client": float(np.mean(sent)) if sent else 0.0,
+                       "bytes_down_per_client": down})
+        on_round(1)
+    per_client = [{"client_id": client.client_id, "description": client.description,
+                   "train_examples": len(client.train), "test_examples": len(client.test),
+                   "personal_accuracy": rounds[-1]["per_client"][i],
+                   "global_accuracy": scorer.accuracy(states[i], pooled),
+                   "bytes_up": bytes_up[i], "bytes_down": bytes_down[i]} for i, client in enumerate(clients)]
+    shared = {"tensors": len(shared_template), "values": int(sum(v.size for v in shared_template.values())),
+              "factors": sorted({name.rsplit(".lora_", 1)[-1][0] for name in shared_template})}
+    return rounds, per_client, shared
+
+
+def _reference(name: str, model: PersonalVLM, settings: SimulationSettings, seed: int,
+               clients: Sequence[SimulatedClient], pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict]]:
+    """``centralised``: one LoRA on the union of the clients' training data, with as many optimiser
+    steps per round as the federation's selected clients take together; ``base``: no training."""
+    scorer = Scorer(model)
+    model.reset_adapters()
+    union = encode_examples(model.processor, [record for client in clients for record in client.train])
+    rounds = []
+    for round_number in range(1, settings.rounds + 1):
+        if name == CENTRALISED:
+            train(model.model, model.processor, union,
+                  training_config(settings, settings.local_steps * settings.selected_per_round, seed,
+                                  round_number, stream=999))
+        state = model.adapter_state()
+        accuracies = [scorer.accuracy(state, client.test) for client in clients]
+        rounds.append({"round": round_number, "selected": [], "personal_accuracy": float(np.mean(accuracies)),
+                       "per_client": accuracies, "bytes_up_per_client": 0.0, "bytes_down_per_client": 0})
+        on_round(1)
+    global_accuracy = scorer.accuracy(model.adapter_state(), pooled)
+    per_client = [{"client_id": client.client_id, "description": client.description,
+                   "train_examples": len(client.train), "test_examples": len(client.test),
+                   "personal_accuracy": rounds[-1]["per_client"][i], "global_accuracy": global_accuracy,
+                   "bytes_up": 0, "bytes_down": 0} for i, client in enumerate(clients)]
+    return rounds, per_client

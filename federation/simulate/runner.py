@@ -1,0 +1,85 @@
+"""``fedvlm simulate``: every (strategy, seed) run, resumable, then the reports.
+
+Each finished run is written to ``<out>/runs/<strategy>-seed<k>.json`` atomically, so an
+interrupted simulation started again with the same settings skips what is done; the
+settings that change results are in ``<out>/simulation.json`` and must match to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fedvlm.shared.durable_files import write_durably
+from fedvlm.simulate import report
+from fedvlm.simulate.clients import data_clients, image_size_of, pooled_test, scenario_clients
+from fedvlm.simulate.engine import run
+from fedvlm.simulate.settings import DEFAULT_MODEL_DIR, SimulationSettings
+
+# The default base: the `small` VLM with a pre-training long enough to see colours and
+# shapes (benchmarks/README.md, "Personalisation"); built once, cached by recipe.
+PRETRAINING_STEPS = 800
+PRETRAINING_EXAMPLES = 2048
+
+
+def prepare_model(settings: SimulationSettings) -> Path:
+    if settings.model is not None:
+        return settings.model
+    from fedvlm.edge.pretraining import PretrainingConfig, is_built, make_pretrained_tiny_model
+
+    recipe = dict(seed=0, examples=PRETRAINING_EXAMPLES,
+                  config=PretrainingConfig(steps=PRETRAINING_STEPS, seed=0, progress=settings.progress))
+    if not is_built(DEFAULT_MODEL_DIR, "small", **recipe):
+        print(f"building the pre-trained small model in {DEFAULT_MODEL_DIR} (once; a few minutes)", flush=True)
+    return make_pretrained_tiny_model(DEFAULT_MODEL_DIR, "small", **recipe)
+
+
+def run_file(out: Path, strategy: str, seed: int) -> Path:
+    return out / "runs" / f"{strategy}-seed{seed}.json"
+
+
+def _check_resumable(settings: SimulationSettings, key: dict) -> None:
+    marker = settings.out / "simulation.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous != key:
+            changed = sorted(k for k in set(previous) | set(key) if previous.get(k) != key.get(k))
+            raise ValueError(f"{settings.out} holds a simulation with other settings ({', '.join(changed)} differ); "
+                             "use another --out, or delete it to start over")
+    else:
+        write_durably(marker, json.dumps(key, indent=2).encode())
+
+
+def simulate(settings: SimulationSettings) -> dict:
+    from fedvlm import __version__
+
+    model_dir = prepare_model(settings)
+    _check_resumable(settings, {**settings.run_key(), "model": str(model_dir)})
+    units_per_run = settings.rounds
+    # Seed by seed, so one seed's clients are drawn once and shared by all its strategies.
+    todo = [(name, seed) for seed in settings.seeds for name in settings.strategies]
+    done = {pair for pair in todo if run_file(settings.out, *pair).exists()}
+    bar = tqdm(total=len(todo) * units_per_run, initial=len(done) * units_per_run, unit="round",
+               desc="simulate", disable=not settings.progress)
+    started = time.perf_counter()
+    data_by_seed: dict = {}
+    for name, seed in todo:
+        if (name, seed) in done:
+            continue
+        if seed not in data_by_seed:
+            clients = (scenario_clients(settings, seed, image_size_of(model_dir)) if settings.scenario
+                       else data_clients(settings, seed))
+            data_by_seed = {seed: (clients, pooled_test(clients, settings.global_test_size, seed))}
+        clients, pooled = data_by_seed[seed]
+        bar.set_postfix_str(f"{name} seed {seed}")
+        result = run(name, model_dir, settings, seed, clients, pooled, on_round=bar.update)
+        write_durably(run_file(settings.out, name, seed), json.dumps(result.to_dict(), indent=2).encode())
+    bar.close()
+    runs = {name: [json.loads(run_file(settings.out, name, seed).read_text()) for seed in settings.seeds]
+            for name in settings.strategies}
+    results = report.write_reports(settings, runs, __version__)
+    results["elapsed_seconds"] = time.perf_counter() - started
+    return results

@@ -1,0 +1,172 @@
+"""What a simulation is asked to do (``fedvlm simulate --help``), checked before any work starts.
+
+Every mistake a user can make on the command line raises ``ValueError`` naming the flag
+and what to write instead, so the command ends in one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from fedvlm.shared.strategies import STRATEGY_NAMES
+
+# Not federations: references every table is read against.
+CENTRALISED = "centralised"  # one LoRA trained on the union of the clients' data
+BASE = "base"  # the pre-trained base, no training
+REFERENCES: tuple[str, ...] = (CENTRALISED, BASE)
+ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
+SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "iid")
+DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """How ``--data`` records are split into clients: ``origin_dataset``, ``iid`` or ``dirichlet`` (alpha)."""
+
+    kind: str
+    alpha: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Partition":
+        usage = ("use origin_dataset, iid or dirichlet:ALPHA with ALPHA a positive number "
+                 "(e.g. dirichlet:0.5; smaller is more skewed)")
+        if text in ("origin_dataset", "iid"):
+            return cls(text)
+        kind, _, value = text.partition(":")
+        if kind == "dirichlet":
+            try:
+                alpha = float(value)
+            except ValueError:
+                raise ValueError(f"bad --partition {text!r}: {value!r} is not a number; {usage}") from None
+            if not (math.isfinite(alpha) and alpha > 0):
+                raise ValueError(f"bad --partition {text!r}: ALPHA must be positive; {usage}")
+            return cls("dirichlet", alpha)
+        raise ValueError(f"bad --partition {text!r}: {usage}")
+
+    def __str__(self) -> str:
+        return f"dirichlet:{self.alpha:g}" if self.kind == "dirichlet" else self.kind
+
+
+def parse_strategies(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise ValueError(f"--strategies is empty; name some of {','.join(ALL_STRATEGIES)}")
+    unknown = [name for name in names if name not in ALL_STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r} in --strategies; choose from {','.join(ALL_STRATEGIES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--strategies names a strategy twice: {text!r}")
+    return names
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"bad --seeds {text!r}: write comma-separated non-negative integers, e.g. 0,1,2") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"bad --seeds {text!r}: seeds must be distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationSettings:
+    """Attributes:
+    out: where results, per-run files and plots go; a second run with the same settings resumes there.
+    scenario: a built-in synthetic scenario (``SCENARIOS``), or None with ``data``.
+    data: a folder of RLAIF-V parquet / JSON Lines files, split into clients by ``partition``.
+    partition: how ``data`` is split (scenario data is split by the generator itself).
+    clients: number of clients.
+    test_fraction: share of each client's ``data`` records held out as its test set.
+    examples_per_client / test_examples_per_client: sizes of each client's synthetic splits.
+    model: the base model folder; None builds the pre-trained ``small`` model in ``DEFAULT_MODEL_DIR``.
+    strategies: federated strategies and references (``centralised``, ``base``) to run.
+    rounds: federated rounds.
+    local_steps: optimiser steps per selected client per round.
+    fraction: share of clients selected each round (at least one).
+    seeds: one run per seed; a seed fixes the data split, the LoRA initialisation, client
+        selection and batch order, identically for every strategy.
+    learning_rate, batch_size, lora_rank: local training and adapter size, the same for every strategy.
+    quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
+    global_test_size: examples drawn from the pooled test set of all clients for ``global_accuracy``.
+    progress: show the progress bar.
+    """
+
+    out: Path = Path("work/simulate")
+    scenario: str | None = "concept-shift"
+    data: Path | None = None
+    partition: Partition = Partition("origin_dataset")
+    clients: int = 8
+    test_fraction: float = 0.2
+    examples_per_client: int = 32
+    test_examples_per_client: int = 32
+    model: Path | None = None
+    strategies: tuple[str, ...] = ALL_STRATEGIES
+    rounds: int = 5
+    local_steps: int = 10
+    fraction: float = 1.0
+    seeds: tuple[int, ...] = (0,)
+    learning_rate: float = 3e-3
+    batch_size: int = 8
+    lora_rank: int = 8
+    quantization: str = "auto"
+    global_test_size: int = 128
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.scenario is None) == (self.data is None):
+            raise ValueError("give either --scenario NAME or --data DIR (not both)")
+        if self.scenario is not None and self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown --scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}")
+        if self.data is not None and not self.data.exists():
+            raise ValueError(f"--data {self.data} does not exist: point it at a folder of RLAIF-V parquet or "
+                             "JSON Lines files")
+        if self.model is not None and not (self.model / "config.json").exists():
+            raise ValueError(f"--model {self.model} holds no model (no config.json); leave --model out to build "
+                             "the pre-trained small model, or point it at a saved VLM folder")
+        for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.clients < 2:
+            raise ValueError("--clients must be at least 2: a federation needs more than one client")
+        if self.scenario is not None and (self.examples_per_client < 1 or self.test_examples_per_client < 1):
+            raise ValueError("--examples-per-client and --test-examples-per-client must be at least 1")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not self.strategies or not self.seeds:
+            raise ValueError("name at least one strategy and one seed")
+        parse_strategies(",".join(self.strategies))  # same checks as the flag
+
+    @property
+    def selected_per_round(self) -> int:
+        return max(1, round(self.fraction * self.clients))
+
+    def run_key(self) -> dict[str, Any]:
+        """Everything that changes a (strategy, seed) run's result; a resumed ``--out`` must match it.
+
+        Strategies and seeds are left out: adding one to a finished run only runs what is new.
+        """
+        key = {name: value for name, value in dataclasses.asdict(self).items()
+               if name not in ("out", "strategies", "seeds", "progress")}
+        key["partition"] = str(self.partition)
+        for name in ("data", "model"):
+            key[name] = str(key[name]) if key[name] is not None else None
+        if self.scenario is not None:  # only --data runs are split by these
+            key.pop("partition"), key.pop("test_fraction")
+        else:
+            key.pop("examples_per_client"), key.pop("test_examples_per_client")
+        return key
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(out=str(self.out), data=str(self.data) if self.data else None,
+                    model=str(self.model) if self.model else None, partition=str(self.partition),
+                    strategies=list(self.strategies), seeds=list(self.seeds))
+        return data
