@@ -179,6 +179,13 @@ def _join(args: argparse.Namespace) -> int:
         password=password,
         ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, mqtt_protocol=args.mqtt_version,
     )
+    from fedvlm.shared.broker_credentials import plaintext_warning
+    from fedvlm.shared.mqtt_link import BrokerAddress
+
+    hub_address = BrokerAddress.parse(args.hub, ca_file=args.ca_file)
+    warning = plaintext_warning(hub_address.host, tls=hub_address.tls, has_password=password is not None)
+    if warning:
+        print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
     client = EdgeClient(
         args.model, records.records, args.hub, args.federation, args.client_id, secret, args.state_dir,
         eval_examples=eval_records,

@@ -225,6 +225,13 @@ def _run_start(args: argparse.Namespace) -> int:
     config = _start_config(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = HubService(config, console=Console(enabled=not args.quiet))
+    if not config.uses_embedded_broker:
+        from fedvlm.shared.broker_credentials import plaintext_warning
+
+        address = service.address
+        warning = plaintext_warning(address.host, tls=address.tls, has_password=bool(address.password))
+        if warning:
+            print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
 
     def stop(signum: int, frame: Any) -> None:
         service.request_stop()

@@ -19,8 +19,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 
-__all__ = ["broker_password"]
+__all__ = ["broker_password", "plaintext_warning"]
 
 # Versioned, so a future scheme can never produce the same password by accident.
 _LABEL = b"fedvlm/v1 broker password"
@@ -33,3 +34,25 @@ def broker_password(secret: str | bytes) -> str:
         raise ValueError("cannot derive a broker password from an empty secret")
     digest = hmac.new(key, _LABEL, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def plaintext_warning(host: str, *, tls: bool, has_password: bool) -> str | None:
+    """A warning when a connection leaves this machine without TLS (None when it is fine).
+
+    Updates are signed either way, but without TLS anyone on the path reads them (the
+    shared factors, sample counts, metrics) and any broker password sent with them.
+    """
+    if tls or _is_loopback(host):
+        return None
+    exposed = "the broker password and every message" if has_password else "every message"
+    return (f"connecting to the broker at {host} without TLS: {exposed} crosses the network in clear; "
+            "use mqtts:// with --ca-file (fedvlm-hub broker-config sets up a TLS listener)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

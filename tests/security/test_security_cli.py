@@ -88,3 +88,22 @@ def test_add_and_revoke_remind_to_refresh_the_broker_and_a_rerun_needs_no_option
     capsys.readouterr()
     assert hub_main(["clients", "revoke", "dev-1", "--state-dir", str(state_dir)]) == 0
     assert "remove the broker account of 'dev-1'" in capsys.readouterr().out
+
+
+def test_a_connection_leaving_the_machine_without_tls_is_warned_about():
+    from fedvlm.shared.broker_credentials import plaintext_warning
+
+    warning = plaintext_warning("broker.example", tls=False, has_password=True)
+    assert warning and "broker password" in warning and "mqtts://" in warning
+    assert "password" not in plaintext_warning("10.0.0.7", tls=False, has_password=False)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert plaintext_warning(host, tls=False, has_password=True) is None
+    assert plaintext_warning("broker.example", tls=True, has_password=True) is None
+
+
+def test_hub_start_warns_on_a_remote_broker_without_tls(state_dir: Path, capsys):
+    # 0.0.0.0 is not a loopback address, yet Linux connects it to this machine, where port 1
+    # refuses at once: the warning comes, then the connection error, without a network.
+    code = hub_main(["start", "--state-dir", str(state_dir), "--broker", "mqtt://0.0.0.0:1", "--password", "pw"])
+    err = capsys.readouterr().err
+    assert code == 2 and "warning: connecting to the broker at 0.0.0.0 without TLS" in err
