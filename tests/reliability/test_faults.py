@@ -28,7 +28,7 @@ from fedvlm.hub.store import HubStore
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.mqtt_link import MqttLink
 from fedvlm.shared.protocol import GlobalManifest, Presence, RoundPhase, Topics
-from tests.brokers import MosquittoProcess, wait_for_port
+from tests.brokers import MosquittoProcess
 from tests.hub.fake_clients import FakeClient, b_factors, fetch_global, weighted_mean
 
 ROOT = Path(__file__).resolve().parents[2]
