@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedvlm.hub.cli import _start_config, build_parser
+from fedvlm.hub.config import HubConfig
 from fedvlm.hub.console import Console
+from fedvlm.hub.errors import HubConfigError
 from fedvlm.hub.norm_bound import NormBoundedAggregator, NormBoundRule, update_displacement
 from fedvlm.hub.service import HubService
 from fedvlm.hub.status import read_status
@@ -162,3 +165,14 @@ def test_a_restarted_hub_rebuilds_the_round_with_the_poisoner_clipped_the_same_w
     expected = weighted_mean([*honest, (clipped, poison[1])])
     for name in expected:
         np.testing.assert_allclose(tensors[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_start_flags_and_config_set_the_rule_and_refuse_nonsense(tmp_path):
+    args = build_parser().parse_args(["start", "--state-dir", str(tmp_path), "--max-update-norm", "3.5",
+                                      "--norm-factor", "0", "--norm-action", "reject"])  # fmt: skip
+    assert _start_config(args).norm_bound == NormBoundRule(max_update_norm=3.5, norm_factor=0.0, action="reject")
+    assert HubConfig().norm_bound == NormBoundRule(max_update_norm=None, norm_factor=5.0, action="clip")
+    for bad in ({"norm_action": "drop"}, {"norm_factor": -1.0}, {"max_update_norm": 0.0},
+                {"max_update_norm": float("nan")}):  # fmt: skip
+        with pytest.raises(HubConfigError):
+            HubConfig(**bad)
