@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge bench-inference bench-transport fuzz clean
+.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation fuzz clean
 
 help:
 	@echo "make demo        run the main job (see README)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-edge  edge training benchmark (throughput and memory)"
 	@echo "make bench-inference  ONNX Runtime with an adapter vs PyTorch eager generate()"
 	@echo "make bench-transport  protocol vs plain MQTT publish; aggregation vs numpy"
+	@echo "make bench-personalisation  pLoRA vs every baseline on non-IID data (fedvlm simulate; < 30 min)"
 	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
 
@@ -43,6 +44,9 @@ bench-inference: $(STAMP)
 
 bench-transport: $(STAMP)
 	$(PY) benchmarks/transport.py --out $(WORK)/bench --repeats 25
+
+bench-personalisation: $(STAMP)
+	$(PY) benchmarks/personalisation.py --out $(WORK)/bench/personalisation
 
 FUZZ_MESSAGES ?= 10000
 FUZZ_SEED ?= 7

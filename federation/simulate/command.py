@@ -47,6 +47,8 @@ def add_simulate_command(commands) -> None:
     simulate.add_argument("--global-test-size", type=int, default=128,
                           help="examples drawn from all clients' test sets for global_accuracy")
     simulate.add_argument("--out", type=Path, default=Path("work/simulate"), help="where results go")
+    simulate.add_argument("--threads", type=int, default=1,
+                          help="torch CPU threads (one suits the small models, and a CPU shared with other work)")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(handler=_simulate)
 
@@ -62,7 +64,7 @@ def _simulate(args: argparse.Namespace) -> int:
         strategies=parse_strategies(args.strategies), rounds=args.rounds, local_steps=args.local_steps,
         fraction=args.fraction, seeds=parse_seeds(args.seeds), learning_rate=args.learning_rate,
         batch_size=args.batch_size, lora_rank=args.lora_rank, quantization=args.quantization,
-        global_test_size=args.global_test_size, progress=not args.quiet,
+        global_test_size=args.global_test_size, progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)
     print((settings.out / "results.md").read_text())

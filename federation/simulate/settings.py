@@ -93,6 +93,8 @@ class SimulationSettings:
     quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
     global_test_size: examples drawn from the pooled test set of all clients for ``global_accuracy``.
     progress: show the progress bar.
+    threads: torch CPU threads. One by default: the small models gain little from more, and
+        on a shared CPU two threads that contend were measured 10x slower than one.
     """
 
     out: Path = Path("work/simulate")
@@ -115,6 +117,7 @@ class SimulationSettings:
     quantization: str = "auto"
     global_test_size: int = 128
     progress: bool = True
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if (self.scenario is None) == (self.data is None):
@@ -127,7 +130,7 @@ class SimulationSettings:
         if self.model is not None and not (self.model / "config.json").exists():
             raise ValueError(f"--model {self.model} holds no model (no config.json); leave --model out to build "
                              "the pre-trained small model, or point it at a saved VLM folder")
-        for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size"):
+        for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.clients < 2:
@@ -154,7 +157,7 @@ class SimulationSettings:
         Strategies and seeds are left out: adding one to a finished run only runs what is new.
         """
         key = {name: value for name, value in dataclasses.asdict(self).items()
-               if name not in ("out", "strategies", "seeds", "progress")}
+               if name not in ("out", "strategies", "seeds", "progress", "threads")}
         key["partition"] = str(self.partition)
         for name in ("data", "model"):
             key[name] = str(key[name]) if key[name] is not None else None
