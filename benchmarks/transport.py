@@ -4,10 +4,13 @@ In one run, side by side:
 
 (a) for the hub's embedded broker (amqtt, MQTT 3.1.1) and for a mosquitto this script
     starts on a free loopback port: the time to move one ~10 MB update from an edge
-    client to the hub through FedVLM's protocol — ``tensor_codec.encode``, ``sign``,
-    ``split_payload``, the chunks through ``MqttLink.publish_many`` (QoS 1, a window of unacknowledged chunks), and on the hub side a
-    subscriber ``MqttLink`` feeding ``Reassembler.feed``, then ``open_envelope`` and
-    ``tensor_codec.decode`` — from the start of encode to decoded tensors on the receiver;
+    client to the hub through FedVLM's protocol, as the edge client and the hub run it —
+    ``tensor_codec.encode``, ``sign_for_sending`` (HMAC and the chunks' SHA-256 on two
+    cores at once), ``split_payload``, the chunks through ``MqttLink.publish_many`` (QoS 1,
+    a window of unacknowledged chunks), and on the hub side a subscriber ``MqttLink``
+    feeding ``Reassembler.feed`` (SHA-256 and HMAC computed as chunks arrive), then
+    ``open_envelope`` and ``tensor_codec.decode`` — from the start of encode to decoded
+    tensors on the receiver;
 (b) against a plain paho publish of the same bytes (one QoS 1 message, raw paho on both
     ends) through the same broker, from publish to received. Both brokers carry a 10 MB
     message as configured here (amqtt 0.12 has no size limit; mosquitto's
@@ -60,9 +63,11 @@ from fedvlm.shared.protocol import (
     EnvelopeMetadata,
     Reassembler,
     Topics,
+    envelope_mac_observer,
     new_message_id,
     open_envelope,
     sign,
+    sign_for_sending,
     split_payload,
 )
 from fedvlm.shared.strategies import get_strategy
@@ -79,8 +84,8 @@ TRIAL_TIMEOUT_S = 60.0
 # A whole update crosses a loopback broker in well under a second; silence this long means dropped.
 PROBE_TIMEOUT_S = 10.0
 # The steps of one protocol trial, in order, and their names in the table.
-STEP_LABELS = {"encode_s": "encode", "sign_s": "sign", "split_s": "split", "publish_s": "publish (windowed)",
-               "last_chunk_wait_s": "to hub thread", "reassemble_s": "reassemble+SHA", "verify_s": "HMAC verify",
+STEP_LABELS = {"encode_s": "encode", "sign_s": "sign+SHA-256", "split_s": "split", "publish_s": "publish (windowed)",
+               "last_chunk_wait_s": "to hub thread", "reassemble_s": "last chunk (SHA+HMAC)", "verify_s": "verify",
                "decode_s": "decode"}  # fmt: skip
 PROTOCOL_STEPS = tuple(STEP_LABELS)
 PROTOCOL_TARGET = 1.5  # protocol time / plain time, at most
@@ -204,13 +209,17 @@ def mosquitto_version(binary: str) -> str:
 # ============================================================================ (a) the protocol path
 
 
+def _secret_of(client_id: str) -> str | None:
+    return SECRET if client_id == CLIENT_ID else None
+
+
 class HubReceiver:
     """The hub's side, as ``HubService`` has it: the MqttLink handler only enqueues, and one
     thread parses the topic, feeds the reassembler, verifies the HMAC and decodes."""
 
     def __init__(self, broker: Broker) -> None:
         self.topics = Topics(FEDERATION)
-        self.reassembler = Reassembler()
+        self.reassembler = Reassembler(observe=envelope_mac_observer(_secret_of))  # as hub/intake.py builds it
         self.inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.results: queue.Queue[tuple[dict[str, float], dict[str, np.ndarray]] | BaseException] = queue.Queue()
         self.link = MqttLink(broker.address, "bench-hub", protocol=broker.protocol, persistent_session=False)
@@ -241,8 +250,8 @@ class HubReceiver:
         if completed is None:
             return None
         reassembled = time.perf_counter()  # the last chunk's feed includes the whole-payload SHA-256
-        envelope = open_envelope(completed.payload, lambda client: SECRET if client == CLIENT_ID else None,
-                                 expected_client_id=parsed.client_id)  # fmt: skip
+        envelope = open_envelope(completed.payload, _secret_of, expected_client_id=parsed.client_id,
+                                 streamed_mac=completed.observer)  # fmt: skip
         verified = time.perf_counter()
         tensors, _ = tensor_codec.decode(envelope.body)
         decoded = time.perf_counter()
@@ -282,10 +291,10 @@ class ProtocolPath:
         start = time.perf_counter()
         body = tensor_codec.encode(self.tensors, body_metadata(self.metadata))
         encoded = time.perf_counter()
-        envelope = sign(body, self.metadata, CLIENT_ID, SECRET)
+        envelope, envelope_sha256 = sign_for_sending(body, self.metadata, CLIENT_ID, SECRET)
         signed = time.perf_counter()
         message_id = new_message_id()
-        chunks = split_payload(envelope, message_id=message_id)
+        chunks = split_payload(envelope, message_id=message_id, sha256=envelope_sha256)
         split = time.perf_counter()
         topic = self.topics.update(CLIENT_ID, message_id)
         self.edge.publish_many([(topic, chunk) for chunk in chunks], qos=1)  # as EdgeClient sends

@@ -49,7 +49,7 @@ from fedvlm.shared.protocol import (
     RoundPhase,
     Topics,
     new_message_id,
-    sign,
+    sign_for_sending,
     split_payload,
 )
 from fedvlm.shared.protocol.chunks import DEFAULT_CHUNK_SIZE
@@ -70,6 +70,7 @@ _MAX_REFETCHES = 3
 _RESEND_AFTER_S = 10.0
 
 _PENDING_UPDATE = "pending_update.bin"
+_PENDING_ADAPTER = "pending_adapter.safetensors"  # the factors the pending update was trained into
 _PENDING_INFO = "pending_update.json"
 
 
@@ -363,6 +364,7 @@ class EdgeClient:
 
     def _commit_state(self) -> None:
         self.state.personal = self.model.personal_factors()
+        self.state.current_shared = self.model.shared_update()
         save_state(self.state_dir, self.state, write_peft_adapter=self.model.save_pretrained)
 
     # ---- taking part in a round -------------------------------------------------------------------
@@ -380,7 +382,11 @@ class EdgeClient:
     def _take_part(self, hub: HubState) -> RoundReport | None:
         pending = self._pending_update(hub.round)
         if pending is not None:
-            envelope, message_id, train_metrics, eval_metrics = pending
+            envelope, message_id, train_metrics, eval_metrics, trained_adapter = pending
+            envelope_sha256 = None
+            # The factors this update was trained into, so what is committed on acceptance
+            # is what the update came from, not the state from before the crash.
+            self.model.load_adapter_state(trained_adapter)
             log.info("%s: re-sending the update of round %d saved before a restart", self.client_id, hub.round)
         else:
             config = dataclasses.replace(
@@ -393,11 +399,12 @@ class EdgeClient:
                 self.privacy.before_training(self._dp_reference())
             train_metrics = self.model.train(self.train_examples, config, description=f"{self.client_id} round {hub.round}").to_dict()
             eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
-            envelope = self._signed_update(hub.round, train_metrics, eval_metrics)
+            envelope, envelope_sha256 = self._signed_update(hub.round, train_metrics, eval_metrics)
             message_id = new_message_id()
             self._save_pending(hub.round, envelope, message_id, train_metrics, eval_metrics)
         topic = self.topics.update(self.client_id, message_id)
-        chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id)
+        chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id,
+                               sha256=envelope_sha256)  # fmt: skip
         # MQTT 5: chunks nobody can reassemble after the round's deadline expire in the broker.
         extras = Mqtt5Extras(
             expiry_s=max(int((hub.deadline or time.time() + 600) - time.time()), 60),
@@ -442,7 +449,9 @@ class EdgeClient:
             log.warning("%s: round %d rejected: %s", self.client_id, hub.round, report.reason)
         return report
 
-    def _signed_update(self, round_number: int, train_metrics: dict, eval_metrics: dict | None) -> bytes:
+    def _signed_update(self, round_number: int, train_metrics: dict,
+                       eval_metrics: dict | None) -> tuple[bytes, bytes]:  # fmt: skip
+        """The signed envelope and its SHA-256 (computed alongside the HMAC, for the chunks)."""
         shared = self.model.shared_update()
         if self.privacy is not None:  # clipped and noised before it is signed; personal factors untouched
             shared = self.privacy.privatize(shared, round_number)
@@ -457,7 +466,7 @@ class EdgeClient:
             metrics["privacy"] = self._privacy_spent(round_number)
         body_metadata["metrics"] = json.dumps(metrics)
         body = tensor_codec.encode(shared, body_metadata)
-        return sign(body, metadata, self.client_id, self.secret)
+        return sign_for_sending(body, metadata, self.client_id, self.secret)
 
     def _dp_reference(self) -> dict:
         """The shared factors of the global version this device trains from: DP clips the
@@ -499,23 +508,29 @@ class EdgeClient:
     # ---- the update kept until acknowledged -------------------------------------------------------
 
     def _save_pending(self, round_number: int, envelope: bytes, message_id: bytes, train: dict, evaluation) -> None:
-        # The envelope first: the info file's presence is what marks a pending update complete.
+        # The envelope and the trained factors first: the info file's presence is what marks
+        # a pending update complete.
         write_durably(self.state_dir / _PENDING_UPDATE, envelope)
+        write_durably(self.state_dir / _PENDING_ADAPTER, tensor_codec.encode(self.model.adapter_state(), {}))
         info = {"round": round_number, "message_id": message_id.hex(), "train": train, "evaluation": evaluation}
         write_durably(self.state_dir / _PENDING_INFO, json.dumps(info).encode())
 
     def _pending_update(self, round_number: int):
         info_path, body_path = self.state_dir / _PENDING_INFO, self.state_dir / _PENDING_UPDATE
-        if not info_path.exists() or not body_path.exists():
+        adapter_path = self.state_dir / _PENDING_ADAPTER
+        if not info_path.exists() or not body_path.exists() or not adapter_path.exists():
             return None
         info = json.loads(info_path.read_text())
         if info["round"] != round_number:
             self._clear_pending()
             return None
-        return body_path.read_bytes(), bytes.fromhex(info["message_id"]), info["train"], info["evaluation"]
+        adapter, _ = tensor_codec.decode(adapter_path.read_bytes())
+        return (body_path.read_bytes(), bytes.fromhex(info["message_id"]), info["train"], info["evaluation"],
+                adapter)  # fmt: skip
 
     def _clear_pending(self) -> None:
-        for name in (_PENDING_UPDATE, _PENDING_INFO):
+        # The info file first: without it the others are ignored, so a crash midway is harmless.
+        for name in (_PENDING_INFO, _PENDING_UPDATE, _PENDING_ADAPTER):
             (self.state_dir / name).unlink(missing_ok=True)
 
 

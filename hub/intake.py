@@ -27,6 +27,7 @@ from fedvlm.shared.protocol import (
     Reassembler,
     ReasonCode,
     VerifiedEnvelope,
+    envelope_mac_observer,
     open_envelope,
     parse_chunk_header,
 )
@@ -53,6 +54,11 @@ log = logging.getLogger(__name__)
 # Verdicts on completed updates remembered for answering a re-sent message id, which the
 # reassembler ignores (it has already completed that message).
 _RECENT_ACKS_KEPT = 4096
+# Verdicts that say "not now" rather than "not this update": they hold only while the round
+# stays where it was, so the same message sent again after the round moved on (it opened,
+# reopened, or the next one started) is judged afresh instead of answered from memory.
+_TIMING_REASONS = frozenset({ReasonCode.LATE, ReasonCode.WRONG_ROUND, ReasonCode.NOT_SELECTED,
+                             ReasonCode.HUB_ERROR})
 _MAX_REASON_TEXT = 2000
 
 
@@ -79,8 +85,12 @@ class UpdateIntake:
             max_message_bytes=rules.max_update_bytes,
             max_pending_bytes=max(DEFAULT_MAX_PENDING_BYTES, rules.max_update_bytes),
             timeout_s=min(DEFAULT_TIMEOUT_S, round_timeout_s),  # an update must arrive within its round anyway
+            # The HMAC is computed while the chunks arrive, so verifying costs no second pass.
+            observe=envelope_mac_observer(self.store.secret_of),
         )  # fmt: skip
-        self._recent_acks: collections.OrderedDict[tuple[str, bytes], Ack] = collections.OrderedDict()
+        # (client, message id) -> (verdict, the round context it holds in; None: for good).
+        self._recent_acks: collections.OrderedDict[tuple[str, bytes], tuple[Ack, tuple | None]] = (
+            collections.OrderedDict())
 
     # ------------------------------------------------------------------ the round's aggregate
     def start_new_aggregate(self) -> None:
@@ -125,12 +135,26 @@ class UpdateIntake:
                         f"chunk header carries message id {header.message_id.hex()}, but it was published on the "
                         f"topic of message {topic_message_id.hex()}; publish each chunk on its own message's topic")
             return
-        earlier = self._recent_acks.get((client_id, header.message_id))
+        key = (client_id, header.message_id)
+        earlier = self._recent_acks.get(key)
         if earlier is not None:
-            # A re-send of a message already answered: answer again once its last chunk is
-            # in (the client may have lost the first ack).
-            if header.index == header.count - 1:
-                self._send_ack(earlier)
+            ack, context = earlier
+            if context is None or context == self._round_context():
+                # A re-send of a message already answered (QoS 1 redelivery, or the client
+                # lost the ack): answer again once its last chunk is in; never judge it twice.
+                if header.index == header.count - 1:
+                    self._send_ack(ack)
+                return
+            # Refused as "not now" and the round has moved on since: judge a re-send again.
+            del self._recent_acks[key]
+            self._reassembler.forget(client_id, header.message_id)
+        if self.store.secret_of(client_id) is None:
+            # Nobody the hub knows: refuse before reassembly, so strangers cannot take
+            # reassembly slots or memory (once per message; its other chunks are ignored).
+            if self._reassembler.refuse(client_id, header.message_id):
+                self.reject(client_id, None, header.message_id, ReasonCode.UNKNOWN_CLIENT,
+                            f"updates on the topic of {client_id!r}, a client this hub has no secret for; "
+                            "register the client with the hub first (or it was revoked)")  # fmt: skip
             return
         try:
             completed = self._reassembler.feed(payload, sender=client_id)
@@ -151,7 +175,8 @@ class UpdateIntake:
         round_number: int | None = None
         ack: Ack | None
         try:
-            envelope = open_envelope(message.payload, self.store.secret_of, expected_client_id=client_id)
+            envelope = open_envelope(message.payload, self.store.secret_of, expected_client_id=client_id,
+                                     streamed_mac=message.observer)  # fmt: skip
             round_number = envelope.metadata.round
             ack = self._admit(envelope, message)
         except (UpdateRejected, ProtocolError) as refusal:
@@ -165,9 +190,10 @@ class UpdateIntake:
             self._send_ack(ack)
         if ack is None:
             return
-        # A message id gets one answer: a re-send of the same id is answered the same way
-        # (a client wanting its update judged again sends it under a new message id).
-        self._recent_acks[(client_id, message_id)] = ack
+        # A message id gets one answer while it holds: a re-send of the same id is answered
+        # the same way without being judged again.
+        context = self._round_context() if ack.reason_code in _TIMING_REASONS else None
+        self._recent_acks[(client_id, message_id)] = (ack, context)
         while len(self._recent_acks) > _RECENT_ACKS_KEPT:
             self._recent_acks.popitem(last=False)
 
@@ -217,6 +243,12 @@ class UpdateIntake:
                            f"({metadata.sample_count} samples)")  # fmt: skip
         self._on_accepted(current)
         return Ack.accept(client_id, round_number, message_id)
+
+    def _round_context(self) -> tuple:
+        """Where the round is: a "not now" verdict stands while this stays the same."""
+        lifecycle = self._lifecycle()
+        current = lifecycle.current
+        return (lifecycle.round_number, lifecycle.phase, current.attempt if current is not None else None)
 
     def _open_round_for(self, client_id: str, round_number: int) -> OpenRound:
         """The open round this update may join, or the reason it may not."""

@@ -125,3 +125,77 @@ def _wait_until(condition, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_a_device_killed_before_its_ack_resends_and_keeps_what_it_trained(tmp_path, tiny_model_dir, tiny_federation):
+    """A device SIGKILLed after publishing, before any ack, re-sends the identical update when
+    it comes back, and commits the personal factors that update was trained with (not the
+    ones from before the crash)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedvlm.shared import tensor_codec
+    from tests.hub.fake_clients import FakeClient
+
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    device = None
+    try:
+        secrets = {name: register_client(tmp_path / "hub", name) for name in ("a", "b")}
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=2)
+        # Both online, so round 1 opens with both selected; then the hub goes away, so the
+        # device's update is published but never acknowledged.
+        stand_ins = [FakeClient(mosquitto.broker, "fed", name, secrets[name]).connect() for name in ("a", "b")]
+        stand_ins[0].wait_collecting(1)
+        hub.stop()
+        for stand_in in stand_ins:
+            stand_in.close(announce_offline=False)
+
+        data_dir, state_dir = tmp_path / "data", tmp_path / "devices" / "a"
+        tiny_federation.write(data_dir)
+        (tmp_path / "a.secret").write_text(secrets["a"])
+        bin_dir = Path(sys.executable).parent
+        device = subprocess.Popen(
+            [str(bin_dir / "fedvlm-edge"), "join", "--hub", mosquitto.broker.url, "--federation", "fed",
+             "--client-id", "a", "--secret-file", str(tmp_path / "a.secret"), "--model", str(tiny_model_dir),
+             "--data", str(data_dir / "client_00.parquet"), "--state-dir", str(state_dir), "--steps", "3",
+             "--quantization", "none", "--quiet", "--timeout", "300"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert _wait_until(lambda: (state_dir / "pending_update.json").exists() or device.poll() is not None, 120)
+        time.sleep(0.5)  # published by now; no hub to answer
+        device.send_signal(signal.SIGKILL)
+        device.wait(10)
+        trained, _ = tensor_codec.decode((state_dir / "pending_adapter.safetensors").read_bytes())
+        sent = (state_dir / "pending_update.bin").read_bytes()
+        assert load_state(state_dir) is None  # nothing committed yet: a restart starts from the shared init
+        from fedvlm.edge.personal_model import PersonalVLM
+
+        initial = PersonalVLM.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=8), strategy="plora",
+                                              quantization="none").personal_factors()  # fmt: skip
+        trained_a = {k: v for k, v in trained.items() if factor_of(k) == "A"}
+        assert trained_a.keys() == initial.keys()
+        assert any(not np.array_equal(initial[k], v) for k, v in trained_a.items())
+
+        # The hub comes back (resuming round 1), and so does the device, with b joining now.
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=2)
+        devices = [_client(tmp_path, tiny_model_dir, "fed", name, secrets[name], mosquitto.broker,
+                           tiny_federation.clients[i]) for i, name in enumerate(("a", "b"))]  # fmt: skip
+        threads, errors = _run_in_threads(devices, rounds=1)
+        for thread in threads:
+            thread.join(timeout=180)
+        assert not errors, errors
+        hub.stop()
+        reports = devices[0].reports
+        assert [r.accepted for r in reports] == [True]
+        assert reports[0].bytes_sent == len(sent)  # the saved envelope, not a retrained one
+        after = load_state(state_dir)
+        assert after.round == 1
+        assert all(np.array_equal(after.personal[k], v) for k, v in trained_a.items())
+        assert not (state_dir / "pending_update.json").exists()
+    finally:
+        if device is not None and device.poll() is None:
+            device.kill()
+        mosquitto.stop()

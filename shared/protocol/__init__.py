@@ -22,6 +22,7 @@ from .chunks import (
     ChunkHeader,
     CompletedMessage,
     DroppedMessage,
+    PayloadObserver,
     Reassembler,
     expected_chunk_count,
     new_message_id,
@@ -41,7 +42,17 @@ from .messages import (
     Presence,
     RoundPhase,
 )
-from .signing import MIN_SECRET_BYTES, SecretLookup, VerifiedEnvelope, new_client_secret, open_envelope, sign
+from .signing import (
+    MIN_SECRET_BYTES,
+    EnvelopeMacObserver,
+    SecretLookup,
+    VerifiedEnvelope,
+    envelope_mac_observer,
+    new_client_secret,
+    open_envelope,
+    sign,
+    sign_for_sending,
+)
 from .topics import DELIVERY, TOPIC_ROOT, ClientPermissions, Delivery, ParsedTopic, TopicKind, Topics, parse_topic
 from .version import PROTOCOL_VERSION
 
@@ -77,6 +88,7 @@ __all__ = [
     "ChunkHeader",
     "CompletedMessage",
     "DroppedMessage",
+    "PayloadObserver",
     "Reassembler",
     "expected_chunk_count",
     "new_message_id",
@@ -94,9 +106,12 @@ __all__ = [
     "RoundPhase",
     # signing
     "MIN_SECRET_BYTES",
+    "EnvelopeMacObserver",
     "SecretLookup",
     "VerifiedEnvelope",
+    "envelope_mac_observer",
     "new_client_secret",
     "open_envelope",
     "sign",
+    "sign_for_sending",
 ]

@@ -32,6 +32,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from .errors import ProtocolError, ReasonCode
 from .version import PROTOCOL_VERSION
@@ -45,11 +46,13 @@ __all__ = [
     "MAX_CHUNK_SIZE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_PENDING_MESSAGES",
+    "DEFAULT_MAX_PENDING_PER_SENDER",
     "DEFAULT_MAX_PENDING_BYTES",
     "DEFAULT_TIMEOUT_S",
     "ChunkHeader",
     "CompletedMessage",
     "DroppedMessage",
+    "PayloadObserver",
     "Reassembler",
     "expected_chunk_count",
     "new_message_id",
@@ -72,6 +75,9 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_PENDING_MESSAGES = 64
+# One sender (one client's topic) may hold only a few of those slots, so a buggy or hostile
+# client cannot starve the others; an honest device sends one update at a time.
+DEFAULT_MAX_PENDING_PER_SENDER = 4
 DEFAULT_MAX_PENDING_BYTES = 1024 * 1024 * 1024
 # Long enough for a large update over a slow uplink (256 MiB at ~4 Mbit/s).
 DEFAULT_TIMEOUT_S = 600.0
@@ -111,14 +117,33 @@ class ChunkHeader:
         return self.total_size - (self.count - 1) * self.chunk_size
 
 
+class PayloadObserver(Protocol):
+    """Sees a message's payload bytes once each, in order, as they become contiguous.
+
+    The reassembler hashes every payload as its chunks arrive; an observer rides along on
+    that pass, so a receiver can compute more over the payload (the hub: the envelope's
+    HMAC) while the transfer is still running instead of after it.
+    """
+
+    def update(self, data: memoryview) -> None: ...
+
+
+ObserverFactory = Callable[[str, "ChunkHeader"], PayloadObserver | None]
+
+
 @dataclasses.dataclass(frozen=True)
 class CompletedMessage:
-    """A reassembled payload whose SHA-256 matched its header."""
+    """A reassembled payload whose SHA-256 matched its header.
+
+    ``observer`` is what the reassembler's ``observe`` factory made for this message
+    (None without one); it has seen exactly ``payload``, in order.
+    """
 
     sender: str
     message_id: bytes
     payload: bytes
     sha256: bytes
+    observer: PayloadObserver | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,12 +157,15 @@ class DroppedMessage:
 
 
 def split_payload(payload: bytes | bytearray | memoryview, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  message_id: bytes | None = None) -> list[bytes]:  # fmt: skip
+                  message_id: bytes | None = None, sha256: bytes | None = None) -> list[bytes]:  # fmt: skip
     """Split ``payload`` into chunks, each a header plus at most ``chunk_size`` bytes.
 
     ``message_id`` defaults to 16 random bytes. Pass a fixed one to make a republish
     byte-identical to the first publish (the hub uses the first 16 bytes of the payload's
     SHA-256 for global versions, so retained chunks from two publishes never mix).
+    ``sha256`` is the payload's digest when the caller already has it (``sign_for_sending``
+    computes it alongside the HMAC); a wrong one makes the receiver drop the message as
+    CORRUPT, never accept other bytes.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
             MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE):  # fmt: skip
@@ -153,7 +181,12 @@ def split_payload(payload: bytes | bytearray | memoryview, *, chunk_size: int = 
     if count > 0xFFFFFFFF:
         raise ValueError(f"a {total_size}-byte payload needs {count} chunks, more than a header can count; "
                          "use a larger chunk_size")  # fmt: skip
-    digest = hashlib.sha256(view).digest()
+    if sha256 is None:
+        digest = hashlib.sha256(view).digest()
+    elif isinstance(sha256, (bytes, bytearray)) and len(sha256) == 32:
+        digest = bytes(sha256)
+    else:
+        raise ValueError(f"sha256 must be the payload's 32-byte SHA-256 digest, got {sha256!r}")
     chunks = []
     for index in range(count):
         header = _HEADER.pack(CHUNK_MAGIC, PROTOCOL_VERSION, bytes(message_id), index, count, chunk_size,
@@ -181,17 +214,24 @@ def parse_chunk_header(chunk: bytes | bytearray | memoryview, *, sender: str | N
 
 
 class _PendingMessage:
-    __slots__ = ("header", "buffer", "received", "received_count", "deadline", "hasher", "hashed_chunks")
+    """One incomplete message: the chunks received so far, and the hash of their leading run.
 
-    def __init__(self, header: ChunkHeader, deadline: float) -> None:
+    Chunks are kept as they came (no buffer of the declared size is allocated up front), so
+    what a message costs in memory is what its sender actually sent, whatever its header
+    claims; the payload is joined once, at completion.
+    """
+
+    __slots__ = ("header", "parts", "received_count", "deadline", "hasher", "hashed_chunks", "observer")
+
+    def __init__(self, header: ChunkHeader, deadline: float, observer: PayloadObserver | None) -> None:
         self.header = header
-        self.buffer = bytearray(header.total_size)
-        self.received = bytearray(header.count)  # one flag per chunk: count ≤ size / MIN_CHUNK_SIZE + 1
+        self.parts: dict[int, memoryview] = {}
         self.received_count = 0
         self.deadline = deadline
         # SHA-256 of the leading run of received chunks, extended as chunks arrive.
         self.hasher = hashlib.sha256()
         self.hashed_chunks = 0
+        self.observer = observer
 
     def hash_ready_chunks(self) -> None:
         """Extend the running hash over every chunk now contiguous with the hashed prefix.
@@ -200,12 +240,14 @@ class _PendingMessage:
         arrive in order and the check at completion costs nothing more; a chunk that comes
         early waits until the gap before it fills. Either way each byte is hashed once.
         """
-        view = memoryview(self.buffer)
-        size = self.header.chunk_size
-        while self.hashed_chunks < self.header.count and self.received[self.hashed_chunks]:
-            start = self.hashed_chunks * size
-            self.hasher.update(view[start:start + size])
+        while (ready := self.parts.get(self.hashed_chunks)) is not None:
+            self.hasher.update(ready)
+            if self.observer is not None:
+                self.observer.update(ready)
             self.hashed_chunks += 1
+
+    def payload(self) -> bytes:
+        return b"".join(self.parts[index] for index in range(self.header.count))
 
 
 class Reassembler:
@@ -215,21 +257,31 @@ class Reassembler:
 
     - ``max_message_bytes``: largest payload accepted (``TOO_LARGE`` otherwise);
     - ``max_pending_messages`` and ``max_pending_bytes``: incomplete messages held at once
-      (a new message beyond them is refused with ``OVERLOADED``);
+      (a new message beyond them is refused with ``OVERLOADED``); ``max_pending_per_sender``:
+      of those, how many one sender may hold;
     - ``timeout_s``: a message must complete within this many seconds of its first chunk,
       or it is dropped and reported by ``drain_expired`` as ``EXPIRED``.
 
     ``feed`` raises ``ProtocolError`` for a refused chunk or dropped message. A message is
     reported once: after it completes or is dropped, further chunks of it (QoS 1
-    duplicates, the rest of a refused message) are ignored for ``timeout_s``.
+    duplicates, the rest of a refused message) are ignored for ``timeout_s``, unless the
+    receiver calls ``forget`` to have a re-send of it reassembled afresh. ``refuse`` marks a
+    message refused before any chunk of it was fed (e.g. from a sender the receiver does
+    not know), so its other chunks are ignored the same way.
+
+    ``observe(sender, header)``, when given, is called once per accepted new message and
+    may return a ``PayloadObserver`` that sees the payload's bytes as they are hashed; it
+    is handed back in ``CompletedMessage.observer``.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, observe: ObserverFactory | None = None,
+                 max_pending_per_sender: int = DEFAULT_MAX_PENDING_PER_SENDER) -> None:  # fmt: skip
         for name, value in (("max_message_bytes", max_message_bytes), ("max_pending_messages", max_pending_messages),
-                            ("max_pending_bytes", max_pending_bytes)):  # fmt: skip
+                            ("max_pending_bytes", max_pending_bytes),
+                            ("max_pending_per_sender", max_pending_per_sender)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_message_bytes > max_pending_bytes:
@@ -241,12 +293,15 @@ class Reassembler:
         self.max_message_bytes = max_message_bytes
         self.max_pending_messages = max_pending_messages
         self.max_pending_bytes = max_pending_bytes
+        self.max_pending_per_sender = max_pending_per_sender
         self.timeout_s = float(timeout_s)
         self._clock = clock
+        self._observe = observe
         # Insertion order is start order and every message gets the same timeout, so the
         # first entry always expires first.
         self._pending: dict[tuple[str, bytes], _PendingMessage] = {}
         self._pending_bytes = 0
+        self._pending_per_sender: collections.Counter[str] = collections.Counter()
         # Messages already completed or dropped -> when to forget them. Bounded so a flood
         # of message ids cannot grow it without limit.
         self._finished: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
@@ -260,7 +315,8 @@ class Reassembler:
 
     @property
     def pending_bytes(self) -> int:
-        """Payload bytes allocated for incomplete messages."""
+        """Payload bytes that incomplete messages declare (what admission is limited by; the
+        memory actually held is only what has arrived)."""
         return self._pending_bytes
 
     def feed(self, chunk: bytes | bytearray | memoryview, *, sender: str) -> CompletedMessage | None:
@@ -290,16 +346,33 @@ class Reassembler:
         self._check_chunk(header, len(chunk) - CHUNK_HEADER_SIZE, sender)
         if pending is None:
             pending = self._start(key, header, now)
-        if pending.received[header.index]:
-            return None  # a duplicate (QoS 1 redelivery): already written
-        start = header.index * header.chunk_size
-        pending.buffer[start:start + header.expected_data_size()] = memoryview(chunk)[CHUNK_HEADER_SIZE:]
-        pending.received[header.index] = 1
+        if header.index in pending.parts:
+            return None  # a duplicate (QoS 1 redelivery): already kept
+        data = memoryview(chunk)[CHUNK_HEADER_SIZE:]
+        # Keep a reference to immutable bytes (what MQTT clients hand over); copy anything a
+        # caller could still change.
+        pending.parts[header.index] = data if isinstance(chunk, bytes) else memoryview(bytes(data))
         pending.received_count += 1
         pending.hash_ready_chunks()
         if pending.received_count < header.count:
             return None
         return self._complete(key, pending, now)
+
+    def refuse(self, sender: str, message_id: bytes) -> bool:
+        """Mark a message refused without feeding it; True the first time (report it then)."""
+        key = (sender, message_id)
+        if key in self._finished or key in self._pending:
+            return False
+        self._remember_finished(key, self._clock())
+        return True
+
+    def forget(self, sender: str, message_id: bytes) -> None:
+        """Treat ``message_id`` from ``sender`` as never seen: its next chunks start it again.
+
+        For a receiver whose verdict on a completed message was "not now" (late, wrong
+        round), so that the same message sent again later is judged again.
+        """
+        self._finished.pop((sender, message_id), None)
 
     def drain_expired(self) -> list[DroppedMessage]:
         """Messages that timed out since the last call (each reported once); frees their memory."""
@@ -333,6 +406,11 @@ class Reassembler:
 
     def _start(self, key: tuple[str, bytes], header: ChunkHeader, now: float) -> _PendingMessage:
         sender = key[0]
+        if self._pending_per_sender[sender] >= self.max_pending_per_sender:
+            self._remember_finished(key, now)
+            raise self._error(ReasonCode.OVERLOADED, header, sender,
+                              f"refused: this sender already has {self._pending_per_sender[sender]} incomplete "
+                              "messages (the limit per sender); finish or abandon those first")  # fmt: skip
         if len(self._pending) >= self.max_pending_messages:
             self._remember_finished(key, now)
             raise self._error(ReasonCode.OVERLOADED, header, sender,
@@ -343,21 +421,30 @@ class Reassembler:
             raise self._error(ReasonCode.OVERLOADED, header, sender,
                               f"refused: its {header.total_size} bytes would take pending memory past "
                               f"{self.max_pending_bytes} ({self._pending_bytes} in use); the sender should retry later")
-        pending = _PendingMessage(header, deadline=now + self.timeout_s)
+        observer = self._observe(sender, header) if self._observe is not None else None
+        pending = _PendingMessage(header, deadline=now + self.timeout_s, observer=observer)
         self._pending[key] = pending
         self._pending_bytes += header.total_size
+        self._pending_per_sender[sender] += 1
         return pending
 
-    def _complete(self, key: tuple[str, bytes], pending: _PendingMessage, now: float) -> CompletedMessage:
+    def _release(self, key: tuple[str, bytes], pending: _PendingMessage) -> None:
         del self._pending[key]
         self._pending_bytes -= pending.header.total_size
+        self._pending_per_sender[key[0]] -= 1
+        if not self._pending_per_sender[key[0]]:
+            del self._pending_per_sender[key[0]]
+
+    def _complete(self, key: tuple[str, bytes], pending: _PendingMessage, now: float) -> CompletedMessage:
+        self._release(key, pending)
         self._remember_finished(key, now)
         digest = pending.hasher.digest()  # every chunk is hashed once all have arrived
         if digest != pending.header.sha256:
             raise self._error(ReasonCode.CORRUPT, pending.header, key[0],
                               f"dropped: reassembled bytes have SHA-256 {digest.hex()}, header says "
                               f"{pending.header.sha256.hex()}; the sender should resend")  # fmt: skip
-        return CompletedMessage(sender=key[0], message_id=key[1], payload=bytes(pending.buffer), sha256=digest)
+        return CompletedMessage(sender=key[0], message_id=key[1], payload=pending.payload(), sha256=digest,
+                                observer=pending.observer)  # fmt: skip
 
     def _remember_finished(self, key: tuple[str, bytes], now: float) -> None:
         self._finished[key] = now + self.timeout_s
@@ -370,8 +457,7 @@ class Reassembler:
             key, pending = next(iter(self._pending.items()))
             if pending.deadline > now:
                 break
-            del self._pending[key]
-            self._pending_bytes -= pending.header.total_size
+            self._release(key, pending)
             self._remember_finished(key, now)
             self._expired.append(DroppedMessage(
                 sender=key[0], message_id=key[1], reason=ReasonCode.EXPIRED,

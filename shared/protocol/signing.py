@@ -19,6 +19,11 @@ the signature is known good. The signer must also be the client named in the met
 (and, when the hub passes it, the client id of the topic it arrived on), so a client
 cannot submit an update as another client.
 
+Cost: the HMAC is the protocol's one full pass over the bytes beyond the chunks' SHA-256.
+``sign_for_sending`` computes the two on two cores at once, and the hub computes the HMAC
+while the chunks arrive (``EnvelopeMacObserver`` rides on the reassembler's hashing pass),
+so verifying a complete envelope costs no second pass.
+
 Replays: the signature does not expire. The metadata binds federation and round, and the
 hub accepts one update per client per round, so an old update replayed is refused as
 WRONG_ROUND or DUPLICATE.
@@ -32,6 +37,7 @@ import hmac
 import json
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,10 +52,13 @@ __all__ = [
     "MAX_METADATA_BYTES",
     "MIN_SECRET_BYTES",
     "SecretLookup",
+    "EnvelopeMacObserver",
     "VerifiedEnvelope",
+    "envelope_mac_observer",
     "new_client_secret",
     "open_envelope",
     "sign",
+    "sign_for_sending",
 ]
 
 ENVELOPE_MAGIC = b"FVSE"
@@ -61,6 +70,8 @@ _PREFIX = struct.Struct(">4sHB")  # magic, version, client id length
 _METADATA_LENGTH = struct.Struct(">I")
 _BODY_LENGTH = struct.Struct(">Q")
 _SMALLEST_ENVELOPE = _PREFIX.size + 1 + _METADATA_LENGTH.size + _BODY_LENGTH.size + MAC_SIZE
+# Below this a second thread costs more than the hash it would take off the critical path.
+_PARALLEL_HASH_MIN_BYTES = 1 << 20
 
 SecretLookup = Callable[[str], bytes | str | None]
 
@@ -92,6 +103,25 @@ def _secret_key(secret: bytes | str, client_id: str) -> bytes:
 def sign(body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapping[str, Any], client_id: str,
          secret: bytes | str) -> bytes:  # fmt: skip
     """Wrap ``body`` and ``metadata`` in an envelope signed as ``client_id`` with ``secret``."""
+    envelope, _ = _sign(body, metadata, client_id, secret, with_sha256=False)
+    return envelope
+
+
+def sign_for_sending(body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapping[str, Any],
+                     client_id: str, secret: bytes | str) -> tuple[bytes, bytes]:  # fmt: skip
+    """``sign``, plus the envelope's SHA-256 for ``split_payload(..., sha256=...)``.
+
+    The chunk header needs the whole payload's SHA-256 before the first chunk can go out;
+    computing it while the HMAC is computed (hashlib releases the GIL on large buffers)
+    takes one of the sender's two full passes off the critical path.
+    """
+    envelope, digest = _sign(body, metadata, client_id, secret, with_sha256=True)
+    assert digest is not None
+    return envelope, digest
+
+
+def _sign(body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapping[str, Any], client_id: str,
+          secret: bytes | str, *, with_sha256: bool) -> tuple[bytes, bytes | None]:  # fmt: skip
     validate_client_id(client_id)
     if not isinstance(metadata, EnvelopeMetadata):
         metadata = EnvelopeMetadata.from_dict(metadata)
@@ -110,18 +140,34 @@ def sign(body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapp
         _PREFIX.pack(ENVELOPE_MAGIC, PROTOCOL_VERSION, len(client_id_bytes)), client_id_bytes,
         _METADATA_LENGTH.pack(len(metadata_json)), metadata_json, _BODY_LENGTH.pack(body_view.nbytes),
     ))  # fmt: skip
+    payload_hash = hashlib.sha256(signed_prefix) if with_sha256 else None
+    helper = None
+    if payload_hash is not None:
+        if body_view.nbytes >= _PARALLEL_HASH_MIN_BYTES:
+            helper = threading.Thread(target=payload_hash.update, args=(body_view,), name="fedvlm-sha256")
+            helper.start()
+        else:
+            payload_hash.update(body_view)
     mac = hmac.new(key, signed_prefix, hashlib.sha256)
     mac.update(body_view)
-    return b"".join((signed_prefix, body_view, mac.digest()))
+    mac_bytes = mac.digest()
+    if helper is not None:
+        helper.join()
+    if payload_hash is not None:
+        payload_hash.update(mac_bytes)  # the envelope ends with its MAC; the chunk hash covers it
+    return b"".join((signed_prefix, body_view, mac_bytes)), (payload_hash.digest() if payload_hash else None)
 
 
 def open_envelope(data: bytes | bytearray | memoryview, secret_lookup: SecretLookup, *,
-                  expected_client_id: str | None = None) -> VerifiedEnvelope:  # fmt: skip
+                  expected_client_id: str | None = None,
+                  streamed_mac: EnvelopeMacObserver | None = None) -> VerifiedEnvelope:  # fmt: skip
     """Authenticate an envelope, then parse it.
 
     ``secret_lookup(client_id)`` returns that client's secret, or None for a client the hub
     does not know. ``expected_client_id`` (the client id of the topic the envelope came on)
-    must match the signer when given. Raises ``SignatureError`` (UNKNOWN_CLIENT,
+    must match the signer when given. ``streamed_mac`` is the observer that saw ``data``
+    arrive (``CompletedMessage.observer``); its MAC is used when it was computed under the
+    secret the lookup returns now, otherwise the MAC is computed here. Raises ``SignatureError`` (UNKNOWN_CLIENT,
     BAD_SIGNATURE, CLIENT_MISMATCH) or ``ProtocolError`` (MALFORMED, UNSUPPORTED_VERSION).
     A secret from ``secret_lookup`` shorter than MIN_SECRET_BYTES is a hub configuration
     error and raises ValueError.
@@ -133,7 +179,10 @@ def open_envelope(data: bytes | bytearray | memoryview, secret_lookup: SecretLoo
         raise SignatureError(ReasonCode.UNKNOWN_CLIENT,
                              f"envelope signed by {signer!r}, a client this hub has no secret for; "
                              "register the client with the hub first", sender=signer)  # fmt: skip
-    expected_mac = hmac.new(_secret_key(secret, signer), view[:-MAC_SIZE], hashlib.sha256).digest()
+    key = _secret_key(secret, signer)
+    expected_mac = streamed_mac.mac_for(signer, key, view.nbytes) if streamed_mac is not None else None
+    if expected_mac is None:
+        expected_mac = hmac.new(key, view[:-MAC_SIZE], hashlib.sha256).digest()
     if not hmac.compare_digest(expected_mac, view[-MAC_SIZE:]):
         raise SignatureError(ReasonCode.BAD_SIGNATURE,
                              f"envelope from {signer!r} fails its HMAC check: it was altered in transit or signed "
@@ -149,6 +198,83 @@ def open_envelope(data: bytes | bytearray | memoryview, secret_lookup: SecretLoo
                              f"envelope signed by {signer!r} claims in its metadata to come from "
                              f"{metadata.client_id!r}", sender=signer)  # fmt: skip
     return VerifiedEnvelope(client_id=signer, metadata=metadata, body=body)
+
+
+class EnvelopeMacObserver:
+    """Computes an envelope's HMAC while its chunks arrive (a chunks ``PayloadObserver``).
+
+    It reads the signer from the first bytes, looks up that client's secret once, and feeds
+    every byte but the trailing MAC into an HMAC. It never raises and never judges: an
+    unknown signer or a malformed prefix leave it without a MAC, and ``open_envelope`` then
+    computes and reports as it always does.
+    """
+
+    __slots__ = ("_lookup", "_total_size", "_head", "_seen", "_gave_up", "_signer", "_key", "_mac")
+
+    def __init__(self, secret_lookup: SecretLookup, total_size: int) -> None:
+        self._lookup = secret_lookup
+        self._total_size = total_size
+        self._head = bytearray()  # the first bytes, kept until the signer id can be read
+        self._seen = 0
+        self._gave_up = total_size < _SMALLEST_ENVELOPE
+        self._signer: str | None = None
+        self._key: bytes | None = None
+        self._mac: Any = None
+
+    def update(self, data: memoryview) -> None:
+        offset = self._seen  # payload offset of data[0]
+        self._seen += data.nbytes
+        signed_end = self._total_size - MAC_SIZE
+        if self._mac is None:
+            if self._gave_up:
+                return
+            taken = data[:max(0, _PREFIX.size + MAX_ID_LENGTH - len(self._head))]
+            self._head += taken
+            if not self._know_signer():
+                return
+            self._mac = hmac.new(self._key, self._head[:signed_end], hashlib.sha256)
+            data, offset = data[len(taken):], offset + len(taken)
+        if offset < signed_end:
+            self._mac.update(data[:signed_end - offset])
+
+    def _know_signer(self) -> bool:
+        """True once the signer and its key are known; gives up for good on a bad prefix."""
+        if len(self._head) < _PREFIX.size:
+            return False
+        magic, version, id_length = _PREFIX.unpack_from(self._head)
+        if magic != ENVELOPE_MAGIC or version != PROTOCOL_VERSION or not 1 <= id_length <= MAX_ID_LENGTH:
+            self._gave_up = True
+            return False
+        if len(self._head) < _PREFIX.size + id_length:
+            return False
+        try:
+            signer = validate_client_id(bytes(self._head[_PREFIX.size:_PREFIX.size + id_length]).decode("ascii"))
+            secret = self._lookup(signer)
+            key = _secret_key(secret, signer) if secret is not None else None
+        except Exception:  # noqa: BLE001 - never judge here: open_envelope reports it properly
+            key = None
+        if key is None:
+            self._gave_up = True
+            return False
+        self._signer, self._key = signer, key
+        return True
+
+    def mac_for(self, signer: str, key: bytes, total_size: int) -> bytes | None:
+        """The HMAC, if it covers all ``total_size - MAC_SIZE`` signed bytes under ``key``."""
+        if self._mac is None or signer != self._signer or key != self._key:
+            return None
+        if total_size != self._total_size or self._seen != total_size:
+            return None
+        return self._mac.digest()
+
+
+def envelope_mac_observer(secret_lookup: SecretLookup) -> Callable[[str, Any], EnvelopeMacObserver]:
+    """An ``observe`` factory for ``Reassembler`` that computes each update's HMAC as it arrives."""
+
+    def observe(_sender: str, header: Any) -> EnvelopeMacObserver:
+        return EnvelopeMacObserver(secret_lookup, header.total_size)
+
+    return observe
 
 
 def _malformed(text: str, signer: str | None = None) -> ProtocolError:

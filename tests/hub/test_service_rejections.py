@@ -125,3 +125,27 @@ def test_chunks_on_the_wrong_topic_are_refused(start_federation):
     a.link.publish(wrong_topic, chunk)
     ack = a.wait_ack()
     assert (ack.accepted, ack.reason_code, ack.message_id) == (False, ReasonCode.MALFORMED, "01" * 16)
+
+
+def test_an_update_refused_for_timing_is_judged_again_when_sent_again(start_federation):
+    """"Not now" is not remembered as the message's verdict: the same message id sent again
+    once its round is open is accepted (a permanent verdict is answered from memory)."""
+    federation = start_federation("embedded", clients=("a", "b"), min_clients=2, rounds=2)
+    a, b = federation.connect("a", "b")
+    a.wait_collecting(1)
+    early = a.envelope(b_factors(7), 2, 4)
+    early_id = a.publish(early)
+    refused(a, early_id, ReasonCode.WRONG_ROUND)
+    for client, seed in ((a, 1), (b, 2)):
+        assert client.wait_ack(client.send(b_factors(seed), 1, 4)).accepted
+    a.wait_collecting(2)
+    again = a.wait_ack(a.publish(early, message_id=early_id))
+    assert again.accepted and again.message_id == early_id.hex()
+    # A content verdict stays: the same bad message sent again under its id is answered from
+    # memory, not judged (and counted) a second time.
+    bad = b.envelope({lora_key(0, "q_proj", "B"): np.full((6, 4), np.nan, np.float32)}, 2)
+    bad_id = b.publish(bad)
+    refused(b, bad_id, ReasonCode.INVALID_UPDATE)
+    counted = read_status(federation.config.state_dir).rejections["invalid_update"]
+    refused(b, b.publish(bad, message_id=bad_id), ReasonCode.INVALID_UPDATE)
+    assert read_status(federation.config.state_dir).rejections["invalid_update"] == counted
