@@ -18,9 +18,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedvlm.shared import lora_keys, tensor_codec
+from fedvlm.shared import tensor_codec
 from fedvlm.shared.protocol import EnvelopeMetadata, MessageKind, ReasonCode, VerifiedEnvelope
 from fedvlm.shared.strategies import Strategy
+from fedvlm.shared.strategies.base import unshared_tensor_problem
 from fedvlm.shared.tensor_codec import CodecError, TensorMismatchError, TensorSpec
 
 __all__ = [
@@ -174,11 +175,6 @@ def _check_shared_factors(tensors: Mapping[str, np.ndarray], strategy: Strategy)
         return
     if not tensors:
         raise UpdateRejected(ReasonCode.INVALID_UPDATE, "update carries no tensors")
-    shared = " and ".join(f"lora_{factor}" for factor in sorted(strategy.shared_factors))
-    for name in tensors:
-        factor = lora_keys.factor_of(name)
-        if factor not in strategy.shared_factors:
-            kind = "not a LoRA factor" if factor is None else f"a lora_{factor} factor"
-            raise UpdateRejected(ReasonCode.INVALID_UPDATE,
-                                 f"update tensor {name!r} is {kind}, which strategy {strategy.name!r} keeps on the "
-                                 f"device; send only the {shared} tensors")  # fmt: skip
+    problem = unshared_tensor_problem(tensors, strategy.shared_factors, strategy.name)
+    if problem is not None:
+        raise UpdateRejected(ReasonCode.INVALID_UPDATE, problem)

@@ -22,7 +22,7 @@ from .. import lora_keys
 from ..aggregation import AggregationError, StreamingWeightedMean
 from ..tensor_codec import TensorSpec, validate
 
-__all__ = ["Aggregator", "MeanAggregator", "Strategy", "check_scaling"]
+__all__ = ["Aggregator", "MeanAggregator", "Strategy", "check_scaling", "unshared_tensor_problem"]
 
 TensorDict = dict[str, np.ndarray]
 
@@ -92,14 +92,9 @@ class MeanAggregator(Aggregator):
         self._check_factors(self._mean.shapes())
 
     def _check_factors(self, keys: Iterable[str]) -> None:
-        for key in keys:
-            factor = lora_keys.factor_of(key)
-            if factor not in self.shared_factors:
-                described = "not a LoRA factor" if factor is None else f"a lora_{factor} factor"
-                raise AggregationError(
-                    f"update tensor {key!r} is {described}, which strategy {self.strategy_name!r} does not share; "
-                    f"send only {_factor_list(self.shared_factors)} tensors"
-                )
+        problem = unshared_tensor_problem(keys, self.shared_factors, self.strategy_name)
+        if problem is not None:
+            raise AggregationError(problem)
 
     @property
     def count(self) -> int:
@@ -125,8 +120,20 @@ class MeanAggregator(Aggregator):
         return {"strategy": self.strategy_name, **self._mean.to_state()}
 
 
-def _factor_list(factors: frozenset[str]) -> str:
-    return " and ".join(f"lora_{factor}" for factor in sorted(factors)) or "no"
+def unshared_tensor_problem(keys: Iterable[str], shared_factors: frozenset[str], strategy_name: str) -> str | None:
+    """Why one of ``keys`` may not leave a device under this strategy, or None if all may.
+
+    The one rule both sides apply: the hub refuses such an update, and an aggregator never
+    sums such a tensor, so a personal factor cannot reach the global state either way.
+    """
+    for key in keys:
+        factor = lora_keys.factor_of(key)
+        if factor not in shared_factors:
+            described = "not a LoRA factor" if factor is None else f"a lora_{factor} factor"
+            allowed = " and ".join(f"lora_{f}" for f in sorted(shared_factors)) or "no"
+            return (f"update tensor {key!r} is {described}, which strategy {strategy_name!r} keeps on the device; "
+                    f"send only {allowed} tensors")
+    return None
 
 
 class Strategy:
