@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="a whole federation on one machine: hub, embedded broker, devices",
         description="Run a whole federation on this machine with the real commands: a pre-trained tiny VLM, "
                     "non-IID synthetic data, `fedvlm-hub start` with its embedded broker and one "
-                    "`fedvlm-edge join` process per device; then score every device on its own test set.",
+                    "`fedvlm-edge join` process per device; then score every device on its own test set, export "
+                    "client 0's personalised model to ONNX and ask one question with two clients' adapters.",
     )
     demo.add_argument("--work-dir", type=Path, default=Path("work/demo"),
-                      help="where everything goes; model and data are reused by a second run (default: work/demo)")
+                      help="where everything goes; model, data and the ONNX base export are reused by a "
+                           "second run (default: work/demo)")
     demo.add_argument("--clients", type=int, default=4, help="devices (default: 4)")
     demo.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
     demo.add_argument("--strategy", default="plora", choices=STRATEGY_NAMES, help="default: plora")
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quantization", default="nf4", choices=["none", "nf4", "int8"],
                       help="quantisation of the devices' frozen base (default: nf4)")
     demo.add_argument("--seed", type=int, default=0, help="data and model seed (default: 0)")
+    demo.add_argument("--model-size", default="small", choices=["tiny", "small"],
+                      help="tiny VLM size: small (~3M parameters, the demo) or tiny (<1M, a quick smoke run; "
+                           "it learns little) (default: small)")
+    demo.add_argument("--pretrain-steps", type=int, default=800,
+                      help="pre-training steps of the base model, cached per recipe (default: 800)")
     demo.set_defaults(handler=_demo)
     add_simulate_command(commands)
     return parser
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from fedvlm.demo import DemoSettings, run_demo
 
-    for name in ("clients", "rounds", "local_steps", "examples_per_client"):
+    for name in ("clients", "rounds", "local_steps", "examples_per_client", "pretrain_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.clients < 2:
@@ -58,7 +65,7 @@ def _demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(work_dir=args.work_dir, clients=args.clients, rounds=args.rounds, strategy=args.strategy,
                             broker=args.broker, local_steps=args.local_steps,
                             examples_per_client=args.examples_per_client, quantization=args.quantization,
-                            seed=args.seed)
+                            seed=args.seed, model_size=args.model_size, pretrain_steps=args.pretrain_steps)
     return run_demo(settings)
 
 

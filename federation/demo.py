@@ -5,9 +5,13 @@
 3. registers the clients and starts ``fedvlm-hub start`` (embedded broker unless
    ``--broker``) and one ``fedvlm-edge join`` process per client;
 4. scores every client on its own test set (before federation, its personal model after,
-   and the shared model alone), prints a table and plots accuracy per round.
+   and the shared model alone), prints a table and plots accuracy per round;
+5. exports client 0's personalised model to ONNX (the base graphs once, one small
+   ``.onnx_adapter`` per client) and asks one question about one of client 0's test
+   images with ONNX Runtime, first with client 0's adapter, then with client 1's.
 
-Everything goes under one work directory; a second run reuses the model and the data.
+Everything goes under one work directory; a second run reuses the model, the data and the
+ONNX base export (each keyed by what made it).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -24,6 +29,13 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+# torch's OpenMP threads busy-wait between parallel regions. On cores that other work keeps
+# busy, that spinning costs several times the work itself (measured here, 2 shared cores:
+# 60 pre-training steps took 63 s with the default policy, 12 s with passive waiting).
+# OpenMP reads this once, when torch loads, which in `fedvlm demo` is after this module is
+# imported; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @dataclasses.dataclass
@@ -41,7 +53,9 @@ class DemoSettings:
     test_examples_per_client: int = 32
     quantization: str = "nf4"
     seed: int = 0
+    model_size: str = "small"  # "tiny": a quick smoke run (tests); "small": the demo
     pretrain_steps: int = 800
+    pretrain_examples: int = 2048
 
 
 def _say(text: str) -> None:
@@ -60,22 +74,24 @@ def prepare_model(settings: DemoSettings) -> Path:
     started = time.perf_counter()
     out = settings.work_dir / "model"
     config = PretrainingConfig(steps=settings.pretrain_steps, seed=settings.seed)
-    reused = is_built(out, "small", seed=settings.seed, config=config)
-    model_dir = make_pretrained_tiny_model(out, "small", seed=settings.seed, config=config)
+    recipe = dict(seed=settings.seed, examples=settings.pretrain_examples, config=config)
+    reused = is_built(out, settings.model_size, **recipe)
+    model_dir = make_pretrained_tiny_model(out, settings.model_size, **recipe)
     report = json.loads((model_dir / "fedvlm_pretraining.json").read_text())
     how = "reused" if reused else f"built and pre-trained in {time.perf_counter() - started:.0f} s"
-    _say(f"      small VLM {how} (pre-training loss {report['result']['first_loss']:.2f} -> "
+    _say(f"      {settings.model_size} VLM {how} (pre-training loss {report['result']['first_loss']:.2f} -> "
          f"{report['result']['last_loss']:.2f}): {model_dir}")
     return model_dir
 
 
 def prepare_data(settings: DemoSettings):
     from fedvlm.edge.data import ScenarioConfig, generate_federation
+    from fedvlm.edge.tiny_model import SIZES
 
     config = ScenarioConfig.preset(
         "concept-shift", n_clients=settings.clients, examples_per_client=settings.examples_per_client,
         test_examples_per_client=settings.test_examples_per_client, label_skew_alpha=1.0,
-        image_size=64, seed=settings.seed,
+        image_size=SIZES[settings.model_size].image_size, seed=settings.seed,
     )
     federation = generate_federation(config)
     data_dir = settings.work_dir / "data"
@@ -181,25 +197,117 @@ def report(settings: DemoSettings, model_dir: Path, federation, run_dir: Path) -
     table = format_table(rows)
     plot = plot_rounds(rows, settings.work_dir / "accuracy_per_round.png",
                        f"{settings.strategy}: each client's accuracy on its own test set")
-    example = federation.clients[0].test[0]
-    answers = {}
-    for client in federation.clients[:2]:
-        model.restore(states[client.client_id])
-        answers[client.client_id] = model.answer(example.image, example.question)
     result = {"settings": {k: str(v) for k, v in dataclasses.asdict(settings).items()},
-              "clients": [dataclasses.asdict(r) for r in rows], "table": table,
-              "same_question": {"question": example.question, "answers": answers}}
-    (settings.work_dir / "results.json").write_text(json.dumps(result, indent=2))
+              "clients": [dataclasses.asdict(r) for r in rows], "table": table}
     (settings.work_dir / "results.md").write_text(table + "\n")
     _say("")
     _say(table)
     _say("")
-    _say(f"      one image of {federation.clients[0].client_id}'s test set, {example.question!r}:")
-    for client_id, answer in answers.items():
-        _say(f"        {client_id}'s personal model answers {answer!r}")
     if plot:
         _say(f"      plot: {plot}")
     return result
+
+
+def pick_question(client):
+    """The first of the client's test examples that asks which side the shape is on.
+
+    That kind shows both halves of a convention: the language, and for a mirrored camera
+    the opposite side. Any example will do when there is none.
+    """
+    from fedvlm.edge.data import question_kind
+
+    return next((r for r in client.test if question_kind(r) == "position"), client.test[0])
+
+
+def expected_answer(record, asked, answering) -> str:
+    """What client ``answering``'s convention says about ``record``, an example of client ``asked``."""
+    from fedvlm.edge.data import CLASSES, question_kind
+
+    kind = question_kind(record)
+    classes = range(len(CLASSES[kind]))
+    # The class shown is the one ``asked``'s convention names with the record's answer.
+    shown = next(c for c in classes if asked.convention.answer(kind, c) == record.chosen)
+    return answering.convention.answer(kind, shown)
+
+
+EXPORT_KEY_FILE = "fedvlm_demo_export.json"
+
+
+def export_base(settings: DemoSettings, model) -> tuple[Path, bool]:
+    """Export the base (no adapter) to ``work_dir/onnx`` once; reuse it while the model is the same.
+
+    The key is the base fingerprint, the LoRA layout (its defaults are graph inputs) and the
+    strategy (which tensors an adapter holds). It is written last, so an export cut short is
+    never taken for a finished one.
+    """
+    from fedvlm.edge.onnx_export import export_onnx
+
+    out = settings.work_dir / "onnx"
+    key = {"base_fingerprint": model.fingerprint, "lora_config_hash": model.lora.config_hash(),
+           "strategy": model.strategy.name}
+    key_file = out / EXPORT_KEY_FILE
+    if key_file.exists() and json.loads(key_file.read_text()) == key:
+        return out, True
+    key_file.unlink(missing_ok=True)
+    model.reset_adapters()  # the base graphs' LoRA defaults: the shared initialisation, no client's factors
+    export_onnx(model, out)
+    key_file.write_text(json.dumps(key, indent=2))
+    return out, False
+
+
+def onnx_step(settings: DemoSettings, model_dir: Path, federation, run_dir: Path) -> dict | None:
+    """Client 0's personalised model on ONNX Runtime, and client 1's adapter on the same question."""
+    from fedvlm.edge.device_state import load_state
+    from fedvlm.edge.evaluation import normalize_answer
+    from fedvlm.edge.onnx_adapter import ADAPTER_SUFFIX, OnnxAdapterError, write_adapter
+    from fedvlm.edge.onnx_export import OnnxExportError, read_manifest
+    from fedvlm.edge.onnx_runner import OnnxVLM
+    from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.shared.lora_config import LoraSettings
+
+    clients = federation.clients[:2]
+    states = {c.client_id: load_state(run_dir / "devices" / c.client_id) for c in clients}
+    started = time.perf_counter()
+    # ONNX export traces the fp32 model: the devices' NF4 base is a training-time saving.
+    model = PersonalVLM.from_pretrained(model_dir, lora=LoraSettings.from_dict(states[clients[0].client_id].lora),
+                                        strategy=settings.strategy, quantization="none", device="cpu")
+    try:
+        onnx_dir, reused = export_base(settings, model)
+        manifest = read_manifest(onnx_dir)
+        adapters = {}
+        for client in clients:
+            model.reset_adapters()
+            model.restore(states[client.client_id])  # global B + this client's personal A
+            adapters[client.client_id] = write_adapter(onnx_dir / f"{client.client_id}{ADAPTER_SUFFIX}",
+                                                       model.adapter_state(), manifest)
+    except (OnnxExportError, OnnxAdapterError) as error:  # e.g. fedex: its state changes base weights
+        _say(f"      skipped: {error}")
+        return None
+    _say(f"      base exported once (prefill + decode graphs, LoRA factors as inputs) to {onnx_dir}: "
+         + ("reused (same base model and LoRA layout)" if reused else f"{time.perf_counter() - started:.0f} s"))
+    sizes = ", ".join(f"{path.name} ({path.stat().st_size / 1000:.0f} KB)" for path in adapters.values())
+    _say(f"      adapters (personal A + global B of round {states[clients[0].client_id].round}): {sizes}")
+
+    record = pick_question(clients[0])
+    image_file = onnx_dir / f"question_{clients[0].client_id}.png"
+    record.image.save(image_file)
+    vlm = OnnxVLM.load(onnx_dir)
+    _say(f"      one image of {clients[0].client_id}'s test set ({image_file.name}), {record.question!r}:")
+    answers = {}
+    for client in clients:
+        vlm.activate(adapters[client.client_id])
+        answer = vlm.answer(record.image, record.question)
+        expected = expected_answer(record, clients[0], client)
+        answers[client.client_id] = {"adapter": str(adapters[client.client_id]), "answer": answer,
+                                     "expected": expected, "convention": client.convention.name}
+        convention = client.convention.language + (", mirrored camera" if client.convention.mirrored else "")
+        mark = "✓" if normalize_answer(answer) == normalize_answer(expected) else "✗"  # as the scores count
+        _say(f"        {client.client_id}'s adapter ({convention}) answers {answer!r}; "
+             f"its convention expects {expected!r} {mark}")
+    _say(f"      the same on the command line: fedvlm-edge ask --onnx {onnx_dir} --adapter "
+         f"{adapters[clients[1].client_id]} --image {image_file} --question {shlex.quote(record.question)}")
+    return {"export_dir": str(onnx_dir), "reused": reused, "image": str(image_file), "question": record.question,
+            "answers": answers}
 
 
 def run_demo(settings: DemoSettings) -> int:
@@ -210,13 +318,16 @@ def run_demo(settings: DemoSettings) -> int:
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     _say(f"FedVLM demo: {settings.clients} devices, {settings.rounds} rounds of {settings.strategy}, "
          f"work dir {settings.work_dir}")
-    _say("[1/4] base model")
+    _say("[1/5] base model")
     model_dir = prepare_model(settings)
-    _say("[2/4] non-IID data (each client its own answer language; label skew)")
+    _say("[2/5] non-IID data (each client its own answer language; label skew)")
     federation, data_dir = prepare_data(settings)
-    _say("[3/4] federation: hub + devices over MQTT")
+    _say("[3/5] federation: hub + devices over MQTT")
     run_dir = run_federation(settings, model_dir, data_dir, [c.client_id for c in federation.clients])
-    _say("[4/4] each client's accuracy on its own test set")
-    report(settings, model_dir, federation, run_dir)
+    _say("[4/5] each client's accuracy on its own test set")
+    result = report(settings, model_dir, federation, run_dir)
+    _say(f"[5/5] {federation.clients[0].client_id}'s personalised model on ONNX Runtime")
+    result["onnx"] = onnx_step(settings, model_dir, federation, run_dir)
+    (settings.work_dir / "results.json").write_text(json.dumps(result, indent=2))
     _say(f"\ndone in {time.perf_counter() - started:.0f} s; everything is under {settings.work_dir.resolve()}")
     return 0
