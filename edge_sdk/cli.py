@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fedvlm.shared.cli_support import run_command
+from fedvlm.shared.cli_support import UsageError, run_command
 
 PROGRAM = "fedvlm-edge"
 
@@ -142,7 +142,7 @@ def _read_secret(path: str, what: str) -> str:
     except OSError as exc:
         raise FileNotFoundError(f"cannot read the {what} file {path!r}: {exc.strerror}") from exc
     if not secret:
-        raise ValueError(f"the {what} file {path!r} is empty")
+        raise UsageError(f"the {what} file {path!r} is empty")
     return secret
 
 
@@ -159,11 +159,14 @@ def _join(args: argparse.Namespace) -> int:
         from fedvlm.edge.privacy import DPConfig
 
         if args.dp_clip is None or args.dp_noise_multiplier is None:
-            raise ValueError("differential privacy needs both --dp-clip and --dp-noise-multiplier")
+            raise UsageError("differential privacy needs both --dp-clip and --dp-noise-multiplier")
         privacy = DPConfig(clip=args.dp_clip, noise_multiplier=args.dp_noise_multiplier, delta=args.dp_delta)
     if args.broker_login and (args.username or args.password_file):
-        raise ValueError("--broker-login logs in as the client id with the password derived from the secret; "
+        raise UsageError("--broker-login logs in as the client id with the password derived from the secret; "
                          "drop --username/--password-file, or drop --broker-login")
+    from fedvlm.shared.mqtt_link import BrokerAddress
+
+    hub_address = BrokerAddress.parse(args.hub, ca_file=args.ca_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     secret = _read_secret(args.secret_file, "secret")
     records = load_records(args.data, skip_bad=args.skip_bad)
@@ -180,9 +183,7 @@ def _join(args: argparse.Namespace) -> int:
         ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, mqtt_protocol=args.mqtt_version,
     )
     from fedvlm.shared.broker_credentials import plaintext_warning
-    from fedvlm.shared.mqtt_link import BrokerAddress
 
-    hub_address = BrokerAddress.parse(args.hub, ca_file=args.ca_file)
     warning = plaintext_warning(hub_address.host, tls=hub_address.tls, has_password=password is not None)
     if warning:
         print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)

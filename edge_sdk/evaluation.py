@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from fedvlm.edge.batching import PromptFormat, collate
 from fedvlm.edge.training import QAExample, encode_examples
+from fedvlm.shared.cli_support import UsageError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -77,7 +78,7 @@ def evaluate(
 ) -> EvalMetrics:
     """Exact-match accuracy of greedy answers against ``chosen``, and the teacher-forced loss."""
     if len(examples) == 0:
-        raise ValueError("no evaluation examples")
+        raise UsageError("no evaluation examples")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedvlm.edge.batching import EncodedExample, PromptFormat, collate
+from fedvlm.shared.cli_support import UsageError
 from fedvlm.shared.durable_files import write_durably
 
 
@@ -61,9 +62,9 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ValueError(f"training {name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"training {name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise UsageError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
 @dataclasses.dataclass
@@ -106,7 +107,7 @@ def train(
 ) -> TrainMetrics:
     """Train the model's trainable parameters on ``examples``; returns metrics."""
     if len(examples) == 0:
-        raise ValueError("no training examples: the device's data set is empty")
+        raise UsageError("no training examples: the device's data set is empty")
     encoded = examples if isinstance(examples[0], EncodedExample) else encode_examples(processor, examples)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:

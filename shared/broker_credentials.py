@@ -21,6 +21,8 @@ import hashlib
 import hmac
 import ipaddress
 
+from .cli_support import UsageError
+
 __all__ = ["broker_password", "plaintext_warning"]
 
 # Versioned, so a future scheme can never produce the same password by accident.
@@ -31,7 +33,7 @@ def broker_password(secret: str | bytes) -> str:
     """The MQTT password of the client holding ``secret`` (URL-safe text, 43 characters)."""
     key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
     if not key:
-        raise ValueError("cannot derive a broker password from an empty secret")
+        raise UsageError("cannot derive a broker password from an empty secret")
     digest = hmac.new(key, _LABEL, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 

@@ -10,6 +10,15 @@ from typing import Callable, Sequence
 USER_ERROR_EXIT = 2
 
 
+class UsageError(ValueError):
+    """A value a person gave is wrong: a flag, a URL, a setting, a secret file's content.
+
+    Commands print it on one line. It is a ValueError, so library callers that catch
+    ValueError keep working; a plain ValueError from deeper down is a bug, and a command
+    that lists only UsageError among its user errors shows its traceback.
+    """
+
+
 def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None,
                 user_errors: tuple[type[BaseException], ...], program: str) -> int:
     """Run ``main(argv)``; exceptions in ``user_errors`` print ``program: error: ...`` and exit 2.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+from fedvlm.shared.cli_support import UsageError
 from fedvlm.shared.tensor_codec import config_hash
 
 # Module paths of the text decoder in transformers' VLMs: LLaVA, Qwen2-VL, Gemma 3 and most
@@ -41,12 +42,12 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+            raise UsageError(f"LoRA rank r must be >= 1, got {self.r}")
         if not self.target_projections:
-            raise ValueError("target_projections is empty: name at least one projection, e.g. q_proj")
+            raise UsageError("target_projections is empty: name at least one projection, e.g. q_proj")
         for name in self.target_projections:
             if not name.isidentifier():
-                raise ValueError(f"target projection {name!r} is not a module name")
+                raise UsageError(f"target projection {name!r} is not a module name")
 
     @property
     def scaling(self) -> float:
@@ -69,7 +70,7 @@ class LoraSettings:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
-            raise ValueError(f"unknown LoRA settings {sorted(unknown)}; known: {sorted(fields)}")
+            raise UsageError(f"unknown LoRA settings {sorted(unknown)}; known: {sorted(fields)}")
         values = dict(data)
         if "target_projections" in values:
             values["target_projections"] = tuple(values["target_projections"])

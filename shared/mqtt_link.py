@@ -20,6 +20,8 @@ import time
 import urllib.parse
 from typing import Callable, Sequence
 
+from .cli_support import UsageError
+
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
@@ -48,14 +50,14 @@ class BrokerAddress:
         """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://…`` (TLS, default port 8883)."""
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts:// (TLS), e.g. mqtt://127.0.0.1:1883")
+            raise UsageError(f"broker URL {url!r} must start with mqtt:// or mqtts:// (TLS), e.g. mqtt://127.0.0.1:1883")
         if not parsed.hostname:
-            raise ValueError(f"broker URL {url!r} names no host, e.g. mqtt://127.0.0.1:1883")
+            raise UsageError(f"broker URL {url!r} names no host, e.g. mqtt://127.0.0.1:1883")
         tls = parsed.scheme in ("mqtts", "ssl")
         try:
             port = parsed.port or (8883 if tls else 1883)
         except ValueError as exc:
-            raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+            raise UsageError(f"broker URL {url!r} has an invalid port") from exc
         return cls(
             host=parsed.hostname,
             port=port,
@@ -131,7 +133,7 @@ class MqttLink:
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ImportError("MQTT needs paho-mqtt: pip install 'fedvlm[edge]' or 'fedvlm[hub]'") from exc
         if protocol not in ("auto", "5", "3.1.1"):
-            raise ValueError(f"MQTT protocol {protocol!r}: choose auto, 5 or 3.1.1")
+            raise UsageError(f"MQTT protocol {protocol!r}: choose auto, 5 or 3.1.1")
         self.address = address
         self.client_id = client_id
         self.will = will

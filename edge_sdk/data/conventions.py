@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from fedvlm.shared.cli_support import UsageError
+
 QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
 
 # The classes of each question kind, named in English; a class index points into these and
@@ -94,7 +96,7 @@ class Convention:
 
     def __post_init__(self) -> None:
         if self.language not in LANGUAGES:
-            raise ValueError(f"unknown answer language {self.language!r}; choose one of {', '.join(LANGUAGES)}")
+            raise UsageError(f"unknown answer language {self.language!r}; choose one of {', '.join(LANGUAGES)}")
 
     @property
     def name(self) -> str:

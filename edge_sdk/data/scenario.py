@@ -27,6 +27,7 @@ import numpy as np
 
 from fedvlm.edge.data.conventions import CLASSES, QUESTION_KINDS, Convention, client_convention
 from fedvlm.edge.data.scenes import MIN_IMAGE_SIZE, uniform_class_weights
+from fedvlm.shared.cli_support import UsageError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "iid": {},
@@ -91,18 +92,18 @@ class ScenarioConfig:
         if self.seed < 0:
             problems.append(f"seed must be a non-negative integer, got {self.seed}")
         if problems:
-            raise ValueError("invalid scenario: " + "; ".join(problems))
+            raise UsageError("invalid scenario: " + "; ".join(problems))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ScenarioConfig":
         """A named preset (``iid``, ``concept-shift``, ``label-skew``, ``task-skew``,
         ``mixed``), with any field overridden by keyword."""
         if name not in PRESETS:
-            raise ValueError(f"unknown scenario preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise UsageError(f"unknown scenario preset {name!r}; choose one of {', '.join(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"unknown scenario field(s) {', '.join(unknown)}; fields are {', '.join(sorted(fields))}")
+            raise UsageError(f"unknown scenario field(s) {', '.join(unknown)}; fields are {', '.join(sorted(fields))}")
         return cls(**{"name": name, **PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from .errors import ProtocolError, ReasonCode, SignatureError
 from .identifiers import MAX_ID_LENGTH, validate_client_id
 from .messages import EnvelopeMetadata
 from .version import PROTOCOL_VERSION
+from ..cli_support import UsageError
 
 __all__ = [
     "ENVELOPE_MAGIC",
@@ -95,7 +96,7 @@ def _secret_key(secret: bytes | str, client_id: str) -> bytes:
     if not isinstance(key, (bytes, bytearray)):
         raise TypeError(f"the secret of client {client_id!r} must be bytes or str, got {type(secret).__name__}")
     if len(key) < MIN_SECRET_BYTES:
-        raise ValueError(f"the secret of client {client_id!r} is {len(key)} bytes; HMAC needs at least "
+        raise UsageError(f"the secret of client {client_id!r} is {len(key)} bytes; HMAC needs at least "
                          f"{MIN_SECRET_BYTES}: issue one with new_client_secret()")  # fmt: skip
     return bytes(key)
 
