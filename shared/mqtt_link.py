@@ -251,7 +251,9 @@ class MqttLink:
             # Closed before CONNACK: typically a broker that does not speak this MQTT version.
             self._connect_error = f"the broker closed the connection ({reason_code})"
         self.connected.clear()
-        if not self._closing:
+        # Before the first CONNACK a disconnect is part of connect()'s attempts (a refused
+        # login, an MQTT version the broker lacks): connect() reports it, so no warning here.
+        if not self._closing and self._ever_connected:
             log.warning("lost the broker at %s (%s); reconnecting", self.address.url(), reason_code)
 
     # ---- messages ---------------------------------------------------------------------------------

@@ -95,3 +95,20 @@ def test_mqtt5_extras_are_dropped_on_mqtt311(embedded_broker):  # noqa: F811
     finally:
         sender.close()
         receiver.close()
+
+
+def test_falling_back_to_mqtt311_is_quiet_and_a_later_loss_is_not(embedded_broker, caplog):  # noqa: F811
+    """amqtt speaks only 3.1.1: ``auto`` falls back without claiming it lost a broker it
+    never had; a real loss after connecting is still reported."""
+    caplog.set_level("WARNING", logger="fedvlm.shared.mqtt_link")
+    link = MqttLink(embedded_broker.address, "auto-client", protocol="auto").connect()
+    try:
+        assert link.protocol == "3.1.1"
+        assert not [r for r in caplog.records if "lost the broker" in r.getMessage()]
+        link._client.disconnect()  # as if the broker went away (paho reports a disconnect)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not [r for r in caplog.records if "lost the broker" in r.getMessage()]:
+            time.sleep(0.05)
+        assert [r for r in caplog.records if "lost the broker" in r.getMessage()]
+    finally:
+        link.close()
