@@ -179,7 +179,7 @@ def open_envelope(data: bytes | bytearray | memoryview, secret_lookup: SecretLoo
     if secret is None:
         raise SignatureError(ReasonCode.UNKNOWN_CLIENT,
                              f"envelope signed by {signer!r}, a client this hub has no secret for; "
-                             "register the client with the hub first", sender=signer)  # fmt: skip
+                             "register the client with the hub first (or it was revoked)", sender=signer)  # fmt: skip
     key = _secret_key(secret, signer)
     expected_mac = streamed_mac.mac_for(signer, key, view.nbytes) if streamed_mac is not None else None
     if expected_mac is None:
