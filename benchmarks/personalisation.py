@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     plan = [("concept-shift", args.headline_seeds, args.clients)] + [
         (name, args.other_seeds, args.other_clients) for name in args.other_scenarios.split(",") if name]
-    summary = {}
+    summary, run_seconds = {}, 0.0
     for scenario, seeds, clients in plan:
         settings = SimulationSettings(
             out=args.out / scenario, scenario=scenario, clients=clients, rounds=args.rounds,
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {scenario}: {clients} clients, seeds {seeds}", flush=True)
         results = simulate(settings)
         print((settings.out / "results.md").read_text(), flush=True)
+        run_seconds += sum(entry["seconds"] for entry in results["strategies"].values())
         summary[scenario] = {name: {k: entry[k] for k in ("personal_accuracy", "personal_accuracy_std",
                                                             "global_accuracy", "bytes_up_per_client_round",
                                                             "bytes_down_per_client_round")}
@@ -63,14 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         "plora_personal_accuracy": plora["personal_accuracy"], "plora_std": plora["personal_accuracy_std"],
         "fedit_personal_accuracy": fedit["personal_accuracy"], "fedit_std": fedit["personal_accuracy_std"],
         "relative_gain": gain, "paper_relative_gain": PAPER_RELATIVE_GAIN, "meets_paper": gain >= PAPER_RELATIVE_GAIN,
-        "plora_over_fedit_bytes_up": bytes_ratio, "seconds": time.perf_counter() - started,
+        "plora_over_fedit_bytes_up": bytes_ratio,
+        # Runs resumed from an earlier invocation keep their own time: this is all of them.
+        "run_seconds": run_seconds, "this_invocation_seconds": time.perf_counter() - started,
     }
     (args.out / "summary.json").write_text(json.dumps({"headline": verdict, "scenarios": summary}, indent=2))
     print(f"headline (concept-shift, {args.clients} clients, seeds {args.headline_seeds}): plora "
           f"{plora['personal_accuracy']:.3f} ± {plora['personal_accuracy_std']:.3f} vs fedit "
           f"{fedit['personal_accuracy']:.3f} ± {fedit['personal_accuracy_std']:.3f}: {gain:+.1%} relative "
           f"(paper: +{PAPER_RELATIVE_GAIN:.1%}, {'met' if verdict['meets_paper'] else 'NOT met'}); "
-          f"plora sends {bytes_ratio:.2f}x fedit's bytes up. {verdict['seconds'] / 60:.1f} min in all.")
+          f"plora sends {bytes_ratio:.2f}x fedit's bytes up. Runs: {run_seconds / 60:.1f} min; this invocation "
+          f"{verdict['this_invocation_seconds'] / 60:.1f} min.")
     return 0
 
 

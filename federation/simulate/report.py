@@ -101,6 +101,7 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return []
     strategies = results["strategies"]
@@ -110,6 +111,7 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
         axis.plot(range(1, len(series) + 1), series, marker="o", label=name,
                   linestyle="--" if name in REFERENCES else "-")
     axis.set_xlabel("round")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_ylabel("personal accuracy (mean over clients, seeds)")
     axis.set_ylim(-0.02, 1.02)
     axis.grid(alpha=0.3)
