@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedvlm.simulate import SimulationSettings, simulate
+from fedvlm.simulate import ALL_STRATEGIES, SimulationSettings, simulate
+from fedvlm.simulate.settings import PLORA_REFIT, parse_strategies
 
 PAPER_RELATIVE_GAIN = 0.245
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--examples-per-client", type=int, default=32)
     parser.add_argument("--global-test-size", type=int, default=64)
+    parser.add_argument("--strategies", default=",".join(ALL_STRATEGIES + (PLORA_REFIT,)),
+                        help="every strategy and reference, and the plora-refit variant (beyond the paper)")
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, seeds, clients in plan:
         settings = SimulationSettings(
             out=args.out / scenario, scenario=scenario, clients=clients, rounds=args.rounds,
-            global_test_size=args.global_test_size,
+            global_test_size=args.global_test_size, strategies=parse_strategies(args.strategies),
             local_steps=args.local_steps, examples_per_client=args.examples_per_client, model=args.model,
             seeds=tuple(int(s) for s in seeds.split(",")))
         print(f"== {scenario}: {clients} clients, seeds {seeds}", flush=True)

@@ -20,7 +20,7 @@ import pytest
 from fedvlm.cli import main as fedvlm_main
 from fedvlm.simulate import SimulationSettings, simulate
 
-STRATEGIES = ("plora", "fedit", "ffa", "fedsa", "fedex", "local", "centralised", "base")
+STRATEGIES = ("plora", "fedit", "ffa", "fedsa", "fedex", "local", "centralised", "base", "plora-refit")
 # safetensors header per tensor (name, dtype, shape, offsets as JSON) and the metadata: generous bounds.
 HEADER_PER_TENSOR, HEADER_FIXED = 160, 600
 
@@ -75,7 +75,7 @@ def test_bytes_match_what_each_strategy_shares(simulated, tiny_model_dir):
     shapes = lora_factor_shapes(tiny_model_dir)
     factor_bytes = {factor: sum(4 * _size(s) for n, s in shapes.items() if f".lora_{factor}." in n) for factor in "AB"}
     count = {factor: sum(f".lora_{factor}." in n for n in shapes) for factor in "AB"}
-    shares = {"plora": "B", "ffa": "B", "fedsa": "A", "fedit": "AB", "fedex": "AB"}
+    shares = {"plora": "B", "ffa": "B", "fedsa": "A", "fedit": "AB", "fedex": "AB", "plora-refit": "B"}
     entries = results["strategies"]
     for name, factors in shares.items():
         payload = sum(factor_bytes[f] for f in factors)
@@ -93,6 +93,9 @@ def test_bytes_match_what_each_strategy_shares(simulated, tiny_model_dir):
     residuals = sum(4 * shapes[m + ".lora_B.weight"][0] * shapes[m + ".lora_A.weight"][1] for m in modules)
     assert entries["fedex"]["bytes_down_per_client_round"] - entries["fedit"]["bytes_down_per_client_round"] == \
         pytest.approx(residuals, abs=HEADER_PER_TENSOR * len(modules))
+    # Refitting A after each global B is local work: not one byte more than pLoRA.
+    assert entries["plora-refit"]["bytes_up_per_client_round"] == entries["plora"]["bytes_up_per_client_round"]
+    assert entries["plora-refit"]["bytes_down_per_client_round"] == entries["plora"]["bytes_down_per_client_round"]
     assert entries["local"]["bytes_up_per_client_round"] == 0
     assert entries["local"]["bytes_down_per_client_round"] == 0
     assert entries["centralised"]["bytes_up_per_client_round"] is None  # a reference, not a federation
@@ -183,3 +186,26 @@ def test_data_folder_split_by_dirichlet_partition(tiny_model_dir, tiny_federatio
     code = fedvlm_main(["simulate", "--data", str(data), "--clients", "5", "--model", str(tiny_model_dir),
                         "--out", str(tmp_path / "o2"), "--quiet"])
     assert code == 2 and "needs at least one source data set per client" in capsys.readouterr().err
+
+
+def test_refit_trains_the_personal_factors_only(tiny_model_dir, tiny_federation):
+    """plora-refit's extra step leaves the just-received shared B exactly as the hub sent it."""
+    import numpy as np
+
+    from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.edge.training import TrainingConfig, encode_examples
+    from fedvlm.simulate.engine import _refit_personal
+
+    model = PersonalVLM.from_pretrained(tiny_model_dir, strategy="plora", quantization="none")
+    rng = np.random.default_rng(0)  # a received global B (B = 0 would give A no gradient)
+    model.load_adapter_state({name: (rng.normal(0, 0.1, value.shape).astype(np.float32) if ".lora_B." in name
+                                     else value) for name, value in model.adapter_state().items()})
+    before = model.adapter_state()
+    _refit_personal(model, encode_examples(model.processor, tiny_federation.clients[0].train[:8]),
+                    TrainingConfig(steps=2, batch_size=4, learning_rate=1e-2, progress=False))
+    after = model.adapter_state()
+    shared = [name for name in before if ".lora_B." in name]
+    personal = [name for name in before if ".lora_A." in name]
+    assert all(np.array_equal(before[name], after[name]) for name in shared)
+    assert any(not np.array_equal(before[name], after[name]) for name in personal)
+    assert all(p.requires_grad for name, p in model.model.named_parameters() if ".lora_B." in name)  # restored

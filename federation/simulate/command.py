@@ -34,7 +34,8 @@ def add_simulate_command(commands) -> None:
                                "work/models/small-pretrained, built if missing)")
     simulate.add_argument("--strategies", default=",".join(ALL_STRATEGIES),
                           help="comma-separated; centralised (one LoRA on the union of the clients' data) and base "
-                               "(no training) are references")
+                               "(no training) are references; plora-refit (beyond the paper: pLoRA whose clients "
+                               "refit A alone after each global B, same compute and bytes) may be added")
     simulate.add_argument("--rounds", type=int, default=5, help="federated rounds")
     simulate.add_argument("--local-steps", type=int, default=10, help="optimiser steps per client per round")
     simulate.add_argument("--fraction", type=float, default=1.0, help="share of clients selected per round")

@@ -26,9 +26,10 @@ from fedvlm.edge.evaluation import evaluate
 from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.training import TrainingConfig, encode_examples, train
 from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.lora_keys import factor_of
 from fedvlm.simulate import wire
 from fedvlm.simulate.clients import SimulatedClient
-from fedvlm.simulate.settings import BASE, CENTRALISED, SimulationSettings
+from fedvlm.simulate.settings import BASE, CENTRALISED, PLORA_REFIT, VARIANTS, SimulationSettings
 
 OnRound = Callable[[int], None]  # called with the number of rounds just finished
 
@@ -101,19 +102,34 @@ def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, cli
         pooled: Sequence, on_round: OnRound = lambda done: None) -> RunResult:
     """Run strategy ``name`` (or a reference) for one seed."""
     started = time.perf_counter()
-    strategy = "fedit" if name in (CENTRALISED, BASE) else name  # references train both factors, share nothing
+    # References train both factors and share nothing; variants run on their strategy.
+    strategy = "fedit" if name in (CENTRALISED, BASE) else VARIANTS.get(name, name)
     model = PersonalVLM.from_pretrained(model_dir, lora=lora_settings(settings, seed), strategy=strategy,
                                         quantization=settings.quantization)
     if name in (CENTRALISED, BASE):
         rounds, per_client = _reference(name, model, settings, seed, clients, pooled, on_round)
         shared = {"tensors": 0, "values": 0, "factors": []}
     else:
-        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round)
+        refit = settings.refit_steps if name == PLORA_REFIT else 0
+        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round, refit)
     return RunResult(name, seed, rounds, per_client, shared, time.perf_counter() - started)
 
 
+def _refit_personal(model: PersonalVLM, encoded: list, config: TrainingConfig) -> None:
+    """Train only the personal factors, the shared ones (just received) frozen."""
+    frozen = [p for name, p in model.model.named_parameters()
+              if p.requires_grad and factor_of(name) in model.strategy.shared_factors]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        train(model.model, model.processor, encoded, config)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
 def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
-                pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict]:
+                pooled: Sequence, on_round: OnRound, refit_steps: int = 0) -> tuple[list[dict], list[dict], dict]:
     strategy, scorer = model.strategy, Scorer(model)
     model.reset_adapters()
     states = [model.adapter_state() for _ in clients]
@@ -129,7 +145,7 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
         for index in selected:
             model.load_adapter_state(states[index])
             train(model.model, model.processor, encoded[index],
-                  training_config(settings, settings.local_steps, seed, round_number, index))
+                  training_config(settings, settings.local_steps - refit_steps, seed, round_number, index))
             states[index] = model.adapter_state()
             shared = model.shared_update()
             if shared:  # `local` shares nothing: no message at all
@@ -149,6 +165,11 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
             for index in range(len(clients)):  # the global version is retained: every client fetches it
                 states[index] = strategy.absorb(states[index], global_state)
                 bytes_down[index] += down
+                if refit_steps:  # local work only: nothing more is sent
+                    model.load_adapter_state(states[index])
+                    _refit_personal(model, encoded[index],
+                                    training_config(settings, refit_steps, seed, round_number, 500 + index))
+                    states[index] = model.adapter_state()
             previous_global = new_global
         accuracies = [scorer.accuracy(states[i], clients[i].test) for i in range(len(clients))]
         rounds.append({"round": round_number, "selected": [clients[i].client_id for i in selected],

@@ -17,7 +17,13 @@ from fedvlm.shared.strategies import STRATEGY_NAMES
 CENTRALISED = "centralised"  # one LoRA trained on the union of the clients' data
 BASE = "base"  # the pre-trained base, no training
 REFERENCES: tuple[str, ...] = (CENTRALISED, BASE)
+# Beyond the paper: pLoRA whose clients, after absorbing each global B, refit their personal A
+# alone for a quarter of their local steps (B frozen), taken from the joint steps: the same
+# compute and the same bytes as pLoRA. Simulation only: devices do not do it yet.
+PLORA_REFIT = "plora-refit"
+VARIANTS: dict[str, str] = {PLORA_REFIT: "plora"}
 ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
+KNOWN_STRATEGIES: tuple[str, ...] = ALL_STRATEGIES + tuple(VARIANTS)
 SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "iid")
 DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
 
@@ -54,9 +60,9 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if not names:
         raise ValueError(f"--strategies is empty; name some of {','.join(ALL_STRATEGIES)}")
-    unknown = [name for name in names if name not in ALL_STRATEGIES]
+    unknown = [name for name in names if name not in KNOWN_STRATEGIES]
     if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r} in --strategies; choose from {','.join(ALL_STRATEGIES)}")
+        raise ValueError(f"unknown strategy {unknown[0]!r} in --strategies; choose from {','.join(KNOWN_STRATEGIES)}")
     if len(set(names)) != len(names):
         raise ValueError(f"--strategies names a strategy twice: {text!r}")
     return names
@@ -146,6 +152,14 @@ class SimulationSettings:
         if not self.strategies or not self.seeds:
             raise ValueError("name at least one strategy and one seed")
         parse_strategies(",".join(self.strategies))  # same checks as the flag
+        if PLORA_REFIT in self.strategies and self.local_steps < 2:
+            raise ValueError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
+                             "give at least 2")
+
+    @property
+    def refit_steps(self) -> int:
+        """Steps of the personal refit in ``plora-refit`` (the rest of ``local_steps`` train both factors)."""
+        return max(1, self.local_steps // 4)
 
     @property
     def selected_per_round(self) -> int:
