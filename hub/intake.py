@@ -83,7 +83,8 @@ class UpdateIntake:
         self.aggregator: Aggregator = rules.strategy.new_aggregator(scaling)
         self._reassembler = Reassembler(
             max_message_bytes=rules.max_update_bytes,
-            max_pending_bytes=max(DEFAULT_MAX_PENDING_BYTES, rules.max_update_bytes),
+            # Room for several senders at their per-sender limit (max_message_bytes each).
+            max_pending_bytes=max(DEFAULT_MAX_PENDING_BYTES, 4 * rules.max_update_bytes),
             timeout_s=min(DEFAULT_TIMEOUT_S, round_timeout_s),  # an update must arrive within its round anyway
             # The HMAC is computed while the chunks arrive, so verifying costs no second pass.
             observe=envelope_mac_observer(self.store.secret_of),
@@ -91,6 +92,7 @@ class UpdateIntake:
         # (client, message id) -> (verdict, the round context it holds in; None: for good).
         self._recent_acks: collections.OrderedDict[tuple[str, bytes], tuple[Ack, tuple | None]] = (
             collections.OrderedDict())
+        self._strangers_told: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ the round's aggregate
     def start_new_aggregate(self) -> None:
@@ -145,17 +147,24 @@ class UpdateIntake:
                 if header.index == header.count - 1:
                     self._send_ack(ack)
                 return
-            # Refused as "not now" and the round has moved on since: judge a re-send again.
+            if header.index != 0:
+                return  # a stray redelivery; a re-send starts from chunk 0
+            # Refused as "not now" and the round has moved on since: judge the re-send again.
             del self._recent_acks[key]
             self._reassembler.forget(client_id, header.message_id)
         if self.store.secret_of(client_id) is None:
-            # Nobody the hub knows: refuse before reassembly, so strangers cannot take
-            # reassembly slots or memory (once per message; its other chunks are ignored).
-            if self._reassembler.refuse(client_id, header.message_id):
+            # Nobody the hub knows: refused before reassembly, so strangers take no reassembly
+            # room, and told once per message. Not remembered as a verdict: once the client is
+            # registered, the same message sent again is reassembled and judged.
+            if key not in self._strangers_told:
+                self._strangers_told[key] = None
+                while len(self._strangers_told) > _RECENT_ACKS_KEPT:
+                    self._strangers_told.popitem(last=False)
                 self.reject(client_id, None, header.message_id, ReasonCode.UNKNOWN_CLIENT,
                             f"updates on the topic of {client_id!r}, a client this hub has no secret for; "
                             "register the client with the hub first (or it was revoked)")  # fmt: skip
             return
+        self._strangers_told.pop(key, None)
         try:
             completed = self._reassembler.feed(payload, sender=client_id)
         except ProtocolError as error:

@@ -257,17 +257,17 @@ class Reassembler:
 
     - ``max_message_bytes``: largest payload accepted (``TOO_LARGE`` otherwise);
     - ``max_pending_messages`` and ``max_pending_bytes``: incomplete messages held at once
-      (a new message beyond them is refused with ``OVERLOADED``); ``max_pending_per_sender``:
-      of those, how many one sender may hold;
+      (a new message beyond them is refused with ``OVERLOADED``); ``max_pending_per_sender``
+      and ``max_pending_bytes_per_sender`` (default: ``max_message_bytes``): how many of
+      those messages, and how many of those declared bytes, one sender may hold, so no one
+      sender can take the room every other sender needs;
     - ``timeout_s``: a message must complete within this many seconds of its first chunk,
       or it is dropped and reported by ``drain_expired`` as ``EXPIRED``.
 
     ``feed`` raises ``ProtocolError`` for a refused chunk or dropped message. A message is
     reported once: after it completes or is dropped, further chunks of it (QoS 1
     duplicates, the rest of a refused message) are ignored for ``timeout_s``, unless the
-    receiver calls ``forget`` to have a re-send of it reassembled afresh. ``refuse`` marks a
-    message refused before any chunk of it was fed (e.g. from a sender the receiver does
-    not know), so its other chunks are ignored the same way.
+    receiver calls ``forget`` to have a re-send of it reassembled afresh.
 
     ``observe(sender, header)``, when given, is called once per accepted new message and
     may return a ``PayloadObserver`` that sees the payload's bytes as they are hashed; it
@@ -278,10 +278,14 @@ class Reassembler:
                  max_pending_messages: int = DEFAULT_MAX_PENDING_MESSAGES,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, timeout_s: float = DEFAULT_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic, observe: ObserverFactory | None = None,
-                 max_pending_per_sender: int = DEFAULT_MAX_PENDING_PER_SENDER) -> None:  # fmt: skip
+                 max_pending_per_sender: int = DEFAULT_MAX_PENDING_PER_SENDER,
+                 max_pending_bytes_per_sender: int | None = None) -> None:  # fmt: skip
+        if max_pending_bytes_per_sender is None:
+            max_pending_bytes_per_sender = max_message_bytes
         for name, value in (("max_message_bytes", max_message_bytes), ("max_pending_messages", max_pending_messages),
                             ("max_pending_bytes", max_pending_bytes),
-                            ("max_pending_per_sender", max_pending_per_sender)):  # fmt: skip
+                            ("max_pending_per_sender", max_pending_per_sender),
+                            ("max_pending_bytes_per_sender", max_pending_bytes_per_sender)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_message_bytes > max_pending_bytes:
@@ -294,6 +298,7 @@ class Reassembler:
         self.max_pending_messages = max_pending_messages
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_per_sender = max_pending_per_sender
+        self.max_pending_bytes_per_sender = max_pending_bytes_per_sender
         self.timeout_s = float(timeout_s)
         self._clock = clock
         self._observe = observe
@@ -302,6 +307,7 @@ class Reassembler:
         self._pending: dict[tuple[str, bytes], _PendingMessage] = {}
         self._pending_bytes = 0
         self._pending_per_sender: collections.Counter[str] = collections.Counter()
+        self._pending_bytes_per_sender: collections.Counter[str] = collections.Counter()
         # Messages already completed or dropped -> when to forget them. Bounded so a flood
         # of message ids cannot grow it without limit.
         self._finished: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
@@ -358,14 +364,6 @@ class Reassembler:
             return None
         return self._complete(key, pending, now)
 
-    def refuse(self, sender: str, message_id: bytes) -> bool:
-        """Mark a message refused without feeding it; True the first time (report it then)."""
-        key = (sender, message_id)
-        if key in self._finished or key in self._pending:
-            return False
-        self._remember_finished(key, self._clock())
-        return True
-
     def forget(self, sender: str, message_id: bytes) -> None:
         """Treat ``message_id`` from ``sender`` as never seen: its next chunks start it again.
 
@@ -411,6 +409,12 @@ class Reassembler:
             raise self._error(ReasonCode.OVERLOADED, header, sender,
                               f"refused: this sender already has {self._pending_per_sender[sender]} incomplete "
                               "messages (the limit per sender); finish or abandon those first")  # fmt: skip
+        if self._pending_bytes_per_sender[sender] + header.total_size > self.max_pending_bytes_per_sender:
+            self._remember_finished(key, now)
+            raise self._error(ReasonCode.OVERLOADED, header, sender,
+                              f"refused: its {header.total_size} bytes would take this sender's incomplete messages "
+                              f"past {self.max_pending_bytes_per_sender} bytes (the limit per sender; "
+                              f"{self._pending_bytes_per_sender[sender]} in use); finish or abandon those first")
         if len(self._pending) >= self.max_pending_messages:
             self._remember_finished(key, now)
             raise self._error(ReasonCode.OVERLOADED, header, sender,
@@ -426,14 +430,18 @@ class Reassembler:
         self._pending[key] = pending
         self._pending_bytes += header.total_size
         self._pending_per_sender[sender] += 1
+        self._pending_bytes_per_sender[sender] += header.total_size
         return pending
 
     def _release(self, key: tuple[str, bytes], pending: _PendingMessage) -> None:
         del self._pending[key]
         self._pending_bytes -= pending.header.total_size
-        self._pending_per_sender[key[0]] -= 1
-        if not self._pending_per_sender[key[0]]:
-            del self._pending_per_sender[key[0]]
+        sender = key[0]
+        self._pending_per_sender[sender] -= 1
+        self._pending_bytes_per_sender[sender] -= pending.header.total_size
+        if not self._pending_per_sender[sender]:
+            del self._pending_per_sender[sender]
+            del self._pending_bytes_per_sender[sender]
 
     def _complete(self, key: tuple[str, bytes], pending: _PendingMessage, now: float) -> CompletedMessage:
         self._release(key, pending)

@@ -149,3 +149,20 @@ def test_an_update_refused_for_timing_is_judged_again_when_sent_again(start_fede
     counted = read_status(federation.config.state_dir).rejections["invalid_update"]
     refused(b, b.publish(bad, message_id=bad_id), ReasonCode.INVALID_UPDATE)
     assert read_status(federation.config.state_dir).rejections["invalid_update"] == counted
+
+
+def test_a_strangers_message_is_judged_once_the_client_is_registered(start_federation):
+    """Refused as unknown once per message, but not blacklisted: after ``clients add`` the
+    same message id sent again is reassembled and judged."""
+    from fedvlm.hub.clients import register_client
+
+    federation = start_federation("embedded", clients=("a", "b"), min_clients=2)
+    a, _ = federation.connect("a", "b")
+    a.wait_collecting(1)
+    newcomer = FakeClient(federation.broker, "fed", "newcomer", new_client_secret()).connect()
+    federation.clients["newcomer"] = newcomer
+    message_id = newcomer.send(b_factors(4), 1)
+    refused(newcomer, message_id, ReasonCode.UNKNOWN_CLIENT)
+    newcomer.secret = register_client(federation.config.state_dir, "newcomer")
+    again = newcomer.wait_ack(newcomer.publish(newcomer.envelope(b_factors(4), 1), message_id=message_id))
+    assert again.reason_code is ReasonCode.NOT_SELECTED  # judged now: registered, but not in this round

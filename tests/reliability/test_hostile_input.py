@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+import pytest
 
 from benchmarks.fuzz_hub import HubProcess, _header
 from fedvlm.hub.clients import register_client
@@ -45,17 +46,25 @@ def test_stray_duplicates_of_a_message_refused_for_timing_do_not_hold_reassembly
     assert ack.accepted, ack
 
 
-def test_an_unauthenticated_sender_cannot_block_honest_updates(start_federation):
+@pytest.mark.parametrize("topic_client", ["nobody", "a"])
+def test_no_one_sender_can_block_honest_updates(start_federation, topic_client):
+    """Neither a stranger nor someone publishing on a registered client's topic (no ACL, no
+    secret needed: the HMAC is only checked at completion) can take the reassembly room
+    other clients need: by message count or by declared bytes."""
     federation = start_federation(clients=("a", "b"), min_clients=2, round_timeout_s=120.0)
     a, b = federation.connect("a", "b")
     a.wait_collecting(1)
     attacker = MqttLink(federation.broker.address, "attacker", protocol=federation.broker.protocol,
                         persistent_session=False).connect(10)  # fmt: skip
+    declared_max = 256 * 1024 * 1024  # the default max_update_bytes
     try:
-        for _ in range(MESSAGES):  # first chunks of 2-chunk messages from an id nobody registered
+        for index in range(MESSAGES):  # first chunks of messages that never complete
             message_id = os.urandom(16)
-            chunk = _header(message_id, 0, 2, MIN_CHUNK_SIZE, MIN_CHUNK_SIZE + 10) + bytes(MIN_CHUNK_SIZE)
-            attacker.publish(a.topics.update("nobody", message_id), chunk, qos=1)
+            # Alternate small messages (to use up slots) with ones declaring the largest size
+            # (4 of which would use up the hub's whole byte budget without a per-sender share).
+            total = MIN_CHUNK_SIZE + 10 if index % 5 == 4 else declared_max
+            chunk = _header(message_id, 0, -(-total // MIN_CHUNK_SIZE), MIN_CHUNK_SIZE, total) + bytes(MIN_CHUNK_SIZE)
+            attacker.publish(a.topics.update(topic_client, message_id), chunk, qos=1)
         time.sleep(1.0)
         ack = b.wait_ack(b.send(b_factors(2), 1, 10))
         assert ack.accepted, ack
@@ -63,7 +72,10 @@ def test_an_unauthenticated_sender_cannot_block_honest_updates(start_federation)
         attacker.close()
 
 
-def test_declared_sizes_from_an_unauthenticated_sender_do_not_inflate_hub_memory(tmp_path):
+@pytest.mark.parametrize("topic_client", ["nobody", "a"])
+def test_declared_sizes_do_not_inflate_hub_memory(tmp_path, topic_client):
+    """Memory follows the bytes that arrived: first chunks declaring 256 MiB each, from a
+    stranger or on a registered client's topic, do not make the hub allocate it."""
     state_dir, port = tmp_path / "state", free_port()
     secrets = {name: register_client(state_dir, name) for name in ("a", "b")}
     hub = HubProcess(state_dir, tmp_path / "hub.log", ["--port", str(port), "--min-clients", "2"])
@@ -79,7 +91,7 @@ def test_declared_sizes_from_an_unauthenticated_sender_do_not_inflate_hub_memory
         for _ in range(4):
             message_id = os.urandom(16)
             chunk = _header(message_id, 0, total // MIN_CHUNK_SIZE, MIN_CHUNK_SIZE, total) + bytes(MIN_CHUNK_SIZE)
-            attacker.publish(clients[0].topics.update("nobody", message_id), chunk, qos=1)
+            attacker.publish(clients[0].topics.update(topic_client, message_id), chunk, qos=1)
         time.sleep(2.0)
         attacker.close()
         grown_mib = (hub.status()["VmRSS"] - before) / 1024

@@ -167,11 +167,12 @@ def test_one_sender_cannot_take_every_pending_slot():
     assert [reassembler.feed(c, sender="honest") for c in honest][-1].payload == b"h" * 3000
 
 
-def test_a_refused_message_is_reported_once_and_its_chunks_ignored():
-    chunks = split_payload(b"r" * 3000, chunk_size=MIN_CHUNK_SIZE)
-    message_id = chunks[0][6:22]
-    reassembler = Reassembler()
-    assert reassembler.refuse("stranger", message_id) is True
-    assert reassembler.refuse("stranger", message_id) is False
-    assert all(reassembler.feed(c, sender="stranger") is None for c in chunks)
-    assert reassembler.pending_message_count == 0
+def test_one_sender_cannot_declare_all_the_pending_bytes():
+    reassembler = Reassembler(max_message_bytes=64 * 1024, max_pending_bytes=256 * 1024)
+    first = split_payload(bytes(60 * 1024), chunk_size=MIN_CHUNK_SIZE)[0]
+    second = split_payload(bytes(60 * 1024), chunk_size=MIN_CHUNK_SIZE)[0]
+    assert reassembler.feed(first, sender="greedy") is None
+    with pytest.raises(ProtocolError) as refused:
+        reassembler.feed(second, sender="greedy")  # 120 KiB declared: over its 64 KiB share
+    assert refused.value.reason is ReasonCode.OVERLOADED and "per sender" in str(refused.value)
+    assert reassembler.feed(second, sender="honest") is None  # the room is still there for others
