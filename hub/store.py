@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -26,6 +27,8 @@ from typing import Any
 
 from .errors import ClientRegistryError, HubError, StateDirMismatch
 from .secrets_at_rest import SecretBox, SecretsKeyError, is_encrypted, resolve_key_path
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DATABASE_NAME",
@@ -191,6 +194,7 @@ class HubStore:
         self.path = Path(path)
         self.secrets_key_path = resolve_key_path(self.path.parent, secrets_key_file)
         self._box: SecretBox | None = None
+        self._secrets_migrated = False  # set once protect_secrets has run in this process
         if not self.path.exists():
             if not create:
                 raise HubError(f"no hub state at {self.path}: start the hub or register a client there first, "
@@ -300,12 +304,22 @@ class HubStore:
         Also checks that the secrets key is the right one whenever secrets are stored, so a
         hub with the wrong key fails at start rather than on every update.
         """
+        self._secrets_migrated = True
         with self._lock:
             rows = self._query("SELECT client_id, secret FROM clients WHERE secret IS NOT NULL")
             plain = [(client_id, secret) for client_id, secret in rows if not is_encrypted(secret)]
-            if not rows and self.get_meta(_KEY_ID_META) is None:
+            already_encrypted = self.get_meta(_KEY_ID_META) is not None
+            if not rows and not already_encrypted:
                 return 0  # nothing to protect yet: the key is made with the first secret
             box = self._secret_box()
+            if plain and already_encrypted:
+                # Only a database never encrypted holds plain text legitimately; in one that
+                # was, it was planted (by someone who can write the file but not read the
+                # key). Encrypting it would launder it; it stays untrusted (secret_of refuses it).
+                log.error("refusing plain-text secrets planted in %s for client(s) %s; re-register them "
+                          "(fedvlm-hub clients revoke, then clients add)", self.path,
+                          ", ".join(sorted(client_id for client_id, _ in plain)))  # fmt: skip
+                return 0
             if not plain:
                 return 0
             with self._conn:
@@ -357,7 +371,15 @@ class HubStore:
             return None
         stored = rows[0][0]
         if not is_encrypted(stored):
-            return stored  # written by an older hub and not migrated yet (a read-only opener)
+            # Written by an older hub and not migrated yet: only a read-only opener of a
+            # database never migrated sees that. Anywhere else a plain-text secret was put
+            # there behind the hub's back (someone who can write the file but not read the
+            # key): never trust it.
+            if self._secrets_migrated or self.get_meta(_KEY_ID_META) is not None:
+                log.error("client %s has a plain-text secret in %s, where secrets are encrypted: refused; "
+                          "re-register the client (fedvlm-hub clients revoke, then clients add)", client_id, self.path)
+                return None
+            return stored
         return self._secret_box().decrypt(stored, client_id)
 
     def active_secrets(self) -> dict[str, str]:

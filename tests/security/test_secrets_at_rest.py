@@ -143,3 +143,20 @@ def test_revoke_applies_to_the_next_update_while_the_hub_runs(start_federation, 
     assert a.wait_ack(a.send(b_factors(4), 2)).accepted  # the others carry on
     assert federation.hub.store.rejection_counts() == {"unknown_client": 1}
     assert {r.client_id for r in federation.hub.store.receipts(2)} == {"a"}
+
+
+def test_a_plain_text_secret_slipped_into_an_encrypted_database_is_never_trusted(tmp_path: Path, capsys):
+    """Someone who can write hub.sqlite3 but not read the key cannot plant a secret of
+    their choosing, for an existing client or a new row."""
+    state = tmp_path / "hub"
+    _add(capsys, state, "phone-1")
+    planted = new_client_secret()
+    database = sqlite3.connect(state / DATABASE_NAME)
+    with database:
+        database.execute("UPDATE clients SET secret = ? WHERE client_id = 'phone-1'", (planted,))
+        database.execute("INSERT INTO clients (client_id, secret, created_at) VALUES ('intruder', ?, 0)", (planted,))
+    database.close()
+    for create in (True, False):  # the hub's own opener, and a read-only one
+        with HubStore.in_state_dir(state, create=create) as store:
+            assert store.secret_of("phone-1") is None
+            assert store.secret_of("intruder") is None
