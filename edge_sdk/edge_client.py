@@ -461,9 +461,13 @@ class EdgeClient:
             base_fingerprint=self.model.fingerprint, lora_config_hash=self.model.lora.config_hash(),
         )
         body_metadata = {k: str(v) for k, v in metadata.to_dict().items() if k != "type"}
-        metrics = {"train": train_metrics, "eval": eval_metrics}
-        if self.privacy is not None:
-            metrics["privacy"] = self._privacy_spent(round_number)
+        if self.privacy is None:
+            metrics = {"train": train_metrics, "eval": eval_metrics}
+        else:
+            # Under DP only the accounting leaves the device: losses, accuracies and the
+            # pre-clip norm are functions of the private data that the noise does not cover.
+            spent = self.privacy.last_spent
+            metrics = {"privacy": spent.public_dict() if spent is not None and spent.round == round_number else None}
         body_metadata["metrics"] = json.dumps(metrics)
         body = tensor_codec.encode(shared, body_metadata)
         return sign_for_sending(body, metadata, self.client_id, self.secret)

@@ -160,6 +160,10 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float,
     return epsilon_from_rdp(releases * gaussian_rdp(noise_multiplier, orders), orders, delta)[0]
 
 
+# PrivacySpent fields computed from the device's data: never sent with the update.
+_DATA_DEPENDENT = frozenset({"clip_norm_before", "clipped"})
+
+
 @dataclasses.dataclass(frozen=True)
 class PrivacySpent:
     """(ε, δ) of this round's update alone and of every update this device has sent."""
@@ -176,6 +180,11 @@ class PrivacySpent:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict:
+        """What may travel with the noised update: the accounting, nothing computed from the
+        data (the pre-clip norm and whether it was clipped are, so they stay on the device)."""
+        return {key: value for key, value in self.to_dict().items() if key not in _DATA_DEPENDENT}
 
 
 class PrivacyLedger:

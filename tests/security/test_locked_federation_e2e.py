@@ -125,6 +125,9 @@ def test_a_round_over_tls_with_acls_and_dp_leaks_no_secret(tmp_path: Path, tiny_
     assert values.std() == pytest.approx(DP_SIGMA * DP_CLIP, rel=0.1)
     expected_epsilon = gaussian_epsilon(DP_SIGMA, 1, 1e-5)
     assert dp_metrics["privacy"]["epsilon_total"] == pytest.approx(expected_epsilon)
+    # Nothing computed from the device's data travels beside the noised factors.
+    assert set(dp_metrics) == {"privacy"}
+    assert not {"clip_norm_before", "clipped"} & set(dp_metrics["privacy"])
     (report,) = [json.loads(line) for line in outputs["device dev-a"].splitlines() if line.startswith('{"round"')]
     assert report["accepted"] and report["privacy"]["epsilon_round"] == pytest.approx(expected_epsilon)
     assert "privacy" not in outputs["device dev-b"]
