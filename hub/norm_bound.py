@@ -2,8 +2,12 @@
 
 A poisoning client sends shared factors far from the current global ones (a huge B). The
 hub measures each update's *displacement*: the L2 norm of ``update - global`` over all of
-its shared tensors together (the global version the round was trained from; zeros before
-the first one), and bounds it before the update enters the round's streaming sum:
+its shared tensors together (the global version the round was trained from), and bounds it
+before the update enters the round's streaming sum. Before the first global version the
+reference is the shared initialisation, which the hub knows only for the factors that
+start at zero (lora_B): then only those are measured and bounded, and lora_A (a random
+initialisation from the announced seed, which the hub cannot rebuild without the model)
+passes unbounded until a global version exists.
 
 - ``clip`` (default): an update whose displacement exceeds the bound is scaled back onto
   the bound (``global + delta * bound / norm``) and accepted. Its pull on the new global
@@ -40,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from fedvlm.shared import lora_keys
 from fedvlm.shared.aggregation import AggregationError, StreamingWeightedMean
 from fedvlm.shared.strategies import Aggregator, Strategy
 
@@ -120,6 +125,14 @@ class NormHistory:
         self._save(json.dumps({str(r): m for r, m in kept.items()}))
 
 
+def _measurable(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> list[str]:
+    """The tensors whose starting point the hub knows: all of them once a global version
+    exists; before that only the zero-initialised lora_B factors."""
+    if reference:
+        return list(tensors)
+    return [name for name in tensors if lora_keys.factor_of(name) == "B"]
+
+
 def update_displacement(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> float:
     """L2 norm of ``tensors - reference`` over all tensors (a missing reference tensor is zero), in float64."""
     total = 0.0
@@ -163,7 +176,11 @@ class NormBoundedAggregator(Aggregator):
         # refused, never clipped into something acceptable.
         StreamingWeightedMean().check(shared_tensors, weight)
         reference, bound = self._reference(), self.bound()
-        norm = update_displacement(shared_tensors, reference)
+        measured = _measurable(shared_tensors, reference)
+        if not measured:  # nothing with a known starting point (e.g. fedsa's A in round 1)
+            self.inner.add(shared_tensors, weight)
+            return
+        norm = update_displacement({name: shared_tensors[name] for name in measured}, reference)
         tensors = shared_tensors
         clipped = False
         if bound is not None and norm > bound:
@@ -171,8 +188,9 @@ class NormBoundedAggregator(Aggregator):
                 raise AggregationError(f"update moves the shared factors by {norm:.4g} (L2 norm of update - global), "
                                        f"over this round's bound of {bound:.4g}; the update is refused")
             scale = bound / norm
-            tensors = {}
-            for name, array in shared_tensors.items():
+            tensors = dict(shared_tensors)
+            for name in measured:
+                array = shared_tensors[name]
                 base = np.asarray(reference[name], dtype=np.float64) if reference and name in reference else 0.0
                 tensors[name] = (base + (np.asarray(array, dtype=np.float64) - base) * scale).astype(array.dtype)
             clipped = True

@@ -176,3 +176,26 @@ def test_start_flags_and_config_set_the_rule_and_refuse_nonsense(tmp_path):
                 {"max_update_norm": float("nan")}):  # fmt: skip
         with pytest.raises(HubConfigError):
             HubConfig(**bad)
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fedsa"])
+def test_before_the_first_global_only_zero_initialised_factors_are_bounded(strategy):
+    """Round 1 has no global version to measure from: lora_A starts from a random shared
+    initialisation the hub cannot rebuild, so it is left alone (never shrunk towards zero);
+    lora_B starts at zero and is bounded as usual."""
+    from tests.hub.fake_clients import a_factors
+
+    rule = NormBoundRule(max_update_norm=0.5)
+    aggregator = NormBoundedAggregator(get_strategy(strategy).new_aggregator(2.0), rule, lambda: 0.5, lambda: None)
+    honest_a = {name: array * 10 for name, array in a_factors(1).items()}  # a random init is far from zero
+    huge_b = {name: array * 1000 for name, array in b_factors(1).items()}
+    update = {**honest_a, **huge_b} if strategy == "fedit" else honest_a
+    aggregator.add(update, 3)
+    result = aggregator.result(None)
+    for name, array in honest_a.items():
+        np.testing.assert_allclose(result[name], array, rtol=1e-6)  # A not shrunk (float32 mean of one)
+    if strategy == "fedit":
+        assert update_displacement({n: result[n] for n in huge_b}, None) == pytest.approx(0.5, rel=1e-5)
+        assert aggregator.clipped == 1
+    else:
+        assert aggregator.norms == []  # nothing measurable: no median from it either
