@@ -525,10 +525,16 @@ class EdgeClient:
         if not info_path.exists() or not body_path.exists() or not adapter_path.exists():
             return None
         info = json.loads(info_path.read_text())
+        adapter, _ = tensor_codec.decode(adapter_path.read_bytes())
         if info["round"] != round_number:
+            if info["round"] < round_number:
+                # The hub moved on while we were away, perhaps having accepted this update:
+                # keep the personal factors it was trained with (the shared ones come with
+                # the next global version); re-sending it is pointless now.
+                personal_names = self.model.personal_factors().keys()
+                self.model.load_personal({name: adapter[name] for name in personal_names if name in adapter})
             self._clear_pending()
             return None
-        adapter, _ = tensor_codec.decode(adapter_path.read_bytes())
         return (body_path.read_bytes(), bytes.fromhex(info["message_id"]), info["train"], info["evaluation"],
                 adapter)  # fmt: skip
 

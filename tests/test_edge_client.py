@@ -199,3 +199,24 @@ def test_a_device_killed_before_its_ack_resends_and_keeps_what_it_trained(tmp_pa
         if device is not None and device.poll() is None:
             device.kill()
         mosquitto.stop()
+
+
+def test_a_stale_pending_update_still_leaves_its_trained_personal_factors(tmp_path, tiny_model_dir, tiny_federation):
+    """Back after the hub moved on (the update may have been accepted): the update is not
+    re-sent, but the personal factors it was trained with are kept, not the older ones."""
+    from fedvlm.edge.personal_model import PersonalVLM
+
+    client = EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 32,
+                        tmp_path / "device", training=QUICK, quantization="none")  # never connected
+    client.model = PersonalVLM.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=8), strategy="plora",
+                                               quantization="none")  # fmt: skip
+    before = client.model.personal_factors()
+    client.model.train(tiny_federation.clients[0].train, QUICK)
+    trained = client.model.personal_factors()
+    assert any(not np.array_equal(before[k], trained[k]) for k in before)
+    client._save_pending(3, b"envelope", b"\x01" * 16, {}, None)
+    client.model.load_personal(before)  # as after a restart from the last committed state
+
+    assert client._pending_update(4) is None  # the hub is at round 4 now: nothing to re-send
+    assert all(np.array_equal(client.model.personal_factors()[k], v) for k, v in trained.items())
+    assert not (tmp_path / "device" / "pending_update.json").exists()
