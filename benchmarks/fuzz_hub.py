@@ -89,9 +89,10 @@ IDLE = "idle"  # registered, never online: never selected
 # MB; a small limit keeps the bound on what partial messages may pin in memory small.
 MAX_UPDATE_BYTES = 4 * 1024 * 1024
 # Messages left incomplete stay in the hub's reassembler until its timeout (longer than
-# the run): keep them under the hub's 64 pending messages, or later messages would be
-# refused as "overloaded" and the expected counts would depend on timing.
-MAX_PARTIAL_MESSAGES = 24
+# the run): keep them under the hub's pending limits (8 messages per sender, 64 in all),
+# with room for the sender's later messages, or those would be refused as "overloaded" and
+# the expected counts would depend on timing. Alternating senders: 3 each.
+MAX_PARTIAL_MESSAGES = 3 * len(HOSTILE)
 _HEADER = struct.Struct(">4sH16sIIIQ32s")
 _ENVELOPE_PREFIX = struct.Struct(">4sHB")
 
@@ -304,8 +305,8 @@ def case_partial(ctx: FuzzContext) -> Case:
     """A device that died mid-upload: some chunks, never the rest. Held until the hub's timeout."""
     if ctx.partials_sent >= MAX_PARTIAL_MESSAGES:
         return case_corrupt(ctx)
+    sender = HOSTILE[ctx.partials_sent % len(HOSTILE)]
     ctx.partials_sent += 1
-    sender = ctx.hostile()
     chunks = ctx.chunks(sender, ctx.envelope(sender, extra={"pad": "z" * 5000}))
     kept = ctx.rng.sample(chunks, ctx.rng.randint(1, len(chunks) - 1))
     return Case("partial_upload", kept, _expect(), partial=True)

@@ -76,8 +76,9 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_PENDING_MESSAGES = 64
 # One sender (one client's topic) may hold only a few of those slots, so a buggy or hostile
-# client cannot starve the others; an honest device sends one update at a time.
-DEFAULT_MAX_PENDING_PER_SENDER = 4
+# client cannot starve the others; an honest device sends one update at a time (the room
+# left covers a few uploads abandoned by crashes within the reassembly timeout).
+DEFAULT_MAX_PENDING_PER_SENDER = 8
 DEFAULT_MAX_PENDING_BYTES = 1024 * 1024 * 1024
 # Long enough for a large update over a slow uplink (256 MiB at ~4 Mbit/s).
 DEFAULT_TIMEOUT_S = 600.0
