@@ -458,15 +458,17 @@ class HubService:
                                      total_size=len(payload), chunk_count=manifest.chunk_count,
                                      chunk_size=manifest.chunk_size, manifest=manifest.to_json().decode("utf-8"),
                                      created_at=now, published=False)  # fmt: skip
-        store.add_global_version(record, closes_attempt=current.attempt, now=now)
         aggregator = intake.aggregator
         if isinstance(aggregator, NormBoundedAggregator):
-            # After the version is committed: a hub killed before this line re-aggregates
-            # the round, and its bound must still come from the rounds before it.
+            # Before the version is committed, so a hub killed in between never leaves the
+            # next round without a bound. Harmless if the round is aggregated again after a
+            # restart: a round's bound comes only from the rounds before it, and recording
+            # the same round again replaces its median.
             self._norm_history.record(current.number, aggregator.norms)
             if aggregator.clipped:
                 self.console.event(f"round {current.number}: {aggregator.clipped} update(s) clipped to the update "
                                    f"norm bound")  # fmt: skip
+        store.add_global_version(record, closes_attempt=current.attempt, now=now)
         samples = sum(receipt.sample_count for receipt in store.receipts(current.number))
         self._lifecycle.complete()
         intake.start_new_aggregate()
