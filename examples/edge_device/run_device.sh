@@ -64,6 +64,7 @@ if [[ $skip_join -eq 0 ]]; then
           --mqtt-version "${MQTT_VERSION:-auto}" --quiet)
     [[ -n "${EVAL_DATA:-}" ]] && join+=(--eval-data "$EVAL_DATA")
     [[ -n "$rounds" ]] && join+=(--rounds "$rounds")
+    [[ "${BROKER_LOGIN:-0}" == 1 ]] && join+=(--broker-login)
     [[ -n "${BROKER_USERNAME:-}" ]] && join+=(--username "$BROKER_USERNAME")
     [[ -n "${BROKER_PASSWORD_FILE:-}" ]] && join+=(--password-file "$BROKER_PASSWORD_FILE")
     [[ -n "${CA_FILE:-}" ]] && join+=(--ca-file "$CA_FILE")
