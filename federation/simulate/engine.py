@@ -183,7 +183,7 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
                    "global_accuracy": scorer.accuracy(states[i], pooled),
                    "bytes_up": bytes_up[i], "bytes_down": bytes_down[i]} for i, client in enumerate(clients)]
     shared = {"tensors": len(shared_template), "values": int(sum(v.size for v in shared_template.values())),
-              "factors": sorted({name.rsplit(".lora_", 1)[-1][0] for name in shared_template})}
+              "factors": sorted({factor_of(name) for name in shared_template})}
     return rounds, per_client, shared
 
 

@@ -75,8 +75,12 @@ def _simulate(settings: SimulationSettings) -> dict:
     from fedvlm import __version__
 
     transformers.utils.logging.disable_progress_bar()  # a loading bar per run would bury the simulation's own
+    from fedvlm.edge.model_loading import base_fingerprint
+
     model_dir = prepare_model(settings)
-    _check_resumable(settings, {**settings.run_key(), "model": str(model_dir)})
+    # The fingerprint, not just the folder: a base rebuilt in place must not mix with runs on the old one.
+    _check_resumable(settings, {**settings.run_key(), "model": str(model_dir),
+                                "base_fingerprint": base_fingerprint(model_dir)})
     units_per_run = settings.rounds
     # Seed by seed, so one seed's clients are drawn once and shared by all its strategies.
     todo = [(name, seed) for seed in settings.seeds for name in settings.strategies]
