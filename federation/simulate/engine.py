@@ -165,7 +165,9 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
             for index in range(len(clients)):  # the global version is retained: every client fetches it
                 states[index] = strategy.absorb(states[index], global_state)
                 bytes_down[index] += down
-                if refit_steps:  # local work only: nothing more is sent
+                # Local work only (nothing more is sent), and only by clients that trained this
+                # round, so the variant costs what pLoRA costs with any --fraction.
+                if refit_steps and index in selected:
                     model.load_adapter_state(states[index])
                     _refit_personal(model, encoded[index],
                                     training_config(settings, refit_steps, seed, round_number, 500 + index))
