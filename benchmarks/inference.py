@@ -81,7 +81,6 @@ def _measure(vlm, personal, imgs, qs, args) -> dict:
 
 
 def run(args) -> dict:
-    import numpy as np
     import onnxruntime as ort
     import torch
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from fedvlm.shared.cli_support import UsageError, run_command
+from fedvlm.shared.cli_support import UsageError, read_secret_file, run_command
 
 PROGRAM = "fedvlm-edge"
 
@@ -136,16 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_secret(path: str, what: str) -> str:
-    try:
-        secret = Path(path).read_text().strip()
-    except OSError as exc:
-        raise FileNotFoundError(f"cannot read the {what} file {path!r}: {exc.strerror}") from exc
-    if not secret:
-        raise UsageError(f"the {what} file {path!r} is empty")
-    return secret
-
-
 def _join(args: argparse.Namespace) -> int:
     import logging
 
@@ -168,11 +157,11 @@ def _join(args: argparse.Namespace) -> int:
 
     hub_address = BrokerAddress.parse(args.hub, ca_file=args.ca_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    secret = _read_secret(args.secret_file, "secret")
+    secret = read_secret_file(args.secret_file, "secret")
     records = load_records(args.data, skip_bad=args.skip_bad)
     eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
     username = args.username
-    password = _read_secret(args.password_file, "password") if args.password_file else None
+    password = read_secret_file(args.password_file, "password") if args.password_file else None
     if args.broker_login:
         from fedvlm.shared.broker_credentials import broker_password
 

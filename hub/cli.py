@@ -21,12 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedvlm.shared.cli_support import run_command
+from fedvlm.shared.cli_support import read_secret_file, run_command
 from fedvlm.shared.mqtt_link import BrokerUnavailable
 from fedvlm.shared.strategies import STRATEGY_NAMES
 
 from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
-from .errors import HubError
 
 PROGRAM = "fedvlm-hub"
 PASSWORD_ENVIRONMENT = "FEDVLM_BROKER_PASSWORD"
@@ -201,21 +200,11 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
     overrides["round_timeout_s"] = args.round_timeout
     overrides["secrets_key_file"] = args.secrets_key_file
     if args.password_file is not None:
-        overrides["password"] = _read_password_file(args.password_file)
+        overrides["password"] = read_secret_file(args.password_file, "broker password")
     if overrides["password"] is None and os.environ.get(PASSWORD_ENVIRONMENT):
         overrides["password"] = os.environ[PASSWORD_ENVIRONMENT]
     lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "init_seed": args.lora_seed}
     return load_config(args.config, overrides, lora)
-
-
-def _read_password_file(path: Path) -> str:
-    try:
-        password = path.read_text().strip()
-    except OSError as error:
-        raise HubError(f"cannot read the broker password file {path}: {error.strerror}") from None
-    if not password:
-        raise HubError(f"the broker password file {path} is empty")
-    return password
 
 
 def _run_start(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 # Exit status for a user mistake (bad flag, missing file, malformed data), as argparse uses.
@@ -17,6 +18,20 @@ class UsageError(ValueError):
     ValueError keep working; a plain ValueError from deeper down is a bug, and a command
     that lists only UsageError among its user errors shows its traceback.
     """
+
+
+def read_secret_file(path: str | os.PathLike[str], what: str) -> str:
+    """The one-line secret in ``path`` (a client secret, a broker password), stripped.
+
+    Secrets come from files rather than flags so they never show in ``ps``.
+    """
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} file {str(path)!r}: {exc.strerror}") from None
+    if not secret:
+        raise UsageError(f"the {what} file {str(path)!r} is empty")
+    return secret
 
 
 def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None,

@@ -192,7 +192,6 @@ class MqttLink:
             self._connect_error = None
             connect_kwargs = {"keepalive": self.keepalive}
             if protocol == "5":
-                import paho.mqtt.client as mqtt
                 from paho.mqtt.properties import Properties
                 from paho.mqtt.packettypes import PacketTypes
 
