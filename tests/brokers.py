@@ -101,6 +101,11 @@ class MosquittoProcess:
         return RunningBroker("mosquitto", LOOPBACK, self.port)
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Write the config, start mosquitto and wait until it listens (restartable)."""
+        self._write_config()
+        return self._launch(timeout)
+
+    def _write_config(self) -> None:
         self.config_path.write_text(
             f"listener {self.port} {LOOPBACK}\n"
             "allow_anonymous true\n"
@@ -108,6 +113,8 @@ class MosquittoProcess:
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
+
+    def _launch(self, timeout: float) -> MosquittoProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
@@ -115,8 +122,9 @@ class MosquittoProcess:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
+                log_text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
                 raise RuntimeError(f"mosquitto exited with {self.process.returncode} on port {self.port}: "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")  # fmt: skip
+                                   f"{log_text[-2000:]}")  # fmt: skip
             try:
                 wait_for_port(LOOPBACK, self.port, timeout=0.2)
                 return self

@@ -14,12 +14,10 @@ import dataclasses
 import datetime
 import ipaddress
 import os
-import subprocess
-import time
 from pathlib import Path
 
 from fedvlm.shared.mqtt_link import BrokerAddress
-from tests.brokers import LOOPBACK, MosquittoProcess, wait_for_port
+from tests.brokers import LOOPBACK, MosquittoProcess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,28 +83,15 @@ class LockedMosquitto(MosquittoProcess):
 
     def __init__(self, conf_file: Path, port: int) -> None:
         super().__init__(conf_file.parent, port)
-        self.conf_file = conf_file.with_name("mosquitto-test.conf")
+        self.config_path = conf_file.with_name("mosquitto-test.conf")
         self.log_path = conf_file.with_name("mosquitto.log")
         text = conf_file.read_text() + f"log_dest file {self.log_path}\n"
         if os.geteuid() == 0:
             text += "user root\n"
-        self.conf_file.write_text(text)
+        self.config_path.write_text(text)
 
-    def start(self, timeout: float = 10.0) -> LockedMosquitto:
-        self.process = subprocess.Popen([self.binary, "-c", str(self.conf_file)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {log[-2000:]}")
-            try:
-                wait_for_port(LOOPBACK, self.port, timeout=0.2)
-                return self
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise
+    def _write_config(self) -> None:
+        pass  # written once, from broker-config's file, in __init__
 
     def reload(self) -> None:
         """SIGHUP: mosquitto re-reads its password and ACL files."""
