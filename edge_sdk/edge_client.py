@@ -30,7 +30,7 @@ from typing import Sequence
 
 from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
 from fedvlm.edge.errors import EdgeError
-from fedvlm.edge.privacy import DPConfig, UpdatePrivatizer
+from fedvlm.edge.privacy import DPConfig, PrivacySpent, UpdatePrivatizer
 from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
@@ -424,10 +424,11 @@ class EdgeClient:
             log.warning("%s: no acknowledgement for round %d yet; will re-send the same update",
                         self.client_id, hub.round)
             return None
+        spent = self._privacy_spent(hub.round)
         report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
                              samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,
                              bytes_sent=len(envelope), global_version=self.state.global_version,
-                             privacy=self._privacy_spent(hub.round))
+                             privacy=spent.to_dict() if spent is not None else None)
         self.reports.append(report)
         self._clear_pending()
         if ack.accepted:
@@ -466,8 +467,8 @@ class EdgeClient:
         else:
             # Under DP only the accounting leaves the device: losses, accuracies and the
             # pre-clip norm are functions of the private data that the noise does not cover.
-            spent = self.privacy.last_spent
-            metrics = {"privacy": spent.public_dict() if spent is not None and spent.round == round_number else None}
+            spent = self._privacy_spent(round_number)
+            metrics = {"privacy": spent.public_dict() if spent is not None else None}
         body_metadata["metrics"] = json.dumps(metrics)
         body = tensor_codec.encode(shared, body_metadata)
         return sign_for_sending(body, metadata, self.client_id, self.secret)
@@ -479,9 +480,10 @@ class EdgeClient:
         global_state = self.state.global_state if self.state.global_version > 0 else {}
         return {name: global_state.get(name, initial) for name, initial in self._initial_shared.items()}
 
-    def _privacy_spent(self, round_number: int) -> dict | None:
+    def _privacy_spent(self, round_number: int) -> PrivacySpent | None:
+        """What this round's update spent, with differential privacy on."""
         spent = self.privacy.last_spent if self.privacy is not None else None
-        return spent.to_dict() if spent is not None and spent.round == round_number else None
+        return spent if spent is not None and spent.round == round_number else None
 
     def _wait_for_ack(self, message_id: bytes, hub: HubState, timeout: float | None = None,
                       resend=None) -> Ack | None:

@@ -27,7 +27,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """What ``fedvlm-edge`` reports in one line. Not ValueError or KeyError in general: those
     from deep inside are bugs, and their traceback is what a bug report needs."""
     from fedvlm.edge.data.records import DataError
-    from fedvlm.shared.cli_support import UsageError
+    from fedvlm.shared.usage_error import UsageError
     from fedvlm.shared.mqtt_link import BrokerUnavailable
     from fedvlm.shared.protocol import ProtocolError
     from fedvlm.shared.tensor_codec import CodecError

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from fedvlm.edge.batching import PromptFormat, collate
 from fedvlm.edge.training import QAExample, encode_examples
-from fedvlm.shared.cli_support import UsageError
+from fedvlm.shared.usage_error import UsageError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from fedvlm.shared.cli_support import UsageError
+from fedvlm.shared.usage_error import UsageError
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedvlm.edge.batching import EncodedExample, PromptFormat, collate
-from fedvlm.shared.cli_support import UsageError
+from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.durable_files import write_durably
 
 

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 
-from .cli_support import UsageError
+from .usage_error import UsageError
 
 __all__ = ["broker_password", "plaintext_warning"]
 

@@ -7,17 +7,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .usage_error import UsageError
+
+__all__ = ["USER_ERROR_EXIT", "UsageError", "read_secret_file", "run_command"]
+
 # Exit status for a user mistake (bad flag, missing file, malformed data), as argparse uses.
 USER_ERROR_EXIT = 2
-
-
-class UsageError(ValueError):
-    """A value a person gave is wrong: a flag, a URL, a setting, a secret file's content.
-
-    Commands print it on one line. It is a ValueError, so library callers that catch
-    ValueError keep working; a plain ValueError from deeper down is a bug, and a command
-    that lists only UsageError among its user errors shows its traceback.
-    """
 
 
 def read_secret_file(path: str | os.PathLike[str], what: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from fedvlm.shared.cli_support import UsageError
+from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.tensor_codec import config_hash
 
 # Module paths of the text decoder in transformers' VLMs: LLaVA, Qwen2-VL, Gemma 3 and most

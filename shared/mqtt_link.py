@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from typing import Callable, Sequence
 
-from .cli_support import UsageError
+from .usage_error import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fedvlm.shared.cli_support import UsageError
+from fedvlm.shared.usage_error import UsageError
 
 QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from fedvlm.edge.data.conventions import CLASSES, QUESTION_KINDS, Convention, client_convention
 from fedvlm.edge.data.scenes import MIN_IMAGE_SIZE, uniform_class_weights
-from fedvlm.shared.cli_support import UsageError
+from fedvlm.shared.usage_error import UsageError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "iid": {},

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fedvlm.edge.data.conventions import CLASSES
-from fedvlm.shared.cli_support import UsageError
+from fedvlm.shared.usage_error import UsageError
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -45,7 +45,7 @@ from .errors import ProtocolError, ReasonCode, SignatureError
 from .identifiers import MAX_ID_LENGTH, validate_client_id
 from .messages import EnvelopeMetadata
 from .version import PROTOCOL_VERSION
-from ..cli_support import UsageError
+from ..usage_error import UsageError
 
 __all__ = [
     "ENVELOPE_MAGIC",
