@@ -152,7 +152,7 @@ class UpdateIntake:
             # Refused as "not now" and the round has moved on since: judge the re-send again.
             del self._recent_acks[key]
             self._reassembler.forget(client_id, header.message_id)
-        if self.store.secret_of(client_id) is None:
+        if not self.store.is_active_client(client_id):
             # Nobody the hub knows: refused before reassembly, so strangers take no reassembly
             # room, and told once per message. Not remembered as a verdict: once the client is
             # registered, the same message sent again is reassembled and judged.

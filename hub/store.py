@@ -382,6 +382,11 @@ class HubStore:
             return stored
         return self._secret_box().decrypt(stored, client_id)
 
+    def is_active_client(self, client_id: str) -> bool:
+        """Registered and not revoked: a cheap check (no decryption) for every incoming chunk."""
+        return bool(self._query("SELECT 1 FROM clients WHERE client_id = ? AND revoked_at IS NULL "
+                                "AND secret IS NOT NULL", (client_id,)))  # fmt: skip
+
     def active_secrets(self) -> dict[str, str]:
         """Every active client's secret (for writing the broker's password file)."""
         return {client_id: secret for client_id in sorted(self.active_client_ids())
