@@ -242,14 +242,11 @@ class EnvelopeMacObserver:
         """True once the signer and its key are known; gives up for good on a bad prefix."""
         if len(self._head) < _PREFIX.size:
             return False
-        magic, version, id_length = _PREFIX.unpack_from(self._head)
-        if magic != ENVELOPE_MAGIC or version != PROTOCOL_VERSION or not 1 <= id_length <= MAX_ID_LENGTH:
-            self._gave_up = True
-            return False
-        if len(self._head) < _PREFIX.size + id_length:
-            return False
+        id_length = self._head[_PREFIX.size - 1]
+        if len(self._head) < _PREFIX.size + min(id_length, MAX_ID_LENGTH):
+            return False  # the id is still on its way
         try:
-            signer = validate_client_id(bytes(self._head[_PREFIX.size:_PREFIX.size + id_length]).decode("ascii"))
+            signer = _signer_from_prefix(memoryview(self._head), self._total_size)
             secret = self._lookup(signer)
             key = _secret_key(secret, signer) if secret is not None else None
         except Exception:  # noqa: BLE001 - never judge here: open_envelope reports it properly
@@ -286,7 +283,12 @@ def _read_signer(view: memoryview) -> str:
     """The unauthenticated prefix: just enough to know whose secret to check against."""
     if view.nbytes < _SMALLEST_ENVELOPE:
         raise _malformed(f"{view.nbytes} bytes is shorter than the smallest possible envelope ({_SMALLEST_ENVELOPE})")
-    magic, version, id_length = _PREFIX.unpack_from(view)
+    return _signer_from_prefix(view, view.nbytes)
+
+
+def _signer_from_prefix(head: memoryview, total_size: int) -> str:
+    """The signer id from an envelope's first bytes (``head``) of ``total_size`` in all."""
+    magic, version, id_length = _PREFIX.unpack_from(head)
     if magic != ENVELOPE_MAGIC:
         raise _malformed(f"starts with {magic!r}, not {ENVELOPE_MAGIC!r}; updates must be wrapped with "
                          "fedvlm.shared.protocol.sign before they are sent")  # fmt: skip
@@ -296,9 +298,9 @@ def _read_signer(view: memoryview) -> str:
                             f"{PROTOCOL_VERSION}, so upgrade whichever side is older")  # fmt: skip
     if not 1 <= id_length <= MAX_ID_LENGTH:
         raise _malformed(f"signer id length {id_length} is outside 1..{MAX_ID_LENGTH}")
-    raw_id = bytes(view[_PREFIX.size:_PREFIX.size + id_length])
-    if len(raw_id) != id_length or view.nbytes < _PREFIX.size + id_length + MAC_SIZE:
-        raise _malformed(f"{view.nbytes} bytes cannot hold a {id_length}-character signer id and a signature")
+    raw_id = bytes(head[_PREFIX.size:_PREFIX.size + id_length])
+    if len(raw_id) != id_length or total_size < _PREFIX.size + id_length + MAC_SIZE:
+        raise _malformed(f"{total_size} bytes cannot hold a {id_length}-character signer id and a signature")
     try:
         return validate_client_id(raw_id.decode("ascii"))
     except (UnicodeDecodeError, ProtocolError):
