@@ -72,6 +72,7 @@ from fedvlm.shared.lora_config import LoraSettings  # noqa: E402
 from fedvlm.shared.mqtt_link import MqttLink  # noqa: E402
 from fedvlm.shared.protocol import (  # noqa: E402
     MIN_CHUNK_SIZE,
+    PROTOCOL_VERSION,
     Ack,
     EnvelopeMetadata,
     Topics,
@@ -168,18 +169,18 @@ def _expect(**counts: int) -> collections.Counter:
 
 
 def _header(message_id: bytes, index: int, count: int, chunk_size: int, total: int, digest: bytes | None = None,
-            *, magic: bytes = b"FVCK", version: int = 1) -> bytes:  # fmt: skip
+            *, magic: bytes = b"FVCK", version: int = PROTOCOL_VERSION) -> bytes:  # fmt: skip
     return _HEADER.pack(magic, version, message_id, index, count, chunk_size, total, digest or bytes(32))
 
 
 def _raw_envelope(signer: str, metadata_json: bytes, body: bytes, secret: str | None, *, magic: bytes = b"FVSE",
-                  version: int = 1, mac: bytes | None = None) -> bytes:  # fmt: skip
+                  version: int = PROTOCOL_VERSION, mac: bytes | None = None) -> bytes:  # fmt: skip
     """An envelope assembled byte by byte, signed with ``secret``: lets a case put anything inside."""
     signer_bytes = signer.encode("ascii")
     signed = b"".join((_ENVELOPE_PREFIX.pack(magic, version, len(signer_bytes)), signer_bytes,
                        struct.pack(">I", len(metadata_json)), metadata_json, struct.pack(">Q", len(body)), body))
     if mac is None:
-        mac = hmac.new((secret or "x" * 32).encode(), signed, hashlib.sha256).digest()
+        mac = hmac.new((secret or "x" * 32).encode(), hashlib.sha256(signed).digest(), hashlib.sha256).digest()
     return signed + mac
 
 
@@ -215,10 +216,11 @@ def case_ignored_topics(ctx: FuzzContext) -> Case:
 
 
 def case_header_games(ctx: FuzzContext) -> Case:
-    """Chunk headers that lie: huge sizes and counts, bad version, chunk size, index, data length."""
+    """Chunk headers that lie: huge sizes and counts, bad version, chunk size, index, data length,
+    a last chunk that does not state the digest."""
     sender = ctx.hostile()
     message_id = ctx.message_id()
-    variant = ctx.rng.randrange(9)
+    variant = ctx.rng.randrange(10)
     data = ctx.rng.randbytes(ctx.rng.randint(0, 200))
     if variant == 0:  # a size far over the hub's limit: refused before any allocation
         total = ctx.rng.choice((MAX_UPDATE_BYTES + 1, 1 << 40, (1 << 64) - 1))
@@ -230,7 +232,7 @@ def case_header_games(ctx: FuzzContext) -> Case:
     elif variant == 2:  # index past the count
         chunk, reason = _header(message_id, 9, 2, MIN_CHUNK_SIZE, 1500) + bytes(476), "inconsistent"
     elif variant == 3:  # another protocol version
-        chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 10, version=ctx.rng.choice((0, 2, 65535))), \
+        chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 10, version=ctx.rng.choice((0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 65535))), \
             "unsupported_version"
     elif variant == 4:  # a chunk size below the 1 KiB floor or above 64 MiB
         size = ctx.rng.choice((0, 1, 1023, (64 << 20) + 1))
@@ -245,6 +247,8 @@ def case_header_games(ctx: FuzzContext) -> Case:
         (topic, first), *_ = ctx.chunks(sender, payload)
         other = ctx.message_id()
         return Case("header_vs_topic", [(ctx.topics.update(sender, other), first)], _expect(malformed=1))
+    elif variant == 8:  # the last (here the only) chunk leaves the digest to a chunk after it
+        chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 10) + bytes(10), "malformed"
     else:  # an empty payload declared as one chunk whose hash is wrong: completes, corrupt
         chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 0, digest=ctx.rng.randbytes(32)), "corrupt"
     return Case("header_games", [(ctx.topics.update(sender, message_id), chunk)], _expect(**{reason: 1}))
@@ -376,7 +380,8 @@ def case_envelope_layout(ctx: FuzzContext) -> Case:
     if variant == 0:
         envelope, reason = _raw_envelope(sender, good_meta, body, secret, magic=b"FVSX"), "malformed"
     elif variant == 1:
-        envelope, reason = _raw_envelope(sender, good_meta, body, secret, version=2), "unsupported_version"
+        envelope, reason = _raw_envelope(sender, good_meta, body, secret, version=PROTOCOL_VERSION + 1), \
+            "unsupported_version"
     elif variant == 2:  # metadata over the 64 KiB limit (validly signed)
         huge = dict(ctx.metadata(sender).to_dict(), padding="m" * ctx.rng.randint(70_000, 400_000))
         envelope, reason = _raw_envelope(sender, json.dumps(huge).encode(), body, secret), "malformed"

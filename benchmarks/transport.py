@@ -5,12 +5,15 @@ In one run, side by side:
 (a) for the hub's embedded broker (amqtt, MQTT 3.1.1) and for a mosquitto this script
     starts on a free loopback port: the time to move one ~10 MB update from an edge
     client to the hub through FedVLM's protocol, as the edge client and the hub run it —
-    ``tensor_codec.encode``, ``sign_for_sending`` (HMAC and the chunks' SHA-256 on two
-    cores at once), ``split_payload``, the chunks through ``MqttLink.publish_many`` (QoS 1,
-    a window of unacknowledged chunks), and on the hub side a subscriber ``MqttLink``
-    feeding ``Reassembler.feed`` (SHA-256 and HMAC computed as chunks arrive), then
-    ``open_envelope`` and ``tensor_codec.decode`` — from the start of encode to decoded
-    tensors on the receiver;
+    ``tensor_codec.encode``, then ``SignedUpload.chunks`` (each chunk hashed as it is cut;
+    the MAC signs the running SHA-256 at the end) pulled by ``MqttLink.publish_many`` (QoS
+    1, a window of unacknowledged chunks), and on the hub side a subscriber ``MqttLink``
+    feeding ``Reassembler(trailer_size=MAC_SIZE).feed`` (one SHA-256 pass as chunks
+    arrive gives the chunk digest and the signed part's digest), then ``open_envelope``
+    (an HMAC of 32 bytes) and ``tensor_codec.decode`` — from the start of encode to
+    decoded tensors on the receiver. (The edge client also writes the update to disk
+    before its last chunk leaves, so a crash cannot lose an update the hub accepts; that
+    is persistence, not transport, and runs while the earlier chunks travel.)
 (b) against a plain paho publish of the same bytes (one QoS 1 message, raw paho on both
     ends) through the same broker, from publish to received. Both brokers carry a 10 MB
     message as configured here (amqtt 0.12 has no size limit; mosquitto's
@@ -60,14 +63,13 @@ from fedvlm.shared import tensor_codec
 from fedvlm.shared.mqtt_link import BrokerAddress, MqttLink
 from fedvlm.shared.protocol import (
     DEFAULT_CHUNK_SIZE,
+    MAC_SIZE,
     EnvelopeMetadata,
     Reassembler,
+    SignedUpload,
     Topics,
-    envelope_mac_observer,
-    new_message_id,
     open_envelope,
     sign,
-    sign_for_sending,
     split_payload,
 )
 from fedvlm.shared.strategies import get_strategy
@@ -84,9 +86,9 @@ TRIAL_TIMEOUT_S = 60.0
 # A whole update crosses a loopback broker in well under a second; silence this long means dropped.
 PROBE_TIMEOUT_S = 10.0
 # The steps of one protocol trial, in order, and their names in the table.
-STEP_LABELS = {"encode_s": "encode", "sign_s": "sign+SHA-256", "split_s": "split", "publish_s": "publish (windowed)",
-               "last_chunk_wait_s": "to hub thread", "reassemble_s": "last chunk (SHA+HMAC)", "verify_s": "verify",
-               "decode_s": "decode"}  # fmt: skip
+STEP_LABELS = {"encode_s": "encode", "first_chunk_s": "to first chunk (sign+SHA-256)",
+               "publish_s": "hash+publish (windowed, to last PUBACK)", "last_chunk_wait_s": "to hub thread",
+               "reassemble_s": "last chunk", "verify_s": "verify", "decode_s": "decode"}  # fmt: skip
 PROTOCOL_STEPS = tuple(STEP_LABELS)
 PROTOCOL_TARGET = 1.5  # protocol time / plain time, at most
 AGGREGATION_TARGET = 0.5  # aggregator throughput / numpy throughput, at least
@@ -219,7 +221,7 @@ class HubReceiver:
 
     def __init__(self, broker: Broker) -> None:
         self.topics = Topics(FEDERATION)
-        self.reassembler = Reassembler(observe=envelope_mac_observer(_secret_of))  # as hub/intake.py builds it
+        self.reassembler = Reassembler(trailer_size=MAC_SIZE)  # as hub/intake.py builds it
         self.inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.results: queue.Queue[tuple[dict[str, float], dict[str, np.ndarray]] | BaseException] = queue.Queue()
         self.link = MqttLink(broker.address, "bench-hub", protocol=broker.protocol, persistent_session=False)
@@ -249,9 +251,9 @@ class HubReceiver:
         completed = self.reassembler.feed(payload, sender=parsed.client_id)
         if completed is None:
             return None
-        reassembled = time.perf_counter()  # the last chunk's feed includes the whole-payload SHA-256
+        reassembled = time.perf_counter()  # the last chunk's feed: its hash, and the payload joined
         envelope = open_envelope(completed.payload, _secret_of, expected_client_id=parsed.client_id,
-                                 streamed_mac=completed.observer)  # fmt: skip
+                                 signed_sha256=completed.head_sha256)  # fmt: skip
         verified = time.perf_counter()
         tensors, _ = tensor_codec.decode(envelope.body)
         decoded = time.perf_counter()
@@ -291,23 +293,28 @@ class ProtocolPath:
         start = time.perf_counter()
         body = tensor_codec.encode(self.tensors, body_metadata(self.metadata))
         encoded = time.perf_counter()
-        envelope, envelope_sha256 = sign_for_sending(body, self.metadata, CLIENT_ID, SECRET)
-        signed = time.perf_counter()
-        message_id = new_message_id()
-        chunks = split_payload(envelope, message_id=message_id, sha256=envelope_sha256)
-        split = time.perf_counter()
-        topic = self.topics.update(CLIENT_ID, message_id)
-        self.edge.publish_many([(topic, chunk) for chunk in chunks], qos=1)  # as EdgeClient sends
+        upload = SignedUpload(body, self.metadata, CLIENT_ID, SECRET)  # as EdgeClient._signed_upload
+        topic = self.topics.update(CLIENT_ID, upload.message_id)
+        first_chunk_at: list[float] = []
+
+        def messages() -> Iterator[tuple[str, bytes]]:
+            for chunk in upload.chunks():
+                if not first_chunk_at:
+                    first_chunk_at.append(time.perf_counter())
+                yield topic, chunk
+
+        self.edge.publish_many(messages(), qos=1)  # as EdgeClient sends
         published = time.perf_counter()
         hub, decoded = self.hub.wait()
         _check_same(decoded, self.tensors)
-        return {"total_s": hub["decoded_at"] - start, "encode_s": encoded - start, "sign_s": signed - encoded,
-                "split_s": split - signed, "publish_s": published - split,
+        first = first_chunk_at[0]
+        return {"total_s": hub["decoded_at"] - start, "encode_s": encoded - start, "first_chunk_s": first - encoded,
+                "publish_s": published - first,
                 # Until the hub thread picked up the last chunk; negative when the hub got it
                 # before the edge's loop saw the last PUBACK.
                 "last_chunk_wait_s": hub["last_chunk_at"] - published, "reassemble_s": hub["reassemble_s"],
                 "verify_s": hub["verify_s"], "decode_s": hub["decode_s"],
-                "chunks": len(chunks), "wire_bytes": len(envelope)}  # fmt: skip
+                "chunks": upload.chunk_count, "wire_bytes": upload.envelope_size}  # fmt: skip
 
     def close(self) -> None:
         self.edge.close()

@@ -37,6 +37,7 @@ from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.mqtt_link import BrokerAddress, Mqtt5Extras, MqttLink, Will
 from fedvlm.shared.protocol import (
+    PROTOCOL_VERSION,
     Ack,
     Announcement,
     EnvelopeMetadata,
@@ -47,9 +48,8 @@ from fedvlm.shared.protocol import (
     Reassembler,
     ReasonCode,
     RoundPhase,
+    SignedUpload,
     Topics,
-    new_message_id,
-    sign_for_sending,
     split_payload,
 )
 from fedvlm.shared.protocol.chunks import DEFAULT_CHUNK_SIZE
@@ -262,7 +262,14 @@ class EdgeClient:
 
     def _handle(self, kind: str, payload: bytes) -> RoundReport | None:
         if kind == "hub_state":
-            self.hub_state = HubState.from_json(payload)
+            hub_state = HubState.from_json(payload)
+            if hub_state.protocol_version != PROTOCOL_VERSION:
+                older = "device" if hub_state.protocol_version > PROTOCOL_VERSION else "hub"
+                raise EdgeClientError(
+                    f"{self.client_id}: the hub speaks FedVLM protocol {hub_state.protocol_version} and this SDK "
+                    f"speaks {PROTOCOL_VERSION}; upgrade the {older} (pip install -U fedvlm) so both speak the "
+                    "same version")  # fmt: skip
+            self.hub_state = hub_state
             self._ensure_model()
             self._fetch_global_if_newer()
             return self._maybe_take_part()
@@ -383,11 +390,13 @@ class EdgeClient:
         pending = self._pending_update(hub.round)
         if pending is not None:
             envelope, message_id, train_metrics, eval_metrics, trained_adapter = pending
-            envelope_sha256 = None
             # The factors this update was trained into, so what is committed on acceptance
             # is what the update came from, not the state from before the crash.
             self.model.load_adapter_state(trained_adapter)
             log.info("%s: re-sending the update of round %d saved before a restart", self.client_id, hub.round)
+            upload = None
+            chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id)
+            envelope_size = len(envelope)
         else:
             config = dataclasses.replace(
                 self.training,
@@ -399,12 +408,15 @@ class EdgeClient:
                 self.privacy.before_training(self._dp_reference())
             train_metrics = self.model.train(self.train_examples, config, description=f"{self.client_id} round {hub.round}").to_dict()
             eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
-            envelope, envelope_sha256 = self._signed_update(hub.round, train_metrics, eval_metrics)
-            message_id = new_message_id()
-            self._save_pending(hub.round, envelope, message_id, train_metrics, eval_metrics)
+            upload = self._signed_upload(hub.round, train_metrics, eval_metrics)
+            message_id, envelope_size = upload.message_id, upload.envelope_size
+            # Signed and hashed chunk by chunk as it is published. The update is saved before
+            # its last chunk leaves: the hub cannot complete, let alone accept, an update
+            # this device has not kept.
+            round_number = hub.round
+            chunks = upload.chunks(before_last_chunk=lambda envelope: self._save_pending(
+                round_number, envelope, message_id, train_metrics, eval_metrics))  # fmt: skip
         topic = self.topics.update(self.client_id, message_id)
-        chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id,
-                               sha256=envelope_sha256)  # fmt: skip
         # MQTT 5: chunks nobody can reassemble after the round's deadline expire in the broker.
         extras = Mqtt5Extras(
             expiry_s=max(int((hub.deadline or time.time() + 600) - time.time()), 60),
@@ -412,8 +424,14 @@ class EdgeClient:
             user_properties=(("fedvlm-kind", "update"), ("fedvlm-client", self.client_id),
                              ("fedvlm-round", str(hub.round))),
         )
-        messages = [(topic, chunk) for chunk in chunks]
-        self._link.publish_many(messages, qos=1, extras=extras)
+        try:
+            self._link.publish_many(((topic, chunk) for chunk in chunks), qos=1, extras=extras)
+        except BaseException:
+            if upload is not None:
+                # Sign and save the rest, so a retry re-sends this update instead of training again.
+                upload.finish()
+            raise
+        messages = [(topic, chunk) for chunk in (upload.sent if upload is not None else chunks)]
         # Re-sent unchanged while no ack comes: after a broker restart the hub may have missed
         # it; the hub counts one message id once and answers a repeat with the same verdict.
         ack = self._wait_for_ack(message_id, hub,
@@ -427,7 +445,7 @@ class EdgeClient:
         spent = self._privacy_spent(hub.round)
         report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
                              samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,
-                             bytes_sent=len(envelope), global_version=self.state.global_version,
+                             bytes_sent=envelope_size, global_version=self.state.global_version,
                              privacy=spent.to_dict() if spent is not None else None)
         self.reports.append(report)
         self._clear_pending()
@@ -450,9 +468,8 @@ class EdgeClient:
             log.warning("%s: round %d rejected: %s", self.client_id, hub.round, report.reason)
         return report
 
-    def _signed_update(self, round_number: int, train_metrics: dict,
-                       eval_metrics: dict | None) -> tuple[bytes, bytes]:  # fmt: skip
-        """The signed envelope and its SHA-256 (computed alongside the HMAC, for the chunks)."""
+    def _signed_upload(self, round_number: int, train_metrics: dict, eval_metrics: dict | None) -> SignedUpload:
+        """This round's update, ready to be signed and chunked as it is published."""
         shared = self.model.shared_update()
         if self.privacy is not None:  # clipped and noised before it is signed; personal factors untouched
             shared = self.privacy.privatize(shared, round_number)
@@ -471,7 +488,7 @@ class EdgeClient:
             metrics = {"privacy": spent.public_dict() if spent is not None else None}
         body_metadata["metrics"] = json.dumps(metrics)
         body = tensor_codec.encode(shared, body_metadata)
-        return sign_for_sending(body, metadata, self.client_id, self.secret)
+        return SignedUpload(body, metadata, self.client_id, self.secret, chunk_size=self.connection.chunk_size)
 
     def _dp_reference(self) -> dict:
         """The shared factors of the global version this device trains from: DP clips the

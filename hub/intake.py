@@ -21,13 +21,13 @@ from collections.abc import Callable
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.aggregation import AggregationError
 from fedvlm.shared.protocol import (
+    MAC_SIZE,
     Ack,
     CompletedMessage,
     ProtocolError,
     Reassembler,
     ReasonCode,
     VerifiedEnvelope,
-    envelope_mac_observer,
     open_envelope,
     parse_chunk_header,
 )
@@ -86,8 +86,9 @@ class UpdateIntake:
             # Room for several senders at their per-sender limit (max_message_bytes each).
             max_pending_bytes=max(DEFAULT_MAX_PENDING_BYTES, 4 * rules.max_update_bytes),
             timeout_s=min(DEFAULT_TIMEOUT_S, round_timeout_s),  # an update must arrive within its round anyway
-            # The HMAC is computed while the chunks arrive, so verifying costs no second pass.
-            observe=envelope_mac_observer(self.store.secret_of),
+            # The signed part's SHA-256 comes from the hashing pass made as chunks arrive,
+            # so verifying an update costs an HMAC of 32 bytes, not a second pass.
+            trailer_size=MAC_SIZE,
         )  # fmt: skip
         # (client, message id) -> (verdict, the round context it holds in; None: for good).
         self._recent_acks: collections.OrderedDict[tuple[str, bytes], tuple[Ack, tuple | None]] = (
@@ -185,7 +186,7 @@ class UpdateIntake:
         ack: Ack | None
         try:
             envelope = open_envelope(message.payload, self.store.secret_of, expected_client_id=client_id,
-                                     streamed_mac=message.observer)  # fmt: skip
+                                     signed_sha256=message.head_sha256)  # fmt: skip
             round_number = envelope.metadata.round
             ack = self._admit(envelope, message)
         except (UpdateRejected, ProtocolError) as refusal:

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 from .usage_error import UsageError
 
@@ -286,9 +286,12 @@ class MqttLink:
         """Publish and wait until the broker acknowledged it (QoS 1) or it left (QoS 0)."""
         self.publish_many([(topic, payload)], qos=qos, retain=retain, timeout=timeout, extras=extras)
 
-    def publish_many(self, messages: Sequence[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
+    def publish_many(self, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
                      timeout: float = 60.0, window: int = 32, extras: "Mqtt5Extras | None" = None) -> None:
         """Publish ``(topic, payload)`` messages in order, keeping up to ``window`` unacknowledged.
+
+        ``messages`` is consumed lazily, so a generator can produce each message while the
+        ones before it travel (``SignedUpload.chunks``).
 
         Waiting for each acknowledgement before the next chunk would cost one round trip per
         chunk; a window keeps the link busy while bounding memory (window x chunk size).

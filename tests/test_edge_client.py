@@ -220,3 +220,58 @@ def test_a_stale_pending_update_still_leaves_its_trained_personal_factors(tmp_pa
     assert client._pending_update(4) is None  # the hub is at round 4 now: nothing to re-send
     assert all(np.array_equal(client.model.personal_factors()[k], v) for k, v in trained.items())
     assert not (tmp_path / "device" / "pending_update.json").exists()
+
+
+@pytest.mark.parametrize(("hub_speaks", "upgrade"), [(1, "upgrade the hub"), (99, "upgrade the device")])
+def test_a_device_stops_with_a_clear_error_when_the_hub_speaks_another_protocol(tmp_path, tiny_model_dir,
+                                                                                  tiny_federation, hub_speaks, upgrade):
+    from fedvlm.shared.protocol import HubState, Presence, RoundPhase
+
+    client = EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 32,
+                        tmp_path / "device", training=QUICK, quantization="none")  # never connected
+    state = HubState(federation="fed", status=Presence.ONLINE, round=1, phase=RoundPhase.WAITING, global_version=0,
+                     protocol_version=hub_speaks)  # fmt: skip
+    with pytest.raises(EdgeClientError, match=upgrade):
+        client._handle("hub_state", state.to_json())
+    assert client.hub_state is None and client.model is None  # nothing built on a hub it cannot talk to
+
+
+def test_a_publish_failing_midway_keeps_the_update_to_resend_instead_of_training_again(
+        tmp_path, tiny_model_dir, tiny_federation, monkeypatch):  # fmt: skip
+    """Chunks are signed as they are published and the update is saved before its last chunk;
+    when the broker goes away midway, the rest is signed and the update saved anyway, so the
+    device re-sends it later rather than training a second time in the same round."""
+    import time
+
+    from fedvlm.edge.edge_client import ConnectionOptions
+    from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.shared.mqtt_link import BrokerUnavailable, MqttLink
+    from fedvlm.shared.protocol import MIN_CHUNK_SIZE, HubState, Presence, RoundPhase, open_envelope
+
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    secret = "a-secret-of-enough-length-0123456789"
+    client = EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, mosquitto.broker.url, "fed", "a", secret,
+                        tmp_path / "device", training=QUICK, quantization="none",
+                        connection=ConnectionOptions(chunk_size=MIN_CHUNK_SIZE))  # fmt: skip
+    try:
+        client.connect()
+        # Rank 64 makes the shared update ~100 KB: ~100 chunks of 1 KiB.
+        client.model = PersonalVLM.from_pretrained(tiny_model_dir, lora=LoraSettings(r=64, alpha=128),
+                                                   strategy="plora", quantization="none")  # fmt: skip
+        chunks = -(-sum(t.nbytes for t in client.model.shared_update().values()) // MIN_CHUNK_SIZE)
+        assert chunks > 2 * 32, "the update must outlast publish_many's window for this test to mean anything"
+        mosquitto.stop()  # gone before the first chunk is acknowledged
+        publish_many = MqttLink.publish_many
+        monkeypatch.setattr(MqttLink, "publish_many",
+                            lambda self, messages, **options: publish_many(self, messages, **{**options, "timeout": 2}))
+        hub = HubState(federation="fed", status=Presence.ONLINE, round=1, phase=RoundPhase.COLLECTING,
+                       global_version=0, selected_clients=("a",), deadline=time.time() + 60)  # fmt: skip
+        with pytest.raises(BrokerUnavailable):
+            client._take_part(hub)
+        pending = client._pending_update(1)
+        assert pending is not None, "the update was not kept"
+        opened = open_envelope(pending[0], {"a": secret}.get, expected_client_id="a")
+        assert opened.metadata.round == 1 and opened.metadata.client_id == "a"
+    finally:
+        client.close()
+        mosquitto.stop()

@@ -3,6 +3,7 @@
 - ``topics``: every topic of a federation, with its QoS and retain flag, and parsing.
 - ``chunks``: payloads split into broker-sized chunks and reassembled within bounds.
 - ``signing``: HMAC-SHA256 envelopes that authenticate every update's sender.
+- ``sending``: an update signed and chunked in one pass while it is published.
 - ``messages``: JSON control messages (hub state, manifest, presence, acks).
 - ``errors``: ``ProtocolError`` and the ``ReasonCode`` every refusal carries.
 
@@ -19,10 +20,11 @@ from .chunks import (
     DEFAULT_TIMEOUT_S,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    SHA256_NOT_STATED,
     ChunkHeader,
+    ChunkStream,
     CompletedMessage,
     DroppedMessage,
-    PayloadObserver,
     Reassembler,
     expected_chunk_count,
     new_message_id,
@@ -42,22 +44,23 @@ from .messages import (
     Presence,
     RoundPhase,
 )
+from .sending import SignedUpload
 from .signing import (
+    MAC_SIZE,
     MIN_SECRET_BYTES,
-    EnvelopeMacObserver,
+    EnvelopeSigner,
     SecretLookup,
     VerifiedEnvelope,
-    envelope_mac_observer,
     new_client_secret,
     open_envelope,
     sign,
-    sign_for_sending,
 )
 from .topics import DELIVERY, TOPIC_ROOT, ClientPermissions, Delivery, ParsedTopic, TopicKind, Topics, parse_topic
-from .version import PROTOCOL_VERSION
+from .version import PROTOCOL_VERSION, TOPIC_TREE_VERSION
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "TOPIC_TREE_VERSION",
     # errors
     "ProtocolError",
     "ReasonCode",
@@ -85,10 +88,11 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
+    "SHA256_NOT_STATED",
     "ChunkHeader",
+    "ChunkStream",
     "CompletedMessage",
     "DroppedMessage",
-    "PayloadObserver",
     "Reassembler",
     "expected_chunk_count",
     "new_message_id",
@@ -105,13 +109,14 @@ __all__ = [
     "Presence",
     "RoundPhase",
     # signing
+    "MAC_SIZE",
     "MIN_SECRET_BYTES",
-    "EnvelopeMacObserver",
+    "EnvelopeSigner",
     "SecretLookup",
     "VerifiedEnvelope",
-    "envelope_mac_observer",
     "new_client_secret",
     "open_envelope",
     "sign",
-    "sign_for_sending",
+    # sending
+    "SignedUpload",
 ]

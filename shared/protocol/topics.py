@@ -31,7 +31,7 @@ import re
 
 from .errors import ProtocolError, ReasonCode
 from .identifiers import validate_client_id, validate_federation_id, validate_share_group
-from .version import PROTOCOL_VERSION
+from .version import TOPIC_TREE_VERSION
 
 __all__ = [
     "TOPIC_ROOT",
@@ -44,7 +44,7 @@ __all__ = [
     "parse_topic",
 ]
 
-TOPIC_ROOT = f"fedvlm/v{PROTOCOL_VERSION}"
+TOPIC_ROOT = f"fedvlm/v{TOPIC_TREE_VERSION}"
 _MESSAGE_ID_HEX = re.compile(r"[0-9a-f]{32}")
 _CANONICAL_UINT = re.compile(r"0|[1-9][0-9]{0,18}")  # one spelling per number, so one topic per chunk
 
@@ -209,9 +209,9 @@ def parse_topic(topic: str) -> ParsedTopic:
     levels = topic.split("/")
     if len(levels) < 4 or levels[0] != "fedvlm":
         raise _topic_error(topic, f"it does not start with '{TOPIC_ROOT}/<federation>/'")
-    if levels[1] != f"v{PROTOCOL_VERSION}":
+    if levels[1] != f"v{TOPIC_TREE_VERSION}":
         raise ProtocolError(ReasonCode.UNSUPPORTED_VERSION,
-                            f"topic {topic!r} uses protocol {levels[1]!r}; this FedVLM speaks v{PROTOCOL_VERSION}")
+                            f"topic {topic!r} uses topic tree {levels[1]!r}; this FedVLM uses v{TOPIC_TREE_VERSION}")
     try:
         federation = validate_federation_id(levels[2])
     except ProtocolError as error:

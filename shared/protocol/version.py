@@ -1,11 +1,23 @@
-"""The wire protocol's version number.
+"""The wire protocol's version numbers.
 
-One number covers the topic root (``fedvlm/v1/...``), the chunk header, the signed
-envelope and the control messages, so a client and a hub either speak the same protocol
-or find out at the first byte. Bump it only for a change an older peer would misread;
+``PROTOCOL_VERSION`` covers the chunk header, the signed envelope and the control
+messages, so a client and a hub either speak the same protocol or find out at the first
+byte (``unsupported_version``). Bump it only for a change an older peer would misread;
 adding an optional JSON field is not such a change (readers ignore unknown fields).
+
+``TOPIC_TREE_VERSION`` is the ``v1`` in ``fedvlm/v1/...``. It changes only when the topic
+tree does: while it stays, peers of different protocol versions still meet on the same
+topics, and the older one is told to upgrade instead of hearing nothing.
+
+History:
+
+- 1: the first protocol.
+- 2: the envelope's MAC is HMAC-SHA256 over the SHA-256 of the signed part, and chunks
+  before the last may leave the payload digest zero, so a sender hashes and publishes
+  in one pass and the first chunk leaves before the last byte is hashed.
 """
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+TOPIC_TREE_VERSION = 1

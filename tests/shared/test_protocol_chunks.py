@@ -9,6 +9,7 @@ import tracemalloc
 import pytest
 
 from fedvlm.shared.protocol import (
+    PROTOCOL_VERSION,
     CHUNK_HEADER_SIZE,
     DEFAULT_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
@@ -76,7 +77,7 @@ def test_header_fields_and_fixed_message_id():
     assert (header.message_id, header.index, header.count, header.chunk_size, header.total_size) == (
         message_id, 2, 3, CHUNK, 2 * CHUNK + 3)
     assert chunks == split_payload(b"x" * (2 * CHUNK + 3), chunk_size=CHUNK, message_id=message_id)
-    assert chunks[0][:4] == b"FVCK" and struct.unpack(">H", chunks[0][4:6]) == (1,)
+    assert chunks[0][:4] == b"FVCK" and struct.unpack(">H", chunks[0][4:6]) == (PROTOCOL_VERSION,)
 
 
 def test_random_reorder_and_duplicates_give_one_message():
@@ -204,7 +205,7 @@ def test_chunk_disagreeing_with_first_chunk_is_refused():
     chunks = split_payload(payload, chunk_size=CHUNK)
     reassembler = Reassembler()
     reassembler.feed(chunks[0], sender="c")
-    forged = with_header(chunks[1], sha256=b"\x00" * 32)
+    forged = with_header(chunks[1], sha256=b"\x01" * 32)
     with pytest.raises(ProtocolError, match="SHA-256") as caught:
         reassembler.feed(forged, sender="c")
     assert caught.value.reason is ReasonCode.INCONSISTENT

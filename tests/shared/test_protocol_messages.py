@@ -8,6 +8,7 @@ import json
 import pytest
 
 from fedvlm.shared.protocol import (
+    PROTOCOL_VERSION,
     MAX_CONTROL_MESSAGE_BYTES,
     Ack,
     Announcement,
@@ -56,7 +57,7 @@ def test_optional_fields_default_and_unknown_fields_are_ignored():
     state = HubState.from_json(b'{"type":"hub_state","federation":"f","status":"online","round":0,'
                                b'"phase":"waiting","global_version":0}')  # fmt: skip
     assert state.selected_clients == () and state.deadline is None and state.round_config == {}
-    assert state.protocol_version == 1
+    assert state.protocol_version == PROTOCOL_VERSION
 
 
 def test_last_wills_are_offline_copies():

@@ -1,5 +1,6 @@
-"""The receiving path as the hub runs it: the sender's SHA-256 computed alongside its HMAC, the
-receiver's HMAC computed while chunks arrive, and reassembly limits that hold against hostile senders."""
+"""The update path as the edge and the hub run it: signed and chunked in one pass while it is
+published (``SignedUpload``), reassembled with the signed part's SHA-256 taken on the receiver's
+one hashing pass, and reassembly limits that hold against hostile senders."""
 
 from __future__ import annotations
 
@@ -10,116 +11,233 @@ import random
 import pytest
 
 from fedvlm.shared.protocol import (
+    CHUNK_HEADER_SIZE,
+    MAC_SIZE,
     MIN_CHUNK_SIZE,
-    ProtocolError,
-    EnvelopeMacObserver,
+    SHA256_NOT_STATED,
+    ChunkStream,
     EnvelopeMetadata,
+    ProtocolError,
     Reassembler,
     ReasonCode,
     SignatureError,
-    envelope_mac_observer,
+    SignedUpload,
     new_client_secret,
     open_envelope,
+    parse_chunk_header,
     sign,
-    sign_for_sending,
     split_payload,
 )
+from fedvlm.shared.usage_error import UsageError
 
 SECRETS = {"alice": new_client_secret(), "bob": new_client_secret()}
 METADATA = EnvelopeMetadata(federation="fed-1", round=4, client_id="alice", sample_count=130, strategy="plora",
                             base_fingerprint="0123456789abcdef", lora_config_hash="a" * 64)  # fmt: skip
+CHUNK = MIN_CHUNK_SIZE * 4
 
 
 def body_of(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def reassemble(envelope: bytes, lookup=SECRETS.get, *, shuffle_seed: int | None = None, sha256: bytes | None = None):
-    """Through a Reassembler with the hub's observer; returns the completed message."""
-    chunks = split_payload(envelope, chunk_size=MIN_CHUNK_SIZE * 4, sha256=sha256)
+def envelope_size(body_size: int) -> int:
+    return len(sign(bytes(body_size), METADATA, "alice", SECRETS["alice"]))
+
+
+def reassemble(chunks: list[bytes], *, shuffle_seed: int | None = None, sender: str = "alice"):
+    """Through a Reassembler set up as the hub's; returns the completed message."""
+    chunks = list(chunks)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(chunks)
-    reassembler = Reassembler(observe=envelope_mac_observer(lookup))
-    completed = [done for chunk in chunks if (done := reassembler.feed(chunk, sender="alice")) is not None]
+    reassembler = Reassembler(trailer_size=MAC_SIZE)
+    completed = [done for chunk in chunks if (done := reassembler.feed(chunk, sender=sender)) is not None]
     assert len(completed) == 1
     return completed[0]
 
 
-@pytest.mark.parametrize("size", [0, 100, 5000, 2 * 1024 * 1024 + 7])  # both sides of the parallel threshold
-def test_sign_for_sending_gives_the_same_envelope_and_its_sha256(size):
+def streamed(body: bytes, chunk_size: int = CHUNK, **kwargs) -> tuple[SignedUpload, list[bytes]]:
+    upload = SignedUpload(body, METADATA, "alice", SECRETS["alice"], chunk_size=chunk_size, **kwargs)
+    return upload, list(upload.chunks())
+
+
+# Body sizes around the chunk boundaries, including a last chunk shorter than the MAC (the
+# one before it then holds part of the MAC) and an envelope that fills its chunks exactly.
+_BASE = envelope_size(0)
+EDGE_SIZES = [0, 100, 3 * CHUNK - _BASE, 3 * CHUNK - _BASE - 10, 3 * CHUNK - _BASE + 5, 2 * 1024 * 1024 + 7]
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_a_streamed_upload_is_the_signed_envelope_with_its_digest_in_the_last_chunk(size):
     body = body_of(size)
-    envelope, digest = sign_for_sending(body, METADATA, "alice", SECRETS["alice"])
-    assert envelope == sign(body, METADATA, "alice", SECRETS["alice"])
-    assert digest == hashlib.sha256(envelope).digest()
-    # The chunks carry that digest, and the receiver's own check agrees with it.
-    assert reassemble(envelope, sha256=digest).payload == envelope
+    upload, chunks = streamed(body)
+    envelope = sign(body, METADATA, "alice", SECRETS["alice"])
+    headers = [parse_chunk_header(chunk) for chunk in chunks]
+    assert b"".join(chunk[CHUNK_HEADER_SIZE:] for chunk in chunks) == envelope
+    assert upload.envelope_size == len(envelope) and upload.chunk_count == len(chunks) == headers[0].count
+    assert [h.index for h in headers] == list(range(len(chunks)))
+    assert all(h.sha256 == SHA256_NOT_STATED for h in headers[:-1])
+    assert headers[-1].sha256 == hashlib.sha256(envelope).digest()
+    assert {h.message_id for h in headers} == {upload.message_id}
+    assert upload.sent == chunks
+    message = reassemble(chunks)
+    assert message.payload == envelope
+    opened = open_envelope(message.payload, SECRETS.get, expected_client_id="alice",
+                           signed_sha256=message.head_sha256)  # fmt: skip
+    assert opened.metadata == METADATA and opened.body == body
 
 
-@pytest.mark.parametrize("shuffle_seed", [None, 1, 2])
-def test_streamed_mac_is_the_envelopes_hmac_whatever_the_chunk_order(shuffle_seed):
-    envelope = sign(body_of(60_000, 3), METADATA, "alice", SECRETS["alice"])
-    message = reassemble(envelope, shuffle_seed=shuffle_seed)
-    observer = message.observer
-    assert isinstance(observer, EnvelopeMacObserver)
-    key = SECRETS["alice"].encode()
-    expected = hmac.new(key, envelope[:-32], hashlib.sha256).digest()
-    assert observer.mac_for("alice", key, len(envelope)) == expected
-    opened = open_envelope(message.payload, SECRETS.get, expected_client_id="alice", streamed_mac=observer)
-    assert opened.metadata == METADATA and opened.body == open_envelope(envelope, SECRETS.get).body
+def test_the_mac_signs_the_sha256_of_the_signed_part():
+    envelope = sign(body_of(5000, 1), METADATA, "alice", SECRETS["alice"])
+    signed = envelope[:-MAC_SIZE]
+    expected = hmac.new(SECRETS["alice"].encode(), hashlib.sha256(signed).digest(), hashlib.sha256).digest()
+    assert envelope[-MAC_SIZE:] == expected
 
 
-def test_a_tampered_body_fails_with_the_streamed_mac_too():
-    envelope = bytearray(sign(body_of(20_000, 4), METADATA, "alice", SECRETS["alice"]))
+def test_chunks_are_produced_one_at_a_time_and_the_update_is_kept_before_the_last():
+    """The first chunk exists before the rest is hashed; the callback sees the whole
+    envelope after every chunk but the last, so a device saving it there cannot have an
+    update accepted that it has not kept."""
+    body = body_of(10 * CHUNK, 2)
+    upload = SignedUpload(body, METADATA, "alice", SECRETS["alice"], chunk_size=CHUNK)
+    seen: list[tuple[int, bytes]] = []
+    producer = upload.chunks(before_last_chunk=lambda envelope: seen.append((len(upload.sent), envelope)))
+    first = next(producer)
+    assert upload.sent == [first] and not seen
+    rest = list(producer)
+    assert seen == [(upload.chunk_count - 1, sign(body, METADATA, "alice", SECRETS["alice"]))]
+    assert [first, *rest] == upload.sent
+    with pytest.raises(RuntimeError, match="already produced"):
+        upload.chunks()
+
+
+def test_finish_after_a_failed_publish_signs_the_rest_and_keeps_the_update():
+    body = body_of(6 * CHUNK, 3)
+    upload = SignedUpload(body, METADATA, "alice", SECRETS["alice"], chunk_size=CHUNK)
+    kept: list[bytes] = []
+    producer = upload.chunks(before_last_chunk=kept.append)
+    next(producer), next(producer)  # the publisher failed after two chunks
+    upload.finish()
+    assert kept == [sign(body, METADATA, "alice", SECRETS["alice"])]
+    assert reassemble(upload.sent).payload == kept[0]
+    upload.finish()  # nothing left: harmless
+
+
+def test_an_upload_refuses_bad_arguments_before_producing_anything():
+    with pytest.raises(UsageError, match="new_client_secret"):
+        SignedUpload(b"x", METADATA, "alice", "short")
+    with pytest.raises(ProtocolError) as mismatch:
+        SignedUpload(b"x", METADATA, "bob", SECRETS["bob"])
+    assert mismatch.value.reason is ReasonCode.CLIENT_MISMATCH
+    with pytest.raises(ValueError, match="chunk_size"):
+        SignedUpload(b"x", METADATA, "alice", SECRETS["alice"], chunk_size=10)
+
+
+@pytest.mark.parametrize("shuffle_seed", [1, 2, 3])
+def test_the_signed_digest_is_right_whatever_the_chunk_order(shuffle_seed):
+    body = body_of(3 * CHUNK - _BASE - 10, 4)  # the MAC straddles the last two chunks
+    _, chunks = streamed(body)
+    envelope = sign(body, METADATA, "alice", SECRETS["alice"])
+    message = reassemble(chunks, shuffle_seed=shuffle_seed)
+    assert message.head_sha256 == hashlib.sha256(envelope[:-MAC_SIZE]).digest()
+    assert open_envelope(message.payload, SECRETS.get, signed_sha256=message.head_sha256).body == body
+
+
+def test_a_resend_with_the_digest_in_every_chunk_completes_a_streamed_message():
+    """After a restart the device re-sends its saved envelope with split_payload (digest in
+    every chunk) under the same message id: chunks of both sendings make one message."""
+    body = body_of(5 * CHUNK, 5)
+    upload, streamed_chunks = streamed(body)
+    envelope = sign(body, METADATA, "alice", SECRETS["alice"])
+    resent = split_payload(envelope, chunk_size=CHUNK, message_id=upload.message_id)
+    mixed = [streamed_chunks[i] if i % 2 else resent[i] for i in range(len(resent))]
+    assert reassemble(mixed, shuffle_seed=6).payload == envelope
+
+
+def test_a_tampered_body_fails_its_signature():
+    _, chunks = streamed(body_of(5 * CHUNK, 7))
+    envelope = bytearray(b"".join(chunk[CHUNK_HEADER_SIZE:] for chunk in chunks))
     envelope[9000] ^= 0x01
-    message = reassemble(bytes(envelope))
+    # Re-chunked with a digest that matches the altered bytes: only the signature can tell.
+    message = reassemble(split_payload(bytes(envelope), chunk_size=CHUNK))
     with pytest.raises(SignatureError) as refused:
-        open_envelope(message.payload, SECRETS.get, streamed_mac=message.observer)
+        open_envelope(message.payload, SECRETS.get, signed_sha256=message.head_sha256)
     assert refused.value.reason is ReasonCode.BAD_SIGNATURE
 
 
-def test_a_secret_changed_mid_transfer_is_checked_against_the_new_one():
-    """Revoked or rotated while the chunks were in flight: the MAC streamed under the old
-    secret is not used; the envelope is checked against the secret the hub holds now."""
-    secrets = dict(SECRETS)
-    envelope = sign(body_of(20_000, 5), METADATA, "alice", secrets["alice"])
-    message = reassemble(envelope, secrets.get)
-    secrets["alice"] = new_client_secret()
+def test_a_digest_of_other_bytes_fails_the_signature_and_a_secret_changed_in_flight_is_used():
+    body = body_of(4000, 8)
+    envelope = sign(body, METADATA, "alice", SECRETS["alice"])
+    with pytest.raises(SignatureError) as wrong_digest:
+        open_envelope(envelope, SECRETS.get, signed_sha256=hashlib.sha256(b"other").digest())
+    assert wrong_digest.value.reason is ReasonCode.BAD_SIGNATURE
+    with pytest.raises(ValueError, match="32-byte"):
+        open_envelope(envelope, SECRETS.get, signed_sha256=b"short")
+    rotated = {**SECRETS, "alice": new_client_secret()}  # rotated while the chunks travelled
     with pytest.raises(SignatureError) as refused:
-        open_envelope(message.payload, secrets.get, streamed_mac=message.observer)
+        open_envelope(envelope, rotated.get, signed_sha256=hashlib.sha256(envelope[:-MAC_SIZE]).digest())
     assert refused.value.reason is ReasonCode.BAD_SIGNATURE
-    del secrets["alice"]
-    with pytest.raises(SignatureError) as unknown:
-        open_envelope(message.payload, secrets.get, streamed_mac=message.observer)
-    assert unknown.value.reason is ReasonCode.UNKNOWN_CLIENT
 
 
-def test_an_unknown_signer_or_junk_leaves_the_observer_without_a_mac():
-    stranger = sign(body_of(5000, 6), EnvelopeMetadata(federation="fed-1", round=4, client_id="carol",
-                                                         sample_count=1, strategy="plora", base_fingerprint="x",
-                                                         lora_config_hash="a" * 64),  # fmt: skip
-                    "carol", new_client_secret())
-    message = reassemble(stranger)
-    assert message.observer.mac_for("carol", b"k" * 32, len(stranger)) is None
-    with pytest.raises(SignatureError) as unknown:
-        open_envelope(message.payload, SECRETS.get, streamed_mac=message.observer)
-    assert unknown.value.reason is ReasonCode.UNKNOWN_CLIENT
-    junk = reassemble(b"\x00junk" * 500)
-    assert junk.observer.mac_for("alice", SECRETS["alice"].encode(), 2500) is None
+def test_the_last_chunk_must_state_the_digest():
+    _, chunks = streamed(body_of(3 * CHUNK, 9))
+    unstated = bytearray(chunks[-1])
+    unstated[42:74] = SHA256_NOT_STATED
+    reassembler = Reassembler(trailer_size=MAC_SIZE)
+    with pytest.raises(ProtocolError) as refused:
+        reassembler.feed(bytes(unstated), sender="alice")
+    assert refused.value.reason is ReasonCode.MALFORMED and "last chunk" in str(refused.value)
 
 
-def test_the_observer_reads_a_signer_split_across_updates():
-    """Bytes may come in pieces smaller than the prefix (a caller feeding it directly)."""
-    envelope = sign(body_of(3000, 7), METADATA, "alice", SECRETS["alice"])
-    observer = EnvelopeMacObserver(SECRETS.get, len(envelope))
-    for start in range(0, len(envelope), 3):
-        observer.update(memoryview(envelope)[start:start + 3])
-    key = SECRETS["alice"].encode()
-    assert observer.mac_for("alice", key, len(envelope)) == hmac.new(key, envelope[:-32], hashlib.sha256).digest()
-    # Not every byte seen, or another length: no MAC, so open_envelope computes its own.
-    partial = EnvelopeMacObserver(SECRETS.get, len(envelope))
-    partial.update(memoryview(envelope)[:-1])
-    assert partial.mac_for("alice", key, len(envelope)) is None
-    assert observer.mac_for("alice", key, len(envelope) + 1) is None
+def test_chunks_stating_different_digests_are_refused_and_a_wrong_digest_drops_the_message():
+    body = body_of(3 * CHUNK, 10)
+    _, chunks = streamed(body)
+    reassembler = Reassembler(trailer_size=MAC_SIZE)
+    disagreeing = bytearray(chunks[0])
+    disagreeing[42:74] = b"\x01" * 32  # states a digest the last chunk contradicts
+    assert reassembler.feed(bytes(disagreeing), sender="alice") is None
+    with pytest.raises(ProtocolError) as refused:
+        reassembler.feed(chunks[-1], sender="alice")
+    assert refused.value.reason is ReasonCode.INCONSISTENT and "SHA-256" in str(refused.value)
+    # A last chunk stating the wrong digest: the reassembled bytes do not match, dropped as corrupt.
+    wrong_last = bytearray(chunks[-1])
+    wrong_last[42:74] = b"\x02" * 32
+    fresh = Reassembler(trailer_size=MAC_SIZE)
+    for chunk in chunks[:-1]:
+        assert fresh.feed(chunk, sender="alice") is None
+    with pytest.raises(ProtocolError) as corrupt:
+        fresh.feed(bytes(wrong_last), sender="alice")
+    assert corrupt.value.reason is ReasonCode.CORRUPT
+
+
+def test_head_digest_edges():
+    """trailer_size 0: no head digest; a payload shorter than the trailer: none either;
+    a payload exactly the trailer: the digest of nothing."""
+    plain = reassemble(split_payload(b"q" * 5000, chunk_size=MIN_CHUNK_SIZE))
+    assert plain.head_sha256 is not None  # reassemble() sets trailer_size=MAC_SIZE
+    assert Reassembler().feed(split_payload(b"q" * 10)[0], sender="a").head_sha256 is None
+    assert Reassembler(trailer_size=32).feed(split_payload(b"q" * 10)[0], sender="a").head_sha256 is None
+    exact = Reassembler(trailer_size=32).feed(split_payload(b"q" * 32)[0], sender="a")
+    assert exact.head_sha256 == hashlib.sha256(b"").digest()
+    with pytest.raises(ValueError, match="trailer_size"):
+        Reassembler(trailer_size=-1)
+
+
+def test_chunk_stream_refuses_too_many_bytes_and_an_early_finish():
+    stream = ChunkStream(3000, chunk_size=MIN_CHUNK_SIZE)
+    first = stream.add(b"a" * 1500)
+    assert len(first) == 1 and parse_chunk_header(first[0]).sha256 == SHA256_NOT_STATED
+    assert stream.add(b"") == []
+    with pytest.raises(ValueError, match="exceed"):
+        stream.add(b"b" * 2000)
+    with pytest.raises(ValueError, match="add them all"):
+        stream.finish()
+    stream.add(b"c" * 1500)
+    last = stream.finish()
+    assert parse_chunk_header(last).sha256 == hashlib.sha256(b"a" * 1500 + b"c" * 1500).digest()
+    with pytest.raises(ValueError, match="finish once"):
+        stream.finish()
+    with pytest.raises(ValueError, match="total_size"):
+        ChunkStream(-1)
 
 
 def test_split_payload_checks_a_given_digest_is_a_digest():

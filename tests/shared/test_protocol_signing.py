@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from fedvlm.shared.protocol import (
+    PROTOCOL_VERSION,
     EnvelopeMetadata,
     ProtocolError,
     ReasonCode,
@@ -96,9 +97,9 @@ def test_hub_side_catches_metadata_naming_another_client():
     # A client bypassing sign()'s check: correctly signed by bob, metadata claims alice.
     metadata_json = b'{"federation":"fed-1","round":4,"client_id":"alice","sample_count":1,"strategy":"plora",' \
                     b'"base_fingerprint":"f","lora_config_hash":"h","kind":"update"}'
-    signed = b"FVSE" + struct.pack(">HB", 1, 3) + b"bob" + struct.pack(">I", len(metadata_json)) + metadata_json \
+    signed = b"FVSE" + struct.pack(">HB", PROTOCOL_VERSION, 3) + b"bob" + struct.pack(">I", len(metadata_json)) + metadata_json \
         + struct.pack(">Q", 0)  # fmt: skip
-    forged = signed + hmac.new(SECRETS["bob"].encode(), signed, hashlib.sha256).digest()
+    forged = signed + hmac.new(SECRETS["bob"].encode(), hashlib.sha256(signed).digest(), hashlib.sha256).digest()
     with pytest.raises(SignatureError) as caught:
         open_as_hub(forged)
     assert caught.value.reason is ReasonCode.CLIENT_MISMATCH
@@ -116,9 +117,10 @@ def test_signer_must_match_the_topic_client():
     [
         (b"", ReasonCode.MALFORMED),
         (b"PK\x03\x04" + bytes(60), ReasonCode.MALFORMED),
-        (b"FVSE" + struct.pack(">HB", 2, 5) + b"alice" + bytes(44), ReasonCode.UNSUPPORTED_VERSION),
-        (b"FVSE" + struct.pack(">HB", 1, 0) + bytes(50), ReasonCode.MALFORMED),
-        (b"FVSE" + struct.pack(">HB", 1, 3) + b"a/b" + bytes(44), ReasonCode.MALFORMED),
+        (b"FVSE" + struct.pack(">HB", PROTOCOL_VERSION + 1, 5) + b"alice" + bytes(44), ReasonCode.UNSUPPORTED_VERSION),
+        (b"FVSE" + struct.pack(">HB", 1, 5) + b"alice" + bytes(44), ReasonCode.UNSUPPORTED_VERSION),  # an older peer
+        (b"FVSE" + struct.pack(">HB", PROTOCOL_VERSION, 0) + bytes(50), ReasonCode.MALFORMED),
+        (b"FVSE" + struct.pack(">HB", PROTOCOL_VERSION, 3) + b"a/b" + bytes(44), ReasonCode.MALFORMED),
     ],
 )
 def test_malformed_prefix(data, reason):
@@ -149,7 +151,8 @@ def test_a_validly_signed_but_truncated_envelope_is_malformed_not_a_crash():
     client, secret = "a-rather-long-client-identifier", "s" * 32
     for extra in (b"", b"\x00", b"\x00\x00\x00\x00\x00"):
         signed = struct.pack(">4sHB", ENVELOPE_MAGIC, PROTOCOL_VERSION, len(client)) + client.encode() + extra
-        envelope = signed + hmac_module.new(_secret_key(secret, client), signed, hashlib.sha256).digest()
+        envelope = signed + hmac_module.new(_secret_key(secret, client), hashlib.sha256(signed).digest(),
+                                            hashlib.sha256).digest()
         try:
             open_envelope(envelope, {client: secret}.get)
         except ProtocolError as problem:

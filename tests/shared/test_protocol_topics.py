@@ -64,7 +64,7 @@ def test_every_kind_has_delivery_flags():
     ("topic", "reason", "match"),
     [
         ("other/v1/lab-7/hub/state", ReasonCode.MALFORMED, "does not start with"),
-        ("fedvlm/v2/lab-7/hub/state", ReasonCode.UNSUPPORTED_VERSION, "speaks v1"),
+        ("fedvlm/v2/lab-7/hub/state", ReasonCode.UNSUPPORTED_VERSION, "uses topic tree 'v2'; this FedVLM uses v1"),
         ("fedvlm/v1/lab-7/hub/mood", ReasonCode.MALFORMED, "unknown path 'hub/mood'"),
         ("fedvlm/v1/lab-7/global/007/chunk/1", ReasonCode.MALFORMED, "leading zeros"),
         ("fedvlm/v1/lab-7/global/7/chunk/-1", ReasonCode.MALFORMED, "leading zeros"),
