@@ -71,9 +71,12 @@ from fedvlm.shared import tensor_codec  # noqa: E402
 from fedvlm.shared.lora_config import LoraSettings  # noqa: E402
 from fedvlm.shared.mqtt_link import MqttLink  # noqa: E402
 from fedvlm.shared.protocol import (  # noqa: E402
+    MAC_CONTEXT,
     MIN_CHUNK_SIZE,
     PROTOCOL_VERSION,
+    SHA256_NOT_STATED,
     Ack,
+    ChunkStream,
     EnvelopeMetadata,
     Topics,
     sign,
@@ -158,10 +161,17 @@ class FuzzContext:
 
     def chunks(self, sender: str, payload: bytes, message_id: bytes | None = None, *,
                chunk_size: int = MIN_CHUNK_SIZE) -> list[tuple[str, bytes]]:  # fmt: skip
-        """1 KiB chunks by default, so even small updates travel in several."""
+        """1 KiB chunks by default, so even small updates travel in several; half the time
+        streamed as a device sends them (the digest only in the last chunk), else with the
+        digest in every chunk (as a device re-sends a saved update)."""
         message_id = message_id or self.message_id()
         topic = self.topics.update(sender, message_id)
-        return [(topic, chunk) for chunk in split_payload(payload, chunk_size=chunk_size, message_id=message_id)]
+        if self.rng.random() < 0.5:
+            chunks = split_payload(payload, chunk_size=chunk_size, message_id=message_id)
+        else:
+            stream = ChunkStream(len(payload), chunk_size=chunk_size, message_id=message_id)
+            chunks = [*stream.add(payload), stream.finish()]
+        return [(topic, chunk) for chunk in chunks]
 
 
 def _expect(**counts: int) -> collections.Counter:
@@ -170,7 +180,8 @@ def _expect(**counts: int) -> collections.Counter:
 
 def _header(message_id: bytes, index: int, count: int, chunk_size: int, total: int, digest: bytes | None = None,
             *, magic: bytes = b"FVCK", version: int = PROTOCOL_VERSION) -> bytes:  # fmt: skip
-    return _HEADER.pack(magic, version, message_id, index, count, chunk_size, total, digest or bytes(32))
+    # By default a stated (wrong) digest, so a lie elsewhere in the header is what gets it refused.
+    return _HEADER.pack(magic, version, message_id, index, count, chunk_size, total, digest or b"\xee" * 32)
 
 
 def _raw_envelope(signer: str, metadata_json: bytes, body: bytes, secret: str | None, *, magic: bytes = b"FVSE",
@@ -180,7 +191,8 @@ def _raw_envelope(signer: str, metadata_json: bytes, body: bytes, secret: str | 
     signed = b"".join((_ENVELOPE_PREFIX.pack(magic, version, len(signer_bytes)), signer_bytes,
                        struct.pack(">I", len(metadata_json)), metadata_json, struct.pack(">Q", len(body)), body))
     if mac is None:
-        mac = hmac.new((secret or "x" * 32).encode(), hashlib.sha256(signed).digest(), hashlib.sha256).digest()
+        mac = hmac.new((secret or "x" * 32).encode(), MAC_CONTEXT + hashlib.sha256(signed).digest(),
+                       hashlib.sha256).digest()  # fmt: skip
     return signed + mac
 
 
@@ -232,8 +244,8 @@ def case_header_games(ctx: FuzzContext) -> Case:
     elif variant == 2:  # index past the count
         chunk, reason = _header(message_id, 9, 2, MIN_CHUNK_SIZE, 1500) + bytes(476), "inconsistent"
     elif variant == 3:  # another protocol version
-        chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 10, version=ctx.rng.choice((0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 65535))), \
-            "unsupported_version"
+        version = ctx.rng.choice((0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 65535))
+        chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 10, version=version), "unsupported_version"
     elif variant == 4:  # a chunk size below the 1 KiB floor or above 64 MiB
         size = ctx.rng.choice((0, 1, 1023, (64 << 20) + 1))
         chunk, reason = _header(message_id, 0, 1, size, 10) + bytes(10), "malformed"
@@ -248,7 +260,7 @@ def case_header_games(ctx: FuzzContext) -> Case:
         other = ctx.message_id()
         return Case("header_vs_topic", [(ctx.topics.update(sender, other), first)], _expect(malformed=1))
     elif variant == 8:  # the last (here the only) chunk leaves the digest to a chunk after it
-        chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 10) + bytes(10), "malformed"
+        chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 10, SHA256_NOT_STATED) + bytes(10), "malformed"
     else:  # an empty payload declared as one chunk whose hash is wrong: completes, corrupt
         chunk, reason = _header(message_id, 0, 1, MIN_CHUNK_SIZE, 0, digest=ctx.rng.randbytes(32)), "corrupt"
     return Case("header_games", [(ctx.topics.update(sender, message_id), chunk)], _expect(**{reason: 1}))

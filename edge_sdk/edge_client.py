@@ -50,6 +50,7 @@ from fedvlm.shared.protocol import (
     RoundPhase,
     SignedUpload,
     Topics,
+    speaks_current_protocol,
     split_payload,
 )
 from fedvlm.shared.protocol.chunks import DEFAULT_CHUNK_SIZE
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 
 # Rejections that mean this device is set up wrongly: stop and tell the user.
 _MISCONFIGURED = frozenset({ReasonCode.UNKNOWN_CLIENT, ReasonCode.BAD_SIGNATURE, ReasonCode.CLIENT_MISMATCH,
-                            ReasonCode.WRONG_FEDERATION, ReasonCode.INCOMPATIBLE, ReasonCode.TOO_LARGE})
+                            ReasonCode.WRONG_FEDERATION, ReasonCode.INCOMPATIBLE, ReasonCode.TOO_LARGE,
+                            ReasonCode.UNSUPPORTED_VERSION})
 # Rejections caused by timing or load: the same round may still take an update from us.
 _TRY_AGAIN = frozenset({ReasonCode.LATE, ReasonCode.NOT_SELECTED, ReasonCode.WRONG_ROUND, ReasonCode.HUB_ERROR,
                         ReasonCode.OVERLOADED, ReasonCode.EXPIRED, ReasonCode.CORRUPT})
@@ -265,10 +267,14 @@ class EdgeClient:
             hub_state = HubState.from_json(payload)
             if hub_state.protocol_version != PROTOCOL_VERSION:
                 older = "device" if hub_state.protocol_version > PROTOCOL_VERSION else "hub"
-                raise EdgeClientError(
-                    f"{self.client_id}: the hub speaks FedVLM protocol {hub_state.protocol_version} and this SDK "
-                    f"speaks {PROTOCOL_VERSION}; upgrade the {older} (pip install -U fedvlm) so both speak the "
-                    "same version")  # fmt: skip
+                problem = (f"{self.client_id}: the hub speaks FedVLM protocol {hub_state.protocol_version} and this "
+                           f"SDK speaks {PROTOCOL_VERSION}; upgrade the {older} (pip install -U fedvlm) so both "
+                           "speak the same version")  # fmt: skip
+                if hub_state.status is Presence.ONLINE:
+                    raise EdgeClientError(problem)
+                # An offline hub's last word, e.g. while it is being upgraded: wait for its successor.
+                log.warning("%s (the hub is offline; waiting for it to come back)", problem)
+                return None
             self.hub_state = hub_state
             self._ensure_model()
             self._fetch_global_if_newer()
@@ -406,7 +412,8 @@ class EdgeClient:
             )
             if self.privacy is not None:
                 self.privacy.before_training(self._dp_reference())
-            train_metrics = self.model.train(self.train_examples, config, description=f"{self.client_id} round {hub.round}").to_dict()
+            train_metrics = self.model.train(self.train_examples, config,
+                                             description=f"{self.client_id} round {hub.round}").to_dict()
             eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
             upload = self._signed_upload(hub.round, train_metrics, eval_metrics)
             message_id, envelope_size = upload.message_id, upload.envelope_size
@@ -426,10 +433,9 @@ class EdgeClient:
         )
         try:
             self._link.publish_many(((topic, chunk) for chunk in chunks), qos=1, extras=extras)
-        except BaseException:
+        except Exception:  # not KeyboardInterrupt: a user stopping the device wants it stopped
             if upload is not None:
-                # Sign and save the rest, so a retry re-sends this update instead of training again.
-                upload.finish()
+                self._keep_unsent_upload(upload, hub.round)
             raise
         messages = [(topic, chunk) for chunk in (upload.sent if upload is not None else chunks)]
         # Re-sent unchanged while no ack comes: after a broker restart the hub may have missed
@@ -467,6 +473,15 @@ class EdgeClient:
             self._commit_state()
             log.warning("%s: round %d rejected: %s", self.client_id, hub.round, report.reason)
         return report
+
+    def _keep_unsent_upload(self, upload: SignedUpload, round_number: int) -> None:
+        """Sign and save the rest of an update whose publishing failed midway, so a retry
+        re-sends it instead of training a second time in the round."""
+        try:
+            upload.finish()
+        except Exception as problem:  # the publishing error that got us here is the one to report
+            log.warning("%s: could not keep the update of round %d for re-sending (%s); it will be trained "
+                        "again", self.client_id, round_number, problem)  # fmt: skip
 
     def _signed_upload(self, round_number: int, train_metrics: dict, eval_metrics: dict | None) -> SignedUpload:
         """This round's update, ready to be signed and chunked as it is published."""
@@ -554,8 +569,15 @@ class EdgeClient:
                 self.model.load_personal({name: adapter[name] for name in personal_names if name in adapter})
             self._clear_pending()
             return None
-        return (body_path.read_bytes(), bytes.fromhex(info["message_id"]), info["train"], info["evaluation"],
-                adapter)  # fmt: skip
+        envelope = body_path.read_bytes()
+        if not speaks_current_protocol(envelope):
+            # Saved by an older SDK, so the hub would refuse it and has aggregated nothing of
+            # it: the round is trained again from the committed state.
+            log.warning("%s: dropping the update of round %d saved in an older protocol version; training "
+                        "the round again", self.client_id, round_number)  # fmt: skip
+            self._clear_pending()
+            return None
+        return envelope, bytes.fromhex(info["message_id"]), info["train"], info["evaluation"], adapter
 
     def _clear_pending(self) -> None:
         # The info file first: without it the others are ignored, so a crash midway is harmless.

@@ -31,7 +31,7 @@ from fedvlm.shared.protocol import (
     open_envelope,
     parse_chunk_header,
 )
-from fedvlm.shared.protocol.chunks import DEFAULT_MAX_PENDING_BYTES, DEFAULT_TIMEOUT_S
+from fedvlm.shared.protocol.reassembly import DEFAULT_MAX_PENDING_BYTES, DEFAULT_TIMEOUT_S
 from fedvlm.shared.strategies import Aggregator
 
 from .checkpoints import CheckpointStore
@@ -93,7 +93,8 @@ class UpdateIntake:
         # (client, message id) -> (verdict, the round context it holds in; None: for good).
         self._recent_acks: collections.OrderedDict[tuple[str, bytes], tuple[Ack, tuple | None]] = (
             collections.OrderedDict())
-        self._strangers_told: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
+        # (client, message id, reason) of messages refused chunk by chunk, each answered once.
+        self._told_once: collections.OrderedDict[tuple[str, bytes, ReasonCode], None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ the round's aggregate
     def start_new_aggregate(self) -> None:
@@ -131,7 +132,11 @@ class UpdateIntake:
         try:
             header = parse_chunk_header(payload, sender=client_id)
         except ProtocolError as error:
-            self.reject(client_id, None, topic_message_id, error.reason, str(error))
+            if error.reason is ReasonCode.UNSUPPORTED_VERSION:
+                # An older or newer device: every chunk of its message would be refused alike.
+                self._reject_once(client_id, topic_message_id, error.reason, str(error))
+            else:
+                self.reject(client_id, None, topic_message_id, error.reason, str(error))
             return
         if header.message_id != topic_message_id:
             self.reject(client_id, None, topic_message_id, ReasonCode.MALFORMED,
@@ -157,15 +162,11 @@ class UpdateIntake:
             # Nobody the hub knows: refused before reassembly, so strangers take no reassembly
             # room, and told once per message. Not remembered as a verdict: once the client is
             # registered, the same message sent again is reassembled and judged.
-            if key not in self._strangers_told:
-                self._strangers_told[key] = None
-                while len(self._strangers_told) > _RECENT_ACKS_KEPT:
-                    self._strangers_told.popitem(last=False)
-                self.reject(client_id, None, header.message_id, ReasonCode.UNKNOWN_CLIENT,
-                            f"updates on the topic of {client_id!r}, a client this hub has no secret for; "
-                            "register the client with the hub first (or it was revoked)")  # fmt: skip
+            self._reject_once(client_id, header.message_id, ReasonCode.UNKNOWN_CLIENT,
+                              f"updates on the topic of {client_id!r}, a client this hub has no secret for; "
+                              "register the client with the hub first (or it was revoked)")  # fmt: skip
             return
-        self._strangers_told.pop(key, None)
+        self._told_once.pop((client_id, header.message_id, ReasonCode.UNKNOWN_CLIENT), None)
         try:
             completed = self._reassembler.feed(payload, sender=client_id)
         except ProtocolError as error:
@@ -173,6 +174,17 @@ class UpdateIntake:
             return
         if completed is not None:
             self._judge(completed)
+
+    def _reject_once(self, client_id: str, message_id: bytes, reason: ReasonCode, text: str) -> None:
+        """Refuse a message whose every chunk is refused alike: one answer and one record,
+        not one per chunk."""
+        key = (client_id, message_id, reason)
+        if key in self._told_once:
+            return
+        self._told_once[key] = None
+        while len(self._told_once) > _RECENT_ACKS_KEPT:
+            self._told_once.popitem(last=False)
+        self.reject(client_id, None, message_id, reason, text)
 
     def drain_expired(self) -> None:
         """Answer updates whose chunks stopped arriving before the reassembly timeout."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -234,6 +235,32 @@ def test_a_device_stops_with_a_clear_error_when_the_hub_speaks_another_protocol(
     with pytest.raises(EdgeClientError, match=upgrade):
         client._handle("hub_state", state.to_json())
     assert client.hub_state is None and client.model is None  # nothing built on a hub it cannot talk to
+    # An offline hub's last will (a hub being upgraded): the device waits for its successor.
+    offline = dataclasses.replace(state, status=Presence.OFFLINE)
+    assert client._handle("hub_state", offline.to_json()) is None
+    assert client.hub_state is None
+
+
+def test_an_update_saved_in_an_older_protocol_version_is_dropped_and_the_round_trained_again(
+        tmp_path, tiny_model_dir, tiny_federation):  # fmt: skip
+    """After an upgrade, a pending update saved by the older SDK would be refused by the hub
+    (unsupported_version): it is dropped, not re-sent, and the round is trained again."""
+    from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.shared.protocol import EnvelopeMetadata, sign
+
+    client = EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 32,
+                        tmp_path / "device", training=QUICK, quantization="none")  # never connected
+    client.model = PersonalVLM.from_pretrained(tiny_model_dir, lora=LoraSettings(r=4, alpha=8), strategy="plora",
+                                               quantization="none")  # fmt: skip
+    metadata = EnvelopeMetadata(federation="fed", round=2, client_id="a", sample_count=4, strategy="plora",
+                                base_fingerprint="f", lora_config_hash="h")  # fmt: skip
+    current = sign(b"body", metadata, "a", "s" * 32)
+    older = current[:4] + (1).to_bytes(2, "big") + current[6:]  # as protocol 1 wrote the version
+    client._save_pending(2, current, b"\x01" * 16, {}, None)
+    assert client._pending_update(2)[0] == current  # today's: re-sent as it is
+    client._save_pending(2, older, b"\x01" * 16, {}, None)
+    assert client._pending_update(2) is None
+    assert not (tmp_path / "device" / "pending_update.json").exists()
 
 
 def test_a_publish_failing_midway_keeps_the_update_to_resend_instead_of_training_again(

@@ -1,7 +1,8 @@
 """FedVLM's wire protocol, independent of any MQTT library.
 
 - ``topics``: every topic of a federation, with its QoS and retain flag, and parsing.
-- ``chunks``: payloads split into broker-sized chunks and reassembled within bounds.
+- ``chunks``: the chunk format; payloads split into broker-sized chunks.
+- ``reassembly``: chunks back into payloads, within bounds of memory and time.
 - ``signing``: HMAC-SHA256 envelopes that authenticate every update's sender.
 - ``sending``: an update signed and chunked in one pass while it is published.
 - ``messages``: JSON control messages (hub state, manifest, presence, acks).
@@ -14,18 +15,11 @@ package decides what those bytes and topics mean. See docs/protocol.md for the l
 from .chunks import (
     CHUNK_HEADER_SIZE,
     DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_PENDING_BYTES,
-    DEFAULT_MAX_PENDING_MESSAGES,
-    DEFAULT_TIMEOUT_S,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     SHA256_NOT_STATED,
     ChunkHeader,
     ChunkStream,
-    CompletedMessage,
-    DroppedMessage,
-    Reassembler,
     expected_chunk_count,
     new_message_id,
     parse_chunk_header,
@@ -44,8 +38,19 @@ from .messages import (
     Presence,
     RoundPhase,
 )
+from .reassembly import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_PENDING_MESSAGES,
+    DEFAULT_MAX_PENDING_PER_SENDER,
+    DEFAULT_TIMEOUT_S,
+    CompletedMessage,
+    DroppedMessage,
+    Reassembler,
+)
 from .sending import SignedUpload
 from .signing import (
+    MAC_CONTEXT,
     MAC_SIZE,
     MIN_SECRET_BYTES,
     EnvelopeSigner,
@@ -54,6 +59,7 @@ from .signing import (
     new_client_secret,
     open_envelope,
     sign,
+    speaks_current_protocol,
 )
 from .topics import DELIVERY, TOPIC_ROOT, ClientPermissions, Delivery, ParsedTopic, TopicKind, Topics, parse_topic
 from .version import PROTOCOL_VERSION, TOPIC_TREE_VERSION
@@ -91,13 +97,15 @@ __all__ = [
     "SHA256_NOT_STATED",
     "ChunkHeader",
     "ChunkStream",
-    "CompletedMessage",
-    "DroppedMessage",
-    "Reassembler",
     "expected_chunk_count",
     "new_message_id",
     "parse_chunk_header",
     "split_payload",
+    # reassembly
+    "DEFAULT_MAX_PENDING_PER_SENDER",
+    "CompletedMessage",
+    "DroppedMessage",
+    "Reassembler",
     # messages
     "MAX_CONTROL_MESSAGE_BYTES",
     "Ack",
@@ -109,6 +117,7 @@ __all__ = [
     "Presence",
     "RoundPhase",
     # signing
+    "MAC_CONTEXT",
     "MAC_SIZE",
     "MIN_SECRET_BYTES",
     "EnvelopeSigner",
@@ -117,6 +126,7 @@ __all__ = [
     "new_client_secret",
     "open_envelope",
     "sign",
+    "speaks_current_protocol",
     # sending
     "SignedUpload",
 ]

@@ -55,13 +55,19 @@ class SignedUpload:
     def finish(self) -> None:
         """Produce whatever the consumer did not take (hashing it, and running
         ``before_last_chunk``), e.g. after publishing failed midway, so the update can be
-        kept and re-sent whole later."""
+        kept and re-sent whole later. Raises RuntimeError when producing itself failed
+        earlier (an error in ``before_last_chunk``): nothing is left that could finish it."""
         if self._producer is None:
             self.chunks()
         for _ in self._producer:
             pass
+        if not self._stream.finished:
+            raise RuntimeError("this upload stopped before its last chunk (producing it failed); sign a new one")
 
     def _produce(self, before_last_chunk: Callable[[bytes], None] | None) -> Iterator[bytes]:
+        # Runs in the consumer's thread, between its publishes: publish_many's timeout also
+        # covers this hashing and before_last_chunk (the edge's fsyncs), which take
+        # milliseconds against a transfer of the same bytes.
         stream, prefix, body = self._stream, self._signer.prefix, self._body
         yield from self._kept(stream.add(prefix))
         # A chunk's worth at a time: each chunk is yielded as soon as it is hashed.

@@ -11,7 +11,7 @@ Layout (integers big-endian)::
     11+n        m     metadata JSON (EnvelopeMetadata)
     11+n+m      8     b: length of the body
     19+n+m      b     body (safetensors bytes, opaque here)
-    19+n+m+b    32    HMAC-SHA256(secret, SHA-256(every byte before it))
+    19+n+m+b    32    HMAC-SHA256(secret, MAC_CONTEXT + SHA-256(every byte before it))
 
 The hub reads only the magic, version and signer before checking the HMAC; lengths,
 metadata and body are parsed after, so nothing an attacker controls is interpreted until
@@ -23,8 +23,9 @@ Why the MAC signs a digest: the chunks carry the SHA-256 of the whole payload an
 one SHA-256 pass per side serves both. The sender hashes chunk by chunk while it
 publishes (``SignedUpload``), and the hub's reassembler hands over the signed part's
 digest from the pass it makes as chunks arrive (``Reassembler(trailer_size=MAC_SIZE)``),
-so signing and verifying cost an HMAC of 32 bytes. Forging an envelope then means
-finding a SHA-256 collision or the secret.
+so signing and verifying cost an HMAC of a few dozen bytes. Forging an envelope then
+means finding a SHA-256 collision or the secret. ``MAC_CONTEXT`` keeps this use of the
+client's secret apart from its other use (the broker password derivation).
 
 Replays: the signature does not expire. The metadata binds federation and round, and the
 hub accepts one update per client per round, so an old update replayed is refused as
@@ -50,6 +51,7 @@ from ..usage_error import UsageError
 
 __all__ = [
     "ENVELOPE_MAGIC",
+    "MAC_CONTEXT",
     "MAC_SIZE",
     "MAX_METADATA_BYTES",
     "MIN_SECRET_BYTES",
@@ -59,10 +61,13 @@ __all__ = [
     "new_client_secret",
     "open_envelope",
     "sign",
+    "speaks_current_protocol",
 ]
 
 ENVELOPE_MAGIC = b"FVSE"
 MAC_SIZE = 32
+# What the MAC's input starts with, before the digest: names the purpose of this HMAC.
+MAC_CONTEXT = b"fedvlm envelope\x00"
 MAX_METADATA_BYTES = 64 * 1024
 # HMAC is only as strong as its key; 16 bytes is 128 bits. new_client_secret gives 256.
 MIN_SECRET_BYTES = 16
@@ -146,7 +151,7 @@ def sign(body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapp
 
 
 def _mac(key: bytes, signed_sha256: bytes) -> bytes:
-    return hmac.new(key, signed_sha256, hashlib.sha256).digest()
+    return hmac.new(key, MAC_CONTEXT + signed_sha256, hashlib.sha256).digest()
 
 
 def open_envelope(data: bytes | bytearray | memoryview, secret_lookup: SecretLookup, *,
@@ -190,6 +195,16 @@ def open_envelope(data: bytes | bytearray | memoryview, secret_lookup: SecretLoo
                              f"envelope signed by {signer!r} claims in its metadata to come from "
                              f"{metadata.client_id!r}", sender=signer)  # fmt: skip
     return VerifiedEnvelope(client_id=signer, metadata=metadata, body=body)
+
+
+def speaks_current_protocol(envelope: bytes | bytearray | memoryview) -> bool:
+    """Whether ``envelope`` is an envelope of this protocol version (a device checks an
+    update it saved before an upgrade; nothing here verifies it)."""
+    view = memoryview(envelope).cast("B")
+    if view.nbytes < _PREFIX.size:
+        return False
+    magic, version, _ = _PREFIX.unpack_from(view)
+    return magic == ENVELOPE_MAGIC and version == PROTOCOL_VERSION
 
 
 def _malformed(text: str, signer: str | None = None) -> ProtocolError:

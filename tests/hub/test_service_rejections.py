@@ -166,3 +166,26 @@ def test_a_strangers_message_is_judged_once_the_client_is_registered(start_feder
     newcomer.secret = register_client(federation.config.state_dir, "newcomer")
     again = newcomer.wait_ack(newcomer.publish(newcomer.envelope(b_factors(4), 1), message_id=message_id))
     assert again.reason_code is ReasonCode.NOT_SELECTED  # judged now: registered, but not in this round
+
+
+def test_an_upload_in_another_protocol_version_is_answered_once(start_federation):
+    """Every chunk of an older device's upload fails the version check: the device gets one
+    answer telling it to upgrade, and the hub records one rejection, not one per chunk."""
+    from fedvlm.shared.protocol import PROTOCOL_VERSION, new_message_id
+
+    federation = start_federation("embedded", clients=("a", "b"), min_clients=2)
+    a, _ = federation.connect("a", "b")
+    a.wait_collecting(1)
+    message_id = new_message_id()
+    padded = a.envelope(b_factors(3), 1, body_metadata={"pad": "x" * 5000})
+    chunks = split_payload(padded, chunk_size=1024, message_id=message_id)
+    assert len(chunks) > 3
+    topic = a.topics.update("a", message_id)
+    for chunk in chunks:
+        older = chunk[:4] + (PROTOCOL_VERSION - 1).to_bytes(2, "big") + chunk[6:]
+        a.link.publish(topic, older, qos=1)
+    ack = refused(a, message_id, ReasonCode.UNSUPPORTED_VERSION)
+    assert "upgrade" in ack.reason_text
+    assert read_status(federation.config.state_dir).rejections == {"unsupported_version": 1}
+    assert a.wait_ack(a.send(b_factors(3), 1)).accepted  # today's protocol from the same device: fine
+    assert read_status(federation.config.state_dir).rejections == {"unsupported_version": 1}

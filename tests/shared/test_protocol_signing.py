@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from fedvlm.shared.protocol import (
+    MAC_CONTEXT,
     PROTOCOL_VERSION,
     EnvelopeMetadata,
     ProtocolError,
@@ -99,7 +100,8 @@ def test_hub_side_catches_metadata_naming_another_client():
                     b'"base_fingerprint":"f","lora_config_hash":"h","kind":"update"}'
     signed = b"FVSE" + struct.pack(">HB", PROTOCOL_VERSION, 3) + b"bob" + struct.pack(">I", len(metadata_json)) + metadata_json \
         + struct.pack(">Q", 0)  # fmt: skip
-    forged = signed + hmac.new(SECRETS["bob"].encode(), hashlib.sha256(signed).digest(), hashlib.sha256).digest()
+    forged = signed + hmac.new(SECRETS["bob"].encode(), MAC_CONTEXT + hashlib.sha256(signed).digest(),
+                               hashlib.sha256).digest()  # fmt: skip
     with pytest.raises(SignatureError) as caught:
         open_as_hub(forged)
     assert caught.value.reason is ReasonCode.CLIENT_MISMATCH
@@ -151,7 +153,7 @@ def test_a_validly_signed_but_truncated_envelope_is_malformed_not_a_crash():
     client, secret = "a-rather-long-client-identifier", "s" * 32
     for extra in (b"", b"\x00", b"\x00\x00\x00\x00\x00"):
         signed = struct.pack(">4sHB", ENVELOPE_MAGIC, PROTOCOL_VERSION, len(client)) + client.encode() + extra
-        envelope = signed + hmac_module.new(_secret_key(secret, client), hashlib.sha256(signed).digest(),
+        envelope = signed + hmac_module.new(_secret_key(secret, client), MAC_CONTEXT + hashlib.sha256(signed).digest(),
                                             hashlib.sha256).digest()
         try:
             open_envelope(envelope, {client: secret}.get)

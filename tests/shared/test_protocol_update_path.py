@@ -16,7 +16,6 @@ from fedvlm.shared.protocol import (
     MIN_CHUNK_SIZE,
     SHA256_NOT_STATED,
     ChunkStream,
-    EnvelopeMetadata,
     ProtocolError,
     Reassembler,
     ReasonCode,
@@ -29,10 +28,8 @@ from fedvlm.shared.protocol import (
     split_payload,
 )
 from fedvlm.shared.usage_error import UsageError
+from tests.shared.test_protocol_signing import METADATA, SECRETS
 
-SECRETS = {"alice": new_client_secret(), "bob": new_client_secret()}
-METADATA = EnvelopeMetadata(federation="fed-1", round=4, client_id="alice", sample_count=130, strategy="plora",
-                            base_fingerprint="0123456789abcdef", lora_config_hash="a" * 64)  # fmt: skip
 CHUNK = MIN_CHUNK_SIZE * 4
 
 
@@ -89,7 +86,9 @@ def test_a_streamed_upload_is_the_signed_envelope_with_its_digest_in_the_last_ch
 def test_the_mac_signs_the_sha256_of_the_signed_part():
     envelope = sign(body_of(5000, 1), METADATA, "alice", SECRETS["alice"])
     signed = envelope[:-MAC_SIZE]
-    expected = hmac.new(SECRETS["alice"].encode(), hashlib.sha256(signed).digest(), hashlib.sha256).digest()
+    # The spec, written out: HMAC-SHA256(secret, b"fedvlm envelope\0" + SHA-256(signed part)).
+    expected = hmac.new(SECRETS["alice"].encode(), b"fedvlm envelope\x00" + hashlib.sha256(signed).digest(),
+                        hashlib.sha256).digest()  # fmt: skip
     assert envelope[-MAC_SIZE:] == expected
 
 
@@ -120,6 +119,21 @@ def test_finish_after_a_failed_publish_signs_the_rest_and_keeps_the_update():
     assert kept == [sign(body, METADATA, "alice", SECRETS["alice"])]
     assert reassemble(upload.sent).payload == kept[0]
     upload.finish()  # nothing left: harmless
+
+
+def test_finish_cannot_complete_an_upload_whose_producing_failed():
+    """A save failing in before_last_chunk ends the stream: finish says so instead of
+    pretending the update was kept."""
+    upload = SignedUpload(body_of(4 * CHUNK, 11), METADATA, "alice", SECRETS["alice"], chunk_size=CHUNK)
+
+    def disk_full(_envelope: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        list(upload.chunks(before_last_chunk=disk_full))
+    assert len(upload.sent) == upload.chunk_count - 1  # the last chunk never left
+    with pytest.raises(RuntimeError, match="stopped before its last chunk"):
+        upload.finish()
 
 
 def test_an_upload_refuses_bad_arguments_before_producing_anything():
