@@ -11,6 +11,8 @@ names (``get_peft_model_state_dict``), which is what ``fedvlm.shared`` splits an
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from typing import Iterable, Mapping
 
@@ -22,6 +24,8 @@ from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.lora_keys import factor_of
 
 __all__ = ["LoraSettings", "attach_lora", "adapter_state", "load_adapter_state"]
+
+_INIT_LOCK = threading.Lock()
 
 
 def attach_lora(
@@ -38,12 +42,14 @@ def attach_lora(
         target_modules=settings.target_regex(),
         bias="none",
     )
-    # Same seed, same factors on every client, whatever the process's RNG state.
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    # The lock: PEFT draws from torch's process-wide RNG and the warning filters are
+    # process-wide too, so two devices initialised at once in one process (threads) would
+    # see each other's RNG restore and slip past each other's filter.
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # PEFT calls a transformers API that transformers 5 deprecates; nothing for a user to do.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        torch.manual_seed(settings.init_seed)
         peft_model = get_peft_model(model, config)
+    _initialise_factors(peft_model, settings.init_seed)
     if not any(factor_of(name) for name, _ in peft_model.named_parameters()):
         raise ValueError(
             f"no module matched the LoRA target regex {settings.target_regex()!r}: is this a "
@@ -54,6 +60,24 @@ def attach_lora(
         factor = factor_of(name)
         parameter.requires_grad_(factor is not None and factor not in frozen)
     return peft_model
+
+
+def _initialise_factors(peft_model: PeftModel, seed: int) -> None:
+    """PEFT's default LoRA initialisation (A Kaiming-uniform with a = √5, i.e. uniform in
+    ±1/√in_features; B zero), drawn from a generator of the federation's seed rather than
+    torch's process-wide RNG: every device gets the same factors, even while other threads
+    of its process draw random numbers (training, dropout)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
+            factor = factor_of(name)
+            if factor == "B":
+                parameter.zero_()
+            elif factor == "A":
+                bound = 1.0 / math.sqrt(parameter.shape[1])
+                # Drawn on the CPU, so the numbers are the same whatever device the model is on.
+                values = torch.empty(parameter.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+                parameter.copy_(values)
 
 
 def adapter_state(peft_model: PeftModel) -> dict[str, np.ndarray]:

@@ -110,3 +110,52 @@ def test_default_quantization_per_device():
 def test_normalize_answer():
     assert normalize_answer("  The Red!  ") == "red"
     assert normalize_answer("a big  Circle.") == "big circle"
+
+
+def test_every_device_gets_the_same_initial_factors_even_from_threads(tiny_model_dir):
+    """Factors come from the federation's seed, not torch's process-wide RNG: devices
+    initialised at once in threads, while another thread draws random numbers, all match a
+    device initialised alone (A uniform in ±1/√in_features, B zero, as PEFT's default)."""
+    import copy
+    import math
+    import threading
+
+    import numpy as np
+
+    from fedvlm.edge.adapters import adapter_state
+    from fedvlm.shared.lora_keys import factor_of
+
+    base = load_vlm(tiny_model_dir, quantization="none").model
+    settings = LoraSettings(r=4, alpha=8, init_seed=3)
+    alone = adapter_state(attach_lora(copy.deepcopy(base), settings))
+    assert all(not value.any() for name, value in alone.items() if factor_of(name) == "B")
+    for name, value in alone.items():
+        if factor_of(name) == "A":
+            assert value.any() and np.abs(value).max() <= 1 / math.sqrt(value.shape[1])
+    assert any(not np.array_equal(alone[k], v) for k, v in
+               adapter_state(attach_lora(copy.deepcopy(base), LoraSettings(r=4, alpha=8, init_seed=4))).items())
+
+    copies = [copy.deepcopy(base) for _ in range(4)]
+    results: list[dict] = [{} for _ in copies]
+    start, stop = threading.Barrier(len(copies) + 1), threading.Event()
+
+    def initialise(index: int) -> None:
+        start.wait()
+        results[index] = adapter_state(attach_lora(copies[index], settings))
+
+    def draw_random_numbers() -> None:  # another device training, say
+        start.wait()
+        while not stop.is_set():
+            torch.rand(1000)
+
+    threads = [threading.Thread(target=initialise, args=(i,)) for i in range(len(copies))]
+    noise = threading.Thread(target=draw_random_numbers)
+    for thread in (*threads, noise):
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    stop.set()
+    noise.join(timeout=10)
+    for result in results:
+        assert result.keys() == alone.keys()
+        assert all(np.array_equal(result[k], alone[k]) for k in alone)
