@@ -63,11 +63,6 @@ _TICK_S = 0.1
 _PROGRESS_EVERY_S = 10.0
 _PUBLISH_TIMEOUT_S = 10.0
 _RETRY_PUBLISH_AFTER_S = 2.0
-# Test-only fault injection: with FEDVLM_HUB_TEST_PAUSE_AT=aggregating (before the new
-# version is computed and committed) or =publishing (version committed, its chunks and
-# manifest on the broker, not yet marked published) the hub prints a line and freezes
-# there, so a fault test can SIGKILL it at exactly that point. Unset in production.
-TEST_PAUSE_ENV = "FEDVLM_HUB_TEST_PAUSE_AT"
 _PHASES = {LifecyclePhase.WAITING: RoundPhase.WAITING, LifecyclePhase.COLLECTING: RoundPhase.COLLECTING,
            LifecyclePhase.DONE: RoundPhase.DONE}  # fmt: skip
 
@@ -85,11 +80,19 @@ class HubService:
 
         hub = HubService(HubConfig(federation="demo", rounds=3, min_clients=3))
         hub.serve()            # until the rounds are done (or request_stop())
+
+    ``on_checkpoint(point)``, when given, is called at the two points of a round where a
+    crash must leave a consistent state: ``"aggregating"`` (every update of the round
+    committed, the new version not yet computed) and ``"publishing"`` (the version
+    committed, its chunks and manifest on the broker, not yet marked published). Fault
+    tests freeze the hub there to kill it; it also suits tracing.
     """
 
     def __init__(self, config: HubConfig, *, console: Console | None = None,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.time,
+                 on_checkpoint: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.config = config
+        self._on_checkpoint = on_checkpoint
         self.console = console if console is not None else Console()
         self.topics = Topics(config.federation)
         self.strategy = get_strategy(config.strategy)
@@ -438,7 +441,7 @@ class HubService:
         current = self._lifecycle.current
         assert current is not None
         self._publish_state(phase=RoundPhase.AGGREGATING)
-        _test_pause("aggregating")
+        self._checkpoint("aggregating")
         latest = store.latest_global()
         version = (latest.version if latest is not None else 0) + 1
         tensors = intake.aggregator.result(self._load_previous_global())
@@ -504,7 +507,7 @@ class HubService:
                 self._publish_state(phase=RoundPhase.PUBLISHING)
             self._publisher.publish(self._files.read(record.file_path), GlobalManifest.from_json(record.manifest))
             if not record.published:
-                _test_pause("publishing")
+                self._checkpoint("publishing")
                 store.mark_published(record.version)
                 self.console.event(f"published global version {record.version} ({record.chunk_count} chunk(s))")
             previous = store.global_version(record.version - 1)
@@ -558,6 +561,10 @@ class HubService:
     def _mark_state_dirty(self) -> None:
         self._state_dirty = True
 
+    def _checkpoint(self, point: str) -> None:
+        if self._on_checkpoint is not None:
+            self._on_checkpoint(point)
+
     def _publish_state(self, phase: RoundPhase | None = None) -> None:
         """Publish the retained state; ``phase`` overrides it for a transient phase."""
         if self._link is None:
@@ -590,10 +597,3 @@ class HubService:
             # The verdict stands either way; a client without an ack re-sends and is answered then.
             log.warning("could not acknowledge %s's message %s: %s", ack.client_id, ack.message_id, error)
 
-
-def _test_pause(point: str) -> None:
-    """Freeze here when a fault test asked for it (``TEST_PAUSE_ENV``); a no-op otherwise."""
-    if os.environ.get(TEST_PAUSE_ENV) == point:
-        print(f"{TEST_PAUSE_ENV}: paused at {point}", flush=True)
-        while True:
-            time.sleep(3600)

@@ -63,7 +63,7 @@ def start_federation(tmp_path: Path) -> Iterator[Callable[..., Federation]]:
     brokers: list[MosquittoProcess] = []
 
     def start(broker_kind: str = "embedded", clients: tuple[str, ...] = ("a", "b", "c"),
-              **settings: Any) -> Federation:  # fmt: skip
+              on_checkpoint: Callable[[str], None] | None = None, **settings: Any) -> Federation:  # fmt: skip
         state_dir = tmp_path / f"hub-{len(federations)}"
         secrets = {name: register_client(state_dir, name) for name in clients}
         settings = {"federation": FEDERATION, "state_dir": state_dir, "round_timeout_s": 20.0,
@@ -77,7 +77,7 @@ def start_federation(tmp_path: Path) -> Iterator[Callable[..., Federation]]:
             brokers.append(process)
             broker = process.broker
             config = HubConfig(broker=broker.url, **settings)
-        hub = HubService(config, console=Console()).start()
+        hub = HubService(config, console=Console(), on_checkpoint=on_checkpoint).start()
         federation = Federation(hub, broker, config, secrets, {})
         federations.append(federation)
         return federation

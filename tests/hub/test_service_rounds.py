@@ -84,6 +84,24 @@ def test_round_config_tells_clients_how_to_train(start_federation):
     assert (config["local_steps"], config["learning_rate"], config["quorum"], config["attempt"]) == (7, 0.01, 1, 1)
 
 
+def test_checkpoints_are_reported_where_a_crash_must_be_survivable(start_federation):
+    """``on_checkpoint``: "aggregating" with the round's updates committed and no new version
+    yet, then "publishing" with the version committed but not yet marked published."""
+    seen: list[tuple[str, int | None, bool | None]] = []
+    federation = None
+
+    def record(point: str) -> None:
+        latest = federation.hub.store.latest_global()
+        seen.append((point, latest.version if latest else None, latest.published if latest else None))
+
+    federation = start_federation(min_clients=1, clients=("a",), rounds=1, on_checkpoint=record)
+    (a,) = federation.connect("a")
+    a.wait_collecting(1)
+    assert a.wait_ack(a.send(b_factors(1), 1)).accepted
+    a.wait_state(lambda s: s.global_version == 1, timeout=10)
+    assert seen == [("aggregating", None, None), ("publishing", 1, False)]
+
+
 def test_a_client_that_dies_mid_round_is_waited_for_until_the_deadline(start_federation):
     federation = start_federation(min_clients=3, quorum=2, round_timeout_s=2.0, rounds=1)
     a, b, c = federation.connect("a", "b", "c")

@@ -8,7 +8,6 @@ asserted: this machine's load decides them.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import pytest
 
 from fedvlm.edge.device_state import DeviceState, load_state, save_state
 from fedvlm.hub.clients import register_client
-from fedvlm.hub.service import TEST_PAUSE_ENV
 from fedvlm.hub.status import read_status
 from fedvlm.hub.store import HubStore
 from fedvlm.shared import tensor_codec
@@ -97,13 +95,12 @@ def test_a_client_killed_mid_upload_is_discarded_after_the_timeout_and_the_round
 
 # ============================================================ the hub killed at each phase
 def _start_hub(state_dir: Path, log_path: Path, arguments: list[str], pause_at: str | None) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items() if key != TEST_PAUSE_ENV}
-    if pause_at is not None:
-        env[TEST_PAUSE_ENV] = pause_at
+    """``fedvlm-hub start``; with ``pause_at``, one that freezes at that checkpoint (paused_hub.py)."""
+    hub = ["-m", "fedvlm.hub.cli"] if pause_at is None else [str(Path(__file__).with_name("paused_hub.py")), pause_at]
     with log_path.open("ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "fedvlm.hub.cli", "start", "--federation", "fed",
-                                 "--state-dir", str(state_dir), *arguments], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        return subprocess.Popen([sys.executable, *hub, "start", "--federation", "fed", "--state-dir", str(state_dir),
+                                 *arguments], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 class ManifestWatcher:
