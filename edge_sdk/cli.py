@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="delta of the reported (epsilon, delta) (default: 1e-5)")
     join.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
     join.add_argument("--timeout", type=float, help="give up after this many seconds")
-    join.add_argument("--quiet", action="store_true", help="no progress bars")
+    join.add_argument("--quiet", action="store_true", help="no progress bars (training, model loading)")
     join.set_defaults(handler=_join)
 
     export = commands.add_parser("export", help="export the personalised model to ONNX",
@@ -176,6 +176,10 @@ def _join(args: argparse.Namespace) -> int:
     warning = plaintext_warning(hub_address.host, tls=hub_address.tls, has_password=password is not None)
     if warning:
         print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # the "Loading weights" bar
     client = EdgeClient(
         args.model, records.records, args.hub, args.federation, args.client_id, secret, args.state_dir,
         eval_examples=eval_records,

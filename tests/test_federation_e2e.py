@@ -141,6 +141,7 @@ def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, ro
             mosquitto.stop()
     for name, device, output in zip(CLIENTS, devices, outputs):
         assert device.returncode == 0, f"{name} failed:\n{output[-3000:]}"
+        assert "Loading weights" not in output and "it/s" not in output, f"--quiet {name} drew bars:\n{output}"
     assert hub.returncode == 0, hub_output[-3000:]
     capture.decode(secrets)
     return capture, hub_dir, secrets
