@@ -10,10 +10,11 @@ In one run, side by side:
     1, a window of unacknowledged chunks), and on the hub side a subscriber ``MqttLink``
     feeding ``Reassembler(trailer_size=MAC_SIZE).feed`` (one SHA-256 pass as chunks
     arrive gives the chunk digest and the signed part's digest), then ``open_envelope``
-    (an HMAC of 32 bytes) and ``tensor_codec.decode`` — from the start of encode to
-    decoded tensors on the receiver. (The edge client also writes the update to disk
-    before its last chunk leaves, so a crash cannot lose an update the hub accepts; that
-    is persistence, not transport, and runs while the earlier chunks travel.)
+    (an HMAC of a digest) and ``tensor_codec.decode`` — from the start of encode to
+    decoded tensors on the receiver. (The edge client also saves the update on a thread
+    while its first chunks travel, and its last chunk waits for that save, so the hub
+    never accepts an update the device has not kept; that is persistence, not transport,
+    and is not counted here.)
 (b) against a plain paho publish of the same bytes (one QoS 1 message, raw paho on both
     ends) through the same broker, from publish to received. Both brokers carry a 10 MB
     message as configured here (amqtt 0.12 has no size limit; mosquitto's

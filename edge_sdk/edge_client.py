@@ -19,6 +19,7 @@ version. MQTT callbacks only enqueue events; all work happens on the caller's th
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -50,6 +51,7 @@ from fedvlm.shared.protocol import (
     RoundPhase,
     SignedUpload,
     Topics,
+    seal_envelope,
     speaks_current_protocol,
     split_payload,
 )
@@ -71,7 +73,7 @@ _MAX_REFETCHES = 3
 # Seconds without an acknowledgement before the same update is published again.
 _RESEND_AFTER_S = 10.0
 
-_PENDING_UPDATE = "pending_update.bin"
+_PENDING_UPDATE = "pending_update.bin"  # the envelope without its MAC (sealed again to re-send)
 _PENDING_ADAPTER = "pending_adapter.safetensors"  # the factors the pending update was trained into
 _PENDING_INFO = "pending_update.json"
 
@@ -400,7 +402,7 @@ class EdgeClient:
             # is what the update came from, not the state from before the crash.
             self.model.load_adapter_state(trained_adapter)
             log.info("%s: re-sending the update of round %d saved before a restart", self.client_id, hub.round)
-            upload = None
+            upload = saved = None
             chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id)
             envelope_size = len(envelope)
         else:
@@ -417,12 +419,15 @@ class EdgeClient:
             eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
             upload = self._signed_upload(hub.round, train_metrics, eval_metrics)
             message_id, envelope_size = upload.message_id, upload.envelope_size
-            # Signed and hashed chunk by chunk as it is published. The update is saved before
-            # its last chunk leaves: the hub cannot complete, let alone accept, an update
-            # this device has not kept.
-            round_number = hub.round
-            chunks = upload.chunks(before_last_chunk=lambda envelope: self._save_pending(
-                round_number, envelope, message_id, train_metrics, eval_metrics))  # fmt: skip
+            # Signed and hashed chunk by chunk as it is published, while a thread saves it;
+            # the last chunk waits for the save, so the hub cannot complete, let alone
+            # accept, an update this device has not kept. A device killed mid-upload re-sends
+            # the same message after a restart and the hub completes it.
+            saver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedvlm-save")
+            saved = saver.submit(self._save_pending, hub.round, upload.signed_part, message_id, train_metrics,
+                                 eval_metrics)  # fmt: skip
+            saver.shutdown(wait=False)  # the save runs to its end even if publishing fails
+            chunks = upload.chunks(before_last_chunk=saved.result)
         topic = self.topics.update(self.client_id, message_id)
         # MQTT 5: chunks nobody can reassemble after the round's deadline expire in the broker.
         extras = Mqtt5Extras(
@@ -433,9 +438,10 @@ class EdgeClient:
         )
         try:
             self._link.publish_many(((topic, chunk) for chunk in chunks), qos=1, extras=extras)
-        except Exception:  # not KeyboardInterrupt: a user stopping the device wants it stopped
-            if upload is not None:
-                self._keep_unsent_upload(upload, hub.round)
+        except Exception:
+            if saved is not None and saved.exception() is not None:  # waits for the save
+                log.warning("%s: could not keep the update of round %d for re-sending (%s); it will be trained "
+                            "again", self.client_id, hub.round, saved.exception())  # fmt: skip
             raise
         messages = [(topic, chunk) for chunk in (upload.sent if upload is not None else chunks)]
         # Re-sent unchanged while no ack comes: after a broker restart the hub may have missed
@@ -473,15 +479,6 @@ class EdgeClient:
             self._commit_state()
             log.warning("%s: round %d rejected: %s", self.client_id, hub.round, report.reason)
         return report
-
-    def _keep_unsent_upload(self, upload: SignedUpload, round_number: int) -> None:
-        """Sign and save the rest of an update whose publishing failed midway, so a retry
-        re-sends it instead of training a second time in the round."""
-        try:
-            upload.finish()
-        except Exception as problem:  # the publishing error that got us here is the one to report
-            log.warning("%s: could not keep the update of round %d for re-sending (%s); it will be trained "
-                        "again", self.client_id, round_number, problem)  # fmt: skip
 
     def _signed_upload(self, round_number: int, train_metrics: dict, eval_metrics: dict | None) -> SignedUpload:
         """This round's update, ready to be signed and chunked as it is published."""
@@ -545,10 +542,13 @@ class EdgeClient:
 
     # ---- the update kept until acknowledged -------------------------------------------------------
 
-    def _save_pending(self, round_number: int, envelope: bytes, message_id: bytes, train: dict, evaluation) -> None:
-        # The envelope and the trained factors first: the info file's presence is what marks
+    def _save_pending(self, round_number: int, signed_part: bytes | Sequence[bytes | memoryview], message_id: bytes,
+                      train: dict, evaluation) -> None:  # fmt: skip
+        """Keep an update until it is acknowledged: its signed part (the envelope without the
+        MAC, sealed again on a re-send), the factors it was trained into, and its round."""
+        # The update and the trained factors first: the info file's presence is what marks
         # a pending update complete.
-        write_durably(self.state_dir / _PENDING_UPDATE, envelope)
+        write_durably(self.state_dir / _PENDING_UPDATE, signed_part)
         write_durably(self.state_dir / _PENDING_ADAPTER, tensor_codec.encode(self.model.adapter_state(), {}))
         info = {"round": round_number, "message_id": message_id.hex(), "train": train, "evaluation": evaluation}
         write_durably(self.state_dir / _PENDING_INFO, json.dumps(info).encode())
@@ -569,12 +569,16 @@ class EdgeClient:
                 self.model.load_personal({name: adapter[name] for name in personal_names if name in adapter})
             self._clear_pending()
             return None
-        envelope = body_path.read_bytes()
-        if not speaks_current_protocol(envelope):
-            # Saved by an older SDK, so the hub would refuse it and has aggregated nothing of
-            # it: the round is trained again from the committed state.
-            log.warning("%s: dropping the update of round %d saved in an older protocol version; training "
-                        "the round again", self.client_id, round_number)  # fmt: skip
+        signed_part = body_path.read_bytes()
+        try:
+            if not speaks_current_protocol(signed_part):
+                # Saved by an older SDK, so the hub would refuse it and has aggregated nothing
+                # of it: the round is trained again from the committed state.
+                raise ProtocolError(ReasonCode.UNSUPPORTED_VERSION, "saved in an older protocol version")
+            envelope = seal_envelope(signed_part, self.secret)  # byte for byte what was sent before
+        except ProtocolError as problem:
+            log.warning("%s: dropping the saved update of round %d (%s); training the round again",
+                        self.client_id, round_number, problem)  # fmt: skip
             self._clear_pending()
             return None
         return envelope, bytes.fromhex(info["message_id"]), info["train"], info["evaluation"], adapter

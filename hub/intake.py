@@ -87,7 +87,7 @@ class UpdateIntake:
             max_pending_bytes=max(DEFAULT_MAX_PENDING_BYTES, 4 * rules.max_update_bytes),
             timeout_s=min(DEFAULT_TIMEOUT_S, round_timeout_s),  # an update must arrive within its round anyway
             # The signed part's SHA-256 comes from the hashing pass made as chunks arrive,
-            # so verifying an update costs an HMAC of 32 bytes, not a second pass.
+            # so verifying an update costs an HMAC of the digest, not a second pass.
             trailer_size=MAC_SIZE,
         )  # fmt: skip
         # (client, message id) -> (verdict, the round context it holds in; None: for good).

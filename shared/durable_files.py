@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def write_durably(path: str | os.PathLike, data: bytes) -> Path:
+def write_durably(path: str | os.PathLike, data: bytes | Sequence[bytes | memoryview]) -> Path:
     """Replace ``path`` with ``data`` atomically and durably (0600): after a crash at any point
-    the file holds either its old or its new content, never a mix, and no temporary remains."""
+    the file holds either its old or its new content, never a mix, and no temporary remains.
+    ``data`` may be a sequence of buffers, written one after the other (no joined copy)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(descriptor, view)
-                view = view[written:]
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                view = memoryview(piece).cast("B")
+                while view:
+                    written = os.write(descriptor, view)
+                    view = view[written:]
             os.fsync(descriptor)
         finally:
             os.close(descriptor)

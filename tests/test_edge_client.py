@@ -139,7 +139,12 @@ def test_a_device_killed_before_its_ack_resends_and_keeps_what_it_trained(tmp_pa
     import time
     from pathlib import Path
 
+    import hashlib
+    import json
+
+    from fedvlm.hub.store import HubStore
     from fedvlm.shared import tensor_codec
+    from fedvlm.shared.protocol import seal_envelope
     from tests.hub.fake_clients import FakeClient
 
     mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
@@ -170,7 +175,8 @@ def test_a_device_killed_before_its_ack_resends_and_keeps_what_it_trained(tmp_pa
         device.send_signal(signal.SIGKILL)
         device.wait(10)
         trained, _ = tensor_codec.decode((state_dir / "pending_adapter.safetensors").read_bytes())
-        sent = (state_dir / "pending_update.bin").read_bytes()
+        saved = (state_dir / "pending_update.bin").read_bytes()  # the envelope without its MAC
+        saved_message_id = json.loads((state_dir / "pending_update.json").read_text())["message_id"]
         assert load_state(state_dir) is None  # nothing committed yet: a restart starts from the shared init
         from fedvlm.edge.personal_model import PersonalVLM
 
@@ -191,7 +197,11 @@ def test_a_device_killed_before_its_ack_resends_and_keeps_what_it_trained(tmp_pa
         hub.stop()
         reports = devices[0].reports
         assert [r.accepted for r in reports] == [True]
-        assert reports[0].bytes_sent == len(sent)  # the saved envelope, not a retrained one
+        # The saved update, sealed again under its message id, not a retrained one.
+        with HubStore.in_state_dir(tmp_path / "hub", create=False) as store:
+            (receipt,) = [r for r in store.receipts(1) if r.client_id == "a"]
+        assert receipt.message_id == saved_message_id
+        assert receipt.payload_sha256 == hashlib.sha256(seal_envelope(saved, secrets["a"])).hexdigest()
         after = load_state(state_dir)
         assert after.round == 1
         assert all(np.array_equal(after.personal[k], v) for k, v in trained_a.items())
@@ -246,7 +256,7 @@ def test_an_update_saved_in_an_older_protocol_version_is_dropped_and_the_round_t
     """After an upgrade, a pending update saved by the older SDK would be refused by the hub
     (unsupported_version): it is dropped, not re-sent, and the round is trained again."""
     from fedvlm.edge.personal_model import PersonalVLM
-    from fedvlm.shared.protocol import EnvelopeMetadata, sign
+    from fedvlm.shared.protocol import MAC_SIZE, EnvelopeMetadata, sign
 
     client = EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 32,
                         tmp_path / "device", training=QUICK, quantization="none")  # never connected
@@ -256,8 +266,8 @@ def test_an_update_saved_in_an_older_protocol_version_is_dropped_and_the_round_t
                                 base_fingerprint="f", lora_config_hash="h")  # fmt: skip
     current = sign(b"body", metadata, "a", "s" * 32)
     older = current[:4] + (1).to_bytes(2, "big") + current[6:]  # as protocol 1 wrote the version
-    client._save_pending(2, current, b"\x01" * 16, {}, None)
-    assert client._pending_update(2)[0] == current  # today's: re-sent as it is
+    client._save_pending(2, current[:-MAC_SIZE], b"\x01" * 16, {}, None)  # today's: the signed part
+    assert client._pending_update(2)[:2] == (current, b"\x01" * 16)  # sealed again, byte for byte
     client._save_pending(2, older, b"\x01" * 16, {}, None)
     assert client._pending_update(2) is None
     assert not (tmp_path / "device" / "pending_update.json").exists()

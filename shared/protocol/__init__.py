@@ -58,6 +58,7 @@ from .signing import (
     VerifiedEnvelope,
     new_client_secret,
     open_envelope,
+    seal_envelope,
     sign,
     speaks_current_protocol,
 )
@@ -125,6 +126,7 @@ __all__ = [
     "VerifiedEnvelope",
     "new_client_secret",
     "open_envelope",
+    "seal_envelope",
     "sign",
     "speaks_current_protocol",
     # sending

@@ -182,11 +182,6 @@ class ChunkStream:
                 completed.append(self._cut(SHA256_NOT_STATED))
         return completed
 
-    @property
-    def finished(self) -> bool:
-        """True once ``finish`` returned the last chunk."""
-        return self._finished
-
     def sha256_so_far(self) -> bytes:
         """SHA-256 of the bytes added so far (a signer's digest of what it signs)."""
         return self._hasher.copy().digest()

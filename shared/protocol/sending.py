@@ -27,10 +27,11 @@ class SignedUpload:
     Iterate ``chunks()`` once, lazily (``MqttLink.publish_many`` pulls from it); the chunks
     it produced stay in ``sent`` for re-sending.
 
-    ``before_last_chunk(envelope)`` runs when every chunk but the last has been produced,
-    with the complete envelope: a receiver cannot complete the message before the last
-    chunk, so a sender that saves the envelope there never has an update accepted that it
-    has not kept.
+    ``signed_part`` (everything the MAC covers) is known before any hashing, so a sender can
+    save the update while its first chunks travel, and ``seal_envelope`` rebuilds the exact
+    envelope from it later. ``before_last_chunk()`` runs when every chunk but the last has
+    been produced: a receiver cannot complete the message before its last chunk, so a
+    sender that waits there for its save never has an update accepted that it has not kept.
     """
 
     def __init__(self, body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapping[str, Any],
@@ -43,31 +44,23 @@ class SignedUpload:
         self.envelope_size = self._signer.envelope_size
         self.chunk_count = self._stream.count
         self.sent: list[bytes] = []
-        self._producer: Iterator[bytes] | None = None
+        self._producing = False
 
-    def chunks(self, before_last_chunk: Callable[[bytes], None] | None = None) -> Iterator[bytes]:
+    @property
+    def signed_part(self) -> tuple[bytes, memoryview]:
+        """The envelope without its MAC, as (prefix, body): write the pieces in order."""
+        return self._signer.prefix, self._body
+
+    def chunks(self, before_last_chunk: Callable[[], None] | None = None) -> Iterator[bytes]:
         """The chunks in order, each produced when the consumer asks for it (once only)."""
-        if self._producer is not None:
+        if self._producing:
             raise RuntimeError("this upload's chunks were already produced; re-send SignedUpload.sent")
-        self._producer = self._produce(before_last_chunk)
-        return self._producer
+        self._producing = True
+        return self._produce(before_last_chunk)
 
-    def finish(self) -> None:
-        """Produce whatever the consumer did not take (hashing it, and running
-        ``before_last_chunk``), e.g. after publishing failed midway, so the update can be
-        kept and re-sent whole later. Raises RuntimeError when producing itself failed
-        earlier (an error in ``before_last_chunk``): nothing is left that could finish it."""
-        if self._producer is None:
-            self.chunks()
-        for _ in self._producer:
-            pass
-        if not self._stream.finished:
-            raise RuntimeError("this upload stopped before its last chunk (producing it failed); sign a new one")
-
-    def _produce(self, before_last_chunk: Callable[[bytes], None] | None) -> Iterator[bytes]:
+    def _produce(self, before_last_chunk: Callable[[], None] | None) -> Iterator[bytes]:
         # Runs in the consumer's thread, between its publishes: publish_many's timeout also
-        # covers this hashing and before_last_chunk (the edge's fsyncs), which take
-        # milliseconds against a transfer of the same bytes.
+        # covers this hashing and any wait in before_last_chunk.
         stream, prefix, body = self._stream, self._signer.prefix, self._body
         yield from self._kept(stream.add(prefix))
         # A chunk's worth at a time: each chunk is yielded as soon as it is hashed.
@@ -77,7 +70,7 @@ class SignedUpload:
         # With a last chunk shorter than the MAC, the one before it holds part of the MAC.
         yield from self._kept(stream.add(mac))
         if before_last_chunk is not None:
-            before_last_chunk(b"".join((prefix, body, mac)))
+            before_last_chunk()
         yield from self._kept([stream.finish()])
 
     def _kept(self, chunks: list[bytes]) -> Iterator[bytes]:

@@ -60,6 +60,7 @@ __all__ = [
     "VerifiedEnvelope",
     "new_client_secret",
     "open_envelope",
+    "seal_envelope",
     "sign",
     "speaks_current_protocol",
 ]
@@ -148,6 +149,18 @@ def sign(body: bytes | bytearray | memoryview, metadata: EnvelopeMetadata | Mapp
     signed_hash = hashlib.sha256(signer.prefix)
     signed_hash.update(body_view)
     return b"".join((signer.prefix, body_view, signer.mac(signed_hash.digest())))
+
+
+def seal_envelope(signed_part: bytes | bytearray | memoryview, secret: bytes | str) -> bytes:
+    """The envelope whose signed part (everything before the MAC) is ``signed_part``, signed
+    by the client its prefix names: byte for byte what ``sign`` made of the same body and
+    metadata. A device saves an update's signed part while it publishes the update and seals
+    it again to re-send it after a restart."""
+    view = memoryview(signed_part).cast("B")
+    if view.nbytes < _PREFIX.size:
+        raise _malformed(f"{view.nbytes} bytes cannot be the signed part of an envelope")
+    signer = _signer_from_prefix(view, view.nbytes + MAC_SIZE)
+    return b"".join((view, _mac(_secret_key(secret, signer), hashlib.sha256(view).digest())))
 
 
 def _mac(key: bytes, signed_sha256: bytes) -> bytes:

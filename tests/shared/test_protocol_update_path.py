@@ -24,6 +24,7 @@ from fedvlm.shared.protocol import (
     new_client_secret,
     open_envelope,
     parse_chunk_header,
+    seal_envelope,
     sign,
     split_payload,
 )
@@ -92,48 +93,46 @@ def test_the_mac_signs_the_sha256_of_the_signed_part():
     assert envelope[-MAC_SIZE:] == expected
 
 
-def test_chunks_are_produced_one_at_a_time_and_the_update_is_kept_before_the_last():
-    """The first chunk exists before the rest is hashed; the callback sees the whole
-    envelope after every chunk but the last, so a device saving it there cannot have an
-    update accepted that it has not kept."""
+def test_chunks_are_produced_one_at_a_time_and_the_save_is_awaited_before_the_last():
+    """The first chunk exists before the rest is hashed; before_last_chunk runs after every
+    chunk but the last, so a device waiting there for its save cannot have an update
+    accepted that it has not kept."""
     body = body_of(10 * CHUNK, 2)
     upload = SignedUpload(body, METADATA, "alice", SECRETS["alice"], chunk_size=CHUNK)
-    seen: list[tuple[int, bytes]] = []
-    producer = upload.chunks(before_last_chunk=lambda envelope: seen.append((len(upload.sent), envelope)))
+    chunks_before_last: list[int] = []
+    producer = upload.chunks(before_last_chunk=lambda: chunks_before_last.append(len(upload.sent)))
     first = next(producer)
-    assert upload.sent == [first] and not seen
+    assert upload.sent == [first] and not chunks_before_last
     rest = list(producer)
-    assert seen == [(upload.chunk_count - 1, sign(body, METADATA, "alice", SECRETS["alice"]))]
+    assert chunks_before_last == [upload.chunk_count - 1]
     assert [first, *rest] == upload.sent
     with pytest.raises(RuntimeError, match="already produced"):
         upload.chunks()
 
 
-def test_finish_after_a_failed_publish_signs_the_rest_and_keeps_the_update():
-    body = body_of(6 * CHUNK, 3)
-    upload = SignedUpload(body, METADATA, "alice", SECRETS["alice"], chunk_size=CHUNK)
-    kept: list[bytes] = []
-    producer = upload.chunks(before_last_chunk=kept.append)
-    next(producer), next(producer)  # the publisher failed after two chunks
-    upload.finish()
-    assert kept == [sign(body, METADATA, "alice", SECRETS["alice"])]
-    assert reassemble(upload.sent).payload == kept[0]
-    upload.finish()  # nothing left: harmless
+@pytest.mark.parametrize("size", EDGE_SIZES[:3])
+def test_the_signed_part_sealed_again_is_the_envelope_that_was_sent(size):
+    """What a device saves while it publishes (the envelope without its MAC, known before
+    any hashing) seals again into exactly the bytes the hub received."""
+    body = body_of(size, 12)
+    upload, chunks = streamed(body)
+    signed_part = b"".join(upload.signed_part)
+    sealed = seal_envelope(signed_part, SECRETS["alice"])
+    assert sealed == reassemble(chunks).payload == sign(body, METADATA, "alice", SECRETS["alice"])
+    with pytest.raises(ProtocolError) as junk:
+        seal_envelope(b"FVSE", SECRETS["alice"])
+    assert junk.value.reason is ReasonCode.MALFORMED
 
 
-def test_finish_cannot_complete_an_upload_whose_producing_failed():
-    """A save failing in before_last_chunk ends the stream: finish says so instead of
-    pretending the update was kept."""
+def test_a_failing_save_stops_the_stream_before_the_last_chunk():
     upload = SignedUpload(body_of(4 * CHUNK, 11), METADATA, "alice", SECRETS["alice"], chunk_size=CHUNK)
 
-    def disk_full(_envelope: bytes) -> None:
+    def disk_full() -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
         list(upload.chunks(before_last_chunk=disk_full))
     assert len(upload.sent) == upload.chunk_count - 1  # the last chunk never left
-    with pytest.raises(RuntimeError, match="stopped before its last chunk"):
-        upload.finish()
 
 
 def test_an_upload_refuses_bad_arguments_before_producing_anything():
