@@ -72,6 +72,15 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     return path
 
 
+def _read_model_config(path: Path) -> dict:
+    """``config.json`` of a model folder; a broken one is the folder's fault, not a bug."""
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{str(path / 'config.json')!r} is not valid JSON ({exc}): the model folder is "
+                             "damaged; save the model again or point to another folder") from None
+
+
 def base_fingerprint(model_dir: str | os.PathLike) -> str:
     """A short stable id of the base weights: config plus sampled bytes of every weight file.
 
@@ -79,7 +88,7 @@ def base_fingerprint(model_dir: str | os.PathLike) -> str:
     """
     path = check_model_dir(model_dir)
     digest = hashlib.sha256()
-    config = json.loads((path / "config.json").read_text())
+    config = _read_model_config(path)
     digest.update(json.dumps(config, sort_keys=True).encode())
     weight_files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     for weight_file in weight_files:
@@ -97,6 +106,11 @@ def _model_class():
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText
+
+
+def _not_a_vlm(path: Path, cause: Exception) -> ModelLoadError:
+    """What transformers could not make of ``path``: the folder's fault, said in one line."""
+    return ModelLoadError(f"could not load a vision-language model from {str(path)!r}: {cause}")
 
 
 def _fp32_weight_bytes_and_keep_list(path: Path) -> tuple[int, list[str]]:
@@ -140,7 +154,10 @@ def load_vlm(
     target = resolve_device(device)
     from transformers import AutoProcessor
 
-    fp32_bytes, keep_full_precision = _fp32_weight_bytes_and_keep_list(path)
+    try:
+        fp32_bytes, keep_full_precision = _fp32_weight_bytes_and_keep_list(path)
+    except (OSError, ValueError, KeyError) as exc:  # e.g. a config.json without model_type
+        raise _not_a_vlm(path, exc) from exc
     mode = default_quantization(target, fp32_bytes) if quantization == "auto" else check_mode(quantization)
     kwargs: dict = {"local_files_only": True, "dtype": torch.float32}
     quant_config = bitsandbytes_config(mode, keep_full_precision)
@@ -151,7 +168,7 @@ def load_vlm(
         model = _model_class().from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load a vision-language model from {str(path)!r}: {exc}") from exc
+        raise _not_a_vlm(path, exc) from exc
     if quant_config is None:
         model.to(target)
     else:

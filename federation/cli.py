@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fedvlm.shared.cli_support import run_command
+from fedvlm.shared.cli_support import UsageError, run_command
 from fedvlm.simulate.command import add_simulate_command
 
 PROGRAM = "fedvlm"
@@ -59,9 +59,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     for name in ("clients", "rounds", "local_steps", "examples_per_client", "pretrain_steps"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.clients < 2:
-        raise ValueError("--clients must be at least 2: a federation needs more than one device")
+        raise UsageError("--clients must be at least 2: a federation needs more than one device")
     settings = DemoSettings(work_dir=args.work_dir, clients=args.clients, rounds=args.rounds, strategy=args.strategy,
                             broker=args.broker, local_steps=args.local_steps,
                             examples_per_client=args.examples_per_client, quantization=args.quantization,
@@ -78,10 +78,22 @@ def _main(argv: Sequence[str] | None) -> int:
     return args.handler(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What ``fedvlm`` reports in one line.
+
+    Not ValueError or KeyError in general: one from deep inside (numpy, safetensors, torch)
+    is a bug, and its traceback is what a bug report needs. Bad flags raise UsageError; the
+    edge code the demo and simulate run in-process raises EdgeError (a model folder that is
+    no model, unreadable data, a quantisation this machine cannot do).
+    """
+    from fedvlm.edge.errors import EdgeError
     from fedvlm.shared.mqtt_link import BrokerUnavailable
 
-    return run_command(_main, argv, (ValueError, FileNotFoundError, BrokerUnavailable), PROGRAM)
+    return (UsageError, EdgeError, BrokerUnavailable, FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_main, argv, user_errors(), PROGRAM)
 
 
 if __name__ == "__main__":

@@ -248,9 +248,7 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
             hub_password = secrets.token_urlsafe(32)
             store.set_private_meta(_HUB_PASSWORD_META, hub_password)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    out = out.resolve()
+    out = _output_folder(Path(out_dir))
     options = {"federation": federation, "hub_username": hub_username, "port": port, "bind": bind, **tls}
     if placeholders:
         options.update(cafile=None, certfile=None, keyfile=None)
@@ -273,6 +271,17 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
     readme = _readme_text(files, port=port, placeholders=placeholders)
     _write_private(files.readme_file, readme)
     return dataclasses.replace(files, readme=readme)
+
+
+def _output_folder(out: Path) -> Path:
+    """``--out``, created if missing; a file or a folder that cannot be made is the user's to fix."""
+    try:
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise HubError(f"--out {out} is a file, not a folder: pass a folder for the broker's files") from None
+    except OSError as error:
+        raise HubError(f"cannot create the --out folder {out}: {error.strerror}") from None
+    return out.resolve()
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedvlm.shared.cli_support import read_secret_file, run_command
-from fedvlm.shared.mqtt_link import BrokerUnavailable
 from fedvlm.shared.strategies import STRATEGY_NAMES
 
 from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
+from .errors import HubConfigError, user_errors
 
 PROGRAM = "fedvlm-hub"
 PASSWORD_ENVIRONMENT = "FEDVLM_BROKER_PASSWORD"
@@ -172,20 +172,26 @@ def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
 def _state_dir(args: argparse.Namespace) -> Path:
     if args.state_dir is not None:
         return args.state_dir
-    if args.config is not None:
-        configured = read_toml(args.config).get("state_dir")
-        if configured:
-            return Path(configured)
-    return DEFAULT_STATE_DIR
+    configured = _configured_path(args, "state_dir")
+    return Path(configured) if configured else DEFAULT_STATE_DIR
 
 
 def _secrets_key_file(args: argparse.Namespace) -> str | None:
     """--secrets-key-file, else secrets_key_file from --config (None: env var or state dir)."""
     if getattr(args, "secrets_key_file", None):
         return args.secrets_key_file
-    if args.config is not None:
-        return read_toml(args.config).get("secrets_key_file")
-    return None
+    return _configured_path(args, "secrets_key_file")
+
+
+def _configured_path(args: argparse.Namespace, key: str) -> str | None:
+    """The path ``key`` of the --config file, if any. Sub-commands other than ``start`` read only
+    this one key, so HubConfig never checks it: a number there must not reach Path() as a bug."""
+    if args.config is None:
+        return None
+    value = read_toml(args.config).get(key)
+    if value is not None and not isinstance(value, str):
+        raise HubConfigError(f"config file {args.config}: {key} must be a path in quotes, got {value!r}")
+    return value
 
 
 def _start_config(args: argparse.Namespace) -> HubConfig:
@@ -323,7 +329,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(_main, argv, (ValueError, FileNotFoundError, PermissionError, BrokerUnavailable), PROGRAM)
+    return run_command(_main, argv, user_errors(), PROGRAM)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             values = tomllib.load(handle)
     except FileNotFoundError:
         raise HubConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
+    except OSError as error:  # a folder, or a file this user may not read
+        raise HubConfigError(f"cannot read config file {path}: {error.strerror}; pass a readable TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:  # TOML files are UTF-8
         raise HubConfigError(f"config file {path} is not valid TOML: {error}") from None
     base = path.resolve().parent
     for key in _PATH_KEYS:

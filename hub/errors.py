@@ -1,12 +1,13 @@
 """Errors the hub reports to the person running it.
 
-Each is a ``ValueError`` subclass, so the command line prints it as one line (no
-traceback): they describe a mistake in the setup, not a bug.
+Each is a ``ValueError`` subclass, so library callers that catch ValueError keep working;
+``fedvlm-hub`` prints them as one line (no traceback): they describe a mistake in the
+setup, not a bug.
 """
 
 from __future__ import annotations
 
-__all__ = ["HubError", "HubConfigError", "BrokerPortInUse", "StateDirMismatch", "ClientRegistryError"]
+__all__ = ["HubError", "HubConfigError", "BrokerPortInUse", "StateDirMismatch", "ClientRegistryError", "user_errors"]
 
 
 class HubError(ValueError):
@@ -27,3 +28,16 @@ class StateDirMismatch(HubError):
 
 class ClientRegistryError(HubError):
     """Registering, listing or revoking a client failed (e.g. the name is taken)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What ``fedvlm-hub`` reports in one line.
+
+    Not ValueError or KeyError in general: one from deep inside (numpy, safetensors,
+    sqlite) is a bug, and its traceback is what a bug report needs. Mistakes in flags,
+    config files, secrets keys and state dirs raise HubError or UsageError instead.
+    """
+    from fedvlm.shared.mqtt_link import BrokerUnavailable
+    from fedvlm.shared.usage_error import UsageError
+
+    return (HubError, UsageError, BrokerUnavailable, FileNotFoundError, PermissionError, IsADirectoryError)

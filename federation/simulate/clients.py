@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedvlm.shared.usage_error import UsageError
 from fedvlm.simulate.settings import Partition, SimulationSettings
 
 
@@ -50,13 +51,13 @@ def data_clients(settings: SimulationSettings, seed: int) -> list[SimulatedClien
     try:
         records = load_records(settings.data).records
     except DataError as problem:
-        raise ValueError(str(problem)) from None
+        raise UsageError(str(problem)) from None
     rng = np.random.default_rng([seed, 17])
     shares = partition(records, settings.partition, settings.clients, rng)
     clients = []
     for index, share in enumerate(shares):
         if len(share) < 2:
-            raise ValueError(f"--partition {settings.partition} gave client {index} only {len(share)} record(s) of "
+            raise UsageError(f"--partition {settings.partition} gave client {index} only {len(share)} record(s) of "
                              f"{len(records)}: it needs one to train and one to test; use fewer --clients, a larger "
                              "ALPHA or more data")
         order = rng.permutation(len(share))
@@ -84,7 +85,7 @@ def partition(records: Sequence, how: Partition, n_clients: int, rng: np.random.
     if how.kind == "origin_dataset":
         origins = sorted(by_origin)
         if len(origins) < n_clients:
-            raise ValueError(f"--partition origin_dataset needs at least one source data set per client: the data "
+            raise UsageError(f"--partition origin_dataset needs at least one source data set per client: the data "
                              f"has {len(origins)} ({', '.join(origins[:5])}) for {n_clients} clients; use fewer "
                              "--clients or --partition dirichlet:ALPHA / iid")
         shares: list[list] = [[] for _ in range(n_clients)]

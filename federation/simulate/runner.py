@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from fedvlm.shared.durable_files import write_durably
+from fedvlm.shared.usage_error import UsageError
 from fedvlm.simulate import report
 from fedvlm.simulate.clients import data_clients, image_size_of, pooled_test, scenario_clients
 from fedvlm.simulate.engine import run
@@ -48,13 +49,26 @@ def run_file(out: Path, strategy: str, seed: int) -> Path:
 def _check_resumable(settings: SimulationSettings, key: dict) -> None:
     marker = settings.out / "simulation.json"
     if marker.exists():
-        previous = json.loads(marker.read_text())
+        previous = _previous_settings(marker)
         if previous != key:
             changed = sorted(k for k in set(previous) | set(key) if previous.get(k) != key.get(k))
-            raise ValueError(f"{settings.out} holds a simulation with other settings ({', '.join(changed)} differ); "
+            raise UsageError(f"{settings.out} holds a simulation with other settings ({', '.join(changed)} differ); "
                              "use another --out, or delete it to start over")
     else:
         write_durably(marker, json.dumps(key, indent=2).encode())
+
+
+def _previous_settings(marker: Path) -> dict:
+    """The settings a simulation in ``--out`` was started with; written atomically by us, so a
+    broken one was edited or copied in by hand, and --out is the user's to change."""
+    try:
+        previous = json.loads(marker.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{marker} is not a simulation's settings ({error}); use another --out, "
+                         "or delete it to start over") from None
+    if not isinstance(previous, dict):
+        raise UsageError(f"{marker} is not a simulation's settings; use another --out, or delete it to start over")
+    return previous
 
 
 def simulate(settings: SimulationSettings) -> dict:

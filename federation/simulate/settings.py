@@ -1,7 +1,7 @@
 """What a simulation is asked to do (``fedvlm simulate --help``), checked before any work starts.
 
-Every mistake a user can make on the command line raises ``ValueError`` naming the flag
-and what to write instead, so the command ends in one line, never a traceback.
+Every mistake a user can make on the command line raises ``UsageError`` (a ValueError)
+naming the flag and what to write instead, so the command ends in one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvlm.shared.strategies import STRATEGY_NAMES
+from fedvlm.shared.usage_error import UsageError
 
 # Not federations: references every table is read against.
 CENTRALISED = "centralised"  # one LoRA trained on the union of the clients' data
@@ -46,11 +47,11 @@ class Partition:
             try:
                 alpha = float(value)
             except ValueError:
-                raise ValueError(f"bad --partition {text!r}: {value!r} is not a number; {usage}") from None
+                raise UsageError(f"bad --partition {text!r}: {value!r} is not a number; {usage}") from None
             if not (math.isfinite(alpha) and alpha > 0):
-                raise ValueError(f"bad --partition {text!r}: ALPHA must be positive; {usage}")
+                raise UsageError(f"bad --partition {text!r}: ALPHA must be positive; {usage}")
             return cls("dirichlet", alpha)
-        raise ValueError(f"bad --partition {text!r}: {usage}")
+        raise UsageError(f"bad --partition {text!r}: {usage}")
 
     def __str__(self) -> str:
         return f"dirichlet:{self.alpha:g}" if self.kind == "dirichlet" else self.kind
@@ -59,12 +60,12 @@ class Partition:
 def parse_strategies(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if not names:
-        raise ValueError(f"--strategies is empty; name some of {','.join(ALL_STRATEGIES)}")
+        raise UsageError(f"--strategies is empty; name some of {','.join(ALL_STRATEGIES)}")
     unknown = [name for name in names if name not in KNOWN_STRATEGIES]
     if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r} in --strategies; choose from {','.join(KNOWN_STRATEGIES)}")
+        raise UsageError(f"unknown strategy {unknown[0]!r} in --strategies; choose from {','.join(KNOWN_STRATEGIES)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"--strategies names a strategy twice: {text!r}")
+        raise UsageError(f"--strategies names a strategy twice: {text!r}")
     return names
 
 
@@ -72,9 +73,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"bad --seeds {text!r}: write comma-separated non-negative integers, e.g. 0,1,2") from None
+        raise UsageError(f"bad --seeds {text!r}: write comma-separated non-negative integers, e.g. 0,1,2") from None
     if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"bad --seeds {text!r}: seeds must be distinct non-negative integers, e.g. 0,1,2")
+        raise UsageError(f"bad --seeds {text!r}: seeds must be distinct non-negative integers, e.g. 0,1,2")
     return seeds
 
 
@@ -127,33 +128,33 @@ class SimulationSettings:
 
     def __post_init__(self) -> None:
         if (self.scenario is None) == (self.data is None):
-            raise ValueError("give either --scenario NAME or --data DIR (not both)")
+            raise UsageError("give either --scenario NAME or --data DIR (not both)")
         if self.scenario is not None and self.scenario not in SCENARIOS:
-            raise ValueError(f"unknown --scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}")
+            raise UsageError(f"unknown --scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}")
         if self.data is not None and not self.data.exists():
-            raise ValueError(f"--data {self.data} does not exist: point it at a folder of RLAIF-V parquet or "
+            raise UsageError(f"--data {self.data} does not exist: point it at a folder of RLAIF-V parquet or "
                              "JSON Lines files")
         if self.model is not None and not (self.model / "config.json").exists():
-            raise ValueError(f"--model {self.model} holds no model (no config.json); leave --model out to build "
+            raise UsageError(f"--model {self.model} holds no model (no config.json); leave --model out to build "
                              "the pre-trained small model, or point it at a saved VLM folder")
         for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size", "threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.clients < 2:
-            raise ValueError("--clients must be at least 2: a federation needs more than one client")
+            raise UsageError("--clients must be at least 2: a federation needs more than one client")
         if self.scenario is not None and (self.examples_per_client < 1 or self.test_examples_per_client < 1):
-            raise ValueError("--examples-per-client and --test-examples-per-client must be at least 1")
+            raise UsageError("--examples-per-client and --test-examples-per-client must be at least 1")
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+            raise UsageError(f"--fraction must be in (0, 1], got {self.fraction}")
         if not 0 < self.test_fraction < 1:
-            raise ValueError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
+            raise UsageError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
         if not self.learning_rate > 0:
-            raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
+            raise UsageError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not self.strategies or not self.seeds:
-            raise ValueError("name at least one strategy and one seed")
+            raise UsageError("name at least one strategy and one seed")
         parse_strategies(",".join(self.strategies))  # same checks as the flag
         if PLORA_REFIT in self.strategies and self.local_steps < 2:
-            raise ValueError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
+            raise UsageError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
                              "give at least 2")
 
     @property

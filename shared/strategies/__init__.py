@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+from ..usage_error import UsageError
 from .base import Aggregator, MeanAggregator, Strategy
 from .fedex import FedExAggregator, FedExLoRA, base_delta_key, is_base_delta_key
 from .fedit import FedIT
@@ -28,11 +29,15 @@ DEFAULT_STRATEGY = PLoRA.name
 
 
 def get_strategy(name: str) -> Strategy:
-    """The strategy called ``name`` (one of STRATEGY_NAMES)."""
+    """The strategy called ``name`` (one of STRATEGY_NAMES).
+
+    An unknown name is a UsageError: it comes from a person (``fedvlm-edge train --strategy``,
+    a hub config), so the command lines print it on one line.
+    """
     try:
         return _STRATEGIES[name]()
     except (KeyError, TypeError):
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}") from None
+        raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}") from None
 
 
 __all__ = [

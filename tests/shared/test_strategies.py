@@ -7,6 +7,7 @@ import pytest
 from fedvlm.shared.aggregation import AggregationError
 from fedvlm.shared.strategies import STRATEGY_NAMES, base_delta_key, get_strategy
 from fedvlm.shared.tensor_codec import TensorMismatchError
+from fedvlm.shared.usage_error import UsageError
 
 PREFIX = "base_model.model.model.language_model.layers"
 MODULES = [f"{PREFIX}.{layer}.self_attn.{proj}" for layer in range(2) for proj in ("q_proj", "v_proj")]
@@ -46,7 +47,8 @@ def test_registry_lists_every_strategy_and_refuses_unknown_names():
     assert set(STRATEGY_NAMES) == set(EXPECTED_SHARED)
     for name in STRATEGY_NAMES:
         assert get_strategy(name).name == name
-    with pytest.raises(ValueError, match="unknown strategy 'fedavg'.*plora.*local"):
+    # A UsageError (a ValueError): the name comes from a person, so command lines print one line.
+    with pytest.raises(UsageError, match="unknown strategy 'fedavg'.*plora.*local"):
         get_strategy("fedavg")
 
 
