@@ -45,7 +45,7 @@ from .broker import EmbeddedBroker
 from .checkpoints import CheckpointStore
 from .config import HubConfig
 from .console import Console
-from .errors import StateDirMismatch
+from .errors import HubConfigError, StateDirMismatch
 from .intake import UpdateIntake
 from .norm_bound import MEDIANS_META_KEY, NormBoundedAggregator, NormBoundedStrategy, NormHistory
 from .presence import PresenceTracker
@@ -161,6 +161,9 @@ class HubService:
             return self
         self.console.event(f"hub for federation {self.config.federation!r} (strategy {self.strategy.name}), "
                            f"state in {self.config.state_dir}")  # fmt: skip
+        if self.config.state_dir.exists() and not self.config.state_dir.is_dir():
+            raise HubConfigError(f"the state directory {str(self.config.state_dir)!r} is a file; pass --state-dir "
+                                 "a directory (it is created if missing)")  # fmt: skip
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = HubStore.in_state_dir(self.config.state_dir, secrets_key_file=self.config.secrets_key_file)
         try:

@@ -168,10 +168,7 @@ class MqttLink:
         if self.address.username:
             client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
-            context = ssl.create_default_context(cafile=self.address.ca_file)
-            if self.address.cert_file:
-                context.load_cert_chain(self.address.cert_file, self.address.key_file)
-            client.tls_set_context(context)
+            client.tls_set_context(self._tls_context())
         if self.will is not None:
             client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
         client.reconnect_delay_set(min_delay=max(1, int(self._reconnect[0])), max_delay=int(self._reconnect[1]))
@@ -343,6 +340,23 @@ class MqttLink:
             self._acked.add(mid)
             self._acked_condition.notify_all()
 
+    def _tls_context(self) -> ssl.SSLContext:
+        """TLS settings from the address; a file that is missing or not PEM is named in a UsageError."""
+        address = self.address
+        try:
+            context = ssl.create_default_context(cafile=address.ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise UsageError(f"cannot use the CA file {address.ca_file!r} (--ca-file): {_reason(error)}; "
+                             "give a readable PEM certificate of the authority that signed the broker's") from None
+        if address.cert_file:
+            try:
+                context.load_cert_chain(address.cert_file, address.key_file)
+            except (OSError, ssl.SSLError) as error:
+                raise UsageError(f"cannot use the client certificate {address.cert_file!r} (--cert-file) with key "
+                                 f"{address.key_file or address.cert_file!r} (--key-file): {_reason(error)}; give "
+                                 "a readable PEM certificate and its matching private key") from None
+        return context
+
     def close(self, final: tuple[str, bytes] | None = None) -> None:
         """Publish ``final`` (topic, payload; retained) if connected, then disconnect cleanly."""
         self._closing = True
@@ -357,6 +371,10 @@ class MqttLink:
         self._client.loop_stop()
         self._client = None
         self.connected.clear()
+
+
+def _reason(error: OSError | ssl.SSLError) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def _plain_filter(topic_filter: str) -> str:

@@ -31,6 +31,22 @@ def test_unreachable_broker_is_a_clear_error_at_once():
     assert time.monotonic() - started < 3
 
 
+def test_unusable_tls_files_are_named_in_one_clear_error(tmp_path):
+    """A CA file or client certificate that is missing or not PEM: a UsageError naming the
+    file and its flag, before any connection attempt (not an ssl traceback)."""
+    from fedvlm.shared.usage_error import UsageError
+
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("this is not a certificate\n")
+    for ca_file, reason in ((str(not_pem), "ca.txt"), (str(tmp_path / "missing.pem"), "No such file")):
+        address = BrokerAddress.parse(f"mqtts://127.0.0.1:{free_port()}", ca_file=ca_file)
+        with pytest.raises(UsageError, match=f"CA file .*--ca-file.*{reason}|CA file .*{reason}.*--ca-file"):
+            MqttLink(address, "tls-client").connect(timeout=2)
+    address = BrokerAddress.parse(f"mqtts://127.0.0.1:{free_port()}", cert_file=str(not_pem))
+    with pytest.raises(UsageError, match="client certificate .*--cert-file"):
+        MqttLink(address, "tls-client").connect(timeout=2)
+
+
 def _collector(link: MqttLink, topic_filter: str):
     received, done = [], threading.Event()
 

@@ -50,6 +50,13 @@ def test_a_fraction_above_one_names_the_setting(tmp_path: Path, capsys):
     assert "fraction must be in (0, 1], got 1.5" in err
 
 
+def test_a_state_dir_that_is_a_file_is_named(tmp_path: Path, capsys):
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("oops")
+    err = one_line_error(capsys, ["start", "--state-dir", str(not_a_dir), "--port", "1"])
+    assert "is a file" in err and "--state-dir" in err
+
+
 @pytest.mark.parametrize("content, message", [
     ("rounds = \n", "is not valid TOML"),
     (b"federation = \"caf\xe9\"\n", "is not valid TOML"),  # Latin-1, not the UTF-8 TOML requires
