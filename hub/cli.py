@@ -38,7 +38,7 @@ HubConfig field names (federation, strategy, rounds, min_clients, fraction, quor
 round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
 max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s,
-max_update_norm, norm_factor, norm_action) plus a
+max_update_norm, norm_factor, norm_action, max_sample_count) plus a
 [lora] table (r, alpha, dropout, target_projections, include_projector, init_seed).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
 The broker password may also come from a file (--password-file, so it never shows in
@@ -80,13 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     federation.add_argument("--lora-seed", type=int, help="seed of the shared LoRA initialisation (default: 0)")
     federation.add_argument("--local-steps", type=int, help="training steps per round, a hint in the round config")
     federation.add_argument("--learning-rate", type=float, help="learning rate, a hint in the round config")
-    bounding = start.add_argument_group("update norm bounding", "how far one update may move the global shared "
-                                        "factors (L2 norm of update - global); see docs/reliability.md")
+    bounding = start.add_argument_group("bounding one client's pull", "how far one update may move the global "
+                                        "shared factors (L2 norm of update - global) and how much weight it may "
+                                        "claim; see docs/reliability.md")
     bounding.add_argument("--max-update-norm", type=float, metavar="NORM", help="absolute bound (default: none)")
     bounding.add_argument("--norm-factor", type=float, metavar="K", help="relative bound: K x the previous round's "
                           "median update norm (default: 5; 0 turns it off)")
     bounding.add_argument("--norm-action", choices=("clip", "reject"), help="what to do with an update over the "
                           "bound (default: clip it onto the bound)")
+    bounding.add_argument("--max-samples", dest="max_sample_count", type=int, metavar="N",
+                          help="a client's claimed sample count (its weight in the mean) counts as at most N "
+                               "(default: as claimed)")  # fmt: skip
     transport = start.add_argument_group("broker")
     transport.add_argument("--broker", metavar="URL", help="use this broker: mqtt://host:port or mqtts://host:port "
                            "(default: start an embedded broker)")
@@ -201,7 +205,7 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
                     "state_dir", "broker", "username", "password", "ca_file", "cert_file", "key_file",
                     "mqtt_protocol", "embedded_host", "embedded_port", "chunk_size", "max_update_bytes",
                     "base_fingerprint", "local_steps", "learning_rate", "done_linger_s", "max_update_norm",
-                    "norm_factor", "norm_action")
+                    "norm_factor", "norm_action", "max_sample_count")
     }  # fmt: skip
     overrides["round_timeout_s"] = args.round_timeout
     overrides["secrets_key_file"] = args.secrets_key_file

@@ -92,6 +92,9 @@ class HubConfig:
         norm_factor: relative bound, this many times the previous round's median update
             norm (default 5); 0 turns it off. See ``fedvlm.hub.norm_bound``.
         norm_action: ``clip`` (default) an update over the bound onto it, or ``reject`` it.
+        max_sample_count: an update's claimed sample count, its weight in the mean, counts
+            as at most this many (None: no bound). Together with norm bounding it caps how
+            far one client can pull a round: a client cannot buy weight by overstating.
     """
 
     federation: str = "default"
@@ -123,6 +126,7 @@ class HubConfig:
     max_update_norm: float | None = None
     norm_factor: float = DEFAULT_NORM_FACTOR
     norm_action: str = "clip"
+    max_sample_count: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -171,6 +175,7 @@ class HubConfig:
         if self.max_update_norm is not None:
             _check_number("max_update_norm", self.max_update_norm, above=0.0)
         _check_number("norm_factor", self.norm_factor, above=0.0, allow_equal=True)
+        _check_int("max_sample_count", self.max_sample_count, minimum=1, optional=True)
         if self.norm_action not in NORM_ACTIONS:
             raise HubConfigError(f"norm_action must be one of {', '.join(NORM_ACTIONS)}, got {self.norm_action!r}")
 

@@ -236,9 +236,10 @@ class UpdateIntake:
         current = self._open_round_for(client_id, round_number)
         check_compatibility(metadata, self.rules, self.pins)
         decoded = decode_update(envelope, self.rules, self.pins)
+        weight = self.rules.weight_of(metadata.sample_count)
         if self.rules.strategy.shared_factors:
             try:
-                self.aggregator.add(decoded.tensors, metadata.sample_count)  # all or nothing
+                self.aggregator.add(decoded.tensors, weight)  # all or nothing
             except AggregationError as error:
                 raise UpdateRejected(ReasonCode.INVALID_UPDATE, str(error)) from None
         try:
@@ -246,7 +247,7 @@ class UpdateIntake:
             self.store.add_receipt(Receipt(
                 round=round_number, client_id=client_id, attempt=current.attempt, message_id=message_id.hex(),
                 payload_sha256=message.sha256.hex(), body_sha256=tensor_codec.sha256_hex(envelope.body),
-                sample_count=metadata.sample_count, file_path=str(path), accepted_at=self._clock(),
+                sample_count=weight, file_path=str(path), accepted_at=self._clock(),
                 metrics=decoded.metrics,
             ), pins=decoded.new_pins)  # fmt: skip
         except BaseException:
@@ -261,8 +262,9 @@ class UpdateIntake:
                                f"{len(self.pins.tensor_spec or {})} shared tensor(s) by {client_id}'s update")
             self._on_pinned(self.pins)
         current.record(client_id)
+        counted = f", counted as {weight} (the federation's bound)" if weight != metadata.sample_count else ""
         self.console.event(f"update from {client_id} accepted for round {round_number} "
-                           f"({metadata.sample_count} samples)")  # fmt: skip
+                           f"({metadata.sample_count} samples{counted})")  # fmt: skip
         self._on_accepted(current)
         return Ack.accept(client_id, round_number, message_id)
 

@@ -108,7 +108,8 @@ class HubService:
                                                   round_number=self._collecting_round)  # fmt: skip
         self._rules = UpdateRules(federation=config.federation, strategy=shared_strategy,
                                   lora_config_hash=config.lora.config_hash(),
-                                  max_update_bytes=config.max_update_bytes)  # fmt: skip
+                                  max_update_bytes=config.max_update_bytes,
+                                  max_sample_count=config.max_sample_count)  # fmt: skip
         self._policy = RoundPolicy(min_clients=config.min_clients, fraction=config.fraction, quorum=config.quorum,
                                    round_timeout_s=config.round_timeout_s, seed=config.selection_seed,
                                    rounds=config.rounds)  # fmt: skip

@@ -60,6 +60,15 @@ class UpdateRules:
     strategy: Strategy
     lora_config_hash: str
     max_update_bytes: int
+    # A client's claimed sample count weights its update in the mean; above this it
+    # counts as this many (None: as claimed).
+    max_sample_count: int | None = None
+
+    def weight_of(self, sample_count: int) -> int:
+        """The weight an update claiming ``sample_count`` samples gets in the mean."""
+        if self.max_sample_count is None:
+            return sample_count
+        return min(sample_count, self.max_sample_count)
 
 
 @dataclasses.dataclass(frozen=True)

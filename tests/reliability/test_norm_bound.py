@@ -199,3 +199,34 @@ def test_before_the_first_global_only_zero_initialised_factors_are_bounded(strat
         assert aggregator.clipped == 1
     else:
         assert aggregator.norms == []  # nothing measurable: no median from it either
+
+
+def test_an_overstated_sample_count_buys_no_more_than_the_bound(start_federation):
+    """--max-samples: a client claiming a million samples weighs as the bound, so it cannot
+    drown the honest updates by overstating; the receipt records the weight used."""
+    from fedvlm.hub.store import HubStore
+
+    federation = start_federation(clients=("a", "b", "m"), min_clients=3, rounds=1, max_sample_count=50,
+                                  norm_factor=0.0)  # fmt: skip
+    a, b, m = federation.connect("a", "b", "m")
+    a.wait_collecting(1)
+    honest = [(b_factors(1), 10), (b_factors(2), 30)]
+    for client, (tensors, weight) in zip((a, b), honest):
+        assert client.wait_ack(client.send(tensors, 1, weight)).accepted
+    overstated = b_factors(3)
+    assert m.wait_ack(m.send(overstated, 1, 1_000_000)).accepted
+    tensors = received_global(federation, 1)
+    expected = weighted_mean([*honest, (overstated, 50)])  # as if it had claimed 50
+    for name in expected:
+        np.testing.assert_allclose(tensors[name], expected[name], rtol=1e-5, atol=1e-6)
+    with HubStore.in_state_dir(federation.config.state_dir, create=False) as store:
+        assert {r.client_id: r.sample_count for r in store.receipts(1)} == {"a": 10, "b": 30, "m": 50}
+
+
+def test_the_sample_bound_flag_and_config_key(tmp_path):
+    args = build_parser().parse_args(["start", "--state-dir", str(tmp_path), "--max-samples", "500"])
+    assert _start_config(args).max_sample_count == 500
+    assert HubConfig().max_sample_count is None
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(HubConfigError, match="max_sample_count"):
+            HubConfig(max_sample_count=bad)
