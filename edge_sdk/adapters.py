@@ -42,9 +42,10 @@ def attach_lora(
         target_modules=settings.target_regex(),
         bias="none",
     )
-    # The lock: PEFT draws from torch's process-wide RNG and the warning filters are
-    # process-wide too, so two devices initialised at once in one process (threads) would
-    # see each other's RNG restore and slip past each other's filter.
+    # PEFT draws its own initial factors from torch's process-wide RNG (replaced below):
+    # fork_rng leaves the caller's RNG stream as it was. The lock: that RNG state and the
+    # warning filters are process-wide, so two devices set up at once in one process
+    # (threads) would restore each other's RNG state and slip past each other's filter.
     with _INIT_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # PEFT calls a transformers API that transformers 5 deprecates; nothing for a user to do.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -66,11 +67,18 @@ def _initialise_factors(peft_model: PeftModel, seed: int) -> None:
     """PEFT's default LoRA initialisation (A Kaiming-uniform with a = √5, i.e. uniform in
     ±1/√in_features; B zero), drawn from a generator of the federation's seed rather than
     torch's process-wide RNG: every device gets the same factors, even while other threads
-    of its process draw random numbers (training, dropout)."""
+    of its process draw random numbers (training, dropout).
+
+    This is ``LoraSettings.init_scheme`` "seeded-kaiming-v1": change the draws only under a
+    new scheme name, or devices of one federation would start from different factors.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
             factor = factor_of(name)
+            if factor is not None and parameter.dim() != 2:
+                raise ValueError(f"{name} is not a linear layer's LoRA factor ({tuple(parameter.shape)}); FedVLM "
+                                 "adapts linear projections only")  # fmt: skip
             if factor == "B":
                 parameter.zero_()
             elif factor == "A":

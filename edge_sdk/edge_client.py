@@ -11,10 +11,12 @@ The client reacts to the hub's retained messages:
   local data, evaluates, and publishes its signed update (only the tensors its strategy
   lets leave the device), then waits for the hub's acknowledgement.
 
-The update is written to the state directory before it is published, so a device that
-crashes after sending re-sends the identical bytes (the hub counts it once) instead of a
-different update. State is committed atomically after every round and every new global
-version. MQTT callbacks only enqueue events; all work happens on the caller's thread.
+The update is written to the state directory while its first chunks are published (a
+thread; the last chunk waits for it), so a device that crashes mid-upload or after
+sending re-sends the identical bytes under the same message id (the hub completes or
+counts it once) instead of a different update. State is committed atomically after every
+round and every new global version. MQTT callbacks only enqueue events; the work happens
+on the caller's thread, the save alone on its own.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import queue
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
 from fedvlm.edge.errors import EdgeError
@@ -73,9 +75,22 @@ _MAX_REFETCHES = 3
 # Seconds without an acknowledgement before the same update is published again.
 _RESEND_AFTER_S = 10.0
 
-_PENDING_UPDATE = "pending_update.bin"  # the envelope without its MAC (sealed again to re-send)
+_PENDING_UPDATE = "pending_signed_part.bin"  # the envelope without its MAC (sealed again to re-send)
 _PENDING_ADAPTER = "pending_adapter.safetensors"  # the factors the pending update was trained into
 _PENDING_INFO = "pending_update.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outgoing:
+    """An update on its way to the hub: the chunks to publish now (produced lazily for a new
+    update), and what to re-send until the hub answers."""
+
+    message_id: bytes
+    envelope_size: int
+    chunks: Iterable[bytes]
+    sent: Callable[[], list[bytes]]
+    train_metrics: dict
+    eval_metrics: dict | None
 
 
 class EdgeClientError(EdgeError):
@@ -155,6 +170,9 @@ class EdgeClient:
         self.client_id = client_id
         self.secret = secret
         self.state_dir = Path(state_dir)
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise EdgeClientError(f"the state directory {str(self.state_dir)!r} is a file; give --state-dir a "
+                                  "directory (it is created if missing)")  # fmt: skip
         self.training = training or TrainingConfig(progress=False)
         self.quantization = quantization
         self.device = device
@@ -176,6 +194,7 @@ class EdgeClient:
         self._fetching_version: int | None = None
         self._refetches: dict[int, int] = {}  # global version -> failed fetches
         self._link: MqttLink | None = None
+        self._saving: concurrent.futures.Future | None = None  # the update being saved, if any
 
     # ---- MQTT callbacks: enqueue only -----------------------------------------------------------
 
@@ -224,6 +243,7 @@ class EdgeClient:
         log.info("%s joined federation %s at %s", self.client_id, self.federation, self.address.url())
 
     def close(self) -> None:
+        self._finish_saving()
         if self._link is not None:
             self._link.close(final=(self.topics.client_announce(self.client_id), self._announce(Presence.OFFLINE)))
             self._link = None
@@ -395,40 +415,10 @@ class EdgeClient:
         return self._take_part(hub)
 
     def _take_part(self, hub: HubState) -> RoundReport | None:
+        self._finish_saving()  # a save still running from an interrupted round
         pending = self._pending_update(hub.round)
-        if pending is not None:
-            envelope, message_id, train_metrics, eval_metrics, trained_adapter = pending
-            # The factors this update was trained into, so what is committed on acceptance
-            # is what the update came from, not the state from before the crash.
-            self.model.load_adapter_state(trained_adapter)
-            log.info("%s: re-sending the update of round %d saved before a restart", self.client_id, hub.round)
-            upload = saved = None
-            chunks = split_payload(envelope, chunk_size=self.connection.chunk_size, message_id=message_id)
-            envelope_size = len(envelope)
-        else:
-            config = dataclasses.replace(
-                self.training,
-                steps=int(hub.round_config.get("local_steps", self.training.steps)),
-                learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
-                seed=self.training.seed + hub.round,
-            )
-            if self.privacy is not None:
-                self.privacy.before_training(self._dp_reference())
-            train_metrics = self.model.train(self.train_examples, config,
-                                             description=f"{self.client_id} round {hub.round}").to_dict()
-            eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
-            upload = self._signed_upload(hub.round, train_metrics, eval_metrics)
-            message_id, envelope_size = upload.message_id, upload.envelope_size
-            # Signed and hashed chunk by chunk as it is published, while a thread saves it;
-            # the last chunk waits for the save, so the hub cannot complete, let alone
-            # accept, an update this device has not kept. A device killed mid-upload re-sends
-            # the same message after a restart and the hub completes it.
-            saver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedvlm-save")
-            saved = saver.submit(self._save_pending, hub.round, upload.signed_part, message_id, train_metrics,
-                                 eval_metrics)  # fmt: skip
-            saver.shutdown(wait=False)  # the save runs to its end even if publishing fails
-            chunks = upload.chunks(before_last_chunk=saved.result)
-        topic = self.topics.update(self.client_id, message_id)
+        outgoing = self._saved_update(pending, hub) if pending is not None else self._new_update(hub)
+        topic = self.topics.update(self.client_id, outgoing.message_id)
         # MQTT 5: chunks nobody can reassemble after the round's deadline expire in the broker.
         extras = Mqtt5Extras(
             expiry_s=max(int((hub.deadline or time.time() + 600) - time.time()), 60),
@@ -437,16 +427,14 @@ class EdgeClient:
                              ("fedvlm-round", str(hub.round))),
         )
         try:
-            self._link.publish_many(((topic, chunk) for chunk in chunks), qos=1, extras=extras)
+            self._link.publish_many(((topic, chunk) for chunk in outgoing.chunks), qos=1, extras=extras)
         except Exception:
-            if saved is not None and saved.exception() is not None:  # waits for the save
-                log.warning("%s: could not keep the update of round %d for re-sending (%s); it will be trained "
-                            "again", self.client_id, hub.round, saved.exception())  # fmt: skip
+            self._finish_saving()  # kept for a re-send, unless the save itself failed (logged)
             raise
-        messages = [(topic, chunk) for chunk in (upload.sent if upload is not None else chunks)]
+        messages = [(topic, chunk) for chunk in outgoing.sent()]
         # Re-sent unchanged while no ack comes: after a broker restart the hub may have missed
         # it; the hub counts one message id once and answers a repeat with the same verdict.
-        ack = self._wait_for_ack(message_id, hub,
+        ack = self._wait_for_ack(outgoing.message_id, hub,
                                  resend=lambda: self._link.publish_many(messages, qos=1, extras=extras))
         if ack is None:
             # The hub or the broker is away: keep the saved update; it is re-sent, byte for
@@ -454,11 +442,63 @@ class EdgeClient:
             log.warning("%s: no acknowledgement for round %d yet; will re-send the same update",
                         self.client_id, hub.round)
             return None
+        return self._settle(ack, hub, outgoing)
+
+    def _saved_update(self, pending: tuple, hub: HubState) -> _Outgoing:
+        """The update saved before a restart, sealed again: byte for byte what was being sent."""
+        envelope, message_id, chunk_size, train_metrics, eval_metrics, trained_adapter = pending
+        # The factors this update was trained into, so what is committed on acceptance is
+        # what the update came from, not the state from before the crash.
+        self.model.load_adapter_state(trained_adapter)
+        log.info("%s: re-sending the update of round %d saved before a restart", self.client_id, hub.round)
+        # The chunk size it was first sent with: chunks of another size would contradict
+        # the hub's partial copy of the message.
+        chunks = split_payload(envelope, chunk_size=chunk_size, message_id=message_id)
+        return _Outgoing(message_id, len(envelope), chunks, lambda: chunks, train_metrics, eval_metrics)
+
+    def _new_update(self, hub: HubState) -> _Outgoing:
+        """Train on the local data, then sign, chunk and save the update as it is published."""
+        config = dataclasses.replace(
+            self.training,
+            steps=int(hub.round_config.get("local_steps", self.training.steps)),
+            learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
+            seed=self.training.seed + hub.round,
+        )
+        if self.privacy is not None:
+            self.privacy.before_training(self._dp_reference())
+        train_metrics = self.model.train(self.train_examples, config,
+                                         description=f"{self.client_id} round {hub.round}").to_dict()
+        eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
+        upload = self._signed_upload(hub.round, train_metrics, eval_metrics)
+        # A thread saves the update while its chunks are hashed and published; the last chunk
+        # waits for the save, so the hub cannot complete, let alone accept, an update this
+        # device has not kept. A device killed mid-upload re-sends the same message after a
+        # restart and the hub completes it. The save also runs to its end when publishing
+        # fails or the user interrupts (the process exits once the update is kept).
+        saver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedvlm-save")
+        self._saving = saver.submit(self._save_pending, hub.round, upload.signed_part, upload.message_id,
+                                    upload.chunk_size, train_metrics, eval_metrics)  # fmt: skip
+        saver.shutdown(wait=False)
+        chunks = upload.chunks(before_last_chunk=self._saving.result)
+        return _Outgoing(upload.message_id, upload.envelope_size, chunks, lambda: upload.sent, train_metrics,
+                         eval_metrics)  # fmt: skip
+
+    def _finish_saving(self) -> None:
+        """Wait for the update being saved, if any; a failed save is logged (the round is then
+        trained again), the error that interrupted publishing being the one to report."""
+        saving, self._saving = self._saving, None
+        if saving is not None and saving.exception() is not None:
+            log.warning("%s: could not keep the last update for re-sending (%s); its round will be trained again",
+                        self.client_id, saving.exception())  # fmt: skip
+
+    def _settle(self, ack: Ack, hub: HubState, outgoing: _Outgoing) -> RoundReport:
+        """Record the hub's verdict: commit the round, wait for another, or stop."""
         spent = self._privacy_spent(hub.round)
         report = RoundReport(round=hub.round, accepted=ack.accepted, reason=ack.reason_text or ack.reason_code.value,
-                             samples=len(self.train_examples), train=train_metrics, evaluation=eval_metrics,
-                             bytes_sent=envelope_size, global_version=self.state.global_version,
-                             privacy=spent.to_dict() if spent is not None else None)
+                             samples=len(self.train_examples), train=outgoing.train_metrics,
+                             evaluation=outgoing.eval_metrics, bytes_sent=outgoing.envelope_size,
+                             global_version=self.state.global_version,
+                             privacy=spent.to_dict() if spent is not None else None)  # fmt: skip
         self.reports.append(report)
         self._clear_pending()
         if ack.accepted:
@@ -543,14 +583,15 @@ class EdgeClient:
     # ---- the update kept until acknowledged -------------------------------------------------------
 
     def _save_pending(self, round_number: int, signed_part: bytes | Sequence[bytes | memoryview], message_id: bytes,
-                      train: dict, evaluation) -> None:  # fmt: skip
+                      chunk_size: int, train: dict, evaluation) -> None:  # fmt: skip
         """Keep an update until it is acknowledged: its signed part (the envelope without the
         MAC, sealed again on a re-send), the factors it was trained into, and its round."""
         # The update and the trained factors first: the info file's presence is what marks
         # a pending update complete.
         write_durably(self.state_dir / _PENDING_UPDATE, signed_part)
         write_durably(self.state_dir / _PENDING_ADAPTER, tensor_codec.encode(self.model.adapter_state(), {}))
-        info = {"round": round_number, "message_id": message_id.hex(), "train": train, "evaluation": evaluation}
+        info = {"round": round_number, "message_id": message_id.hex(), "chunk_size": chunk_size, "train": train,
+                "evaluation": evaluation}  # fmt: skip
         write_durably(self.state_dir / _PENDING_INFO, json.dumps(info).encode())
 
     def _pending_update(self, round_number: int):
@@ -581,7 +622,8 @@ class EdgeClient:
                         self.client_id, round_number, problem)  # fmt: skip
             self._clear_pending()
             return None
-        return envelope, bytes.fromhex(info["message_id"]), info["train"], info["evaluation"], adapter
+        return (envelope, bytes.fromhex(info["message_id"]), info["chunk_size"], info["train"], info["evaluation"],
+                adapter)  # fmt: skip
 
     def _clear_pending(self) -> None:
         # The info file first: without it the others are ignored, so a crash midway is harmless.

@@ -114,7 +114,7 @@ class UpdateIntake:
                     raise ValueError("its SHA-256 does not match the receipt")
                 tensors, _ = tensor_codec.decode(body)
                 if self.rules.strategy.shared_factors:
-                    aggregator.add(tensors, receipt.sample_count)
+                    aggregator.add(tensors, self.rules.weight_of(receipt.sample_count))
             except (OSError, ValueError) as error:
                 log.error("dropping the accepted update of %s in round %d: file %s is unusable (%s)",
                           receipt.client_id, round_number, receipt.file_path, error)  # fmt: skip
@@ -247,7 +247,7 @@ class UpdateIntake:
             self.store.add_receipt(Receipt(
                 round=round_number, client_id=client_id, attempt=current.attempt, message_id=message_id.hex(),
                 payload_sha256=message.sha256.hex(), body_sha256=tensor_codec.sha256_hex(envelope.body),
-                sample_count=weight, file_path=str(path), accepted_at=self._clock(),
+                sample_count=metadata.sample_count, file_path=str(path), accepted_at=self._clock(),
                 metrics=decoded.metrics,
             ), pins=decoded.new_pins)  # fmt: skip
         except BaseException:

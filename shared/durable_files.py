@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +14,9 @@ def write_durably(path: str | os.PathLike, data: bytes | Sequence[bytes | memory
     ``data`` may be a sequence of buffers, written one after the other (no joined copy)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A temporary of its own (0600) for every writer, threads of one process included.
+    descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(temporary_name)
     try:
         try:
             for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:

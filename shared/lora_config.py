@@ -18,6 +18,9 @@ from fedvlm.shared.tensor_codec import config_hash
 # tower's own q_proj/k_proj/... out of reach.
 _TEXT_DECODER = r"(?:.*\.)?(?:language_model|text_model)\.(?:model\.)?layers\.\d+\.self_attn"
 _PROJECTOR = r"(?:.*\.)?multi_modal_projector\.linear_\d+"
+# How the factors are initialised from init_seed (fedvlm.edge.adapters). Part of the layout,
+# so devices that would start from different factors are refused as another layout.
+INIT_SCHEMES = ("seeded-kaiming-v1",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,7 @@ class LoraSettings:
         target_projections: attention projections of the text decoder to adapt.
         include_projector: also adapt the vision-to-text projector's linears.
         init_seed: seed of the factors' initialisation, fixed per federation.
+        init_scheme: how the factors are drawn from that seed (``INIT_SCHEMES``).
     """
 
     r: int = 8
@@ -39,6 +43,7 @@ class LoraSettings:
     target_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     include_projector: bool = False
     init_seed: int = 0
+    init_scheme: str = INIT_SCHEMES[0]
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -48,6 +53,9 @@ class LoraSettings:
         for name in self.target_projections:
             if not name.isidentifier():
                 raise UsageError(f"target projection {name!r} is not a module name")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise UsageError(f"LoRA init scheme {self.init_scheme!r} is unknown to this FedVLM (it knows "
+                             f"{', '.join(INIT_SCHEMES)}); upgrade it to join this federation")  # fmt: skip
 
     @property
     def scaling(self) -> float:

@@ -175,7 +175,7 @@ def test_a_device_killed_before_its_ack_resends_and_keeps_what_it_trained(tmp_pa
         device.send_signal(signal.SIGKILL)
         device.wait(10)
         trained, _ = tensor_codec.decode((state_dir / "pending_adapter.safetensors").read_bytes())
-        saved = (state_dir / "pending_update.bin").read_bytes()  # the envelope without its MAC
+        saved = (state_dir / "pending_signed_part.bin").read_bytes()  # the envelope without its MAC
         saved_message_id = json.loads((state_dir / "pending_update.json").read_text())["message_id"]
         assert load_state(state_dir) is None  # nothing committed yet: a restart starts from the shared init
         from fedvlm.edge.personal_model import PersonalVLM
@@ -225,7 +225,7 @@ def test_a_stale_pending_update_still_leaves_its_trained_personal_factors(tmp_pa
     client.model.train(tiny_federation.clients[0].train, QUICK)
     trained = client.model.personal_factors()
     assert any(not np.array_equal(before[k], trained[k]) for k in before)
-    client._save_pending(3, b"envelope", b"\x01" * 16, {}, None)
+    client._save_pending(3, b"envelope", b"\x01" * 16, 1024, {}, None)
     client.model.load_personal(before)  # as after a restart from the last committed state
 
     assert client._pending_update(4) is None  # the hub is at round 4 now: nothing to re-send
@@ -266,9 +266,9 @@ def test_an_update_saved_in_an_older_protocol_version_is_dropped_and_the_round_t
                                 base_fingerprint="f", lora_config_hash="h")  # fmt: skip
     current = sign(b"body", metadata, "a", "s" * 32)
     older = current[:4] + (1).to_bytes(2, "big") + current[6:]  # as protocol 1 wrote the version
-    client._save_pending(2, current[:-MAC_SIZE], b"\x01" * 16, {}, None)  # today's: the signed part
-    assert client._pending_update(2)[:2] == (current, b"\x01" * 16)  # sealed again, byte for byte
-    client._save_pending(2, older, b"\x01" * 16, {}, None)
+    client._save_pending(2, current[:-MAC_SIZE], b"\x01" * 16, 1024, {}, None)  # today's: the signed part
+    assert client._pending_update(2)[:3] == (current, b"\x01" * 16, 1024)  # sealed again, byte for byte
+    client._save_pending(2, older[:-MAC_SIZE], b"\x01" * 16, 1024, {}, None)
     assert client._pending_update(2) is None
     assert not (tmp_path / "device" / "pending_update.json").exists()
 
@@ -312,3 +312,11 @@ def test_a_publish_failing_midway_keeps_the_update_to_resend_instead_of_training
     finally:
         client.close()
         mosquitto.stop()
+
+
+def test_a_state_dir_that_is_a_file_is_refused_before_any_training(tmp_path, tiny_model_dir, tiny_federation):
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("oops")
+    with pytest.raises(EdgeClientError, match="is a file"):
+        EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 32,
+                   not_a_dir, training=QUICK, quantization="none")  # fmt: skip

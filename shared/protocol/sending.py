@@ -42,6 +42,7 @@ class SignedUpload:
         self._stream = ChunkStream(self._signer.envelope_size, chunk_size=chunk_size, message_id=message_id)
         self.message_id = self._stream.message_id
         self.envelope_size = self._signer.envelope_size
+        self.chunk_size = chunk_size
         self.chunk_count = self._stream.count
         self.sent: list[bytes] = []
         self._producing = False

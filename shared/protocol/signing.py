@@ -160,6 +160,7 @@ def seal_envelope(signed_part: bytes | bytearray | memoryview, secret: bytes | s
     if view.nbytes < _PREFIX.size:
         raise _malformed(f"{view.nbytes} bytes cannot be the signed part of an envelope")
     signer = _signer_from_prefix(view, view.nbytes + MAC_SIZE)
+    _read_signed_part(view, signer, signed_end=view.nbytes)  # every length must fit: nothing else is sealed
     return b"".join((view, _mac(_secret_key(secret, signer), hashlib.sha256(view).digest())))
 
 
@@ -252,11 +253,13 @@ def _signer_from_prefix(head: memoryview, total_size: int) -> str:
         raise _malformed(f"signer id {raw_id!r} is not a valid client id") from None
 
 
-def _read_signed_part(view: memoryview, signer: str) -> tuple[EnvelopeMetadata, bytes]:
+def _read_signed_part(view: memoryview, signer: str, *, signed_end: int | None = None
+                      ) -> tuple[EnvelopeMetadata, bytes]:  # fmt: skip
     """Lengths, metadata and body: parsed only after the HMAC verified, and still checked
-    because a client with a valid secret may run buggy code."""
+    because a client with a valid secret may run buggy code. ``signed_end``: where the
+    signed part ends (default: before the MAC that ends ``view``)."""
     offset = _PREFIX.size + len(signer)
-    end = view.nbytes - MAC_SIZE
+    end = view.nbytes - MAC_SIZE if signed_end is None else signed_end
     if offset + _METADATA_LENGTH.size + _BODY_LENGTH.size > end:
         raise _malformed(f"{view.nbytes} bytes cannot hold the length fields after signer {signer!r}", signer)
     (metadata_length,) = _METADATA_LENGTH.unpack_from(view, offset)

@@ -203,7 +203,7 @@ def test_before_the_first_global_only_zero_initialised_factors_are_bounded(strat
 
 def test_an_overstated_sample_count_buys_no_more_than_the_bound(start_federation):
     """--max-samples: a client claiming a million samples weighs as the bound, so it cannot
-    drown the honest updates by overstating; the receipt records the weight used."""
+    drown the honest updates by overstating; the receipt keeps what it claimed."""
     from fedvlm.hub.store import HubStore
 
     federation = start_federation(clients=("a", "b", "m"), min_clients=3, rounds=1, max_sample_count=50,
@@ -220,7 +220,7 @@ def test_an_overstated_sample_count_buys_no_more_than_the_bound(start_federation
     for name in expected:
         np.testing.assert_allclose(tensors[name], expected[name], rtol=1e-5, atol=1e-6)
     with HubStore.in_state_dir(federation.config.state_dir, create=False) as store:
-        assert {r.client_id: r.sample_count for r in store.receipts(1)} == {"a": 10, "b": 30, "m": 50}
+        assert {r.client_id: r.sample_count for r in store.receipts(1)} == {"a": 10, "b": 30, "m": 1_000_000}
 
 
 def test_the_sample_bound_flag_and_config_key(tmp_path):
