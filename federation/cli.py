@@ -84,12 +84,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     Not ValueError or KeyError in general: one from deep inside (numpy, safetensors, torch)
     is a bug, and its traceback is what a bug report needs. Bad flags raise UsageError; the
     edge code the demo and simulate run in-process raises EdgeError (a model folder that is
-    no model, unreadable data, a quantisation this machine cannot do).
+    no model, unreadable data, a quantisation this machine cannot do); a process the demo
+    started that failed raises DemoStepFailed with its last line and log (the demo's own
+    traceback would say nothing more).
     """
     from fedvlm.edge.errors import EdgeError
+    from fedvlm.errors import DemoStepFailed
     from fedvlm.shared.mqtt_link import BrokerUnavailable
 
-    return (UsageError, EdgeError, BrokerUnavailable, FileNotFoundError, PermissionError, IsADirectoryError)
+    return (UsageError, EdgeError, BrokerUnavailable, DemoStepFailed, FileNotFoundError, PermissionError,
+            IsADirectoryError)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

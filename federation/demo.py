@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import DemoStepFailed
+
 BIN = Path(sys.executable).parent
 
 # torch's OpenMP threads busy-wait between parallel regions. On cores that other work keeps
@@ -119,6 +121,27 @@ def _stream(process: subprocess.Popen, prefix: str, log_file: Path) -> threading
     return thread
 
 
+def _failed(name: str, status: int, log_text: str, log_path: Path | None = None) -> DemoStepFailed:
+    lines = [line for line in log_text.strip().splitlines() if line.strip()]
+    where = f"; full log: {log_path}" if log_path is not None else ""
+    return DemoStepFailed(f"{name} exited with status {status}: {lines[-1].strip() if lines else '(no output)'}{where}")
+
+
+def _wait_for(hub: subprocess.Popen, devices: list, logs: Path) -> None:
+    """Until every device is done. The first failure ends the wait: a hub that died (a busy
+    port, an unreachable --broker) would otherwise leave the devices trying for half an hour."""
+    while True:
+        if hub.poll() not in (None, 0):
+            raise _failed("the hub", hub.returncode, (logs / "hub.log").read_text(), logs / "hub.log")
+        for client_id, device, _ in devices:
+            if device.poll() not in (None, 0):
+                log_path = logs / f"{client_id}.log"
+                raise _failed(f"device {client_id}", device.returncode, log_path.read_text(), log_path)
+        if all(device.poll() is not None for _, device, _ in devices):
+            return
+        time.sleep(0.2)
+
+
 def run_federation(settings: DemoSettings, model_dir: Path, data_dir: Path, client_ids: list[str]) -> Path:
     run_dir = settings.work_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh federation each time; model and data are reused
@@ -129,7 +152,9 @@ def run_federation(settings: DemoSettings, model_dir: Path, data_dir: Path, clie
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for client_id in client_ids:
         added = subprocess.run([str(BIN / "fedvlm-hub"), "clients", "add", client_id, "--state-dir", str(hub_dir)],
-                               capture_output=True, text=True, check=True, env=env)
+                               capture_output=True, text=True, env=env)  # fmt: skip
+        if added.returncode != 0:
+            raise _failed(f"fedvlm-hub clients add {client_id}", added.returncode, added.stderr + added.stdout)
         secret_file = run_dir / "secrets" / f"{client_id}.secret"
         secret_file.parent.mkdir(exist_ok=True)
         secret_file.write_text(added.stdout.strip().splitlines()[-1])
@@ -163,16 +188,14 @@ def run_federation(settings: DemoSettings, model_dir: Path, data_dir: Path, clie
             device = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             devices.append((client_id, device, _stream(device, "", run_dir / "logs" / f"{client_id}.log")))
         _say(f"      {len(devices)} devices joined as separate processes (logs in {run_dir / 'logs'})")
-        for client_id, device, pump in devices:
-            device.wait()
+        _wait_for(hub, devices, run_dir / "logs")
+        for _, _, pump in devices:
             pump.join()
-            if device.returncode != 0:
-                tail = (run_dir / "logs" / f"{client_id}.log").read_text()[-1500:]
-                raise RuntimeError(f"device {client_id} failed (exit {device.returncode}):\n{tail}")
         hub.wait(timeout=120)
         hub_pump.join()
         if hub.returncode != 0:
-            raise RuntimeError(f"the hub failed (exit {hub.returncode}); see {run_dir / 'logs' / 'hub.log'}")
+            raise _failed("the hub", hub.returncode, (run_dir / "logs" / "hub.log").read_text(),
+                          run_dir / "logs" / "hub.log")  # fmt: skip
     finally:
         for _, device, _ in devices:
             if device.poll() is None:

@@ -131,3 +131,26 @@ def test_demo_refuses_bad_flags_in_one_line(capsys):
     assert err.strip() == "fedvlm: error: --clients must be at least 2: a federation needs more than one device"
     assert fedvlm_main(["demo", "--pretrain-steps", "0"]) == 2
     assert "--pretrain-steps must be at least 1" in capsys.readouterr().err
+
+
+def test_a_process_that_fails_ends_the_demo_at_once_with_its_last_words(demo_run, tmp_path):
+    """An unreachable --broker: the hub and devices exit at once, and the demo stops with the
+    failing process's last line and log path (one line on the command line), instead of a
+    traceback or devices retrying for half an hour."""
+    import dataclasses
+    import time
+
+    from fedvlm.cli import user_errors
+    from fedvlm.demo import run_federation
+    from fedvlm.errors import DemoStepFailed
+    from tests.brokers import free_port
+
+    settings, _ = demo_run
+    model_dir, data_dir = settings.work_dir / "model", settings.work_dir / "data"
+    assert (data_dir / "client_00.parquet").exists() and model_dir.is_dir()
+    broken = dataclasses.replace(settings, work_dir=tmp_path, broker=f"mqtt://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(DemoStepFailed, match=r"(the hub|device client_0[01]) exited with status 2: .+; full log: "):
+        run_federation(broken, model_dir, data_dir, ["client_00", "client_01"])
+    assert time.monotonic() - started < 90
+    assert DemoStepFailed in user_errors()
