@@ -40,12 +40,24 @@ class SignedUpload:
         self._body = memoryview(body).cast("B")
         self._signer = EnvelopeSigner(self._body.nbytes, metadata, client_id, secret)
         self._stream = ChunkStream(self._signer.envelope_size, chunk_size=chunk_size, message_id=message_id)
-        self.message_id = self._stream.message_id
-        self.envelope_size = self._signer.envelope_size
-        self.chunk_size = chunk_size
-        self.chunk_count = self._stream.count
         self.sent: list[bytes] = []
         self._producing = False
+
+    @property
+    def message_id(self) -> bytes:
+        return self._stream.message_id
+
+    @property
+    def envelope_size(self) -> int:
+        return self._signer.envelope_size
+
+    @property
+    def chunk_size(self) -> int:
+        return self._stream.chunk_size
+
+    @property
+    def chunk_count(self) -> int:
+        return self._stream.count
 
     @property
     def signed_part(self) -> tuple[bytes, memoryview]:

@@ -112,7 +112,7 @@ class EnvelopeSigner:
     stream's hash, so hashing and publishing are one pass.
     """
 
-    __slots__ = ("client_id", "prefix", "envelope_size", "_key")
+    __slots__ = ("prefix", "envelope_size", "_key")
 
     def __init__(self, body_size: int, metadata: EnvelopeMetadata | Mapping[str, Any], client_id: str,
                  secret: bytes | str) -> None:  # fmt: skip
@@ -129,7 +129,6 @@ class EnvelopeSigner:
             raise ProtocolError(ReasonCode.TOO_LARGE,
                                 f"metadata is {len(metadata_json)} bytes; the limit is {MAX_METADATA_BYTES}")
         client_id_bytes = client_id.encode("ascii")
-        self.client_id = client_id
         self.prefix = b"".join((
             _PREFIX.pack(ENVELOPE_MAGIC, PROTOCOL_VERSION, len(client_id_bytes)), client_id_bytes,
             _METADATA_LENGTH.pack(len(metadata_json)), metadata_json, _BODY_LENGTH.pack(body_size),
