@@ -24,12 +24,12 @@ import base64
 import dataclasses
 import hashlib
 import json
-import os
 import secrets
 import time
 from pathlib import Path
 
 from fedvlm.shared.broker_credentials import broker_password
+from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.protocol import ProtocolError, Topics, validate_client_id, validate_federation_id
 
 from .errors import HubError
@@ -96,11 +96,11 @@ def previous_options(state_dir: str | Path) -> dict:
     return {key: options[key] for key in _REMEMBERED if options.get(key) is not None}
 
 
-def mosquitto_password_hash(password: str, *, salt: bytes | None = None, iterations: int = _ITERATIONS) -> str:
+def mosquitto_password_hash(password: str) -> str:
     """``$7$<iterations>$<salt>$<hash>``: PBKDF2-HMAC-SHA512, as mosquitto_passwd writes it."""
-    salt = salt if salt is not None else secrets.token_bytes(_SALT_BYTES)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, 64)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+    salt = secrets.token_bytes(_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, _ITERATIONS, 64)
+    return f"$7${_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME) -> str:
@@ -238,7 +238,7 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
             raise HubError(f"federation: {error}") from None
         store.protect_secrets()
         client_secrets = store.active_secrets()
-        if hub_username in client_secrets or hub_username in {record.client_id for record in store.list_clients()}:
+        if hub_username in {record.client_id for record in store.list_clients()}:
             raise HubError(f"a client is registered as {hub_username!r}, the hub's broker username; choose "
                            "another with --hub-username")  # fmt: skip
         hub_password = store.private_meta(_HUB_PASSWORD_META)
@@ -247,12 +247,10 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
             # hub's login valid on a broker that was already set up.
             hub_password = secrets.token_urlsafe(32)
             store.set_private_meta(_HUB_PASSWORD_META, hub_password)
-
-    out = _output_folder(Path(out_dir))
-    options = {"federation": federation, "hub_username": hub_username, "port": port, "bind": bind, **tls}
-    if placeholders:
-        options.update(cafile=None, certfile=None, keyfile=None)
-    with HubStore.in_state_dir(state_dir, create=False, secrets_key_file=secrets_key_file) as store:
+        out = _output_folder(Path(out_dir))
+        options = {"federation": federation, "hub_username": hub_username, "port": port, "bind": bind, **tls}
+        if placeholders:
+            options.update(cafile=None, certfile=None, keyfile=None)
         store.set_meta({BROKER_CONFIG_DIR_META: str(out), _OPTIONS_META: json.dumps(options)})
     password_lines = [f"{hub_username}:{mosquitto_password_hash(hub_password)}"]
     password_lines += [f"{client_id}:{mosquitto_password_hash(broker_password(secret))}"
@@ -262,14 +260,15 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
         hub_password_file=out / "hub.password", readme_file=out / "README.txt", federation=federation,
         hub_username=hub_username, clients=tuple(client_secrets), readme="",
     )  # fmt: skip
-    _write_private(files.password_file, "\n".join(password_lines) + "\n")
-    _write_private(files.acl_file, acl_text(federation, hub_username))
-    _write_private(files.hub_password_file, hub_password + "\n")
-    _write_private(files.conf_file, _conf_text(federation=federation, port=port, bind=bind, tls=tls,
-                                               placeholders=placeholders, password_file=files.password_file,
-                                               acl_file=files.acl_file))  # fmt: skip
+    # 0600, replaced atomically: the password and ACL files hold credentials.
+    write_durably(files.password_file, ("\n".join(password_lines) + "\n").encode())
+    write_durably(files.acl_file, acl_text(federation, hub_username).encode())
+    write_durably(files.hub_password_file, (hub_password + "\n").encode())
+    write_durably(files.conf_file, _conf_text(federation=federation, port=port, bind=bind, tls=tls,
+                                              placeholders=placeholders, password_file=files.password_file,
+                                              acl_file=files.acl_file).encode())  # fmt: skip
     readme = _readme_text(files, port=port, placeholders=placeholders)
-    _write_private(files.readme_file, readme)
+    write_durably(files.readme_file, readme.encode())
     return dataclasses.replace(files, readme=readme)
 
 
@@ -283,14 +282,3 @@ def _output_folder(out: Path) -> Path:
         raise HubError(f"cannot create the --out folder {out}: {error.strerror}") from None
     return out.resolve()
 
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` with mode 0600 (replacing it atomically)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.unlink(missing_ok=True)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -93,8 +93,12 @@ class SecretBox:
                     f"Restore it from your backup, or set {SECRETS_KEY_ENVIRONMENT} (--secrets-key-file) to where "
                     "it is; without it the registered clients must be registered again"
                 )
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             text = base64.urlsafe_b64encode(secrets.token_bytes(_KEY_BYTES)).decode("ascii")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except (FileExistsError, NotADirectoryError):
+                raise SecretsKeyError(f"cannot create the secrets key {path}: a part of its folder path is a file; "
+                                      "give --secrets-key-file a path in a folder") from None
             # O_EXCL: two processes creating the key at once must not end with different keys.
             try:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -600,4 +600,3 @@ class HubService:
         except BrokerUnavailable as error:
             # The verdict stands either way; a client without an ack re-sends and is answered then.
             log.warning("could not acknowledge %s's message %s: %s", ack.client_id, ack.message_id, error)
-

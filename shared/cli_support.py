@@ -21,9 +21,12 @@ def read_secret_file(path: str | os.PathLike[str], what: str) -> str:
     Secrets come from files rather than flags so they never show in ``ps``.
     """
     try:
-        secret = Path(path).read_text().strip()
+        secret = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise UsageError(f"cannot read the {what} file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the {what} file {str(path)!r} is not text; give the file holding the {what} as one "
+                         "line of text") from None
     if not secret:
         raise UsageError(f"the {what} file {str(path)!r} is empty")
     return secret

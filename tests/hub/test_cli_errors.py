@@ -120,3 +120,18 @@ def test_a_bug_deep_inside_keeps_its_traceback(tmp_path: Path, monkeypatch, caps
         main(["clients", "list", "--state-dir", str(state_dir)])
     assert raised.value is bug  # propagated untouched, so Python prints its traceback
     assert "error:" not in capsys.readouterr().err
+
+
+def test_a_password_file_that_is_not_text_is_named(tmp_path: Path, capsys):
+    binary = tmp_path / "broker.der"
+    binary.write_bytes(b"\x30\x82\xff\xfe\x00\x9c")
+    err = one_line_error(capsys, ["start", "--state-dir", str(tmp_path / "hub"), "--broker", "mqtt://127.0.0.1:1",
+                                  "--username", "hub", "--password-file", str(binary)])  # fmt: skip
+    assert "broker.der" in err and "is not text" in err
+
+
+def test_a_secrets_key_under_a_file_is_named(tmp_path: Path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    err = one_line_error(capsys, ["clients", "add", "dev-1", "--state-dir", str(tmp_path / "hub"),
+                                  "--secrets-key-file", str(tmp_path / "afile" / "secrets.key")])  # fmt: skip
+    assert "secrets key" in err and "is a file" in err
