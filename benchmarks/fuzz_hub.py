@@ -71,6 +71,7 @@ from fedvlm.shared import tensor_codec  # noqa: E402
 from fedvlm.shared.lora_config import LoraSettings  # noqa: E402
 from fedvlm.shared.mqtt_link import MqttLink  # noqa: E402
 from fedvlm.shared.protocol import (  # noqa: E402
+    CHUNK_HEADER_SIZE,
     MAC_CONTEXT,
     MIN_CHUNK_SIZE,
     PROTOCOL_VERSION,
@@ -198,12 +199,12 @@ def _raw_envelope(signer: str, metadata_json: bytes, body: bytes, secret: str | 
 
 # ---------------------------------------------------------------------- transport-level cases
 def case_random_bytes(ctx: FuzzContext) -> Case:
-    size = ctx.rng.choice((ctx.rng.randint(1, 73), ctx.rng.randint(74, 4000)))
+    size = ctx.rng.choice((ctx.rng.randint(1, CHUNK_HEADER_SIZE - 1), ctx.rng.randint(CHUNK_HEADER_SIZE, 4000)))
     sender = ctx.rng.choice(HOSTILE + ("ghost", "h1"))
     message_id = ctx.message_id()
     payload = ctx.rng.randbytes(size)
-    # 74 bytes make a header: shorter is truncated_header, longer fails the magic.
-    reason = "truncated_header" if size < 74 else "malformed"
+    # A header's worth of bytes: shorter is truncated_header, longer fails the magic.
+    reason = "truncated_header" if size < CHUNK_HEADER_SIZE else "malformed"
     return Case("random_bytes", [(ctx.topics.update(sender, message_id), payload)], _expect(**{reason: 1}))
 
 

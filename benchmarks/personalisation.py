@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fedvlm.simulate import ALL_STRATEGIES, SimulationSettings, simulate
-from fedvlm.simulate.settings import PLORA_REFIT, parse_strategies
+from fedvlm.simulate.settings import PLORA_REFIT, parse_seeds, parse_strategies
 
 PAPER_RELATIVE_GAIN = 0.245
 
@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="every strategy and reference, and the plora-refit variant (beyond the paper)")
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        strategies = parse_strategies(args.strategies)
+        seeds_of = {text: parse_seeds(text) for text in (args.headline_seeds, args.other_seeds)}
+    except ValueError as error:
+        parser.error(str(error))
+    if not {"plora", "fedit"} <= set(strategies):
+        parser.error("--strategies must include plora and fedit: the headline compares them")
 
     started = time.perf_counter()
     plan = [("concept-shift", args.headline_seeds, args.clients)] + [
@@ -48,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, seeds, clients in plan:
         settings = SimulationSettings(
             out=args.out / scenario, scenario=scenario, clients=clients, rounds=args.rounds,
-            global_test_size=args.global_test_size, strategies=parse_strategies(args.strategies),
+            global_test_size=args.global_test_size, strategies=strategies,
             local_steps=args.local_steps, examples_per_client=args.examples_per_client, model=args.model,
-            seeds=tuple(int(s) for s in seeds.split(",")))
+            seeds=seeds_of[seeds])
         print(f"== {scenario}: {clients} clients, seeds {seeds}", flush=True)
         results = simulate(settings)
         print((settings.out / "results.md").read_text(), flush=True)

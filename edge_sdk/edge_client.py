@@ -184,7 +184,7 @@ class EdgeClient:
             ca_file=self.connection.ca_file, cert_file=self.connection.cert_file, key_file=self.connection.key_file,
         )
         self.model = None  # built from the hub's announced layout (PersonalVLM)
-        self._initial_shared: dict = {}  # the shared factors as initialised (global version 0)
+        self._initial_shared: dict = {}  # with DP, the shared factors as initialised (global version 0)
         self.state: DeviceState | None = None
         self.hub_state: HubState | None = None
         self.manifest: GlobalManifest | None = None
@@ -333,7 +333,8 @@ class EdgeClient:
         strategy = config.get("strategy", "plora")
         self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
                                                  quantization=self.quantization, device=self.device)
-        self._initial_shared = self.model.shared_update()  # global version 0: DP measures changes from here
+        if self.privacy is not None:  # global version 0: DP measures changes from here
+            self._initial_shared = self.model.shared_update()
         pinned = config.get("base_fingerprint")
         if pinned and pinned != self.model.fingerprint:
             raise EdgeClientError(

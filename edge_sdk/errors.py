@@ -33,4 +33,4 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fedvlm.shared.tensor_codec import CodecError
 
     return (EdgeError, DataError, UsageError, BrokerUnavailable, ProtocolError, CodecError, FileNotFoundError,
-            PermissionError, IsADirectoryError, TimeoutError)
+            FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError, TimeoutError)

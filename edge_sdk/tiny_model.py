@@ -30,8 +30,6 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from fedvlm.shared.usage_error import UsageError
-
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN]
@@ -126,7 +124,7 @@ def build_tiny_vlm(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build a randomly initialised tiny LLaVA and its processor, deterministically for ``seed``."""
     if size not in SIZES:
-        raise UsageError(f"unknown tiny model size {size!r}; choose one of {sorted(SIZES)}")
+        raise ValueError(f"unknown tiny model size {size!r}; choose one of {sorted(SIZES)}")
     dims = SIZES[size]
     tokenizer = train_tokenizer(_corpus(extra_words), dims.vocab_size)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -155,7 +153,7 @@ def build_tiny_vlm(
             size={"height": dims.image_size, "width": dims.image_size}
         )
     else:
-        raise UsageError(f"unknown vision tower {vision_tower!r}; choose 'clip' or 'siglip'")
+        raise ValueError(f"unknown vision tower {vision_tower!r}; choose 'clip' or 'siglip'")
 
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -92,8 +92,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fedvlm.errors import DemoStepFailed
     from fedvlm.shared.mqtt_link import BrokerUnavailable
 
-    return (UsageError, EdgeError, BrokerUnavailable, DemoStepFailed, FileNotFoundError, PermissionError,
-            IsADirectoryError)  # fmt: skip
+    return (UsageError, EdgeError, BrokerUnavailable, DemoStepFailed, FileNotFoundError, FileExistsError,
+            NotADirectoryError, PermissionError, IsADirectoryError)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,7 +103,7 @@ def prepare_data(settings: DemoSettings):
     for client in federation.clients:
         convention = client.convention
         _say(f"      {client.client_id}: {len(client.train)} train / {len(client.test)} test examples, "
-             f"answers in {convention.language}{', mirrored camera' if convention.mirrored else ''}")
+             f"answers in {convention.description}")
     return federation, data_dir
 
 
@@ -323,7 +323,7 @@ def onnx_step(settings: DemoSettings, model_dir: Path, federation, run_dir: Path
         expected = expected_answer(record, clients[0], client)
         answers[client.client_id] = {"adapter": str(adapters[client.client_id]), "answer": answer,
                                      "expected": expected, "convention": client.convention.name}
-        convention = client.convention.language + (", mirrored camera" if client.convention.mirrored else "")
+        convention = client.convention.description
         mark = "✓" if normalize_answer(answer) == normalize_answer(expected) else "✗"  # as the scores count
         _say(f"        {client.client_id}'s adapter ({convention}) answers {answer!r}; "
              f"its convention expects {expected!r} {mark}")

@@ -84,3 +84,10 @@ def test_a_bug_deep_inside_keeps_its_traceback(tmp_path: Path, monkeypatch, caps
         main(["simulate", "--model", str(model), "--out", str(tmp_path / "out"), "--quiet"])
     assert raised.value is bug  # propagated untouched, so Python prints its traceback
     assert "error:" not in capsys.readouterr().err
+
+
+def test_a_work_dir_that_is_a_file_is_one_line(tmp_path: Path, capsys):
+    not_a_dir = tmp_path / "work"
+    not_a_dir.write_text("oops")
+    err = one_line_error(capsys, ["demo", "--work-dir", str(not_a_dir)])
+    assert "work" in err and "exists" in err

@@ -102,6 +102,11 @@ class Convention:
     def name(self) -> str:
         return self.language + ("-mirrored" if self.mirrored else "")
 
+    @property
+    def description(self) -> str:
+        """For people: "french, mirrored camera"."""
+        return self.language + (", mirrored camera" if self.mirrored else "")
+
     def words(self, kind: str) -> tuple[str, ...]:
         """This convention's answer words for a question kind, in class order."""
         return LANGUAGES[self.language][kind]

@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fedvlm.edge.data.conventions import CLASSES
-from fedvlm.shared.usage_error import UsageError
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -64,7 +63,7 @@ class Scene:
             return len(self.shapes) - 1
         if kind == "position":
             return 0 if first.centre[0] < self.size / 2 else 1
-        raise UsageError(f"unknown question kind {kind!r}; choose one of {', '.join(CLASSES)}")
+        raise ValueError(f"unknown question kind {kind!r}; choose one of {', '.join(CLASSES)}")
 
     def draw(self) -> Image.Image:
         scale = _SUPERSAMPLE

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         # Read back with the SDK's loader: exactly what `fedvlm-edge join --data` will see.
         print(f"{path}: {len(load_records(path).records)} records")
     first = client.test[0]
-    print(f"answers in {client.convention.language}{', mirrored camera' if client.convention.mirrored else ''}; "
+    print(f"answers in {client.convention.description}; "
           f"images/test_0000.png is asked {first.question!r}, answer {first.chosen!r}")
     return 0
 

@@ -76,7 +76,7 @@ echo "\$ fedvlm-hub clients add phone-17 --state-dir $work/hub-state   # secret 
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 echo "== the hub, embedded broker on 127.0.0.1:$port (log: $work/hub.log)"
-hub=(fedvlm-hub start --config "$HERE/hub.toml" --state-dir "$work/hub-state" --port "$port" "${hub_flags[@]}")
+hub=(fedvlm-hub start --config "$HERE/hub.toml" --state-dir "$work/hub-state" --port "$port" ${hub_flags[@]+"${hub_flags[@]}"})
 echo "\$ ${hub[*]} &"
 "${hub[@]}" > "$work/hub.log" 2>&1 &
 hub_pid=$!

@@ -37,7 +37,7 @@ def scenario_clients(settings: SimulationSettings, seed: int, image_size: int) -
     clients = []
     for client in federation.clients:
         convention = client.convention
-        about = convention.language + (", mirrored camera" if convention.mirrored else "")
+        about = convention.description
         if client.profile.main_question_kind:
             about += f", mostly {client.profile.main_question_kind} questions"
         clients.append(SimulatedClient(client.client_id, client.train, client.test, about))

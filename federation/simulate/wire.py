@@ -34,6 +34,7 @@ def global_version_payload(tensors: Mapping[str, np.ndarray], *, round_number: i
 
 
 def received(payload: bytes) -> dict[str, np.ndarray]:
-    """The tensors a receiver decodes from a payload (writable copies)."""
+    """The tensors a receiver decodes from a payload (read-only: the aggregator only reads
+    them and a client copies a global version when it absorbs it)."""
     tensors, _ = tensor_codec.decode(payload)
-    return {name: np.array(value, copy=True) for name, value in tensors.items()}
+    return dict(tensors)
