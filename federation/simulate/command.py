@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from fedvlm.simulate.settings import ALL_STRATEGIES, SCENARIOS, Partition, parse_seeds, parse_strategies
+from fedvlm.simulate.settings import (
+    ALL_STRATEGIES,
+    SCENARIOS,
+    Partition,
+    SimulationSettings,
+    parse_seeds,
+    parse_strategies,
+)
+
+# The flags' defaults are the settings' own, so the two cannot drift apart.
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(SimulationSettings)}
 
 
 def add_simulate_command(commands) -> None:
@@ -24,11 +35,13 @@ def add_simulate_command(commands) -> None:
     simulate.add_argument("--partition", default="origin_dataset",
                           help="how --data is split: origin_dataset, iid or dirichlet:ALPHA (Dirichlet label skew "
                                "over origin_dataset)")
-    simulate.add_argument("--clients", type=int, default=8, help="number of clients")
-    simulate.add_argument("--test-fraction", type=float, default=0.2,
+    simulate.add_argument("--clients", type=int, default=_DEFAULTS["clients"], help="number of clients")
+    simulate.add_argument("--test-fraction", type=float, default=_DEFAULTS["test_fraction"],
                           help="share of each client's --data records held out as its test set (seeded)")
-    simulate.add_argument("--examples-per-client", type=int, default=32, help="training examples per client (--scenario)")
-    simulate.add_argument("--test-examples-per-client", type=int, default=32, help="held-out examples per client (--scenario)")
+    simulate.add_argument("--examples-per-client", type=int, default=_DEFAULTS["examples_per_client"],
+                          help="training examples per client (--scenario)")
+    simulate.add_argument("--test-examples-per-client", type=int, default=_DEFAULTS["test_examples_per_client"],
+                          help="held-out examples per client (--scenario)")
     simulate.add_argument("--model", type=Path, default=None,
                           help="base VLM folder (default: the pre-trained small model in "
                                "work/models/small-pretrained, built if missing)")
@@ -36,19 +49,23 @@ def add_simulate_command(commands) -> None:
                           help="comma-separated; centralised (one LoRA on the union of the clients' data) and base "
                                "(no training) are references; plora-refit (beyond the paper: pLoRA whose clients "
                                "refit A alone after each global B, same compute and bytes) may be added")
-    simulate.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    simulate.add_argument("--local-steps", type=int, default=10, help="optimiser steps per client per round")
-    simulate.add_argument("--fraction", type=float, default=1.0, help="share of clients selected per round")
-    simulate.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2: one run per seed")
-    simulate.add_argument("--learning-rate", type=float, default=3e-3, help="local AdamW learning rate")
-    simulate.add_argument("--batch-size", type=int, default=8, help="examples per optimiser step")
-    simulate.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
-    simulate.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"],
+    simulate.add_argument("--rounds", type=int, default=_DEFAULTS["rounds"], help="federated rounds")
+    simulate.add_argument("--local-steps", type=int, default=_DEFAULTS["local_steps"],
+                          help="optimiser steps per client per round")
+    simulate.add_argument("--fraction", type=float, default=_DEFAULTS["fraction"],
+                          help="share of clients selected per round")
+    simulate.add_argument("--seeds", default=",".join(map(str, _DEFAULTS["seeds"])),
+                          help="comma-separated seeds, e.g. 0,1,2: one run per seed")
+    simulate.add_argument("--learning-rate", type=float, default=_DEFAULTS["learning_rate"],
+                          help="local AdamW learning rate")
+    simulate.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="examples per optimiser step")
+    simulate.add_argument("--lora-rank", type=int, default=_DEFAULTS["lora_rank"], help="LoRA rank r (alpha = 2r)")
+    simulate.add_argument("--quantization", default=_DEFAULTS["quantization"], choices=["auto", "none", "nf4", "int8"],
                           help="quantisation of the frozen base")
-    simulate.add_argument("--global-test-size", type=int, default=128,
+    simulate.add_argument("--global-test-size", type=int, default=_DEFAULTS["global_test_size"],
                           help="examples drawn from all clients' test sets for global_accuracy")
-    simulate.add_argument("--out", type=Path, default=Path("work/simulate"), help="where results go")
-    simulate.add_argument("--threads", type=int, default=1,
+    simulate.add_argument("--out", type=Path, default=_DEFAULTS["out"], help="where results go")
+    simulate.add_argument("--threads", type=int, default=_DEFAULTS["threads"],
                           help="torch CPU threads (one suits the small models, and a CPU shared with other work)")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(handler=_simulate)
