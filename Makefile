@@ -1,6 +1,6 @@
 # Every target creates the virtual environment itself when it is missing.
-# torch comes from constraints.txt (pinned to the local CPU wheel), so pip can never pull
-# a multi-GB CUDA build, and nothing here installs torchvision.
+# torch and torchvision come from constraints.txt, pinned as a pair that imports together
+# (see the comment there), so pip never resolves to another build.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,7 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24" 
-	$(PIP) install --quiet -c constraints.txt "torch==2.13.0"
+	$(PIP) install --quiet -c constraints.txt torch torchvision
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 

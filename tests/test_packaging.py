@@ -55,11 +55,14 @@ def test_edge_and_hub_never_import_each_other():
     assert not any(name.startswith(("fedvlm.edge", "fedvlm.hub", "torch", "transformers")) for name in shared)
 
 
-def test_no_torchvision_and_torch_is_the_pinned_cpu_build():
-    import importlib.util
-
+def test_torch_and_torchvision_are_the_pinned_pair():
     import torch
+    import torchvision
 
-    assert importlib.util.find_spec("torchvision") is None
-    pinned = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch==")]
-    assert pinned and torch.__version__.split("+")[0] == pinned[0].split("==")[1]
+    pins = dict(
+        line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line and not line.startswith("#")
+    )
+    assert torch.__version__.split("+")[0] == pins["torch"]
+    assert torchvision.__version__.split("+")[0] == pins["torchvision"]
+    # The pair really works together: the operator that a mismatched torchvision lacks.
+    assert torchvision.ops.nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([1.0]), 0.5).tolist() == [0]
