@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from fedvlm.shared.cli_support import add_lora_target_options, lora_target_fields
 from fedvlm.simulate.settings import (
     ALL_STRATEGIES,
     SCENARIOS,
@@ -42,9 +43,9 @@ def add_simulate_command(commands) -> None:
                           help="training examples per client (--scenario)")
     simulate.add_argument("--test-examples-per-client", type=int, default=_DEFAULTS["test_examples_per_client"],
                           help="held-out examples per client (--scenario)")
-    simulate.add_argument("--model", type=Path, default=None,
-                          help="base VLM folder (default: the pre-trained small model in "
-                               "work/models/small-pretrained, built if missing)")
+    simulate.add_argument("--model", default=None, metavar="DIR|ID",
+                          help="base VLM: a folder, or a Hugging Face id in the local cache (default: the "
+                               "pre-trained small model in work/models/small-pretrained, built if missing)")
     simulate.add_argument("--strategies", default=",".join(ALL_STRATEGIES),
                           help="comma-separated; centralised (one LoRA on the union of the clients' data) and base "
                                "(no training) are references; plora-refit (beyond the paper: pLoRA whose clients "
@@ -60,6 +61,7 @@ def add_simulate_command(commands) -> None:
                           help="local AdamW learning rate")
     simulate.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="examples per optimiser step")
     simulate.add_argument("--lora-rank", type=int, default=_DEFAULTS["lora_rank"], help="LoRA rank r (alpha = 2r)")
+    add_lora_target_options(simulate)
     simulate.add_argument("--quantization", default=_DEFAULTS["quantization"], choices=["auto", "none", "nf4", "int8"],
                           help="quantisation of the frozen base")
     simulate.add_argument("--global-test-size", type=int, default=_DEFAULTS["global_test_size"],
@@ -82,6 +84,7 @@ def _simulate(args: argparse.Namespace) -> int:
         strategies=parse_strategies(args.strategies), rounds=args.rounds, local_steps=args.local_steps,
         fraction=args.fraction, seeds=parse_seeds(args.seeds), learning_rate=args.learning_rate,
         batch_size=args.batch_size, lora_rank=args.lora_rank, quantization=args.quantization,
+        **{f"lora_{name}": value for name, value in lora_target_fields(args).items()},
         global_test_size=args.global_test_size, progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.strategies import STRATEGY_NAMES
 from fedvlm.shared.usage_error import UsageError
 
@@ -89,7 +90,8 @@ class SimulationSettings:
     clients: number of clients.
     test_fraction: share of each client's ``data`` records held out as its test set.
     examples_per_client / test_examples_per_client: sizes of each client's synthetic splits.
-    model: the base model folder; None builds the pre-trained ``small`` model in ``DEFAULT_MODEL_DIR``.
+    model: the base model: a folder, or a Hugging Face id in the local cache; None builds the
+        pre-trained ``small`` model in ``DEFAULT_MODEL_DIR``.
     strategies: federated strategies and references (``centralised``, ``base``) to run.
     rounds: federated rounds.
     local_steps: optimiser steps per selected client per round.
@@ -97,6 +99,8 @@ class SimulationSettings:
     seeds: one run per seed; a seed fixes the data split, the LoRA initialisation, client
         selection and batch order, identically for every strategy.
     learning_rate, batch_size, lora_rank: local training and adapter size, the same for every strategy.
+    lora_parts, lora_layers, lora_target_modules: which layers get LoRA factors
+        (:class:`~fedvlm.shared.lora_config.LoraSettings`).
     quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
     global_test_size: examples drawn from the pooled test set of all clients for ``global_accuracy``.
     progress: show the progress bar.
@@ -112,7 +116,7 @@ class SimulationSettings:
     test_fraction: float = 0.2
     examples_per_client: int = 32
     test_examples_per_client: int = 32
-    model: Path | None = None
+    model: Path | str | None = None
     strategies: tuple[str, ...] = ALL_STRATEGIES
     rounds: int = 5
     local_steps: int = 10
@@ -121,6 +125,9 @@ class SimulationSettings:
     learning_rate: float = 3e-3
     batch_size: int = 8
     lora_rank: int = 8
+    lora_parts: tuple[str, ...] = ("language",)
+    lora_layers: tuple[str, ...] = ("attention", "mlp")
+    lora_target_modules: str | None = None
     quantization: str = "auto"
     global_test_size: int = 128
     progress: bool = True
@@ -134,9 +141,10 @@ class SimulationSettings:
         if self.data is not None and not self.data.exists():
             raise UsageError(f"--data {self.data} does not exist: point it at a folder of RLAIF-V parquet or "
                              "JSON Lines files")
-        if self.model is not None and not (self.model / "config.json").exists():
-            raise UsageError(f"--model {self.model} holds no model (no config.json); leave --model out to build "
-                             "the pre-trained small model, or point it at a saved VLM folder")
+        if self.model is not None:
+            from fedvlm.edge.model_loading import check_model_dir
+
+            check_model_dir(self.model)  # a folder holding a model, or a cached hub id: else one clear line
         for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size", "threads"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -156,6 +164,8 @@ class SimulationSettings:
         if PLORA_REFIT in self.strategies and self.local_steps < 2:
             raise UsageError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
                              "give at least 2")
+        LoraSettings(r=self.lora_rank, parts=self.lora_parts, layers=self.lora_layers,
+                     target_modules=self.lora_target_modules)  # the flags' own checks
 
     @property
     def refit_steps(self) -> int:
@@ -174,6 +184,7 @@ class SimulationSettings:
         key = {name: value for name, value in dataclasses.asdict(self).items()
                if name not in ("out", "strategies", "seeds", "progress", "threads")}
         key["partition"] = str(self.partition)
+        key["lora_parts"], key["lora_layers"] = list(self.lora_parts), list(self.lora_layers)  # as JSON reads back
         for name in ("data", "model"):
             key[name] = str(key[name]) if key[name] is not None else None
         if self.scenario is not None:  # only --data runs are split by these
@@ -186,5 +197,6 @@ class SimulationSettings:
         data = dataclasses.asdict(self)
         data.update(out=str(self.out), data=str(self.data) if self.data else None,
                     model=str(self.model) if self.model else None, partition=str(self.partition),
-                    strategies=list(self.strategies), seeds=list(self.seeds))
+                    strategies=list(self.strategies), seeds=list(self.seeds), lora_parts=list(self.lora_parts),
+                    lora_layers=list(self.lora_layers))
         return data
