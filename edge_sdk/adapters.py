@@ -19,6 +19,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import torch
+
+from fedvlm.edge.torch_stack import check_torch_stack
+
+check_torch_stack()  # before peft imports transformers: a broken torchvision is one clear error, not theirs
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedvlm.edge.errors import LoraTargetError

@@ -33,7 +33,11 @@ def check_torch_stack() -> None:
     torch_version = torch.__version__.split("+")[0]
     wanted = matching_torchvision(torch_version)
     fix = f"pip install 'torchvision=={wanted}.*' (the release built for torch {torch_version}), or pip install 'fedvlm[edge]'"
-    if importlib.util.find_spec("torchvision") is None:
+    try:
+        missing = importlib.util.find_spec("torchvision") is None
+    except ValueError:  # a module entry set to None: Python's own "not importable"
+        missing = True
+    if missing:
         raise TorchStackError(f"torchvision is not installed; transformers needs it for the image processors of "
                               f"several VLM families: {fix}")
     try:

@@ -75,6 +75,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from fedvlm.edge.torch_stack import check_torch_stack
+
+    check_torch_stack()  # demo and simulate load transformers: a broken install is one line, before it
     return args.handler(args)
 
 

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 
 from fedvlm.edge.device_state import load_state
 from fedvlm.shared import tensor_codec
+from fedvlm.shared.lora_config import module_part
 from fedvlm.shared.lora_keys import factor_of
 from fedvlm.shared.mqtt_link import MqttLink
 from fedvlm.shared.protocol import Reassembler, TopicKind, open_envelope, parse_topic
@@ -217,3 +218,27 @@ def test_what_stays_on_the_device_never_crosses_the_broker(tmp_path, tiny_model_
         assert {factor_of(k) for k in tensors} == allowed
     for tensors in capture.globals.values():
         assert {factor_of(k) for k in tensors} <= allowed
+
+
+@pytest.mark.parametrize("arch", ["smolvlm", "qwen2_5_vl", "gemma3"])
+def test_real_families_send_only_their_b_factors(tmp_path, client_data, arch):
+    """The same federation on other families' tiny models: each device's update holds exactly
+    the B factors of its family's language-model layers, and its A's stay behind."""
+    from fedvlm.edge.tiny_model import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / arch, "tiny", arch=arch)
+    capture, _, _ = _federate(tmp_path, model_dir, client_data, "plora", 1, "embedded")
+    assert len(capture.updates) == 3
+    expected_modules = None
+    for _, _, _, tensors in capture.updates:
+        assert tensors and all(factor_of(k) == "B" for k in tensors), sorted(tensors)[:3]
+        modules = {k.split(".lora_B")[0] for k in tensors}
+        assert all(module_part(m) == "language" for m in modules)
+        assert expected_modules in (None, modules)
+        expected_modules = modules
+    # Attention and MLP projections of every decoder layer (2 layers x 7 in the tiny models).
+    assert len(expected_modules) == 14
+    states = {name: load_state(tmp_path / "devices" / name) for name in CLIENTS}
+    for state in states.values():
+        assert state.personal and all(factor_of(k) == "A" for k in state.personal)
+        assert {k.split(".lora_A")[0] for k in state.personal} == expected_modules
