@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from fedvlm.edge.tiny_model import ARCHITECTURES
+    from fedvlm.edge.zoo import ARCHITECTURES
 
     make = commands.add_parser(
         "make-tiny-model", help="build a tiny random-weight VLM of a supported family for tests and demos",
