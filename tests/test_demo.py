@@ -119,7 +119,7 @@ def test_demo_onnx_step_reuses_the_base_export(demo_run):
     before = prefill.stat().st_mtime_ns
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        federation, _ = prepare_data(settings)
+        federation, _ = prepare_data(settings, settings.work_dir / "model")
         again = onnx_step(settings, settings.work_dir / "model", federation, settings.work_dir / "run")
     assert again["reused"] is True and "reused (same base model and LoRA layout)" in output.getvalue()
     assert prefill.stat().st_mtime_ns == before
