@@ -38,6 +38,7 @@ from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.strategies import build_strategy
 from fedvlm.shared.mqtt_link import BrokerAddress, Mqtt5Extras, MqttLink, Will
 from fedvlm.shared.protocol import (
     PROTOCOL_VERSION,
@@ -330,7 +331,7 @@ class EdgeClient:
 
         config = self.hub_state.round_config
         lora = LoraSettings.from_dict(config.get("lora", {}))
-        strategy = config.get("strategy", "plora")
+        strategy = build_strategy(config.get("strategy", "plora"), config.get("strategy_options") or {}, lora)
         self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
                                                  quantization=self.quantization, device=self.device)
         if self.privacy is not None:  # global version 0: DP measures changes from here
@@ -529,7 +530,7 @@ class EdgeClient:
         metadata = EnvelopeMetadata(
             federation=self.federation, round=round_number, client_id=self.client_id,
             sample_count=len(self.train_examples), strategy=self.model.strategy.name,
-            base_fingerprint=self.model.fingerprint, lora_config_hash=self.model.lora.config_hash(),
+            base_fingerprint=self.model.fingerprint, lora_config_hash=self.model.layout_hash,
         )
         body_metadata = {k: str(v) for k, v in metadata.to_dict().items() if k != "type"}
         if self.privacy is None:
@@ -548,7 +549,9 @@ class EdgeClient:
         change from them. Not the factors before this training run: after a retried round
         those already hold an earlier, unclipped training run."""
         global_state = self.state.global_state if self.state.global_version > 0 else {}
-        return {name: global_state.get(name, initial) for name, initial in self._initial_shared.items()}
+        shapes = {name: initial.shape for name, initial in self._initial_shared.items()}
+        received = self.model.strategy.starting_point(global_state, shapes)  # e.g. this device's rank of it
+        return {name: received.get(name, initial) for name, initial in self._initial_shared.items()}
 
     def _privacy_spent(self, round_number: int) -> PrivacySpent | None:
         """What this round's update spent, with differential privacy on."""
@@ -607,8 +610,9 @@ class EdgeClient:
                 # The hub moved on while we were away, perhaps having accepted this update:
                 # keep the personal factors it was trained with (the shared ones come with
                 # the next global version); re-sending it is pointless now.
-                personal_names = self.model.personal_factors().keys()
-                self.model.load_personal({name: adapter[name] for name in personal_names if name in adapter})
+                _, personal = self.model.strategy.split(adapter)
+                kept = self.model.personal_factors().keys()  # not FedEx's base deltas: they come with globals
+                self.model.load_personal({name: value for name, value in personal.items() if name in kept})
             self._clear_pending()
             return None
         signed_part = body_path.read_bytes()

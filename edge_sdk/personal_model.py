@@ -8,6 +8,7 @@ personal factors.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -20,8 +21,9 @@ from fedvlm.edge.device_state import DeviceState
 from fedvlm.edge.evaluation import EvalMetrics, evaluate, generate_answers
 from fedvlm.edge.model_loading import LoadedVLM, load_vlm
 from fedvlm.edge.training import QAExample, TrainingConfig, TrainMetrics, encode_examples, train
-from fedvlm.shared.lora_keys import factor_of
-from fedvlm.shared.strategies import Strategy, get_strategy
+from fedvlm.shared.lora_keys import FACTORS, factor_of
+from fedvlm.shared.usage_error import UsageError
+from fedvlm.shared.strategies import Strategy, build_strategy
 from fedvlm.shared.strategies.fedex import BASE_DELTA_SUFFIX
 
 
@@ -41,7 +43,7 @@ class PersonalVLM:
     def __init__(self, loaded: LoadedVLM, lora: LoraSettings | None = None, strategy: Strategy | str = "plora"):
         self.loaded = loaded
         self.lora = lora or LoraSettings()
-        self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.strategy = build_strategy(strategy, {}, self.lora) if isinstance(strategy, str) else strategy
         self.model = attach_lora(loaded.model, self.lora, frozen_factors=self.strategy.frozen_factors)
         self._initial_state = adapter_state(self.model)
         self._encoded: tuple[Sequence[QAExample], list] | None = None
@@ -97,7 +99,14 @@ class PersonalVLM:
             set_base_deltas(self.model, deltas)
 
     def load_personal(self, personal: Mapping[str, np.ndarray]) -> None:
-        load_adapter_state(self.model, personal)
+        """Take back personal tensors (``personal_factors`` output), the shared ones as they are now."""
+        shared, _ = self.strategy.split(adapter_state(self.model))
+        load_adapter_state(self.model, self.strategy.join(shared, personal))
+
+    @property
+    def layout_hash(self) -> str:
+        """The hash this device's updates carry: the federation's LoRA layout and strategy layout."""
+        return self.strategy.layout_hash(self.lora)
 
     def reset_adapters(self) -> None:
         """Back to the federation's shared initialisation (fresh factors, no base delta)."""
@@ -124,7 +133,43 @@ class PersonalVLM:
         return self._encoded[1]
 
     def train(self, examples: Sequence[QAExample], config: TrainingConfig | None = None, **kwargs) -> TrainMetrics:
-        return train(self.model, self.processor, self.encoded(examples), config or TrainingConfig(), **kwargs)
+        """A round's local training, as the strategy has it (see :meth:`train_encoded`)."""
+        return self.train_encoded(self.encoded(examples), config or TrainingConfig(), **kwargs)
+
+    def train_encoded(self, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics:
+        """Train every trainable factor on encoded examples for the round's ``config.steps``,
+        less the steps the strategy keeps for refitting the personal factors once the round's
+        global version arrives (:meth:`refit_personal`); personal factors at the strategy's
+        learning rate scale."""
+        steps = config.steps - self.strategy.refit_steps
+        if steps < 1:
+            raise UsageError(f"strategy {self.strategy.name!r} refits the personal factors for "
+                             f"{self.strategy.refit_steps} of each round's {config.steps} local steps: give more "
+                             "local steps, or fewer refit_steps")  # fmt: skip
+        return train(self.model, self.processor, encoded, self._strategy_config(config, steps), **kwargs)
+
+    def refit_personal(self, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics | None:
+        """Train the personal factors alone (the shared ones just received stay frozen) for the
+        strategy's ``refit_steps``; None when it has none. pLoRA: A fits the global B."""
+        if not self.strategy.refit_steps:
+            return None
+        frozen = [parameter for name, parameter in self.model.named_parameters()
+                  if parameter.requires_grad and factor_of(name) in self.strategy.shared_factors]  # fmt: skip
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        try:
+            return train(self.model, self.processor, encoded,
+                         self._strategy_config(config, self.strategy.refit_steps), **kwargs)  # fmt: skip
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(True)
+
+    def _strategy_config(self, config: TrainingConfig, steps: int) -> TrainingConfig:
+        scales = dict(config.factor_lr_scales)
+        if self.strategy.personal_lr_scale != 1:
+            personal = FACTORS - self.strategy.shared_factors
+            scales.update({factor: self.strategy.personal_lr_scale for factor in personal})
+        return dataclasses.replace(config, steps=steps, factor_lr_scales=scales)
 
     def evaluate(self, examples: Sequence[QAExample], **kwargs) -> EvalMetrics:
         return evaluate(self.model, self.processor, examples, **kwargs)
@@ -161,6 +206,5 @@ class PersonalVLM:
         then the shared factors as the device last had them, then its personal factors."""
         if state.global_state:
             self.apply_global(state.global_state)
-        if state.current_shared:
-            load_adapter_state(self.model, state.current_shared)
-        self.load_personal(state.personal)
+        shared = state.current_shared or self.shared_update()
+        load_adapter_state(self.model, self.strategy.join(shared, state.personal))

@@ -63,6 +63,20 @@ def _is_factor_matrix(key: str) -> bool:
     return _EMBEDDING_FACTOR.match(key) is not None
 
 
+def rank_axis(key: str) -> int | None:
+    """The axis of a LoRA factor tensor that runs over the rank r, or None (a lora_B bias, or not a factor).
+
+    ``lora_A`` is ``(r, in_features)`` and ``lora_B`` is ``(out_features, r)``; PEFT's
+    embedding factors are ``lora_embedding_A`` ``(r, num_embeddings)`` and
+    ``lora_embedding_B`` ``(embedding_dim, r)``. Strategies that share part of the rank
+    (a rank split) or accept devices of different rank slice and pad along this axis.
+    """
+    factor = factor_of(key)
+    if factor is None or not _is_factor_matrix(key):
+        return None
+    return 0 if factor == "A" else 1
+
+
 def pair_by_module(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
     """Map each adapted module to its ``(lora_A key, lora_B key)``, in first-seen order.
 

@@ -91,7 +91,8 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=120, check=True, **kwargs)
 
 
-def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, rounds: int, broker_kind: str):
+def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, rounds: int, broker_kind: str,
+              hub_options: tuple[str, ...] = ()):
     hub_dir = tmp_path / "hub"
     secrets = {}
     for name in CLIENTS:
@@ -103,7 +104,7 @@ def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, ro
     port = free_port()
     hub_args = [str(BIN / "fedvlm-hub"), "start", "--state-dir", str(hub_dir), "--federation", FEDERATION,
                 "--strategy", strategy, "--rounds", str(rounds), "--min-clients", "3", "--round-timeout", "120",
-                "--lora-rank", "4", "--lora-alpha", "8", "--local-steps", "3", "--linger", "3"]
+                "--lora-rank", "4", "--lora-alpha", "8", "--local-steps", "3", "--linger", "3", *hub_options]
     if broker_kind == "mosquitto":
         mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
         port = mosquitto.port
@@ -217,3 +218,20 @@ def test_what_stays_on_the_device_never_crosses_the_broker(tmp_path, tiny_model_
         assert {factor_of(k) for k in tensors} == allowed
     for tensors in capture.globals.values():
         assert {factor_of(k) for k in tensors} <= allowed
+
+
+def test_a_rank_split_sends_only_its_shared_rank_components(tmp_path, tiny_model_dir, client_data):
+    """rank-split (r=4, shared_rank=1): the first component of A and B travels, the other three never do."""
+    capture, _, _ = _federate(tmp_path, tiny_model_dir, client_data, "rank-split", 1, "embedded",
+                              ("--strategy-option", "shared_rank=1"))
+    assert len(capture.updates) == 3
+    for _, _, _, tensors in capture.updates + [(None, None, None, g) for g in capture.globals.values()]:
+        assert {factor_of(k) for k in tensors} == {"A", "B"}
+        for key, value in tensors.items():
+            assert value.shape[0 if factor_of(key) == "A" else 1] == 1, (key, value.shape)
+    # Each device kept its three personal components, and they differ between devices.
+    states = {name: load_state(tmp_path / "devices" / name) for name in CLIENTS}
+    for state in states.values():
+        assert state.personal and all(v.shape[0 if factor_of(k) == "A" else 1] == 3 for k, v in state.personal.items())
+    first, second = states[CLIENTS[0]].personal, states[CLIENTS[1]].personal
+    assert any(not np.allclose(first[k], second[k]) for k in first if factor_of(k) == "B")

@@ -194,15 +194,16 @@ def test_refit_trains_the_personal_factors_only(tiny_model_dir, tiny_federation)
 
     from fedvlm.edge.personal_model import PersonalVLM
     from fedvlm.edge.training import TrainingConfig, encode_examples
-    from fedvlm.simulate.engine import _refit_personal
+    from fedvlm.shared.strategies import PLoRA
 
-    model = PersonalVLM.from_pretrained(tiny_model_dir, strategy="plora", quantization="none")
+    model = PersonalVLM.from_pretrained(tiny_model_dir, strategy=PLoRA(refit_steps=2), quantization="none")
     rng = np.random.default_rng(0)  # a received global B (B = 0 would give A no gradient)
     model.load_adapter_state({name: (rng.normal(0, 0.1, value.shape).astype(np.float32) if ".lora_B." in name
                                      else value) for name, value in model.adapter_state().items()})
     before = model.adapter_state()
-    _refit_personal(model, encode_examples(model.processor, tiny_federation.clients[0].train[:8]),
-                    TrainingConfig(steps=2, batch_size=4, learning_rate=1e-2, progress=False))
+    metrics = model.refit_personal(encode_examples(model.processor, tiny_federation.clients[0].train[:8]),
+                                   TrainingConfig(steps=4, batch_size=4, learning_rate=1e-2, progress=False))
+    assert metrics.steps == 2  # the strategy's refit_steps, not the round's
     after = model.adapter_state()
     shared = [name for name in before if ".lora_B." in name]
     personal = [name for name in before if ".lora_A." in name]

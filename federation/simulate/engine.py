@@ -27,9 +27,10 @@ from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.training import TrainingConfig, encode_examples, train
 from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.lora_keys import factor_of
+from fedvlm.shared.strategies import build_strategy
 from fedvlm.simulate import wire
 from fedvlm.simulate.clients import SimulatedClient
-from fedvlm.simulate.settings import BASE, CENTRALISED, PLORA_REFIT, VARIANTS, SimulationSettings
+from fedvlm.simulate.settings import BASE, CENTRALISED, SimulationSettings, strategy_spec
 
 OnRound = Callable[[int], None]  # called with the number of rounds just finished
 
@@ -100,36 +101,24 @@ class RunResult:
 
 def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
         pooled: Sequence, on_round: OnRound = lambda done: None) -> RunResult:
-    """Run strategy ``name`` (or a reference) for one seed."""
+    """Run strategy ``name`` (a ``--strategies`` label: a strategy with options, a variant or a
+    reference) for one seed."""
     started = time.perf_counter()
-    # References train both factors and share nothing; variants run on their strategy.
-    strategy = "fedit" if name in (CENTRALISED, BASE) else VARIANTS.get(name, name)
-    model = PersonalVLM.from_pretrained(model_dir, lora=lora_settings(settings, seed), strategy=strategy,
+    lora = lora_settings(settings, seed)
+    # References train both factors and share nothing; labels name a strategy and its options.
+    strategy_name, options = ("fedit", {}) if name in (CENTRALISED, BASE) else strategy_spec(name, settings.refit_steps)
+    model = PersonalVLM.from_pretrained(model_dir, lora=lora, strategy=build_strategy(strategy_name, options, lora),
                                         quantization=settings.quantization)
     if name in (CENTRALISED, BASE):
         rounds, per_client = _reference(name, model, settings, seed, clients, pooled, on_round)
         shared = {"tensors": 0, "values": 0, "factors": []}
     else:
-        refit = settings.refit_steps if name == PLORA_REFIT else 0
-        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round, refit)
+        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round)
     return RunResult(name, seed, rounds, per_client, shared, time.perf_counter() - started)
 
 
-def _refit_personal(model: PersonalVLM, encoded: list, config: TrainingConfig) -> None:
-    """Train only the personal factors, the shared ones (just received) frozen."""
-    frozen = [p for name, p in model.model.named_parameters()
-              if p.requires_grad and factor_of(name) in model.strategy.shared_factors]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    try:
-        train(model.model, model.processor, encoded, config)
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
-
-
 def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
-                pooled: Sequence, on_round: OnRound, refit_steps: int = 0) -> tuple[list[dict], list[dict], dict]:
+                pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict]:
     strategy, scorer = model.strategy, Scorer(model)
     model.reset_adapters()
     states = [model.adapter_state() for _ in clients]
@@ -144,15 +133,15 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
         sent = []
         for index in selected:
             model.load_adapter_state(states[index])
-            train(model.model, model.processor, encoded[index],
-                  training_config(settings, settings.local_steps - refit_steps, seed, round_number, index))
+            model.train_encoded(encoded[index], training_config(settings, settings.local_steps, seed, round_number,
+                                                                index))  # fmt: skip
             states[index] = model.adapter_state()
             shared = model.shared_update()
             if shared:  # `local` shares nothing: no message at all
                 payload = wire.update_payload(
                     shared, round_number=round_number, client_id=clients[index].client_id,
                     samples=len(clients[index].train), strategy=strategy.name, base_fingerprint=model.fingerprint,
-                    lora_config_hash=model.lora.config_hash())
+                    lora_config_hash=model.layout_hash)
                 aggregator.add(wire.received(payload), weight=len(clients[index].train))
                 bytes_up[index] += len(payload)
                 sent.append(len(payload))
@@ -166,11 +155,11 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
                 states[index] = strategy.absorb(states[index], global_state)
                 bytes_down[index] += down
                 # Local work only (nothing more is sent), and only by clients that trained this
-                # round, so the variant costs what pLoRA costs with any --fraction.
-                if refit_steps and index in selected:
+                # round, so a refit costs what the strategy without it costs with any --fraction.
+                if model.strategy.refit_steps and index in selected:
                     model.load_adapter_state(states[index])
-                    _refit_personal(model, encoded[index],
-                                    training_config(settings, refit_steps, seed, round_number, 500 + index))
+                    model.refit_personal(encoded[index],
+                                         training_config(settings, settings.local_steps, seed, round_number, 500 + index))
                     states[index] = model.adapter_state()
             previous_global = new_global
         accuracies = [scorer.accuracy(states[i], clients[i].test) for i in range(len(clients))]

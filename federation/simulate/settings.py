@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedvlm.shared.strategies import STRATEGY_NAMES
+from fedvlm.shared.cli_support import option_value
+from fedvlm.shared.strategies import STRATEGY_NAMES, get_strategy
 from fedvlm.shared.usage_error import UsageError
 
 # Not federations: references every table is read against.
@@ -58,15 +59,49 @@ class Partition:
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    """Comma-separated strategy labels: a name, or a name with options in brackets
+    (``plora[refit_steps=2,personal_lr_scale=4]``, commas inside brackets separate options)."""
+    names = tuple(name.strip() for name in _split_outside_brackets(text) if name.strip())
     if not names:
         raise UsageError(f"--strategies is empty; name some of {','.join(ALL_STRATEGIES)}")
-    unknown = [name for name in names if name not in KNOWN_STRATEGIES]
-    if unknown:
-        raise UsageError(f"unknown strategy {unknown[0]!r} in --strategies; choose from {','.join(KNOWN_STRATEGIES)}")
+    for name in names:
+        strategy_spec(name)  # a UsageError naming what is wrong
     if len(set(names)) != len(names):
         raise UsageError(f"--strategies names a strategy twice: {text!r}")
     return names
+
+
+def strategy_spec(label: str, refit_steps: int = 1) -> tuple[str, dict[str, Any]]:
+    """(strategy name, options) of a ``--strategies`` label; ``plora-refit`` is pLoRA with
+    ``refit_steps`` (``SimulationSettings.refit_steps``). References have no options."""
+    name, bracket, rest = label.partition("[")
+    name = name.strip()
+    if name not in KNOWN_STRATEGIES:
+        raise UsageError(f"unknown strategy {name!r} in --strategies; choose from {','.join(KNOWN_STRATEGIES)}")
+    if not bracket:
+        return (VARIANTS[name], {"refit_steps": refit_steps}) if name in VARIANTS else (name, {})
+    if not rest.endswith("]") or name not in STRATEGY_NAMES:
+        raise UsageError(f"bad --strategies entry {label!r}: write NAME or NAME[KEY=VALUE,...] with NAME a strategy "
+                         "(references and variants take no options)")  # fmt: skip
+    options: dict[str, Any] = {}
+    for item in rest[:-1].split(","):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise UsageError(f"bad --strategies entry {label!r}: {item!r} is not KEY=VALUE")
+        options[key.strip()] = option_value(value.strip())
+    get_strategy(name, **options)  # unknown options and bad values end here, named
+    return name, options
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    parts.append(text[start:])
+    return parts
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -156,6 +191,11 @@ class SimulationSettings:
         if PLORA_REFIT in self.strategies and self.local_steps < 2:
             raise UsageError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
                              "give at least 2")
+        for label in self.strategies:
+            name, options = strategy_spec(label, self.refit_steps)
+            if name in STRATEGY_NAMES and get_strategy(name, **options).refit_steps >= self.local_steps:
+                raise UsageError(f"{label} refits the personal factors for {options['refit_steps']} of each round's "
+                                 f"--local-steps {self.local_steps}: give more local steps or fewer refit_steps")
 
     @property
     def refit_steps(self) -> int:
