@@ -392,6 +392,16 @@ class EdgeClient:
             return
         tensors, metadata = tensor_codec.decode(payload)
         self.model.apply_global({k: v.copy() for k, v in tensors.items()})
+        if manifest.round == self.state.round and self.hub_state is not None:
+            # The global version of a round this device took part in: refit the personal factors
+            # to it, with the steps the strategy kept from that round (none: nothing happens).
+            config = self._round_training(self.hub_state, manifest.round)
+            refit = self.model.refit_personal(self.model.encoded(self.train_examples),
+                                              dataclasses.replace(config, seed=config.seed + 500),
+                                              description=f"{self.client_id} refit {manifest.round}")  # fmt: skip
+            if refit is not None:  # recorded with the round it belongs to
+                self.state.metrics = [{**entry, "refit": refit.to_dict()} if entry.get("round") == manifest.round
+                                      else entry for entry in self.state.metrics]  # fmt: skip
         self._link.unsubscribe(self.topics.global_chunks_filter(manifest.version))
         self._fetching_version = None
         self.state.global_version = manifest.version
@@ -460,12 +470,7 @@ class EdgeClient:
 
     def _new_update(self, hub: HubState) -> _Outgoing:
         """Train on the local data, then sign, chunk and save the update as it is published."""
-        config = dataclasses.replace(
-            self.training,
-            steps=int(hub.round_config.get("local_steps", self.training.steps)),
-            learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
-            seed=self.training.seed + hub.round,
-        )
+        config = self._round_training(hub, hub.round)
         if self.privacy is not None:
             self.privacy.before_training(self._dp_reference())
         train_metrics = self.model.train(self.train_examples, config,
@@ -484,6 +489,15 @@ class EdgeClient:
         chunks = upload.chunks(before_last_chunk=self._saving.result)
         return _Outgoing(upload.message_id, upload.envelope_size, chunks, lambda: upload.sent, train_metrics,
                          eval_metrics)  # fmt: skip
+
+    def _round_training(self, hub: HubState, round_number: int) -> TrainingConfig:
+        """This device's training settings with the hub's hints (local steps, learning rate)."""
+        return dataclasses.replace(
+            self.training,
+            steps=int(hub.round_config.get("local_steps", self.training.steps)),
+            learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
+            seed=self.training.seed + round_number,
+        )
 
     def _finish_saving(self) -> None:
         """Wait for the update being saved, if any; a failed save is logged (the round is then

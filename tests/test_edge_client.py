@@ -320,3 +320,30 @@ def test_a_state_dir_that_is_a_file_is_refused_before_any_training(tmp_path, tin
     with pytest.raises(EdgeClientError, match="is a file"):
         EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 32,
                    not_a_dir, training=QUICK, quantization="none")  # fmt: skip
+
+
+def test_plora_refit_steps_refit_a_on_the_device_once_the_global_b_arrives(tmp_path, tiny_model_dir, tiny_federation):
+    """--strategy-option refit_steps=1: of 3 local steps, 2 train both factors and 1 refits A to the global B."""
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        secrets = {name: register_client(tmp_path / "hub", name) for name in ("a", "b")}
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=2, local_steps=3,
+                   strategy_options={"refit_steps": 1})
+        clients = [_client(tmp_path, tiny_model_dir, "fed", n, secrets[n], mosquitto.broker, tiny_federation.clients[i])
+                   for i, n in enumerate(("a", "b"))]
+        threads, errors = _run_in_threads(clients)
+        for thread in threads:
+            thread.join(timeout=180)
+        assert not errors, errors
+        assert hub.wait_finished(timeout=30)
+        hub.stop()
+        for client in clients:
+            state = load_state(tmp_path / "devices" / client.client_id)
+            assert client.model.strategy.refit_steps == 1  # built from the hub's announced options
+            (entry,) = state.metrics
+            assert entry["train"]["steps"] == 2 and entry["refit"]["steps"] == 1
+            # B is the global one as received; the refit changed only A, after B arrived.
+            assert all(np.array_equal(state.current_shared[k], state.global_state[k]) for k in state.global_state)
+            assert all(factor_of(k) == "A" for k in state.personal)
+    finally:
+        mosquitto.stop()
