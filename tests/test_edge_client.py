@@ -48,6 +48,16 @@ def _run_in_threads(clients, **kwargs):
     return threads, errors
 
 
+def _run_to_the_end(clients, hub: HubService) -> None:
+    """Run the devices until the hub's rounds are done, then stop the hub."""
+    threads, errors = _run_in_threads(clients)
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not errors, errors
+    assert hub.wait_finished(timeout=30)
+    hub.stop()
+
+
 def test_late_device_gets_the_global_version_from_retained_messages(tmp_path, tiny_model_dir, tiny_federation):
     mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
     try:
@@ -56,12 +66,7 @@ def test_late_device_gets_the_global_version_from_retained_messages(tmp_path, ti
         data = tiny_federation.clients
         early = [_client(tmp_path, tiny_model_dir, "fed", n, secrets[n], mosquitto.broker, data[i])
                  for i, n in enumerate(("a", "b"))]
-        threads, errors = _run_in_threads(early)
-        for thread in threads:
-            thread.join(timeout=180)
-        assert not errors, errors
-        assert hub.wait_finished(timeout=30)
-        hub.stop()
+        _run_to_the_end(early, hub)
 
         # The hub is gone; the broker still holds its retained state, manifest and chunks.
         late = _client(tmp_path, tiny_model_dir, "fed", "late", secrets["late"], mosquitto.broker, data[0])
@@ -331,12 +336,7 @@ def test_plora_refit_steps_refit_a_on_the_device_once_the_global_b_arrives(tmp_p
                    strategy_options={"refit_steps": 1})
         clients = [_client(tmp_path, tiny_model_dir, "fed", n, secrets[n], mosquitto.broker, tiny_federation.clients[i])
                    for i, n in enumerate(("a", "b"))]
-        threads, errors = _run_in_threads(clients)
-        for thread in threads:
-            thread.join(timeout=180)
-        assert not errors, errors
-        assert hub.wait_finished(timeout=30)
-        hub.stop()
+        _run_to_the_end(clients, hub)
         for client in clients:
             state = load_state(tmp_path / "devices" / client.client_id)
             assert client.model.strategy.refit_steps == 1  # built from the hub's announced options
