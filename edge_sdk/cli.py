@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--batch-size", type=int, default=8, help="default: 8")
     join.add_argument("--lr", type=float, default=2e-3, help="learning rate unless the hub says (default: 2e-3)")
     join.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"], help="default: auto")
+    join.add_argument("--lora-rank", type=int, metavar="R", help="this device's LoRA rank, for strategies whose "
+                      "devices may differ in rank (flexlora): at most the federation's (default: the federation's)")
     join.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     join.add_argument("--username", help="broker username (production brokers)")
     join.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
@@ -186,6 +188,7 @@ def _join(args: argparse.Namespace) -> int:
         training=TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                 progress=not args.quiet),
         quantization=args.quantization, device=args.device, connection=connection, privacy=privacy,
+        lora_rank=args.lora_rank,
     )
     reports = client.run(rounds=args.rounds, timeout=args.timeout)
     for report in reports:

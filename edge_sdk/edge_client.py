@@ -39,6 +39,7 @@ from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.strategies import build_strategy
+from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.mqtt_link import BrokerAddress, Mqtt5Extras, MqttLink, Will
 from fedvlm.shared.protocol import (
     PROTOCOL_VERSION,
@@ -143,6 +144,8 @@ class EdgeClient:
         quantization, device: as in :func:`fedvlm.edge.model_loading.load_vlm`.
         privacy: differential privacy of the shared update (clip, noise multiplier, δ);
             None sends the trained factors as they are.
+        lora_rank: this device's LoRA rank, for strategies whose devices may differ in rank
+            (e.g. flexlora): at most the federation's r. None: the federation's r.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class EdgeClient:
         device: str = "auto",
         connection: ConnectionOptions | None = None,
         privacy: DPConfig | None = None,
+        lora_rank: int | None = None,
     ) -> None:
         if not train_examples:
             raise EdgeClientError("the device has no training examples")
@@ -179,6 +183,7 @@ class EdgeClient:
         self.device = device
         self.connection = connection or ConnectionOptions()
         self.privacy = UpdatePrivatizer(privacy, self.state_dir) if privacy is not None else None
+        self.lora_rank = lora_rank
         self.topics = Topics(federation)
         self.address = BrokerAddress.parse(
             hub_url, username=self.connection.username, password=self.connection.password,
@@ -331,9 +336,16 @@ class EdgeClient:
 
         config = self.hub_state.round_config
         lora = LoraSettings.from_dict(config.get("lora", {}))
-        strategy = build_strategy(config.get("strategy", "plora"), config.get("strategy_options") or {}, lora)
-        self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
-                                                 quantization=self.quantization, device=self.device)
+        try:
+            # The strategy exactly as the hub built it; a strategy or option this SDK does not
+            # know, or a device rank the strategy does not take, stops the device with the reason.
+            strategy = build_strategy(config.get("strategy", "plora"), config.get("strategy_options") or {}, lora)
+            self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
+                                                     quantization=self.quantization, device=self.device,
+                                                     rank=self.lora_rank)  # fmt: skip
+        except UsageError as problem:
+            raise EdgeClientError(f"{self.client_id}: cannot take part in federation {self.federation!r}: {problem} "
+                                  "(a strategy or option unknown here: pip install -U fedvlm)") from None
         if self.privacy is not None:  # global version 0: DP measures changes from here
             self._initial_shared = self.model.shared_update()
         pinned = config.get("base_fingerprint")

@@ -38,13 +38,25 @@ def _split_base_deltas(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
 
 
 class PersonalVLM:
-    """A loaded VLM with pLoRA (or another strategy's) factors attached."""
+    """A loaded VLM with pLoRA (or another strategy's) factors attached.
 
-    def __init__(self, loaded: LoadedVLM, lora: LoraSettings | None = None, strategy: Strategy | str = "plora"):
+    ``lora`` is the federation's layout; ``rank`` this device's LoRA rank when the strategy
+    lets devices differ in rank (``Strategy.heterogeneous_ranks``), at most ``lora.r``.
+    """
+
+    def __init__(self, loaded: LoadedVLM, lora: LoraSettings | None = None, strategy: Strategy | str = "plora",
+                 rank: int | None = None):  # fmt: skip
         self.loaded = loaded
         self.lora = lora or LoraSettings()
         self.strategy = build_strategy(strategy, {}, self.lora) if isinstance(strategy, str) else strategy
-        self.model = attach_lora(loaded.model, self.lora, frozen_factors=self.strategy.frozen_factors)
+        if rank is not None and rank != self.lora.r and not self.strategy.heterogeneous_ranks:
+            raise UsageError(f"strategy {self.strategy.name!r} needs every device at the federation's LoRA rank "
+                             f"r={self.lora.r}, not {rank}; only strategies for devices of different capability "
+                             "(e.g. flexlora) take a device rank")  # fmt: skip
+        if rank is not None and not 1 <= rank <= self.lora.r:
+            raise UsageError(f"a device's LoRA rank must be between 1 and the federation's r={self.lora.r}, got {rank}")
+        self.rank = rank or self.lora.r
+        self.model = attach_lora(loaded.model, self.lora, frozen_factors=self.strategy.frozen_factors, rank=self.rank)
         self._initial_state = adapter_state(self.model)
         self._encoded: tuple[Sequence[QAExample], list] | None = None
 
@@ -57,8 +69,9 @@ class PersonalVLM:
         strategy: Strategy | str = "plora",
         quantization: str = "auto",
         device: str | None = "auto",
+        rank: int | None = None,
     ) -> "PersonalVLM":
-        return cls(load_vlm(model_dir, quantization=quantization, device=device), lora, strategy)
+        return cls(load_vlm(model_dir, quantization=quantization, device=device), lora, strategy, rank)
 
     @property
     def processor(self):

@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Literal, TypeVar
 
+import numpy as np
+
 Factor = Literal["A", "B"]
 FACTORS: frozenset[str] = frozenset({"A", "B"})
 
@@ -75,6 +77,27 @@ def rank_axis(key: str) -> int | None:
     if factor is None or not _is_factor_matrix(key):
         return None
     return 0 if factor == "A" else 1
+
+
+def at_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """Every LoRA factor matrix cut or zero-padded to ``rank`` along its rank axis (its leading
+    components, then zeros); other tensors as they are. A lower-rank device's factors are the
+    leading block of the federation's, and a padded zero component stays zero in training (it
+    gets no gradient while its partner component is zero)."""
+    resized = {}
+    for key, array in tensors.items():
+        axis = rank_axis(key)
+        if axis is None or array.shape[axis] == rank:
+            resized[key] = array
+        elif array.shape[axis] > rank:
+            index = [slice(None)] * array.ndim
+            index[axis] = slice(0, rank)
+            resized[key] = np.ascontiguousarray(array[tuple(index)])
+        else:
+            widths = [(0, 0)] * array.ndim
+            widths[axis] = (0, rank - array.shape[axis])
+            resized[key] = np.pad(array, widths)
+    return resized
 
 
 def pair_by_module(keys: Iterable[str]) -> dict[str, tuple[str, str]]:

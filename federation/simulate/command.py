@@ -11,6 +11,7 @@ from fedvlm.simulate.settings import (
     SCENARIOS,
     Partition,
     SimulationSettings,
+    parse_ranks,
     parse_seeds,
     parse_strategies,
 )
@@ -60,6 +61,9 @@ def add_simulate_command(commands) -> None:
                           help="local AdamW learning rate")
     simulate.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="examples per optimiser step")
     simulate.add_argument("--lora-rank", type=int, default=_DEFAULTS["lora_rank"], help="LoRA rank r (alpha = 2r)")
+    simulate.add_argument("--client-ranks", metavar="R1,R2,...",
+                          help="clients' own LoRA ranks, in turn, for strategies whose devices differ in rank "
+                               "(flexlora; the others run every client at --lora-rank); default: all at --lora-rank")
     simulate.add_argument("--quantization", default=_DEFAULTS["quantization"], choices=["auto", "none", "nf4", "int8"],
                           help="quantisation of the frozen base")
     simulate.add_argument("--global-test-size", type=int, default=_DEFAULTS["global_test_size"],
@@ -81,7 +85,8 @@ def _simulate(args: argparse.Namespace) -> int:
         test_examples_per_client=args.test_examples_per_client, model=args.model,
         strategies=parse_strategies(args.strategies), rounds=args.rounds, local_steps=args.local_steps,
         fraction=args.fraction, seeds=parse_seeds(args.seeds), learning_rate=args.learning_rate,
-        batch_size=args.batch_size, lora_rank=args.lora_rank, quantization=args.quantization,
+        batch_size=args.batch_size, lora_rank=args.lora_rank, client_ranks=parse_ranks(args.client_ranks) if args.client_ranks else (),
+        quantization=args.quantization,
         global_test_size=args.global_test_size, progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)

@@ -26,7 +26,7 @@ from fedvlm.edge.evaluation import evaluate
 from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.training import TrainingConfig, encode_examples, train
 from fedvlm.shared.lora_config import LoraSettings
-from fedvlm.shared.lora_keys import factor_of
+from fedvlm.shared.lora_keys import at_rank, factor_of
 from fedvlm.shared.strategies import build_strategy
 from fedvlm.simulate import wire
 from fedvlm.simulate.clients import SimulatedClient
@@ -121,7 +121,11 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
                 pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict]:
     strategy, scorer = model.strategy, Scorer(model)
     model.reset_adapters()
-    states = [model.adapter_state() for _ in clients]
+    # A client of lower rank is simulated on the federation-rank model with its components
+    # beyond its rank zero (they stay zero in training); it sends and absorbs at its own rank.
+    full, ranks = model.lora.r, client_ranks(settings, model, len(clients))
+    own_rank = at_rank if strategy.heterogeneous_ranks else lambda tensors, rank: dict(tensors)
+    states = [own_rank(own_rank(model.adapter_state(), rank), full) for rank in ranks]
     encoded = [encode_examples(model.processor, client.train) for client in clients]
     bytes_up, bytes_down = [0] * len(clients), [0] * len(clients)
     shared_template, _ = strategy.split(states[0])
@@ -136,7 +140,7 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
             model.train_encoded(encoded[index], training_config(settings, settings.local_steps, seed, round_number,
                                                                 index))  # fmt: skip
             states[index] = model.adapter_state()
-            shared = model.shared_update()
+            shared = own_rank(model.shared_update(), ranks[index])
             if shared:  # `local` shares nothing: no message at all
                 payload = wire.update_payload(
                     shared, round_number=round_number, client_id=clients[index].client_id,
@@ -152,7 +156,7 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
             global_state = wire.received(payload)
             down = len(payload)
             for index in range(len(clients)):  # the global version is retained: every client fetches it
-                states[index] = strategy.absorb(states[index], global_state)
+                states[index] = own_rank(strategy.absorb(own_rank(states[index], ranks[index]), global_state), full)
                 bytes_down[index] += down
                 # Local work only (nothing more is sent), and only by clients that trained this
                 # round, so a refit costs what the strategy without it costs with any --fraction.
@@ -170,12 +174,20 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
         on_round(1)
     per_client = [{"client_id": client.client_id, "description": client.description,
                    "train_examples": len(client.train), "test_examples": len(client.test),
-                   "personal_accuracy": rounds[-1]["per_client"][i],
+                   "personal_accuracy": rounds[-1]["per_client"][i], "lora_rank": ranks[i],
                    "global_accuracy": scorer.accuracy(states[i], pooled),
                    "bytes_up": bytes_up[i], "bytes_down": bytes_down[i]} for i, client in enumerate(clients)]
     shared = {"tensors": len(shared_template), "values": int(sum(v.size for v in shared_template.values())),
               "factors": sorted({factor_of(name) for name in shared_template})}
     return rounds, per_client, shared
+
+
+def client_ranks(settings: SimulationSettings, model: PersonalVLM, n_clients: int) -> list[int]:
+    """Each client's LoRA rank: ``settings.client_ranks`` in turn under a strategy whose devices may
+    differ in rank, else the federation's."""
+    if not settings.client_ranks or not model.strategy.heterogeneous_ranks:
+        return [model.lora.r] * n_clients
+    return [settings.client_ranks[index % len(settings.client_ranks)] for index in range(n_clients)]
 
 
 def _reference(name: str, model: PersonalVLM, settings: SimulationSettings, seed: int,

@@ -104,6 +104,14 @@ def _split_outside_brackets(text: str) -> list[str]:
     return parts
 
 
+def parse_ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"bad --client-ranks {text!r}: write comma-separated ranks, e.g. 2,4,8") from None
+    return ranks
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(part) for part in text.split(","))
@@ -132,6 +140,9 @@ class SimulationSettings:
     seeds: one run per seed; a seed fixes the data split, the LoRA initialisation, client
         selection and batch order, identically for every strategy.
     learning_rate, batch_size, lora_rank: local training and adapter size, the same for every strategy.
+    client_ranks: LoRA ranks of the clients, in turn (client k gets ``client_ranks[k % len]``), for
+        strategies whose devices may differ in rank (flexlora); empty: every client at ``lora_rank``.
+        Other strategies always run every client at ``lora_rank``.
     quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
     global_test_size: examples drawn from the pooled test set of all clients for ``global_accuracy``.
     progress: show the progress bar.
@@ -156,6 +167,7 @@ class SimulationSettings:
     learning_rate: float = 3e-3
     batch_size: int = 8
     lora_rank: int = 8
+    client_ranks: tuple[int, ...] = ()
     quantization: str = "auto"
     global_test_size: int = 128
     progress: bool = True
@@ -191,6 +203,9 @@ class SimulationSettings:
         if PLORA_REFIT in self.strategies and self.local_steps < 2:
             raise UsageError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
                              "give at least 2")
+        if any(not 1 <= rank <= self.lora_rank for rank in self.client_ranks):
+            raise UsageError(f"--client-ranks {','.join(map(str, self.client_ranks))}: every rank must be between 1 "
+                             f"and --lora-rank {self.lora_rank}, the federation's")  # fmt: skip
         for label in self.strategies:
             name, options = strategy_spec(label, self.refit_steps)
             if name in STRATEGY_NAMES and get_strategy(name, **options).refit_steps >= self.local_steps:
@@ -216,6 +231,10 @@ class SimulationSettings:
         key["partition"] = str(self.partition)
         for name in ("data", "model"):
             key[name] = str(key[name]) if key[name] is not None else None
+        if not self.client_ranks:  # so simulations from before the option still resume
+            key.pop("client_ranks")
+        else:
+            key["client_ranks"] = list(self.client_ranks)
         if self.scenario is not None:  # only --data runs are split by these
             key.pop("partition"), key.pop("test_fraction")
         else:
@@ -226,5 +245,5 @@ class SimulationSettings:
         data = dataclasses.asdict(self)
         data.update(out=str(self.out), data=str(self.data) if self.data else None,
                     model=str(self.model) if self.model else None, partition=str(self.partition),
-                    strategies=list(self.strategies), seeds=list(self.seeds))
+                    strategies=list(self.strategies), seeds=list(self.seeds), client_ranks=list(self.client_ranks))
         return data

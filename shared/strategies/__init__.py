@@ -22,13 +22,14 @@ from .base import Aggregator, MeanAggregator, Strategy
 from .fedex import FedExAggregator, FedExLoRA, base_delta_key, is_base_delta_key
 from .fedit import FedIT
 from .fedsa import FedSALoRA
+from .flexlora import FlexLoRA, FlexLoRAAggregator
 from .ffa import FFALoRA
 from .local import LocalOnly, NoUpdatesAggregator
 from .plora import PLoRA
 from .rank_split import RankSplit
 
 _STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (PLoRA, FedIT, FFALoRA, FedSALoRA, FedExLoRA, LocalOnly, RankSplit)
+    cls.name: cls for cls in (PLoRA, FedIT, FFALoRA, FedSALoRA, FedExLoRA, LocalOnly, RankSplit, FlexLoRA)
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(_STRATEGIES)
 DEFAULT_STRATEGY = PLoRA.name
@@ -79,6 +80,8 @@ __all__ = [
     "FedIT",
     "FedSALoRA",
     "FFALoRA",
+    "FlexLoRA",
+    "FlexLoRAAggregator",
     "LocalOnly",
     "MeanAggregator",
     "NoUpdatesAggregator",

@@ -144,3 +144,30 @@ def test_restoring_a_saved_state_gives_back_every_trained_factor(tiny_model_dir,
     before, after = trained.adapter_state(), fresh.adapter_state()
     assert any(np.abs(v).max() > 0 for k, v in before.items() if factor_of(k) == "B")
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_device_of_lower_rank_is_the_leading_block_of_the_federations_adapter(tiny_model_dir):
+    """flexlora, r=4: a rank-2 device starts from the first 2 components of the federation's
+    initialisation, at the federation's scaling, so it computes what a rank-4 adapter with
+    its other components at zero computes."""
+    from fedvlm.shared.lora_keys import at_rank
+    from fedvlm.shared.usage_error import UsageError
+
+    full = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="flexlora", quantization="none")
+    small = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="flexlora", quantization="none", rank=2)
+    assert small.rank == 2 and small.layout_hash == full.layout_hash  # one federation
+    initial = at_rank(full.adapter_state(), 2)
+    assert all(np.array_equal(value, initial[key]) for key, value in small.adapter_state().items())
+    rng = np.random.default_rng(0)
+    state = {key: rng.normal(0, 0.2, value.shape).astype(np.float32) for key, value in small.adapter_state().items()}
+    small.load_adapter_state(state)
+    full.load_adapter_state(at_rank(state, 4))
+    name = next(name for name, module in small.model.named_modules() if name.endswith("q_proj") and
+                hasattr(module, "lora_A"))  # fmt: skip
+    x = torch.randn(3, dict(small.model.named_modules())[name].in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(dict(small.model.named_modules())[name](x), dict(full.model.named_modules())[name](x))
+    with pytest.raises(UsageError, match="'plora' needs every device at the federation's LoRA rank r=4, not 2"):
+        PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="plora", quantization="none", rank=2)
+    with pytest.raises(UsageError, match="between 1 and the federation's r=4"):
+        PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="flexlora", quantization="none", rank=5)

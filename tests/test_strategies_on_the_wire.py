@@ -1,0 +1,63 @@
+"""Strategies beyond pLoRA over a real broker: a hub and devices (in threads of this process,
+the same code `fedvlm-hub start` and `fedvlm-edge join` run), with a subscriber on the whole
+topic tree checking from the captured bytes alone that only each strategy's shared part
+travels and that the hub aggregated what travelled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedvlm.edge.device_state import load_state
+from fedvlm.hub.clients import register_client
+from fedvlm.shared.lora_keys import factor_of, pair_by_module
+from fedvlm.shared.mqtt_link import MqttLink
+from tests.brokers import MosquittoProcess
+from tests.test_edge_client import _client, _hub, _run_to_the_end
+from tests.test_federation_e2e import Capture
+
+DEVICES = ("a", "b")
+
+
+def federate(tmp_path, model_dir, federation, strategy, *, options=None, ranks=(None, None)):
+    """One round of ``strategy`` with two devices; returns the capture and the devices."""
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        secrets = {name: register_client(tmp_path / "hub", name) for name in DEVICES}
+        capture = Capture()
+        link = MqttLink(mosquitto.broker.address, "capture", protocol="5")
+        link.connect()
+        link.subscribe("fedvlm/v1/#", capture.on_message)
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=2, strategy=strategy,
+                   strategy_options=options or {})
+        devices = [_client(tmp_path, model_dir, "fed", name, secrets[name], mosquitto.broker,
+                           federation.clients[index]) for index, name in enumerate(DEVICES)]
+        for device, rank in zip(devices, ranks):
+            device.lora_rank = rank
+        _run_to_the_end(devices, hub)
+        link.close()
+    finally:
+        mosquitto.stop()
+    capture.decode(secrets)
+    assert len(capture.updates) == 2 and len(capture.globals) == 1
+    return capture, devices
+
+
+def test_flexlora_devices_of_rank_1_and_4_get_their_share_of_the_exact_mean(tmp_path, tiny_model_dir, tiny_federation):
+    capture, devices = federate(tmp_path, tiny_model_dir, tiny_federation, "flexlora", ranks=(1, None))
+    ranks = {client: {t.shape[0] for k, t in tensors.items() if factor_of(k) == "A"}
+             for client, _, _, tensors in capture.updates}
+    assert ranks == {"a": {1}, "b": {4}}  # each device sent its factors at its own rank, and nothing else
+    (published,) = capture.globals.values()
+    total = sum(metadata.sample_count for _, _, metadata, _ in capture.updates)
+    for module, (a_key, b_key) in pair_by_module(published).items():
+        assert published[a_key].shape[0] == 4
+        mean = sum(metadata.sample_count * tensors[b_key].astype(np.float64) @ tensors[a_key].astype(np.float64)
+                   for _, _, metadata, tensors in capture.updates) / total  # fmt: skip
+        u, singular, vt = np.linalg.svd(mean)
+        for device, rank in zip(devices, (1, 4)):
+            state = load_state(tmp_path / "devices" / device.client_id)
+            own = state.current_shared
+            assert own[a_key].shape == (rank, published[a_key].shape[1])
+            np.testing.assert_allclose(own[b_key] @ own[a_key], (u[:, :rank] * singular[:rank]) @ vt[:rank],
+                                       atol=1e-5)
