@@ -38,7 +38,7 @@ from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.lora_config import LoraSettings
-from fedvlm.shared.strategies import build_strategy
+from fedvlm.shared.strategies import build_strategy, is_base_delta_key
 from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.mqtt_link import BrokerAddress, Mqtt5Extras, MqttLink, Will
 from fedvlm.shared.protocol import (
@@ -637,8 +637,9 @@ class EdgeClient:
                 # keep the personal factors it was trained with (the shared ones come with
                 # the next global version); re-sending it is pointless now.
                 _, personal = self.model.strategy.split(adapter)
-                kept = self.model.personal_factors().keys()  # not FedEx's base deltas: they come with globals
-                self.model.load_personal({name: value for name, value in personal.items() if name in kept})
+                # Not FedEx's base deltas: they come with the global versions.
+                self.model.load_personal({name: value for name, value in personal.items()
+                                          if not is_base_delta_key(name)})  # fmt: skip
             self._clear_pending()
             return None
         signed_part = body_path.read_bytes()

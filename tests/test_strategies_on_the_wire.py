@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedvlm.edge.device_state import load_state
+from fedvlm.edge.dual_adapter import REFERENCE_KEY
 from fedvlm.hub.clients import register_client
-from fedvlm.shared.lora_keys import factor_of, pair_by_module
+from fedvlm.shared.lora_keys import factor_of, pair_by_module, rank_axis
 from fedvlm.shared.mqtt_link import MqttLink
 from tests.brokers import MosquittoProcess
 from tests.test_edge_client import _client, _hub, _run_to_the_end
@@ -61,3 +62,19 @@ def test_flexlora_devices_of_rank_1_and_4_get_their_share_of_the_exact_mean(tmp_
             assert own[a_key].shape == (rank, published[a_key].shape[1])
             np.testing.assert_allclose(own[b_key] @ own[a_key], (u[:, :rank] * singular[:rank]) @ vt[:rank],
                                        atol=1e-5)
+
+
+def test_feddpa_sends_the_global_adapter_and_keeps_the_personal_one_and_its_reference(tmp_path, tiny_model_dir,
+                                                                                      tiny_federation):
+    """feddpa (r=4, global_rank=1): A[:1] and B[:, :1] travel; the personal adapter and the
+    reference of the device's training prompts stay, and each device weighs inputs by it."""
+    capture, devices = federate(tmp_path, tiny_model_dir, tiny_federation, "feddpa", options={"global_rank": 1})
+    sent = [tensors for _, _, _, tensors in capture.updates] + list(capture.globals.values())
+    for tensors in sent:
+        assert {factor_of(k) for k in tensors} == {"A", "B"}
+        assert all(value.shape[rank_axis(key)] == 1 for key, value in tensors.items())
+    for device in devices:
+        state = load_state(tmp_path / "devices" / device.client_id)
+        assert REFERENCE_KEY in state.personal and state.personal[REFERENCE_KEY].ndim == 1
+        assert all(value.shape[rank_axis(key)] == 3 for key, value in state.personal.items() if factor_of(key))
+        assert device.model.mixing.last_weights is not None  # its evaluation weighed each input

@@ -20,6 +20,7 @@ from ..lora_config import LoraSettings
 from ..usage_error import UsageError
 from .base import Aggregator, MeanAggregator, Strategy
 from .fedex import FedExAggregator, FedExLoRA, base_delta_key, is_base_delta_key
+from .feddpa import FedDPA
 from .fedit import FedIT
 from .fedsa import FedSALoRA
 from .flexlora import FlexLoRA, FlexLoRAAggregator
@@ -29,7 +30,7 @@ from .plora import PLoRA
 from .rank_split import RankSplit
 
 _STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (PLoRA, FedIT, FFALoRA, FedSALoRA, FedExLoRA, LocalOnly, RankSplit, FlexLoRA)
+    cls.name: cls for cls in (PLoRA, FedIT, FFALoRA, FedSALoRA, FedExLoRA, LocalOnly, RankSplit, FedDPA, FlexLoRA)
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(_STRATEGIES)
 DEFAULT_STRATEGY = PLoRA.name
@@ -76,6 +77,7 @@ __all__ = [
     "Aggregator",
     "DEFAULT_STRATEGY",
     "FedExAggregator",
+    "FedDPA",
     "FedExLoRA",
     "FedIT",
     "FedSALoRA",
