@@ -1,9 +1,10 @@
 """pLoRA adapters on a frozen (quantised) base, through PEFT.
 
-LoRA goes on the language model's attention projections (and, optionally, the
-vision-to-text projector). The target regex names the language model explicitly, so the
-vision tower's own ``q_proj``/``k_proj``/... are never adapted. All clients of a federation
-build their factors from the same seed, so their B's live in compatible bases.
+Which linear layers get factors comes from the model's structure
+(:meth:`~fedvlm.shared.lora_config.LoraSettings.selects`: by default the language model's
+attention and MLP projections, the vision tower and projector as options), resolved here
+to the exact module names PEFT adapts. All clients of a federation build their factors
+from the same seed, so their B's live in compatible bases.
 
 Adapter tensors are exchanged as ``dict[str, np.ndarray]`` keyed by PEFT's own state-dict
 names (``get_peft_model_state_dict``), which is what ``fedvlm.shared`` splits and averages.
@@ -18,12 +19,17 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import torch
+
+from fedvlm.edge.torch_stack import check_torch_stack
+
+check_torch_stack()  # before peft imports transformers: a broken torchvision is one clear error, not theirs
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.edge.errors import LoraTargetError
+from fedvlm.shared.lora_config import LoraSettings, module_part
 from fedvlm.shared.lora_keys import factor_of
 
-__all__ = ["LoraSettings", "attach_lora", "adapter_state", "load_adapter_state"]
+__all__ = ["LoraSettings", "attach_lora", "adapter_state", "load_adapter_state", "lora_target_modules"]
 
 _INIT_LOCK = threading.Lock()
 
@@ -45,7 +51,7 @@ def attach_lora(
         r=rank,
         lora_alpha=settings.alpha * rank / settings.r if rank != settings.r else settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_regex(),
+        target_modules=lora_target_modules(model, settings),
         bias="none",
     )
     # PEFT draws its own initial factors from torch's process-wide RNG (replaced below):
@@ -57,16 +63,32 @@ def attach_lora(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     _initialise_factors(peft_model, settings.init_seed, settings.r)
-    if not any(factor_of(name) for name, _ in peft_model.named_parameters()):
-        raise ValueError(
-            f"no module matched the LoRA target regex {settings.target_regex()!r}: is this a "
-            "vision-language model with a text decoder named language_model or text_model?"
-        )
     frozen = set(frozen_factors)
     for name, parameter in peft_model.named_parameters():
         factor = factor_of(name)
         parameter.requires_grad_(factor is not None and factor not in frozen)
     return peft_model
+
+
+def lora_target_modules(model: torch.nn.Module, settings: LoraSettings) -> list[str]:
+    """The full names of the linear layers ``settings`` adapts in ``model``.
+
+    Every part the settings name must hold at least one such layer: a part that silently
+    adapted nothing would make a layout that means different things on different families.
+    """
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and settings.selects(name)]  # fmt: skip
+    found_parts = {module_part(name) for name in names}
+    empty = [] if settings.target_modules is not None else [p for p in settings.parts if p not in found_parts]
+    if not names or empty:
+        what = f"its {' and '.join(empty)}" if empty else "it"
+        raise LoraTargetError(
+            f"the LoRA targets ({settings.describe()}) select no linear layer in {what}: this "
+            f"{type(model).__name__} has none there. FedVLM finds a VLM's parts by transformers' names "
+            "(language_model/text_model, vision_tower/visual/vision_model, multi_modal_projector/connector/"
+            "merger); choose other --lora-parts, or name the layers with --lora-target-modules REGEX"
+        )
+    return names
 
 
 def _initialise_factors(peft_model: PeftModel, seed: int, federation_rank: int) -> None:

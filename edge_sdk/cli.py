@@ -7,13 +7,15 @@ import json
 import sys
 from typing import Sequence
 
-from fedvlm.shared.cli_support import UsageError, read_secret_file, run_command
+from fedvlm.shared.cli_support import UsageError, add_lora_target_options, lora_target_fields, read_secret_file, run_command
 
 PROGRAM = "fedvlm-edge"
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="local directory of a saved transformers VLM")
+    parser.add_argument("--model", required=True, metavar="DIR|ID",
+                        help="a saved transformers VLM: its directory, or a Hugging Face id already in the local "
+                             "cache (nothing is downloaded)")
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"],
                         help="quantisation of the frozen base (default: auto = nf4 on CUDA, none on a CPU "
                              "unless the model needs more than a quarter of the RAM)")
@@ -25,6 +27,7 @@ def _add_lora_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
     parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha; scaling is alpha/r (default: 16)")
     parser.add_argument("--lora-seed", type=int, default=0, help="seed of the LoRA initialisation, fixed per federation")
+    add_lora_target_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    make = commands.add_parser("make-tiny-model", help="build a tiny LLaVA-style VLM for tests and demos",
-                               description="Build a tiny LLaVA-style VLM (model, tokenizer, processor) "
-                                           "and save it with save_pretrained.")
+    from fedvlm.edge.zoo import ARCHITECTURES
+
+    make = commands.add_parser(
+        "make-tiny-model", help="build a tiny random-weight VLM of a supported family for tests and demos",
+        description="Build a tiny random-weight VLM of one family (its own config classes, image processor and "
+                    "chat template, a tokenizer trained here) and save it with save_pretrained. Families: "
+                    + "; ".join(f"{name}: {what}" for name, what in ARCHITECTURES.items()) + ".")
     make.add_argument("out_dir", metavar="DIR", help="where to save the model")
+    make.add_argument("--arch", default="llava", choices=list(ARCHITECTURES), metavar="NAME",
+                      help=f"the family: {', '.join(ARCHITECTURES)} (default: llava)")
     make.add_argument("--size", default="tiny", choices=["tiny", "small"],
-                      help="tiny (<1M parameters, 32x32 images) or small (~3M, 64x64) (default: tiny)")
+                      help="tiny (<1M parameters) or small (~3M) (default: tiny)")
     make.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
-    make.add_argument("--vision-tower", default="clip", choices=["clip", "siglip"], help="default: clip")
+    make.add_argument("--vision-tower", default="clip", choices=["clip", "siglip"], help="llava only (default: clip)")
     make.set_defaults(handler=_make_tiny_model)
 
     train = commands.add_parser("train", help="train the device's adapter on its local data",
@@ -76,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--client-id", required=True, help="this device's id, as registered with the hub")
     join.add_argument("--secret-file", required=True, metavar="FILE",
                       help="file holding the secret `fedvlm-hub clients add` printed")
-    join.add_argument("--model", required=True, metavar="DIR", help="local directory of the base VLM")
+    join.add_argument("--model", required=True, metavar="DIR|ID",
+                      help="the base VLM: its directory, or a Hugging Face id in the local cache")
     join.add_argument("--data", required=True, metavar="PATH", help="the device's RLAIF-V training records")
     join.add_argument("--eval-data", metavar="PATH", help="held-out records scored after each round")
     join.add_argument("--state-dir", required=True, metavar="DIR", help="the device's state directory")
@@ -120,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "<client-id>.onnx_adapter beside it; --merged writes one "
                                              "self-contained model with the adapter folded into the weights.")
     export.add_argument("--state-dir", required=True, metavar="DIR", help="the device's state directory")
-    export.add_argument("--model", required=True, metavar="DIR", help="local directory of the base VLM")
+    export.add_argument("--model", required=True, metavar="DIR|ID",
+                        help="the base VLM: its directory, or a Hugging Face id in the local cache")
     export.add_argument("--out", required=True, metavar="DIR", help="where to write the ONNX export")
     export.add_argument("--merged", action="store_true", help="fold the adapter into the weights (no adapter file)")
     export.set_defaults(handler=_export)
@@ -207,10 +218,10 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     from fedvlm.edge.tiny_model import make_tiny_model, parameter_count
     from fedvlm.edge.model_loading import load_vlm
 
-    out = make_tiny_model(args.out_dir, args.size, seed=args.seed, vision_tower=args.vision_tower)
+    out = make_tiny_model(args.out_dir, args.size, arch=args.arch, seed=args.seed, vision_tower=args.vision_tower)
     loaded = load_vlm(out, quantization="none", device="cpu")
-    print(f"saved a {args.size} {args.vision_tower} VLM ({parameter_count(loaded.model):,} parameters, "
-          f"fingerprint {loaded.fingerprint}) to {out}")
+    print(f"saved a {args.size} {args.arch} VLM ({type(loaded.model).__name__}, "
+          f"{parameter_count(loaded.model):,} parameters, fingerprint {loaded.fingerprint}) to {out}")
     return 0
 
 
@@ -225,7 +236,7 @@ def _train(args: argparse.Namespace) -> int:
     if records.skipped:
         print(f"skipped {records.skipped} malformed records (--skip-bad)", file=sys.stderr)
     eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
-    lora = LoraSettings(r=args.rank, alpha=args.alpha, init_seed=args.lora_seed)
+    lora = LoraSettings(r=args.rank, alpha=args.alpha, init_seed=args.lora_seed, **lora_target_fields(args))
     model = PersonalVLM.from_pretrained(args.model, lora=lora, strategy=args.strategy,
                                         quantization=args.quantization, device=args.device)
     previous = load_state(args.state_dir)
@@ -303,6 +314,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from fedvlm.edge.torch_stack import check_torch_stack
+
+    check_torch_stack()  # every command loads transformers: a broken install is one line, before it
     return args.handler(args)
 
 

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from fedvlm.edge.batching import IGNORE_INDEX, collate
+from fedvlm.edge.batching import IGNORE_INDEX, collate, to_device
 from fedvlm.edge.training import TrainingConfig, TrainMetrics, train
 from fedvlm.shared.lora_keys import rank_axis
 
@@ -151,7 +151,7 @@ class InstanceMixing:
         self.model.eval()
         try:
             for start in range(0, len(chosen), batch_size):
-                batch = {k: v.to(device) for k, v in collate(chosen[start : start + batch_size], pad_token_id).items()}
+                batch = to_device(collate(chosen[start : start + batch_size], pad_token_id), device)
                 # The prompt: attended positions whose label is ignored (the answer is what follows).
                 prompt = (batch.pop("labels") == IGNORE_INDEX) & batch["attention_mask"].bool()
                 with self._record(prompt) as recorded, torch.no_grad():

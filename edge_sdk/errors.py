@@ -19,6 +19,14 @@ class QuantizationError(EdgeError):
     """The requested quantisation cannot be applied."""
 
 
+class LoraTargetError(EdgeError):
+    """The LoRA targets match no layer of this model."""
+
+
+class ChatFormatError(EdgeError):
+    """The processor's chat template or tokenizer does not say where an answer starts or ends."""
+
+
 class DeviceStateError(EdgeError):
     """The state directory is unreadable or belongs to another federation or model."""
 

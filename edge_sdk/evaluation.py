@@ -10,7 +10,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fedvlm.edge.batching import PromptFormat, collate
+from fedvlm.edge.batching import IGNORE_INDEX, collate, to_device
+from fedvlm.edge.chat_format import ChatFormat
 from fedvlm.edge.training import QAExample, encode_examples
 from fedvlm.shared.usage_error import UsageError
 
@@ -47,19 +48,20 @@ def generate_answers(
     questions: Sequence[str],
     *,
     max_new_tokens: int = 8,
+    chat: ChatFormat | None = None,
 ) -> list[str]:
-    """Greedy answers to ``questions`` about ``images`` (one batch)."""
-    prompt_format = PromptFormat(processor)
-    inputs = prompt_format.encode_prompts(images, questions)
+    """Greedy answers to ``questions`` about ``images`` (one batch), stopping at the
+    template's end-of-turn token as the model was trained to."""
+    chat = chat or ChatFormat.for_model(processor, model)
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = to_device(chat.prompt_batch(images, questions), device)
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=chat.stop_token_ids,
     )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -82,19 +84,20 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = encode_examples(processor, examples)
+    chat = ChatFormat.for_model(processor, model)
+    encoded = encode_examples(processor, examples, model)
     predictions: list[str] = []
     loss_sum, token_count = 0.0, 0
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=description, disable=not progress, leave=False):
         chunk = examples[start : start + batch_size]
         predictions += generate_answers(
-            model, processor, [e.image for e in chunk], [e.question for e in chunk], max_new_tokens=max_new_tokens
+            model, processor, [e.image for e in chunk], [e.question for e in chunk], max_new_tokens=max_new_tokens,
+            chat=chat,
         )
-        batch = collate(encoded[start : start + batch_size], processor.tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(collate(encoded[start : start + batch_size], processor.tokenizer.pad_token_id), device)
         # Weight each batch's mean loss by its answer tokens, so the total is a per-token mean.
-        n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss_sum += float(model(**batch).loss) * n_tokens
         token_count += n_tokens
     if was_training:

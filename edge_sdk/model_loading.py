@@ -1,7 +1,8 @@
-"""Load a transformers vision-language model from a local directory, offline.
+"""Load a transformers vision-language model from a local directory or the local HF cache, offline.
 
-A device never reaches a model hub at run time: a path that does not exist or holds no
-model is a clear error, never a download. Any VLM the Auto classes know
+A device never reaches a model hub at run time: ``--model`` is a directory, or a Hugging
+Face id (``HuggingFaceTB/SmolVLM-256M-Instruct``) found in the local cache; anything else
+is a clear error, never a download. Any VLM the Auto classes know
 (``AutoModelForImageTextToText`` + ``AutoProcessor``) loads; the tiny test models are
 saved with ``save_pretrained`` and come back through exactly this code.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fedvlm.edge.torch_stack import check_torch_stack
 from fedvlm.edge.quantization import (
     QuantizationMode,
     bitsandbytes_config,
@@ -56,13 +58,41 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def _from_local_cache(repo_id: str) -> Path | None:
+    """The cached snapshot of ``repo_id``, never a download; None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        return None
+
+
 def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """The folder of a saved model: ``model_dir`` itself, or the cached snapshot of a hub id."""
     path = Path(model_dir).expanduser()
+    if not path.exists() and _looks_like_hub_id(str(model_dir)):
+        cached = _from_local_cache(str(model_dir))
+        if cached is None:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            raise ModelLoadError(
+                f"model {str(model_dir)!r} is not a local directory and is not in the Hugging Face cache "
+                f"({HF_HUB_CACHE}); FedVLM never downloads at run time: fetch it where there is a network "
+                f"(`hf download {model_dir}`) and copy the cache here, or pass the directory of a saved model"
+            )
+        path = cached
     if not path.exists():
         raise ModelLoadError(
             f"model directory {str(path)!r} does not exist. FedVLM loads models from local "
-            "directories only (nothing is downloaded); build a test model with "
-            "`fedvlm-edge make-tiny-model DIR` or point to a saved model."
+            "directories or the local Hugging Face cache only (nothing is downloaded); build a test model "
+            "with `fedvlm-edge make-tiny-model DIR` or point to a saved model."
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(
@@ -152,6 +182,7 @@ def load_vlm(
     """
     path = check_model_dir(model_dir)
     target = resolve_device(device)
+    check_torch_stack()
     from transformers import AutoProcessor
 
     try:
@@ -167,6 +198,8 @@ def load_vlm(
     try:
         model = _model_class().from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError as exc:  # a package the family's processor needs, e.g. SmolVLM's num2words
+        raise ModelLoadError(f"the model in {str(path)!r} needs a package that is not installed: {exc}") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise _not_a_vlm(path, exc) from exc
     if quant_config is None:

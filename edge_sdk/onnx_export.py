@@ -73,13 +73,13 @@ def _example_inputs(personal, batch: int = 2) -> dict[str, torch.Tensor]:
     """A left-padded batch (rows of different lengths) for tracing: batch >= 2 keeps the axis dynamic."""
     from PIL import Image
 
-    from fedvlm.edge.batching import PromptFormat
+    from fedvlm.edge.chat_format import ChatFormat
 
     processor = personal.processor
     # Any size: the processor resizes to the model's resolution.
     images = [Image.new("RGB", (32, 32), (40 * i, 100, 200 - 40 * i)) for i in range(batch)]
     questions = ["what colour is it?" + " please" * i for i in range(batch)]
-    return PromptFormat(processor).encode_prompts(images, questions)
+    return ChatFormat(processor).prompt_batch(images, questions)
 
 
 def _export(module, args, input_names, output_names, dynamic_shapes, path: Path) -> None:

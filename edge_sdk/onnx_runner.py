@@ -4,7 +4,7 @@
     vlm.activate("alice.onnx_adapter")       # None: the base model
     vlm.answer(image, "what colour is it?")
 
-The prompt is built exactly as in training (:class:`fedvlm.edge.batching.PromptFormat`,
+The prompt is built exactly as in training (:class:`fedvlm.edge.chat_format.ChatFormat`,
 left-padded batches); the prompt runs once through the prefill graph, then one token per
 decode step with the key/value cache, as ``generate()`` does greedily (rows that finished
 are fed the pad token, and their answers end at the end-of-sequence token).
@@ -33,14 +33,14 @@ class OnnxVLM:
     """The exported prefill and decode graphs with the processor saved beside them."""
 
     def __init__(self, onnx_dir: Path, manifest: dict, prefill, decode, processor):
-        from fedvlm.edge.batching import PromptFormat
+        from fedvlm.edge.chat_format import ChatFormat
 
         self.onnx_dir = onnx_dir
         self.manifest = manifest
         self.prefill = prefill
         self.decode = decode
         self.processor = processor
-        self.prompt_format = PromptFormat(processor)
+        self.prompt_format = ChatFormat(processor)
         self.n_layers = manifest["n_layers"]
         self.adapter_path: Path | None = None
         self._run_options = None
@@ -94,7 +94,7 @@ class OnnxVLM:
         """Greedy new token ids ``[batch, <= max_new_tokens]``, padded after each row's end."""
         tokenizer = self.processor.tokenizer
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        encoded = self.prompt_format.encode_prompts(images, questions)
+        encoded = self.prompt_format.prompt_batch(images, questions)
         inputs = {k: v.numpy() for k, v in encoded.items()}
         mask = inputs["attention_mask"].astype(np.int64)
         outputs = self.prefill_logits(inputs)

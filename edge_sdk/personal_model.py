@@ -17,6 +17,7 @@ import numpy as np
 
 from fedvlm.edge.adapters import LoraSettings, adapter_state, attach_lora, load_adapter_state
 from fedvlm.edge.base_delta import base_deltas, set_base_deltas
+from fedvlm.edge.chat_format import ChatFormat
 from fedvlm.edge.device_state import DeviceState
 from fedvlm.edge.dual_adapter import REFERENCE_KEY, InstanceMixing
 from fedvlm.edge.evaluation import EvalMetrics, evaluate, generate_answers
@@ -74,6 +75,7 @@ class PersonalVLM:
         ) if isinstance(self.strategy, FedDPA) else None  # fmt: skip
         self._extra_keys = frozenset({REFERENCE_KEY}) if self.mixing is not None else frozenset()
         self._initial_state = adapter_state(self.model)
+        self.chat = ChatFormat.for_model(loaded.processor, self.model)
         self._encoded: tuple[Sequence[QAExample], list] | None = None
 
     @classmethod
@@ -165,7 +167,7 @@ class PersonalVLM:
         """Examples encoded once: a device trains on the same data set every round, so the
         last data set's encoding is kept (holding the data set itself, so it is the same one)."""
         if self._encoded is None or self._encoded[0] is not examples:
-            self._encoded = (examples, encode_examples(self.processor, examples))
+            self._encoded = (examples, encode_examples(self.processor, examples, self.model))
         return self._encoded[1]
 
     def train(self, examples: Sequence[QAExample], config: TrainingConfig | None = None, **kwargs) -> TrainMetrics:
@@ -213,7 +215,8 @@ class PersonalVLM:
         return evaluate(self.model, self.processor, examples, **kwargs)
 
     def answer(self, image, question: str, *, max_new_tokens: int = 8) -> str:
-        return generate_answers(self.model, self.processor, [image], [question], max_new_tokens=max_new_tokens)[0]
+        return generate_answers(self.model, self.processor, [image], [question], max_new_tokens=max_new_tokens,
+                                chat=self.chat)[0]
 
     # ---- persistence -----------------------------------------------------------------------------
 

@@ -89,18 +89,21 @@ def pretrain(
     return losses
 
 
-def _recipe(size: str, seed: int, examples: int, config: PretrainingConfig) -> dict:
+def _recipe(size: str, seed: int, examples: int, config: PretrainingConfig, arch: str = "llava") -> dict:
     settings = dataclasses.asdict(config)
     settings.pop("progress")
-    return {"size": size, "seed": seed, "examples": examples, "pretraining": settings}
+    recipe = {"size": size, "seed": seed, "examples": examples, "pretraining": settings}
+    if arch != "llava":  # LLaVA recipes written before other families existed stay valid
+        recipe["arch"] = arch
+    return recipe
 
 
 def is_built(out_dir: str | Path, size: str = "small", *, seed: int = 0, examples: int = 2048,
-             config: PretrainingConfig | None = None) -> bool:
+             config: PretrainingConfig | None = None, arch: str = "llava") -> bool:
     """True when ``out_dir`` already holds a model pre-trained with exactly this recipe."""
     out = Path(out_dir)
     recipe_file = out / "fedvlm_recipe.json"
-    wanted = _recipe(size, seed, examples, config or PretrainingConfig(seed=seed))
+    wanted = _recipe(size, seed, examples, config or PretrainingConfig(seed=seed), arch)
     return recipe_file.exists() and json.loads(recipe_file.read_text()) == wanted and (out / "config.json").exists()
 
 
@@ -111,8 +114,9 @@ def make_pretrained_tiny_model(
     seed: int = 0,
     examples: int = 2048,
     config: PretrainingConfig | None = None,
+    arch: str = "llava",
 ) -> Path:
-    """Build a tiny VLM, pre-train it on generic synthetic data and save it to ``out_dir``.
+    """Build a tiny VLM of family ``arch``, pre-train it on generic synthetic data and save it to ``out_dir``.
 
     Reuses ``out_dir`` if a model with the same recipe is already there (:func:`is_built`).
     """
@@ -121,12 +125,12 @@ def make_pretrained_tiny_model(
 
     config = config or PretrainingConfig(seed=seed)
     out = Path(out_dir)
-    if is_built(out, size, seed=seed, examples=examples, config=config):
+    if is_built(out, size, seed=seed, examples=examples, config=config, arch=arch):
         return out
-    recipe = _recipe(size, seed, examples, config)
+    recipe = _recipe(size, seed, examples, config, arch)
     (out / "fedvlm_recipe.json").unlink(missing_ok=True)  # a rebuild cut short must not look complete
     started = time.perf_counter()
-    model, processor = build_tiny_vlm(size, seed=seed, extra_words=all_words())
+    model, processor = build_tiny_vlm(size, arch=arch, seed=seed, extra_words=all_words())
     records = pretraining_records(examples, seed=seed, image_size=SIZES[size].image_size)
     losses = pretrain(model, processor, records, convention_vocabulary_lines(), config)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from fedvlm.shared.lora_config import module_part
+
 QuantizationMode = Literal["none", "nf4", "int8"]
 QUANTIZATION_MODES: tuple[str, ...] = ("none", "nf4", "int8")
 
@@ -51,16 +53,34 @@ def check_mode(mode: str) -> QuantizationMode:
 
 
 def modules_to_keep_full_precision(model_on_meta: torch.nn.Module) -> list[str]:
-    """Linear layers that must stay unquantised.
+    """Modules that must stay unquantised.
 
-    The output head (its rows are the vocabulary: quantising it costs accuracy for little
-    memory) and any linear whose input width is not a whole number of quantisation blocks.
+    Only the language model is quantised: it holds most of the weights. The vision tower
+    and the projector stay in full precision (vision encoders lose more accuracy to 4 bits,
+    for little memory; every family's QLoRA recipe keeps them), as do the output head
+    (its rows are the vocabulary) and any linear whose input width is not a whole number
+    of quantisation blocks. A model whose language model FedVLM cannot find is quantised
+    everywhere but its output head.
     """
     keep = {"lm_head"}
-    for name, module in model_on_meta.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.in_features % NF4_BLOCK != 0:
+    linears = [(name, module) for name, module in model_on_meta.named_modules() if isinstance(module, torch.nn.Linear)]
+    finds_language = any(module_part(name) == "language" for name, _ in linears)
+    for name, module in linears:
+        if module.in_features % NF4_BLOCK != 0:
             keep.add(name)
+        elif finds_language and module_part(name) != "language":
+            keep.add(_part_root(name))
     return sorted(keep)
+
+
+def _part_root(module_name: str) -> str:
+    """The module a part starts at (``model.vision_tower`` for any layer inside it); the name
+    itself for a module outside every part."""
+    components = module_name.split(".")
+    for index, component in enumerate(components):
+        if module_part(component) is not None:
+            return ".".join(components[: index + 1])
+    return module_name
 
 
 def bitsandbytes_config(mode: QuantizationMode, keep_full_precision: list[str]):

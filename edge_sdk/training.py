@@ -22,7 +22,8 @@ from typing import Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fedvlm.edge.batching import EncodedExample, PromptFormat, collate
+from fedvlm.edge.batching import EncodedExample, collate, to_device
+from fedvlm.edge.chat_format import ChatFormat
 from fedvlm.shared.lora_keys import factor_of
 from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.durable_files import write_durably
@@ -84,10 +85,11 @@ class TrainMetrics:
         return dataclasses.asdict(self)
 
 
-def encode_examples(processor, examples: Sequence[QAExample]) -> list[EncodedExample]:
-    """Encode once; a device trains on the same data every round."""
-    prompt_format = PromptFormat(processor)
-    return [prompt_format.encode(e.image, e.question, e.chosen) for e in examples]
+def encode_examples(processor, examples: Sequence[QAExample], model: torch.nn.Module | None = None) -> list[EncodedExample]:
+    """Encode once; a device trains on the same data every round. With ``model``, only the
+    inputs its forward takes are kept."""
+    chat = ChatFormat.for_model(processor, model) if model is not None else ChatFormat(processor)
+    return [chat.encode(e.image, e.question, e.chosen) for e in examples]
 
 
 def batch_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
@@ -112,7 +114,7 @@ def train(
     """Train the model's trainable parameters on ``examples``; returns metrics."""
     if len(examples) == 0:
         raise UsageError("no training examples: the device's data set is empty")
-    encoded = examples if isinstance(examples[0], EncodedExample) else encode_examples(processor, examples)
+    encoded = examples if isinstance(examples[0], EncodedExample) else encode_examples(processor, examples, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: attach LoRA factors first")
@@ -138,8 +140,7 @@ def train(
             for micro in range(config.grad_accum):
                 first = step * per_step + micro * config.batch_size
                 batch = collate([encoded[i] for i in order[first : first + config.batch_size]], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss / config.grad_accum
+                loss = model(**to_device(batch, device)).loss / config.grad_accum
                 loss.backward()
                 step_loss += loss.item()
             if not math.isfinite(step_loss):

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-size", default="small", choices=["tiny", "small"],
                       help="tiny VLM size: small (~3M parameters, the demo) or tiny (<1M, a quick smoke run; "
                            "it learns little) (default: small)")
+    from fedvlm.edge.zoo import ARCHITECTURES
+
+    family = demo.add_mutually_exclusive_group()
+    family.add_argument("--arch", default="llava", choices=list(ARCHITECTURES), metavar="NAME",
+                        help=f"family of the tiny model built and pre-trained: {', '.join(ARCHITECTURES)} "
+                             "(default: llava)")
+    family.add_argument("--model", metavar="DIR|ID", help="run the federation on this model as it is (a folder, or "
+                                                           "a Hugging Face id in the local cache): no pre-training")
     demo.add_argument("--pretrain-steps", type=int, default=800,
                       help="pre-training steps of the base model, cached per recipe (default: 800)")
     demo.set_defaults(handler=_demo)
@@ -65,7 +73,8 @@ def _demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(work_dir=args.work_dir, clients=args.clients, rounds=args.rounds, strategy=args.strategy,
                             broker=args.broker, local_steps=args.local_steps,
                             examples_per_client=args.examples_per_client, quantization=args.quantization,
-                            seed=args.seed, model_size=args.model_size, pretrain_steps=args.pretrain_steps)
+                            seed=args.seed, model_size=args.model_size, pretrain_steps=args.pretrain_steps,
+                            arch=args.arch, model=args.model)
     return run_demo(settings)
 
 
@@ -75,6 +84,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from fedvlm.edge.torch_stack import check_torch_stack
+
+    check_torch_stack()  # demo and simulate load transformers: a broken install is one line, before it
     return args.handler(args)
 
 

@@ -56,6 +56,8 @@ class DemoSettings:
     quantization: str = "nf4"
     seed: int = 0
     model_size: str = "small"  # "tiny": a quick smoke run (tests); "small": the demo
+    arch: str = "llava"  # the family of the tiny model built and pre-trained
+    model: str | None = None  # a user's model (folder or cached hub id), used as it is instead
     pretrain_steps: int = 800
     pretrain_examples: int = 2048
 
@@ -73,27 +75,33 @@ def _free_port() -> int:
 def prepare_model(settings: DemoSettings) -> Path:
     from fedvlm.edge.pretraining import PretrainingConfig, is_built, make_pretrained_tiny_model
 
+    if settings.model is not None:
+        from fedvlm.edge.model_loading import check_model_dir
+
+        model_dir = check_model_dir(settings.model)
+        _say(f"      {model_dir} as it is (no pre-training)")
+        return model_dir
     started = time.perf_counter()
-    out = settings.work_dir / "model"
+    out = settings.work_dir / ("model" if settings.arch == "llava" else f"model-{settings.arch}")
     config = PretrainingConfig(steps=settings.pretrain_steps, seed=settings.seed)
-    recipe = dict(seed=settings.seed, examples=settings.pretrain_examples, config=config)
+    recipe = dict(seed=settings.seed, examples=settings.pretrain_examples, config=config, arch=settings.arch)
     reused = is_built(out, settings.model_size, **recipe)
     model_dir = make_pretrained_tiny_model(out, settings.model_size, **recipe)
     report = json.loads((model_dir / "fedvlm_pretraining.json").read_text())
     how = "reused" if reused else f"built and pre-trained in {time.perf_counter() - started:.0f} s"
-    _say(f"      {settings.model_size} VLM {how} (pre-training loss {report['result']['first_loss']:.2f} -> "
-         f"{report['result']['last_loss']:.2f}): {model_dir}")
+    _say(f"      {settings.model_size} {settings.arch} VLM {how} (pre-training loss "
+         f"{report['result']['first_loss']:.2f} -> {report['result']['last_loss']:.2f}): {model_dir}")
     return model_dir
 
 
-def prepare_data(settings: DemoSettings):
+def prepare_data(settings: DemoSettings, model_dir: Path):
     from fedvlm.edge.data import ScenarioConfig, generate_federation
-    from fedvlm.edge.tiny_model import SIZES
+    from fedvlm.simulate.clients import image_size_of
 
     config = ScenarioConfig.preset(
         "concept-shift", n_clients=settings.clients, examples_per_client=settings.examples_per_client,
         test_examples_per_client=settings.test_examples_per_client, label_skew_alpha=1.0,
-        image_size=SIZES[settings.model_size].image_size, seed=settings.seed,
+        image_size=image_size_of(model_dir), seed=settings.seed,
     )
     federation = generate_federation(config)
     data_dir = settings.work_dir / "data"
@@ -344,7 +352,7 @@ def run_demo(settings: DemoSettings) -> int:
     _say("[1/5] base model")
     model_dir = prepare_model(settings)
     _say("[2/5] non-IID data (each client its own answer language; label skew)")
-    federation, data_dir = prepare_data(settings)
+    federation, data_dir = prepare_data(settings, model_dir)
     _say("[3/5] federation: hub + devices over MQTT")
     run_dir = run_federation(settings, model_dir, data_dir, [c.client_id for c in federation.clients])
     _say("[4/5] each client's accuracy on its own test set")

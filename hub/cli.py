@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedvlm.shared.cli_support import parse_option, read_secret_file, run_command
+from fedvlm.shared.cli_support import (
+    add_lora_target_options,
+    lora_target_fields,
+    parse_option,
+    read_secret_file,
+    run_command,
+)
 from fedvlm.shared.strategies import STRATEGY_NAMES
 
 from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
@@ -39,7 +45,7 @@ round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
 max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s,
 max_update_norm, norm_factor, norm_action, max_sample_count) plus a
-[lora] table (r, alpha, dropout, target_projections, include_projector, init_seed) and a
+[lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed) and a
 [strategy_options] table (the strategy's parameters, listed in its class's docstring).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
 The broker password may also come from a file (--password-file, so it never shows in
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     federation.add_argument("--lora-rank", type=int, help="LoRA rank r announced to clients (default: 8)")
     federation.add_argument("--lora-alpha", type=int, help="LoRA alpha announced to clients (default: 16)")
     federation.add_argument("--lora-seed", type=int, help="seed of the shared LoRA initialisation (default: 0)")
+    add_lora_target_options(federation)
     federation.add_argument("--local-steps", type=int, help="training steps per round, a hint in the round config")
     federation.add_argument("--learning-rate", type=float, help="learning rate, a hint in the round config")
     bounding = start.add_argument_group("bounding one client's pull", "how far one update may move the global "
@@ -217,7 +224,7 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
         overrides["password"] = read_secret_file(args.password_file, "broker password")
     if overrides["password"] is None and os.environ.get(PASSWORD_ENVIRONMENT):
         overrides["password"] = os.environ[PASSWORD_ENVIRONMENT]
-    lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "init_seed": args.lora_seed}
+    lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "init_seed": args.lora_seed, **lora_target_fields(args)}
     return load_config(args.config, overrides, lora, dict(args.strategy_options or ()))
 
 

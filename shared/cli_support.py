@@ -11,10 +11,38 @@ from typing import Any, Callable, Sequence
 
 from .usage_error import UsageError
 
-__all__ = ["USER_ERROR_EXIT", "UsageError", "option_value", "parse_option", "read_secret_file", "run_command"]
+__all__ = ["USER_ERROR_EXIT", "UsageError", "add_lora_target_options", "lora_target_fields", "option_value",
+           "parse_option", "read_secret_file", "run_command"]
 
 # Exit status for a user mistake (bad flag, missing file, malformed data), as argparse uses.
 USER_ERROR_EXIT = 2
+
+
+def add_lora_target_options(parser) -> None:
+    """``--lora-parts``, ``--lora-layers``, ``--lora-target-modules``: which layers get LoRA
+    factors (:class:`~fedvlm.shared.lora_config.LoraSettings`), the same flags on every command."""
+    from .lora_config import LAYER_KINDS, PARTS
+
+    parser.add_argument("--lora-parts", metavar="PARTS",
+                        help=f"comma-separated parts of the VLM to adapt: {', '.join(PARTS)} (default: language)")
+    parser.add_argument("--lora-layers", metavar="KINDS",
+                        help=f"comma-separated layer kinds in those parts: {', '.join(LAYER_KINDS)} "
+                             "(default: attention,mlp)")
+    parser.add_argument("--lora-target-modules", metavar="REGEX",
+                        help="instead of parts and layers: a regex that the full names of the linear layers to "
+                             "adapt must match, e.g. '.*language_model.*\\.(q_proj|v_proj)'")
+
+
+def lora_target_fields(args) -> dict:
+    """The LoRA target settings given on the command line (absent ones are left to the defaults)."""
+    fields: dict = {}
+    for flag, field in (("lora_parts", "parts"), ("lora_layers", "layers")):
+        text = getattr(args, flag, None)
+        if text is not None:
+            fields[field] = tuple(name.strip() for name in text.split(",") if name.strip())
+    if getattr(args, "lora_target_modules", None) is not None:
+        fields["target_modules"] = args.lora_target_modules
+    return fields
 
 
 def read_secret_file(path: str | os.PathLike[str], what: str) -> str:

@@ -158,7 +158,7 @@ def test_resumes_after_being_killed(tiny_model_dir, tmp_path):
     (["--data", "{tmp}/missing"], "does not exist"),
     (["--seeds", "0,x"], "bad --seeds"),
     (["--fraction", "0"], "--fraction must be in (0, 1]"),
-    (["--model", "{tmp}"], "holds no model"),
+    (["--model", "{tmp}"], "holds no config.json"),
 ])
 def test_user_mistakes_end_in_one_line(args, message, tmp_path, capsys):
     code = fedvlm_main(["simulate", *[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", str(tmp_path / "o")])

@@ -78,3 +78,20 @@ def test_feddpa_sends_the_global_adapter_and_keeps_the_personal_one_and_its_refe
         assert REFERENCE_KEY in state.personal and state.personal[REFERENCE_KEY].ndim == 1
         assert all(value.shape[rank_axis(key)] == 3 for key, value in state.personal.items() if factor_of(key))
         assert device.model.mixing.last_weights is not None  # its evaluation weighed each input
+
+
+def test_a_rank_split_sends_only_its_shared_rank_components(tmp_path, tiny_model_dir, tiny_federation):
+    """rank-split (r=4, shared_rank=1): the first component of A and B travels, the other three never do."""
+    capture, devices = federate(tmp_path, tiny_model_dir, tiny_federation, "rank-split", options={"shared_rank": 1})
+    (published,) = capture.globals.values()
+    for tensors in [tensors for _, _, _, tensors in capture.updates] + [published]:
+        assert {factor_of(k) for k in tensors} == {"A", "B"}
+        assert all(value.shape[rank_axis(key)] == 1 for key, value in tensors.items())
+    total = sum(metadata.sample_count for _, _, metadata, _ in capture.updates)
+    for key, value in published.items():  # the hub's mean is of what travelled
+        expected = sum(m.sample_count * t[key].astype(np.float64) for _, _, m, t in capture.updates) / total
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
+    # Each device kept its three personal components, and they differ between devices.
+    first, second = (load_state(tmp_path / "devices" / device.client_id).personal for device in devices)
+    assert all(value.shape[rank_axis(key)] == 3 for key, value in first.items())
+    assert any(not np.allclose(first[key], second[key]) for key in first if factor_of(key) == "B")

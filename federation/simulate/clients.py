@@ -118,5 +118,10 @@ def image_size_of(model_dir: Path) -> int:
     """The square image size the model's vision tower takes (synthetic pictures are drawn at it)."""
     import json
 
+    from fedvlm.edge.data.scenes import MIN_IMAGE_SIZE
+
     config = json.loads((model_dir / "config.json").read_text())
-    return int(config.get("vision_config", {}).get("image_size", 64))
+    size = config.get("vision_config", {}).get("image_size", 64)
+    size = max(size) if isinstance(size, (list, tuple)) else int(size)  # InternVL gives [height, width]
+    # Families that tile or resize (Idefics3, Qwen2-VL) take any picture; shapes need some pixels.
+    return max(size, MIN_IMAGE_SIZE)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from fedvlm.shared.cli_support import add_lora_target_options, lora_target_fields
 from fedvlm.simulate.settings import (
     ALL_STRATEGIES,
     SCENARIOS,
@@ -43,9 +44,9 @@ def add_simulate_command(commands) -> None:
                           help="training examples per client (--scenario)")
     simulate.add_argument("--test-examples-per-client", type=int, default=_DEFAULTS["test_examples_per_client"],
                           help="held-out examples per client (--scenario)")
-    simulate.add_argument("--model", type=Path, default=None,
-                          help="base VLM folder (default: the pre-trained small model in "
-                               "work/models/small-pretrained, built if missing)")
+    simulate.add_argument("--model", default=None, metavar="DIR|ID",
+                          help="base VLM: a folder, or a Hugging Face id in the local cache (default: the "
+                               "pre-trained small model in work/models/small-pretrained, built if missing)")
     simulate.add_argument("--strategies", default=",".join(ALL_STRATEGIES),
                           help="comma-separated; centralised (one LoRA on the union of the clients' data) and base "
                                "(no training) are references; plora-refit (beyond the paper: pLoRA whose clients "
@@ -64,6 +65,7 @@ def add_simulate_command(commands) -> None:
     simulate.add_argument("--client-ranks", metavar="R1,R2,...",
                           help="clients' own LoRA ranks, in turn, for strategies whose devices differ in rank "
                                "(flexlora; the others run every client at --lora-rank); default: all at --lora-rank")
+    add_lora_target_options(simulate)
     simulate.add_argument("--quantization", default=_DEFAULTS["quantization"], choices=["auto", "none", "nf4", "int8"],
                           help="quantisation of the frozen base")
     simulate.add_argument("--global-test-size", type=int, default=_DEFAULTS["global_test_size"],
@@ -85,8 +87,9 @@ def _simulate(args: argparse.Namespace) -> int:
         test_examples_per_client=args.test_examples_per_client, model=args.model,
         strategies=parse_strategies(args.strategies), rounds=args.rounds, local_steps=args.local_steps,
         fraction=args.fraction, seeds=parse_seeds(args.seeds), learning_rate=args.learning_rate,
-        batch_size=args.batch_size, lora_rank=args.lora_rank, client_ranks=parse_ranks(args.client_ranks) if args.client_ranks else (),
-        quantization=args.quantization,
+        batch_size=args.batch_size, lora_rank=args.lora_rank,
+        client_ranks=parse_ranks(args.client_ranks) if args.client_ranks else (), quantization=args.quantization,
+        **{f"lora_{name}": value for name, value in lora_target_fields(args).items()},
         global_test_size=args.global_test_size, progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)

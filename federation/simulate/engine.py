@@ -37,7 +37,8 @@ OnRound = Callable[[int], None]  # called with the number of rounds just finishe
 
 def lora_settings(settings: SimulationSettings, seed: int) -> LoraSettings:
     """The adapter layout of a seed's runs: every strategy starts from the same factors."""
-    return LoraSettings(r=settings.lora_rank, alpha=2 * settings.lora_rank, init_seed=seed)
+    return LoraSettings(r=settings.lora_rank, alpha=2 * settings.lora_rank, init_seed=seed, parts=settings.lora_parts,
+                        layers=settings.lora_layers, target_modules=settings.lora_target_modules)
 
 
 def training_config(settings: SimulationSettings, steps: int, seed: int, round_number: int, stream: int) -> TrainingConfig:

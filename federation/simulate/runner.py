@@ -31,7 +31,9 @@ PRETRAINING_EXAMPLES = 4096
 
 def prepare_model(settings: SimulationSettings) -> Path:
     if settings.model is not None:
-        return settings.model
+        from fedvlm.edge.model_loading import check_model_dir
+
+        return check_model_dir(settings.model)
     from fedvlm.edge.pretraining import PretrainingConfig, is_built, make_pretrained_tiny_model
 
     recipe = dict(seed=0, examples=PRETRAINING_EXAMPLES,

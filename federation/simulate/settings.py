@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvlm.shared.cli_support import option_value
+from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.strategies import STRATEGY_NAMES, get_strategy
 from fedvlm.shared.usage_error import UsageError
 
@@ -132,7 +133,8 @@ class SimulationSettings:
     clients: number of clients.
     test_fraction: share of each client's ``data`` records held out as its test set.
     examples_per_client / test_examples_per_client: sizes of each client's synthetic splits.
-    model: the base model folder; None builds the pre-trained ``small`` model in ``DEFAULT_MODEL_DIR``.
+    model: the base model: a folder, or a Hugging Face id in the local cache; None builds the
+        pre-trained ``small`` model in ``DEFAULT_MODEL_DIR``.
     strategies: federated strategies and references (``centralised``, ``base``) to run.
     rounds: federated rounds.
     local_steps: optimiser steps per selected client per round.
@@ -143,6 +145,8 @@ class SimulationSettings:
     client_ranks: LoRA ranks of the clients, in turn (client k gets ``client_ranks[k % len]``), for
         strategies whose devices may differ in rank (flexlora); empty: every client at ``lora_rank``.
         Other strategies always run every client at ``lora_rank``.
+    lora_parts, lora_layers, lora_target_modules: which layers get LoRA factors
+        (:class:`~fedvlm.shared.lora_config.LoraSettings`).
     quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
     global_test_size: examples drawn from the pooled test set of all clients for ``global_accuracy``.
     progress: show the progress bar.
@@ -158,7 +162,7 @@ class SimulationSettings:
     test_fraction: float = 0.2
     examples_per_client: int = 32
     test_examples_per_client: int = 32
-    model: Path | None = None
+    model: Path | str | None = None
     strategies: tuple[str, ...] = ALL_STRATEGIES
     rounds: int = 5
     local_steps: int = 10
@@ -168,6 +172,9 @@ class SimulationSettings:
     batch_size: int = 8
     lora_rank: int = 8
     client_ranks: tuple[int, ...] = ()
+    lora_parts: tuple[str, ...] = ("language",)
+    lora_layers: tuple[str, ...] = ("attention", "mlp")
+    lora_target_modules: str | None = None
     quantization: str = "auto"
     global_test_size: int = 128
     progress: bool = True
@@ -181,9 +188,10 @@ class SimulationSettings:
         if self.data is not None and not self.data.exists():
             raise UsageError(f"--data {self.data} does not exist: point it at a folder of RLAIF-V parquet or "
                              "JSON Lines files")
-        if self.model is not None and not (self.model / "config.json").exists():
-            raise UsageError(f"--model {self.model} holds no model (no config.json); leave --model out to build "
-                             "the pre-trained small model, or point it at a saved VLM folder")
+        if self.model is not None:
+            from fedvlm.edge.model_loading import check_model_dir
+
+            check_model_dir(self.model)  # a folder holding a model, or a cached hub id: else one clear line
         for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size", "threads"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -203,6 +211,8 @@ class SimulationSettings:
         if PLORA_REFIT in self.strategies and self.local_steps < 2:
             raise UsageError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
                              "give at least 2")
+        LoraSettings(r=self.lora_rank, parts=self.lora_parts, layers=self.lora_layers,
+                     target_modules=self.lora_target_modules)  # the flags' own checks
         if any(not 1 <= rank <= self.lora_rank for rank in self.client_ranks):
             raise UsageError(f"--client-ranks {','.join(map(str, self.client_ranks))}: every rank must be between 1 "
                              f"and --lora-rank {self.lora_rank}, the federation's")  # fmt: skip
@@ -229,6 +239,7 @@ class SimulationSettings:
         key = {name: value for name, value in dataclasses.asdict(self).items()
                if name not in ("out", "strategies", "seeds", "progress", "threads")}
         key["partition"] = str(self.partition)
+        key["lora_parts"], key["lora_layers"] = list(self.lora_parts), list(self.lora_layers)  # as JSON reads back
         for name in ("data", "model"):
             key[name] = str(key[name]) if key[name] is not None else None
         if not self.client_ranks:  # so simulations from before the option still resume
@@ -245,5 +256,6 @@ class SimulationSettings:
         data = dataclasses.asdict(self)
         data.update(out=str(self.out), data=str(self.data) if self.data else None,
                     model=str(self.model) if self.model else None, partition=str(self.partition),
-                    strategies=list(self.strategies), seeds=list(self.seeds), client_ranks=list(self.client_ranks))
+                    strategies=list(self.strategies), seeds=list(self.seeds), lora_parts=list(self.lora_parts),
+                    lora_layers=list(self.lora_layers), client_ranks=list(self.client_ranks))
         return data

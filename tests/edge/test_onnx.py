@@ -71,7 +71,7 @@ def _valid_diff(a, b, mask) -> float:
 def test_adapters_differ_and_logits_match_pytorch(setup):
     model, vlm = setup["model"], setup["vlm"]
     assert any(not np.allclose(setup["states"]["alice"][k], setup["states"]["bob"][k]) for k in setup["base"])
-    inputs = vlm.prompt_format.encode_prompts(IMAGES, QUESTIONS)
+    inputs = vlm.prompt_format.prompt_batch(IMAGES, QUESTIONS)
     mask = inputs["attention_mask"].numpy()
     assert (mask == 0).any()  # left padding is exercised
     for client in ("alice", "bob"):
@@ -82,7 +82,7 @@ def test_adapters_differ_and_logits_match_pytorch(setup):
 
 def test_no_adapter_is_the_base_model_and_switching_is_stable(setup):
     model, vlm = setup["model"], setup["vlm"]
-    inputs = vlm.prompt_format.encode_prompts(IMAGES, QUESTIONS)
+    inputs = vlm.prompt_format.prompt_batch(IMAGES, QUESTIONS)
     feeds = {k: v.numpy() for k, v in inputs.items()}
     mask = feeds["attention_mask"]
     vlm.activate(None)
@@ -178,7 +178,7 @@ def test_merged_export_equals_adapter_export(setup):
     with pytest.raises(EdgeError, match="merged"):
         merged.activate(setup["adapters"]["bob"])
     vlm.activate(setup["adapters"]["bob"])
-    feeds = {k: v.numpy() for k, v in vlm.prompt_format.encode_prompts(IMAGES, QUESTIONS).items()}
+    feeds = {k: v.numpy() for k, v in vlm.prompt_format.prompt_batch(IMAGES, QUESTIONS).items()}
     assert _valid_diff(merged.prefill_logits(feeds)[0], vlm.prefill_logits(feeds)[0], feeds["attention_mask"]) <= 1e-4
     assert merged.answers(IMAGES, QUESTIONS) == vlm.answers(IMAGES, QUESTIONS)
 

@@ -38,9 +38,9 @@ def test_quantised_weights_are_smaller(tiny_model_dir):
     assert sizes["nf4"] < sizes["int8"] < sizes["none"]
 
 
-def test_lora_targets_only_the_language_model(tiny_model_dir):
+def test_lora_targets_follow_the_model_parts(tiny_model_dir):
     loaded = load_vlm(tiny_model_dir, quantization="nf4")
-    model = attach_lora(loaded.model, LoraSettings(r=4, include_projector=False))
+    model = attach_lora(loaded.model, LoraSettings(r=4, layers=("attention",)))
     adapted = {name.rsplit(".lora_", 1)[0] for name, _ in model.named_parameters() if ".lora_" in name}
     assert adapted, "no LoRA modules"
     assert all(".language_model.layers." in name and ".self_attn." in name for name in adapted)
@@ -50,11 +50,21 @@ def test_lora_targets_only_the_language_model(tiny_model_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
-    with_projector = attach_lora(load_vlm(tiny_model_dir, quantization="none").model,
-                                 LoraSettings(r=4, include_projector=True))
-    names = {n for n, _ in with_projector.named_parameters() if ".lora_" in n}
-    assert any("multi_modal_projector" in n for n in names)
-    assert not any("vision_tower" in n for n in names)
+    def adapted_modules(settings):
+        peft_model = attach_lora(load_vlm(tiny_model_dir, quantization="none").model, settings)
+        return {n.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
+                for n, _ in peft_model.named_parameters() if ".lora_" in n}
+
+    # The default: attention and MLP of the language model (2 layers x 7 projections).
+    default = adapted_modules(LoraSettings(r=4))
+    assert len(default) == 14 and all(".language_model." in n for n in default)
+    with_projector = adapted_modules(LoraSettings(r=4, parts=("language", "projector")))
+    assert with_projector - default == {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"}
+    vision = adapted_modules(LoraSettings(r=4, parts=("vision",), layers=("mlp",)))
+    assert vision and all(".vision_tower." in n and ".mlp." in n for n in vision)
+    explicit = adapted_modules(LoraSettings(r=4, target_modules=r".*layers\.0\.self_attn\.q_proj"))
+    assert explicit == {"model.language_model.layers.0.self_attn.q_proj",
+                        "model.vision_tower.encoder.layers.0.self_attn.q_proj"}
 
 
 def test_frozen_factor_stays_fixed(tiny_model_dir, examples):

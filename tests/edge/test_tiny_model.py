@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -61,8 +62,25 @@ def test_missing_model_is_a_clear_error_never_a_download(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_vlm(tmp_path / "empty")
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        load_vlm("llava-hf/llava-1.5-7b-hf")  # a hub id is not a local path
+    with pytest.raises(ModelLoadError, match="not in the Hugging Face cache.*never downloads"):
+        load_vlm("llava-hf/llava-1.5-7b-hf")  # a hub id that is not cached here
+
+
+def test_a_hub_id_loads_from_the_local_cache(tmp_path):
+    """``--model ORG/NAME`` resolves through the Hugging Face cache layout, offline."""
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--fedvlm-test--tiny-smolvlm"
+    make_tiny_model(repo / "snapshots" / revision, "tiny", arch="smolvlm")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = ("from fedvlm.edge.model_loading import load_vlm; "
+            "v = load_vlm('fedvlm-test/tiny-smolvlm', quantization='none', device='cpu'); "
+            "print(type(v.model).__name__, v.model_dir.name)")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SmolVLMForConditionalGeneration", revision]
 
 
 def test_fingerprint_tells_different_weights_apart(tmp_path):
