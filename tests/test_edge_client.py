@@ -28,8 +28,9 @@ def _client(tmp_path, model_dir, federation, name, secret, broker, data):
 
 
 def _hub(tmp_path, broker, **settings) -> HubService:
+    settings.setdefault("lora", LoraSettings(r=4, alpha=8))
     config = HubConfig(federation="fed", state_dir=tmp_path / "hub", broker=broker.url, round_timeout_s=60,
-                       done_linger_s=0, lora=LoraSettings(r=4, alpha=8), **settings)
+                       done_linger_s=0, **settings)
     return HubService(config, console=Console(enabled=False)).start()
 
 

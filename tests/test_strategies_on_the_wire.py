@@ -11,7 +11,8 @@ import numpy as np
 from fedvlm.edge.device_state import load_state
 from fedvlm.edge.dual_adapter import REFERENCE_KEY
 from fedvlm.hub.clients import register_client
-from fedvlm.shared.lora_keys import factor_of, pair_by_module, rank_axis
+from fedvlm.shared.lora_config import LoraSettings, module_part
+from fedvlm.shared.lora_keys import factor_of, module_of, pair_by_module, rank_axis
 from fedvlm.shared.mqtt_link import MqttLink
 from tests.brokers import MosquittoProcess
 from tests.test_edge_client import _client, _hub, _run_to_the_end
@@ -20,7 +21,7 @@ from tests.test_federation_e2e import Capture
 DEVICES = ("a", "b")
 
 
-def federate(tmp_path, model_dir, federation, strategy, *, options=None, ranks=(None, None)):
+def federate(tmp_path, model_dir, federation, strategy, *, options=None, ranks=(None, None), **hub_settings):
     """One round of ``strategy`` with two devices; returns the capture and the devices."""
     mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
     try:
@@ -30,7 +31,7 @@ def federate(tmp_path, model_dir, federation, strategy, *, options=None, ranks=(
         link.connect()
         link.subscribe("fedvlm/v1/#", capture.on_message)
         hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=2, strategy=strategy,
-                   strategy_options=options or {})
+                   strategy_options=options or {}, **hub_settings)
         devices = [_client(tmp_path, model_dir, "fed", name, secrets[name], mosquitto.broker,
                            federation.clients[index]) for index, name in enumerate(DEVICES)]
         for device, rank in zip(devices, ranks):
@@ -95,3 +96,16 @@ def test_a_rank_split_sends_only_its_shared_rank_components(tmp_path, tiny_model
     first, second = (load_state(tmp_path / "devices" / device.client_id).personal for device in devices)
     assert all(value.shape[rank_axis(key)] == 3 for key, value in first.items())
     assert any(not np.allclose(first[key], second[key]) for key in first if factor_of(key) == "B")
+
+
+def test_vision_shared_sends_the_vision_side_and_keeps_the_language_side(tmp_path, tiny_model_dir, tiny_federation):
+    """vision-shared with LoRA on all three parts: only vision-tower and projector factors travel."""
+    lora = LoraSettings(r=4, alpha=8, parts=("language", "vision", "projector"))
+    capture, devices = federate(tmp_path, tiny_model_dir, tiny_federation, "vision-shared", lora=lora)
+    (published,) = capture.globals.values()
+    for tensors in [tensors for _, _, _, tensors in capture.updates] + [published]:
+        assert {module_part(module_of(key)) for key in tensors} == {"vision", "projector"}
+        assert {factor_of(key) for key in tensors} == {"A", "B"}
+    for device in devices:
+        personal = load_state(tmp_path / "devices" / device.client_id).personal
+        assert personal and {module_part(module_of(key)) for key in personal} == {"language"}

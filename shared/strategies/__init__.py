@@ -28,9 +28,11 @@ from .ffa import FFALoRA
 from .local import LocalOnly, NoUpdatesAggregator
 from .plora import PLoRA
 from .rank_split import RankSplit
+from .vision_shared import VisionShared
 
 _STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (PLoRA, FedIT, FFALoRA, FedSALoRA, FedExLoRA, LocalOnly, RankSplit, FedDPA, FlexLoRA)
+    cls.name: cls for cls in (PLoRA, FedIT, FFALoRA, FedSALoRA, FedExLoRA, LocalOnly, RankSplit, FedDPA, FlexLoRA,
+                              VisionShared)
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(_STRATEGIES)
 DEFAULT_STRATEGY = PLoRA.name
@@ -91,6 +93,7 @@ __all__ = [
     "RankSplit",
     "STRATEGY_NAMES",
     "Strategy",
+    "VisionShared",
     "base_delta_key",
     "build_strategy",
     "get_strategy",

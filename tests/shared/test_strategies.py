@@ -45,7 +45,7 @@ EXPECTED_SHARED = {
 
 # Strategies that share parts of tensors or whose devices differ in rank (test_strategy_slices.py,
 # test_flexlora.py).
-SLICING = {"rank-split", "feddpa", "flexlora"}
+SLICING = {"rank-split", "feddpa", "flexlora", "vision-shared"}
 
 
 def test_registry_lists_every_strategy_and_refuses_unknown_names():

@@ -114,3 +114,25 @@ def test_a_lora_b_bias_travels_only_with_all_of_b():
     assert f"{MODULES[0]}.lora_B.bias" in get_strategy("plora").split(adapter)[0]
     shared, personal = rank_split(2).split(adapter)
     assert f"{MODULES[0]}.lora_B.bias" in personal and f"{MODULES[0]}.lora_B.bias" not in shared
+
+
+def test_vision_shared_splits_by_model_part_and_needs_the_vision_side_adapted():
+    vision = "base_model.model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"
+    projector = "base_model.model.model.multi_modal_projector.linear_1"
+    adapter = {**make_adapter(0, rank=RANK), f"{vision}.lora_A.weight": np.ones((RANK, 8), np.float32),
+               f"{vision}.lora_B.weight": np.ones((6, RANK), np.float32),
+               f"{projector}.lora_A.weight": np.ones((RANK, 8), np.float32),
+               f"{projector}.lora_B.weight": np.ones((6, RANK), np.float32)}
+    lora = LoraSettings(r=RANK, parts=("language", "vision", "projector"))
+    shared, personal = build_strategy("vision-shared", {}, lora).split(adapter)
+    assert set(shared) == {f"{m}.lora_{f}.weight" for m in (vision, projector) for f in "AB"}
+    assert set(personal) == set(adapter) - set(shared)  # every language-model factor, and the head
+    only_projector = build_strategy("vision-shared", {"shared_parts": "projector"}, lora)
+    assert set(only_projector.split(adapter)[0]) == {f"{projector}.lora_A.weight", f"{projector}.lora_B.weight"}
+    language_factor = f"{MODULES[0]}.lora_B.weight"
+    assert "keeps on the device" in only_projector.update_problem({language_factor: (6, RANK)})
+    assert only_projector.layout_hash(lora) != build_strategy("vision-shared", {}, lora).layout_hash(lora)
+    with pytest.raises(UsageError, match="adapt only the language: adapt the vision side too"):
+        build_strategy("vision-shared", {}, LoraSettings(r=RANK))
+    with pytest.raises(UsageError, match="shared_parts must name some of vision, projector"):
+        get_strategy("vision-shared", shared_parts=["language"])
