@@ -9,6 +9,7 @@ from pathlib import Path
 from fedvlm.shared.cli_support import add_lora_target_options, lora_target_fields
 from fedvlm.simulate.settings import (
     ALL_STRATEGIES,
+    DEFAULT_STRATEGIES,
     SCENARIOS,
     Partition,
     SimulationSettings,
@@ -47,10 +48,11 @@ def add_simulate_command(commands) -> None:
     simulate.add_argument("--model", default=None, metavar="DIR|ID",
                           help="base VLM: a folder, or a Hugging Face id in the local cache (default: the "
                                "pre-trained small model in work/models/small-pretrained, built if missing)")
-    simulate.add_argument("--strategies", default=",".join(ALL_STRATEGIES),
-                          help="comma-separated; centralised (one LoRA on the union of the clients' data) and base "
-                               "(no training) are references; plora-refit (beyond the paper: pLoRA whose clients "
-                               "refit A alone after each global B, same compute and bytes) may be added")
+    simulate.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                          help="comma-separated, of " + ",".join(ALL_STRATEGIES) + "; centralised (one LoRA on the "
+                               "union of the clients' data) and base (no training) are references; a strategy takes "
+                               "options in brackets, e.g. plora[refit_steps=2] or rank-split[shared_rank=2]; "
+                               "plora-refit is plora[refit_steps=LOCAL_STEPS/4]")
     simulate.add_argument("--rounds", type=int, default=_DEFAULTS["rounds"], help="federated rounds")
     simulate.add_argument("--local-steps", type=int, default=_DEFAULTS["local_steps"],
                           help="optimiser steps per client per round")

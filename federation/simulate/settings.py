@@ -13,7 +13,7 @@ from typing import Any
 
 from fedvlm.shared.cli_support import option_value
 from fedvlm.shared.lora_config import LoraSettings
-from fedvlm.shared.strategies import STRATEGY_NAMES, get_strategy
+from fedvlm.shared.strategies import STRATEGY_NAMES, build_strategy, get_strategy
 from fedvlm.shared.usage_error import UsageError
 
 # Not federations: references every table is read against.
@@ -26,6 +26,10 @@ REFERENCES: tuple[str, ...] = (CENTRALISED, BASE)
 PLORA_REFIT = "plora-refit"
 VARIANTS: dict[str, str] = {PLORA_REFIT: "plora"}
 ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
+# What a run compares unless told otherwise: the paper's method, the federated LoRA baselines,
+# `local` and the references. The other strategies are named with --strategies (vision-shared
+# also needs the vision side adapted, --lora-parts).
+DEFAULT_STRATEGIES: tuple[str, ...] = ("plora", "fedit", "ffa", "fedsa", "fedex", "local") + REFERENCES
 KNOWN_STRATEGIES: tuple[str, ...] = ALL_STRATEGIES + tuple(VARIANTS)
 SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "iid")
 DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
@@ -163,7 +167,7 @@ class SimulationSettings:
     examples_per_client: int = 32
     test_examples_per_client: int = 32
     model: Path | str | None = None
-    strategies: tuple[str, ...] = ALL_STRATEGIES
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     rounds: int = 5
     local_steps: int = 10
     fraction: float = 1.0
@@ -211,13 +215,15 @@ class SimulationSettings:
         if PLORA_REFIT in self.strategies and self.local_steps < 2:
             raise UsageError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
                              "give at least 2")
-        LoraSettings(r=self.lora_rank, parts=self.lora_parts, layers=self.lora_layers,
-                     target_modules=self.lora_target_modules)  # the flags' own checks
         if any(not 1 <= rank <= self.lora_rank for rank in self.client_ranks):
             raise UsageError(f"--client-ranks {','.join(map(str, self.client_ranks))}: every rank must be between 1 "
                              f"and --lora-rank {self.lora_rank}, the federation's")  # fmt: skip
+        lora = LoraSettings(r=self.lora_rank, parts=self.lora_parts, layers=self.lora_layers,
+                            target_modules=self.lora_target_modules)
         for label in self.strategies:
             name, options = strategy_spec(label, self.refit_steps)
+            if name in STRATEGY_NAMES:  # options that do not fit the layout end here, before any run
+                build_strategy(name, options, lora)
             if name in STRATEGY_NAMES and get_strategy(name, **options).refit_steps >= self.local_steps:
                 raise UsageError(f"{label} refits the personal factors for {options['refit_steps']} of each round's "
                                  f"--local-steps {self.local_steps}: give more local steps or fewer refit_steps")
