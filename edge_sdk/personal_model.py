@@ -42,10 +42,6 @@ def _split_state(state: Mapping[str, np.ndarray], extra_keys: frozenset[str]) ->
     return factors, deltas, extras
 
 
-# Any LoRA factor name: a rank split shares the same leading components of every factor.
-_ANY_FACTOR = "adapter.lora_A.weight"
-
-
 class PersonalVLM:
     """A loaded VLM with pLoRA (or another strategy's) factors attached.
 
@@ -68,7 +64,7 @@ class PersonalVLM:
         self.model = attach_lora(loaded.model, self.lora, frozen_factors=self.strategy.frozen_factors, rank=self.rank)
         # FedDPA weighs its global and personal adapters per input (fedvlm.edge.dual_adapter).
         self.mixing = InstanceMixing(
-            self.model, global_rank=self.strategy.shared_rank(_ANY_FACTOR, self.rank),
+            self.model, global_rank=self.strategy.global_rank or self.rank // 2,
             max_personal_weight=self.strategy.max_personal_weight,
             training_personal_weight=self.strategy.training_personal_weight,
             reference_examples=self.strategy.reference_examples,

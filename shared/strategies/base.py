@@ -186,7 +186,8 @@ class Strategy:
     # ---- options ---------------------------------------------------------------------------------
 
     def options(self) -> dict[str, Any]:
-        """The constructor parameters that differ from nothing: what the hub announces (JSON values)."""
+        """Every constructor parameter with its value (JSON values): what the hub announces in
+        its round configuration, so that each device builds the same strategy."""
         return {}
 
     def layout_options(self) -> dict[str, Any]:
