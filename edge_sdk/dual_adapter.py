@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from fedvlm.edge.batching import IGNORE_INDEX, collate, to_device
+from fedvlm.edge.frozen_components import frozen_components
 from fedvlm.edge.training import TrainingConfig, TrainMetrics, train
-from fedvlm.shared.lora_keys import rank_axis
 
 __all__ = ["InstanceMixing", "REFERENCE_KEY"]
 
@@ -184,7 +184,7 @@ class InstanceMixing:
         """The global adapter for the first half of the steps (personal frozen), then the personal
         adapter (global frozen); then the reference is recomputed."""
         global_steps = math.ceil(config.steps / 2)
-        phases = [(global_steps, "personal"), (config.steps - global_steps, "global")]
+        phases = [(global_steps, "personal"), (config.steps - global_steps, "global")]  # (steps, held part)
         results = []
         for index, (steps, frozen) in enumerate(phases):
             if steps < 1:
@@ -195,31 +195,10 @@ class InstanceMixing:
         self.refresh_reference(encoded, processor.tokenizer.pad_token_id)
         return _combined(results)
 
-    @contextlib.contextmanager
-    def _frozen(self, part: str) -> Iterator[None]:
-        """Keep the global or personal rank components of every factor where they are: their
-        gradients are zeroed (so clipping and the optimiser never see them), and their values
-        are restored afterwards (weight decay would otherwise still move them)."""
-        handles, saved = [], []
-        for name, parameter in self.model.named_parameters():
-            axis = rank_axis(name.replace(".default", ""))
-            if axis is None or not parameter.requires_grad:
-                continue
-            index = [slice(None)] * parameter.dim()
-            index[axis] = slice(self.global_rank, None) if part == "personal" else slice(0, self.global_rank)
-            index = tuple(index)
-            saved.append((parameter, index, parameter.detach()[index].clone()))
-            mask = torch.ones_like(parameter)
-            mask[index] = 0
-            handles.append(parameter.register_hook(lambda grad, mask=mask: grad * mask))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            with torch.no_grad():
-                for parameter, index, value in saved:
-                    parameter[index] = value
+    def _frozen(self, part: str):
+        """Hold the global or the personal adapter's components while the other trains."""
+        k = self.global_rank
+        return frozen_components(self.model, lambda key, rank: (k, rank) if part == "personal" else (0, min(k, rank)))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -20,6 +20,7 @@ from fedvlm.edge.base_delta import base_deltas, set_base_deltas
 from fedvlm.edge.chat_format import ChatFormat
 from fedvlm.edge.device_state import DeviceState
 from fedvlm.edge.dual_adapter import REFERENCE_KEY, InstanceMixing
+from fedvlm.edge.frozen_components import frozen_components
 from fedvlm.edge.evaluation import EvalMetrics, evaluate, generate_answers
 from fedvlm.edge.model_loading import LoadedVLM, load_vlm
 from fedvlm.edge.training import QAExample, TrainingConfig, TrainMetrics, encode_examples, train
@@ -185,20 +186,21 @@ class PersonalVLM:
         return train(self.model, self.processor, encoded, self._strategy_config(config, steps), **kwargs)
 
     def refit_personal(self, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics | None:
-        """Train the personal factors alone (the shared ones just received stay frozen) for the
-        strategy's ``refit_steps``; None when it has none. pLoRA: A fits the global B."""
+        """The strategy's ``refit_steps`` of :meth:`train_personal` (None when it has none):
+        pLoRA's A fits the global B just received."""
         if not self.strategy.refit_steps:
             return None
-        frozen = [parameter for name, parameter in self.model.named_parameters()
-                  if parameter.requires_grad and factor_of(name) in self.strategy.shared_factors]  # fmt: skip
-        for parameter in frozen:
-            parameter.requires_grad_(False)
-        try:
-            return train(self.model, self.processor, encoded,
-                         self._strategy_config(config, self.strategy.refit_steps), **kwargs)  # fmt: skip
-        finally:
-            for parameter in frozen:
-                parameter.requires_grad_(True)
+        return self.train_personal(encoded, dataclasses.replace(config, steps=self.strategy.refit_steps), **kwargs)
+
+    def train_personal(self, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics:
+        """Train the personal part alone for ``config.steps``, the shared part (whole factors or
+        rank components) held as it is: a refit to a new global version, or a device that
+        joins late adapting only what is its own."""
+        def shared(key: str, rank: int) -> tuple[int, int]:
+            return 0, self.strategy.shared_rank(key, rank)
+
+        with frozen_components(self.model, shared):
+            return train(self.model, self.processor, encoded, self._strategy_config(config, config.steps), **kwargs)
 
     def _strategy_config(self, config: TrainingConfig, steps: int) -> TrainingConfig:
         scales = dict(config.factor_lr_scales)

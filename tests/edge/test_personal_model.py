@@ -171,3 +171,19 @@ def test_a_device_of_lower_rank_is_the_leading_block_of_the_federations_adapter(
         PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="plora", quantization="none", rank=2)
     with pytest.raises(UsageError, match="between 1 and the federation's r=4"):
         PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="flexlora", quantization="none", rank=5)
+
+
+@pytest.mark.parametrize("strategy", ["plora", "rank-split"])
+def test_train_personal_holds_the_shared_part_whole_factors_or_rank_components(tiny_model_dir, colour_examples,
+                                                                               strategy):
+    """What a device that joins late (or refits to a new global version) trains: its personal
+    part alone; under rank-split the shared components of the very same tensors stay put."""
+    model = _model(tiny_model_dir, strategy, quantization="none")
+    rng = np.random.default_rng(0)  # B at zero would give A no gradient
+    model.load_adapter_state({k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in model.adapter_state().items()})
+    shared, personal = model.shared_update(), model.personal_factors()
+    metrics = model.train_personal(model.encoded(colour_examples), QUICK)
+    assert metrics.steps == QUICK.steps
+    assert all(np.array_equal(value, shared[key]) for key, value in model.shared_update().items())
+    assert any(not np.array_equal(value, personal[key]) for key, value in model.personal_factors().items())
+    assert all(p.requires_grad for name, p in model.model.named_parameters() if factor_of(name))  # restored
