@@ -11,9 +11,9 @@ per input at inference (FedDPA's instance-wise dynamic weighting):
 
     w(x) = max_personal_weight * mean_k cos(rep(x), rep(x_k))
 
-where rep is the language model's last hidden state at the prompt's last token with the
-personal adapter alone (as FedDPA's code computes it, ``emb_type="last"``), and x_k are
-the device's training prompts. The mean of cosines is the dot product with the mean of the
+where rep is the language model's last hidden state with the personal adapter alone, at
+the prompt's last token (FedDPA's code's default, ``emb_type="last"``) or averaged over the
+prompt (its ``emb_type="avg"``), and x_k are the device's training prompts. The mean of cosines is the dot product with the mean of the
 normalised training representations, the reference, which is a personal tensor of the
 adapter state (``REFERENCE_KEY``) and never leaves the device. Weighing an input costs one
 more pass of the language model over the prompt, at inference only.
@@ -53,15 +53,17 @@ class InstanceMixing:
         max_personal_weight: FedDPA's cap on the personal weight at inference.
         training_personal_weight: the personal weight while training (and before a reference exists).
         reference_examples: training prompts whose representations form the reference.
+        representation: ``last`` (the last prompt position's hidden state) or ``mean`` (over the prompt).
     """
 
     def __init__(self, peft_model: torch.nn.Module, *, global_rank: int, max_personal_weight: float,
-                 training_personal_weight: float, reference_examples: int) -> None:  # fmt: skip
+                 training_personal_weight: float, reference_examples: int, representation: str = "last") -> None:  # fmt: skip
         self.model = peft_model
         self.global_rank = global_rank
         self.max_personal_weight = max_personal_weight
         self.training_personal_weight = training_personal_weight
         self.reference_examples = reference_examples
+        self.representation = representation
         self.reference: torch.Tensor | None = None  # mean of normalised training representations
         self._row_weights: torch.Tensor | None = None  # personal weight of each row of the current batch
         self._recording: list[torch.Tensor] | None = None
@@ -102,8 +104,9 @@ class InstanceMixing:
             self._last_weights = self._row_weights.detach().cpu()
 
     def _represent(self, language_model: torch.nn.Module, kwargs: dict, positions: torch.Tensor | None) -> torch.Tensor:
-        """The last hidden state at each row's last prompt position (the last set one of
-        ``positions``, else of the attention mask), with the personal adapter alone."""
+        """The last hidden state, with the personal adapter alone, at each row's last prompt
+        position or averaged over the prompt (``representation``); the prompt is the set
+        positions of ``positions``, else of the attention mask."""
         inner = {key: kwargs[key] for key in ("inputs_embeds", "attention_mask", "position_ids") if key in kwargs}
         self._personal_only = True
         try:
@@ -113,10 +116,13 @@ class InstanceMixing:
             self._personal_only = False
         mask = positions if positions is not None else kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
-            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-        else:  # the index of the last set position of each row
-            order = torch.arange(mask.shape[1], device=hidden.device)
-            last = (mask.to(hidden.device).bool() * (order + 1)).argmax(dim=1)
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = mask.to(hidden.device).bool()
+        if self.representation == "mean":  # FedDPA's emb_type="avg": the mean over the prompt
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)).float()
+        order = torch.arange(mask.shape[1], device=hidden.device)
+        last = (mask * (order + 1)).argmax(dim=1)  # the index of each row's last prompt position
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
 
     def _gate(self, module: torch.nn.Module, args: tuple) -> tuple:

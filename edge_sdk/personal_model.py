@@ -69,6 +69,7 @@ class PersonalVLM:
             max_personal_weight=self.strategy.max_personal_weight,
             training_personal_weight=self.strategy.training_personal_weight,
             reference_examples=self.strategy.reference_examples,
+            representation=self.strategy.representation,
         ) if isinstance(self.strategy, FedDPA) else None  # fmt: skip
         self._extra_keys = frozenset({REFERENCE_KEY}) if self.mixing is not None else frozenset()
         self._initial_state = adapter_state(self.model)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ..usage_error import UsageError
 from .base import option_count, option_number
 from .rank_split import RankSplit
+
+# How an input is represented for its weight: the last hidden state at the prompt's last
+# token, or averaged over the prompt (FedDPA's code: emb_type "last", "avg").
+REPRESENTATIONS = ("last", "mean")
 
 
 class FedDPA(RankSplit):
@@ -23,8 +28,8 @@ class FedDPA(RankSplit):
       weighting): ``w(x) = max_personal_weight * cos(rep(x), reference)``, where the reference
       is the mean of the normalised representations of the device's training prompts, so an
       input like the device's own data leans on the personal adapter and an unfamiliar one on
-      the global adapter (``fedvlm.edge.dual_adapter``: rep is the mean of the language
-      model's input embeddings over the prompt; the paper uses the last hidden state);
+      the global adapter (``fedvlm.edge.dual_adapter``: rep is the language model's last
+      hidden state under the personal adapter, see ``representation``);
     - local training is FedDPA-T's: the round's steps are split between the global adapter
       (personal one frozen) and then the personal adapter (global one frozen), both weighted
       by ``training_personal_weight``.
@@ -49,14 +54,21 @@ class FedDPA(RankSplit):
             a reference (default 0.5: the two adapters at equal weight).
         reference_examples: training prompts whose representations make the reference
             (default 16).
+        representation: ``last`` (default, the paper code's: the last hidden state at the
+            prompt's last token) or ``mean`` (averaged over the prompt, its ``avg``).
         ``new_aggregator(scaling)`` takes LoRA's lora_alpha / r (only checked).
     """
 
     name: ClassVar[str] = "feddpa"
 
     def __init__(self, global_rank: int | None = None, max_personal_weight: float = 0.5,
-                 training_personal_weight: float = 0.5, reference_examples: int = 16) -> None:  # fmt: skip
+                 training_personal_weight: float = 0.5, reference_examples: int = 16,
+                 representation: str = "last") -> None:  # fmt: skip
         super().__init__(shared_rank=global_rank)
+        if representation not in REPRESENTATIONS:
+            raise UsageError(f"{self.name} option representation must be one of {', '.join(REPRESENTATIONS)}, got "
+                             f"{representation!r}")  # fmt: skip
+        self.representation = representation
         self.max_personal_weight = option_number(self.name, "max_personal_weight", max_personal_weight, high=1.0,
                                                  low_inclusive=True)  # fmt: skip
         self.training_personal_weight = option_number(self.name, "training_personal_weight",
@@ -70,7 +82,7 @@ class FedDPA(RankSplit):
     def options(self) -> dict[str, Any]:
         return {"global_rank": self.global_rank, "max_personal_weight": self.max_personal_weight,
                 "training_personal_weight": self.training_personal_weight,
-                "reference_examples": self.reference_examples}
+                "reference_examples": self.reference_examples, "representation": self.representation}
 
     def layout_options(self) -> dict[str, Any]:
         return {"global_rank": self.global_rank}
