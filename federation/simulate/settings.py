@@ -22,7 +22,7 @@ BASE = "base"  # the pre-trained base, no training
 REFERENCES: tuple[str, ...] = (CENTRALISED, BASE)
 # Beyond the paper: pLoRA whose clients, after absorbing each global B, refit their personal A
 # alone for a quarter of their local steps (B frozen), taken from the joint steps: the same
-# compute and the same bytes as pLoRA. Simulation only: devices do not do it yet.
+# compute and the same bytes as pLoRA. The name for plora[refit_steps=LOCAL_STEPS // 4].
 PLORA_REFIT = "plora-refit"
 VARIANTS: dict[str, str] = {PLORA_REFIT: "plora"}
 ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
