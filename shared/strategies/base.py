@@ -268,7 +268,6 @@ class Strategy:
         or None if they could. The one rule both sides apply: the hub refuses such an update,
         and an aggregator never sums such a tensor, so a personal part cannot reach the global
         state either way."""
-        allowed = " and ".join(f"lora_{f}" for f in sorted(self.shared_factors)) or "no"
         for key, shape in shapes.items():
             factor = lora_keys.factor_of(key)
             axis = lora_keys.rank_axis(key)
@@ -276,8 +275,14 @@ class Strategy:
             if factor is None or self.shared_rank(key, rank) <= 0:
                 described = "not a LoRA factor" if factor is None else f"a lora_{factor} factor"
                 return (f"update tensor {key!r} is {described}, which strategy {self.name!r} keeps on the device; "
-                        f"send only {allowed} tensors")
+                        f"send only {self.shared_description()}")
         return None
+
+    def shared_description(self) -> str:
+        """What a device of this strategy sends, in words (for refusals)."""
+        if not self.shared_factors:
+            return "no tensors"
+        return " and ".join(f"lora_{f}" for f in sorted(self.shared_factors)) + " tensors"
 
     def layout_spec(self, shared_tensors: Mapping[str, np.ndarray]) -> TensorSpec:
         """The layout the federation pins from its first update and holds every later one to:

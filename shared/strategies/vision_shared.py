@@ -70,6 +70,9 @@ class VisionShared(Strategy):
                              "(e.g. --lora-parts language,vision,projector)")  # fmt: skip
         return dict(options)
 
+    def shared_description(self) -> str:
+        return f"the lora_A and lora_B tensors of the {' and '.join(self.shared_parts)}"
+
     def shared_rank(self, key: str, rank: int) -> int:
         if lora_keys.factor_of(key) is None:
             return 0
