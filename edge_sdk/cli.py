@@ -23,7 +23,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", default="plora", help="plora (default), fedit, ffa, fedsa, fedex or local")
+    from fedvlm.shared.strategies import STRATEGY_NAMES
+
+    parser.add_argument("--strategy", default="plora", choices=STRATEGY_NAMES, help="which factors are shared "
+                        "(default: plora); its options at their defaults")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
     parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha; scaling is alpha/r (default: 16)")
     parser.add_argument("--lora-seed", type=int, default=0, help="seed of the LoRA initialisation, fixed per federation")
