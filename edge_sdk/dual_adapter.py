@@ -26,6 +26,7 @@ training weight; then the reference is recomputed on the training prompts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -35,6 +36,7 @@ import torch
 from fedvlm.edge.batching import IGNORE_INDEX, collate, to_device
 from fedvlm.edge.frozen_components import frozen_components
 from fedvlm.edge.training import TrainingConfig, TrainMetrics, train
+from fedvlm.shared.lora_config import module_part
 
 __all__ = ["InstanceMixing", "REFERENCE_KEY"]
 
@@ -70,10 +72,13 @@ class InstanceMixing:
         self._record_mask: torch.Tensor | None = None
         self._last_weights: torch.Tensor | None = None
         self._personal_only = False  # set during the representation pass
-        b_modules = [module for name, module in peft_model.named_modules() if name.endswith("lora_B.default")]
+        b_modules = {name: module for name, module in peft_model.named_modules() if name.endswith("lora_B.default")}
         if not b_modules:
             raise ValueError("FedDPA needs a LoRA adapter named 'default' on the model")
-        self._handles = [module.register_forward_pre_hook(self._gate) for module in b_modules]
+        # Inputs are weighed before the language model runs: its layers mix per input; layers
+        # elsewhere (a vision tower's, which runs first) keep the training weight.
+        self._handles = [module.register_forward_pre_hook(functools.partial(
+            self._gate, per_input=module_part(name) == "language")) for name, module in b_modules.items()]
         language_models = [module for name, module in peft_model.named_modules()
                            if name.rsplit(".", 1)[-1] in _LANGUAGE_MODELS]  # fmt: skip
         if not language_models:
@@ -125,11 +130,11 @@ class InstanceMixing:
         last = (mask * (order + 1)).argmax(dim=1)  # the index of each row's last prompt position
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
 
-    def _gate(self, module: torch.nn.Module, args: tuple) -> tuple:
+    def _gate(self, module: torch.nn.Module, args: tuple, *, per_input: bool) -> tuple:
         """Before a lora_B: global components times (1 - w), personal ones times w."""
         (x, *rest) = args
         rank = x.shape[-1]
-        weights = self._row_weights
+        weights = self._row_weights if per_input else None
         if self._personal_only:
             weights = torch.ones(1, device=x.device)
         elif weights is None or x.dim() != 3 or len(weights) != x.shape[0]:
