@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedvlm.simulate import ALL_STRATEGIES, SimulationSettings, simulate
+from fedvlm.simulate import DEFAULT_STRATEGIES, SimulationSettings, simulate
 from fedvlm.simulate.settings import PLORA_REFIT, parse_seeds, parse_strategies
 
 PAPER_RELATIVE_GAIN = 0.245
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--examples-per-client", type=int, default=32)
     parser.add_argument("--global-test-size", type=int, default=64)
-    parser.add_argument("--strategies", default=",".join(ALL_STRATEGIES + (PLORA_REFIT,)),
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES + (PLORA_REFIT,)),
                         help="every strategy and reference, and the plora-refit variant (beyond the paper)")
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -35,15 +35,21 @@ _INIT_LOCK = threading.Lock()
 
 
 def attach_lora(
-    model: torch.nn.Module, settings: LoraSettings, *, frozen_factors: Iterable[str] = ()
+    model: torch.nn.Module, settings: LoraSettings, *, frozen_factors: Iterable[str] = (), rank: int | None = None
 ) -> PeftModel:
     """Wrap ``model`` with LoRA factors initialised from ``settings.init_seed``.
 
     ``frozen_factors`` ("A" and/or "B") stay at their initial values (FFA-LoRA freezes A).
+    ``rank`` below ``settings.r`` gives a device of lower rank in a federation of rank r
+    (strategies with heterogeneous ranks): its factors are the leading block of the
+    federation's initialisation, and its scaling is the federation's ``alpha / r``.
     """
+    rank = settings.r if rank is None else rank
+    if not 1 <= rank <= settings.r:
+        raise ValueError(f"a device's LoRA rank must be between 1 and the federation's r={settings.r}, got {rank}")
     config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
+        r=rank,
+        lora_alpha=settings.alpha * rank / settings.r if rank != settings.r else settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=lora_target_modules(model, settings),
         bias="none",
@@ -56,7 +62,7 @@ def attach_lora(
         # PEFT calls a transformers API that transformers 5 deprecates; nothing for a user to do.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
-    _initialise_factors(peft_model, settings.init_seed)
+    _initialise_factors(peft_model, settings.init_seed, settings.r)
     frozen = set(frozen_factors)
     for name, parameter in peft_model.named_parameters():
         factor = factor_of(name)
@@ -85,11 +91,12 @@ def lora_target_modules(model: torch.nn.Module, settings: LoraSettings) -> list[
     return names
 
 
-def _initialise_factors(peft_model: PeftModel, seed: int) -> None:
+def _initialise_factors(peft_model: PeftModel, seed: int, federation_rank: int) -> None:
     """PEFT's default LoRA initialisation (A Kaiming-uniform with a = √5, i.e. uniform in
     ±1/√in_features; B zero), drawn from a generator of the federation's seed rather than
     torch's process-wide RNG: every device gets the same factors, even while other threads
-    of its process draw random numbers (training, dropout).
+    of its process draw random numbers (training, dropout). A is drawn at the federation's
+    rank, so a device of lower rank holds its leading rows.
 
     This is ``LoraSettings.init_scheme`` "seeded-kaiming-v1": change the draws only under a
     new scheme name, or devices of one federation would start from different factors.
@@ -106,8 +113,9 @@ def _initialise_factors(peft_model: PeftModel, seed: int) -> None:
             elif factor == "A":
                 bound = 1.0 / math.sqrt(parameter.shape[1])
                 # Drawn on the CPU, so the numbers are the same whatever device the model is on.
-                values = torch.empty(parameter.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-                parameter.copy_(values)
+                values = torch.empty((federation_rank, parameter.shape[1]), dtype=torch.float32)
+                values.uniform_(-bound, bound, generator=generator)
+                parameter.copy_(values[: parameter.shape[0]])
 
 
 def adapter_state(peft_model: PeftModel) -> dict[str, np.ndarray]:

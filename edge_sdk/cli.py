@@ -23,7 +23,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", default="plora", help="plora (default), fedit, ffa, fedsa, fedex or local")
+    from fedvlm.shared.strategies import STRATEGY_NAMES
+
+    parser.add_argument("--strategy", default="plora", choices=STRATEGY_NAMES, help="which factors are shared "
+                        "(default: plora); its options at their defaults")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
     parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha; scaling is alpha/r (default: 16)")
     parser.add_argument("--lora-seed", type=int, default=0, help="seed of the LoRA initialisation, fixed per federation")
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--batch-size", type=int, default=8, help="default: 8")
     join.add_argument("--lr", type=float, default=2e-3, help="learning rate unless the hub says (default: 2e-3)")
     join.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"], help="default: auto")
+    join.add_argument("--lora-rank", type=int, metavar="R", help="this device's LoRA rank, for strategies whose "
+                      "devices may differ in rank (flexlora): at most the federation's (default: the federation's)")
     join.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     join.add_argument("--username", help="broker username (production brokers)")
     join.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
@@ -197,6 +202,7 @@ def _join(args: argparse.Namespace) -> int:
         training=TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                 progress=not args.quiet),
         quantization=args.quantization, device=args.device, connection=connection, privacy=privacy,
+        lora_rank=args.lora_rank,
     )
     reports = client.run(rounds=args.rounds, timeout=args.timeout)
     for report in reports:

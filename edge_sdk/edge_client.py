@@ -38,6 +38,8 @@ from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.strategies import build_strategy, is_base_delta_key
+from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.mqtt_link import BrokerAddress, Mqtt5Extras, MqttLink, Will
 from fedvlm.shared.protocol import (
     PROTOCOL_VERSION,
@@ -142,6 +144,8 @@ class EdgeClient:
         quantization, device: as in :func:`fedvlm.edge.model_loading.load_vlm`.
         privacy: differential privacy of the shared update (clip, noise multiplier, δ);
             None sends the trained factors as they are.
+        lora_rank: this device's LoRA rank, for strategies whose devices may differ in rank
+            (e.g. flexlora): at most the federation's r. None: the federation's r.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class EdgeClient:
         device: str = "auto",
         connection: ConnectionOptions | None = None,
         privacy: DPConfig | None = None,
+        lora_rank: int | None = None,
     ) -> None:
         if not train_examples:
             raise EdgeClientError("the device has no training examples")
@@ -178,6 +183,7 @@ class EdgeClient:
         self.device = device
         self.connection = connection or ConnectionOptions()
         self.privacy = UpdatePrivatizer(privacy, self.state_dir) if privacy is not None else None
+        self.lora_rank = lora_rank
         self.topics = Topics(federation)
         self.address = BrokerAddress.parse(
             hub_url, username=self.connection.username, password=self.connection.password,
@@ -330,9 +336,16 @@ class EdgeClient:
 
         config = self.hub_state.round_config
         lora = LoraSettings.from_dict(config.get("lora", {}))
-        strategy = config.get("strategy", "plora")
-        self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
-                                                 quantization=self.quantization, device=self.device)
+        try:
+            # The strategy exactly as the hub built it; a strategy or option this SDK does not
+            # know, or a device rank the strategy does not take, stops the device with the reason.
+            strategy = build_strategy(config.get("strategy", "plora"), config.get("strategy_options") or {}, lora)
+            self.model = PersonalVLM.from_pretrained(self.model_dir, lora=lora, strategy=strategy,
+                                                     quantization=self.quantization, device=self.device,
+                                                     rank=self.lora_rank)  # fmt: skip
+        except UsageError as problem:
+            raise EdgeClientError(f"{self.client_id}: cannot take part in federation {self.federation!r}: {problem} "
+                                  "(a strategy or option unknown here: pip install -U fedvlm)") from None
         if self.privacy is not None:  # global version 0: DP measures changes from here
             self._initial_shared = self.model.shared_update()
         pinned = config.get("base_fingerprint")
@@ -391,6 +404,16 @@ class EdgeClient:
             return
         tensors, metadata = tensor_codec.decode(payload)
         self.model.apply_global({k: v.copy() for k, v in tensors.items()})
+        if manifest.round == self.state.round and self.hub_state is not None:
+            # The global version of a round this device took part in: refit the personal factors
+            # to it, with the steps the strategy kept from that round (none: nothing happens).
+            config = self._round_training(self.hub_state, manifest.round)
+            refit = self.model.refit_personal(self.model.encoded(self.train_examples),
+                                              dataclasses.replace(config, seed=config.seed + 500),
+                                              description=f"{self.client_id} refit {manifest.round}")  # fmt: skip
+            if refit is not None:  # recorded with the round it belongs to
+                self.state.metrics = [{**entry, "refit": refit.to_dict()} if entry.get("round") == manifest.round
+                                      else entry for entry in self.state.metrics]  # fmt: skip
         self._link.unsubscribe(self.topics.global_chunks_filter(manifest.version))
         self._fetching_version = None
         self.state.global_version = manifest.version
@@ -459,12 +482,7 @@ class EdgeClient:
 
     def _new_update(self, hub: HubState) -> _Outgoing:
         """Train on the local data, then sign, chunk and save the update as it is published."""
-        config = dataclasses.replace(
-            self.training,
-            steps=int(hub.round_config.get("local_steps", self.training.steps)),
-            learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
-            seed=self.training.seed + hub.round,
-        )
+        config = self._round_training(hub, hub.round)
         if self.privacy is not None:
             self.privacy.before_training(self._dp_reference())
         train_metrics = self.model.train(self.train_examples, config,
@@ -483,6 +501,15 @@ class EdgeClient:
         chunks = upload.chunks(before_last_chunk=self._saving.result)
         return _Outgoing(upload.message_id, upload.envelope_size, chunks, lambda: upload.sent, train_metrics,
                          eval_metrics)  # fmt: skip
+
+    def _round_training(self, hub: HubState, round_number: int) -> TrainingConfig:
+        """This device's training settings with the hub's hints (local steps, learning rate)."""
+        return dataclasses.replace(
+            self.training,
+            steps=int(hub.round_config.get("local_steps", self.training.steps)),
+            learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
+            seed=self.training.seed + round_number,
+        )
 
     def _finish_saving(self) -> None:
         """Wait for the update being saved, if any; a failed save is logged (the round is then
@@ -529,7 +556,7 @@ class EdgeClient:
         metadata = EnvelopeMetadata(
             federation=self.federation, round=round_number, client_id=self.client_id,
             sample_count=len(self.train_examples), strategy=self.model.strategy.name,
-            base_fingerprint=self.model.fingerprint, lora_config_hash=self.model.lora.config_hash(),
+            base_fingerprint=self.model.fingerprint, lora_config_hash=self.model.layout_hash,
         )
         body_metadata = {k: str(v) for k, v in metadata.to_dict().items() if k != "type"}
         if self.privacy is None:
@@ -548,7 +575,9 @@ class EdgeClient:
         change from them. Not the factors before this training run: after a retried round
         those already hold an earlier, unclipped training run."""
         global_state = self.state.global_state if self.state.global_version > 0 else {}
-        return {name: global_state.get(name, initial) for name, initial in self._initial_shared.items()}
+        shapes = {name: initial.shape for name, initial in self._initial_shared.items()}
+        received = self.model.strategy.starting_point(global_state, shapes)  # e.g. this device's rank of it
+        return {name: received.get(name, initial) for name, initial in self._initial_shared.items()}
 
     def _privacy_spent(self, round_number: int) -> PrivacySpent | None:
         """What this round's update spent, with differential privacy on."""
@@ -607,8 +636,10 @@ class EdgeClient:
                 # The hub moved on while we were away, perhaps having accepted this update:
                 # keep the personal factors it was trained with (the shared ones come with
                 # the next global version); re-sending it is pointless now.
-                personal_names = self.model.personal_factors().keys()
-                self.model.load_personal({name: adapter[name] for name in personal_names if name in adapter})
+                _, personal = self.model.strategy.split(adapter)
+                # Not FedEx's base deltas: they come with the global versions.
+                self.model.load_personal({name: value for name, value in personal.items()
+                                          if not is_base_delta_key(name)})  # fmt: skip
             self._clear_pending()
             return None
         signed_part = body_path.read_bytes()

@@ -158,6 +158,9 @@ def export_onnx(personal, out_dir: str | os.PathLike, *, merged: bool = False) -
     params = list(peft_model.parameters())
     if any(p.dtype != torch.float32 for p in params) or personal.loaded.quantization != "none":
         raise OnnxExportError("ONNX export needs the fp32 model: load it with quantization='none'")
+    if getattr(personal, "mixing", None) is not None:
+        raise OnnxExportError("FedDPA weighs its global and personal adapters per input, which an ONNX export does "
+                              "not carry; use the PyTorch model (PersonalVLM.answer) for FedDPA devices")  # fmt: skip
     state = personal.adapter_state()
     lora_state = adapter_state(peft_model)
     if set(state) != set(lora_state):

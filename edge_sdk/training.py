@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from fedvlm.edge.batching import EncodedExample, collate, to_device
 from fedvlm.edge.chat_format import ChatFormat
+from fedvlm.shared.lora_keys import factor_of
 from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.durable_files import write_durably
 
@@ -49,6 +50,8 @@ class TrainingConfig:
         max_grad_norm: gradient clipping norm (None: no clipping).
         seed: seeds the batch order (and dropout) so a run is reproducible.
         progress: show a progress bar.
+        factor_lr_scales: per-factor learning rates, as multiples of ``learning_rate`` keyed
+            by LoRA factor ("A", "B"); a factor not named trains at ``learning_rate``.
     """
 
     steps: int = 20
@@ -59,6 +62,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     progress: bool = True
+    factor_lr_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -116,7 +120,8 @@ def train(
         raise ValueError("the model has no trainable parameters: attach LoRA factors first")
     device = trainable[0].device
     pad_id = processor.tokenizer.pad_token_id
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     per_step = config.batch_size * config.grad_accum
     order = batch_order(len(encoded), config.steps * per_step, config.seed)
 
@@ -164,6 +169,16 @@ def train(
         steps=config.steps - start_step,
         seconds=time.perf_counter() - started,
     )
+
+
+def _parameter_groups(model: torch.nn.Module, config: TrainingConfig) -> list[dict]:
+    """The trainable parameters, one optimiser group per learning rate (``factor_lr_scales``)."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            scale = config.factor_lr_scales.get(factor_of(name) or "", 1.0)
+            groups.setdefault(config.learning_rate * scale, []).append(parameter)
+    return [{"params": parameters, "lr": lr} for lr, parameters in groups.items()]
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedvlm.shared.cli_support import add_lora_target_options, lora_target_fields, read_secret_file, run_command
+from fedvlm.shared.cli_support import (
+    add_lora_target_options,
+    lora_target_fields,
+    parse_option,
+    read_secret_file,
+    run_command,
+)
 from fedvlm.shared.strategies import STRATEGY_NAMES
 
 from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
@@ -39,7 +45,8 @@ round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
 max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s,
 max_update_norm, norm_factor, norm_action, max_sample_count) plus a
-[lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed).
+[lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed) and a
+[strategy_options] table (the strategy's parameters, listed in its class's docstring).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
 The broker password may also come from a file (--password-file, so it never shows in
 `ps`) or the environment variable FEDVLM_BROKER_PASSWORD.
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     federation = start.add_argument_group("federation")
     federation.add_argument("--federation", help="federation id (default: default)")
     federation.add_argument("--strategy", choices=STRATEGY_NAMES, help="aggregation strategy (default: plora)")
+    federation.add_argument("--strategy-option", dest="strategy_options", action="append", type=parse_option,
+                            metavar="KEY=VALUE", help="a parameter of the strategy, e.g. shared_rank=4 for rank-split "
+                            "or refit_steps=2 for plora (repeatable; VALUE is read as JSON, else as text)")
     federation.add_argument("--rounds", type=int, help="rounds to run, then exit (default: run forever)")
     federation.add_argument("--min-clients", type=int, help="online clients needed to open a round (default: 2)")
     federation.add_argument("--fraction", type=float, help="share of online clients selected per round (default: 1)")
@@ -215,7 +225,7 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
     if overrides["password"] is None and os.environ.get(PASSWORD_ENVIRONMENT):
         overrides["password"] = os.environ[PASSWORD_ENVIRONMENT]
     lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "init_seed": args.lora_seed, **lora_target_fields(args)}
-    return load_config(args.config, overrides, lora)
+    return load_config(args.config, overrides, lora, dict(args.strategy_options or ()))
 
 
 def _run_start(args: argparse.Namespace) -> int:

@@ -19,6 +19,9 @@ table with the fields of :class:`~fedvlm.shared.lora_config.LoraSettings`::
     alpha = 16
     init_seed = 0
 
+    [strategy_options]               # the strategy's parameters (see its class), e.g.
+    refit_steps = 2                  # for plora
+
 Unknown keys are an error, so a typo never silently falls back to a default.
 """
 
@@ -40,7 +43,8 @@ from fedvlm.shared.protocol import (
     ProtocolError,
     validate_federation_id,
 )
-from fedvlm.shared.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES
+from fedvlm.shared.strategies import DEFAULT_STRATEGY, STRATEGY_NAMES, Strategy, build_strategy
+from fedvlm.shared.usage_error import UsageError
 
 from .errors import HubConfigError
 from .norm_bound import DEFAULT_NORM_FACTOR, NORM_ACTIONS, NormBoundRule
@@ -59,7 +63,11 @@ class HubConfig:
 
     Attributes:
         federation: federation id; the topic root is ``fedvlm/v1/<federation>/``.
-        strategy: aggregation strategy (``plora``, ``fedit``, ``ffa``, ``fedsa``, ``fedex``, ``local``).
+        strategy: aggregation strategy (``fedvlm.shared.strategies.STRATEGY_NAMES``: ``plora``,
+            ``fedit``, ``ffa``, ``fedsa``, ``fedex``, ``local``, ``rank-split``, ...).
+        strategy_options: the strategy's parameters (its class's docstring lists them), a
+            ``[strategy_options]`` table; announced to every device, so all build the same
+            strategy. Options that change what travels are part of the layout hash.
         rounds: rounds to run, then stop; None runs forever.
         min_clients: registered clients that must be online before a round opens.
         fraction: share of the online clients selected per round (at least ``min_clients``
@@ -99,6 +107,7 @@ class HubConfig:
 
     federation: str = "default"
     strategy: str = DEFAULT_STRATEGY
+    strategy_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     rounds: int | None = None
     min_clients: int = 2
     fraction: float = 1.0
@@ -178,6 +187,18 @@ class HubConfig:
         _check_int("max_sample_count", self.max_sample_count, minimum=1, optional=True)
         if self.norm_action not in NORM_ACTIONS:
             raise HubConfigError(f"norm_action must be one of {', '.join(NORM_ACTIONS)}, got {self.norm_action!r}")
+        if not isinstance(self.strategy_options, Mapping):
+            raise HubConfigError(f"strategy_options must be a table of the strategy's options, got "
+                                 f"{self.strategy_options!r}")  # fmt: skip
+        object.__setattr__(self, "strategy_options", dict(self.strategy_options))
+        self.build_strategy()  # unknown options, or options that do not fit the LoRA layout
+
+    def build_strategy(self) -> Strategy:
+        """The federation's strategy: ``strategy`` with ``strategy_options`` resolved against ``lora``."""
+        try:
+            return build_strategy(self.strategy, self.strategy_options, self.lora)
+        except UsageError as error:
+            raise HubConfigError(f"strategy_options: {error}") from None
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -228,17 +249,29 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             values[key] = str(Path(value).expanduser())
     if "lora" in values and not isinstance(values["lora"], dict):
         raise HubConfigError(f"config file {path}: 'lora' must be a table ([lora] with r, alpha, …)")
+    if "strategy_options" in values and not isinstance(values["strategy_options"], dict):
+        raise HubConfigError(f"config file {path}: 'strategy_options' must be a table ([strategy_options] with the "
+                             "strategy's options)")  # fmt: skip
     return values
 
 
 def load_config(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-                lora_overrides: Mapping[str, Any] | None = None) -> HubConfig:  # fmt: skip
+                lora_overrides: Mapping[str, Any] | None = None,
+                strategy_option_overrides: Mapping[str, Any] | None = None) -> HubConfig:  # fmt: skip
     """The TOML file's settings (if any) with ``overrides`` on top; ``None`` overrides are ignored.
 
-    ``lora_overrides`` replace single fields of the ``[lora]`` table (e.g. ``{"r": 16}``).
+    ``lora_overrides`` replace single fields of the ``[lora]`` table (e.g. ``{"r": 16}``),
+    ``strategy_option_overrides`` single entries of ``[strategy_options]``. A ``strategy``
+    override that names another strategy than the file drops the file's options (they
+    were another strategy's).
     """
     values = read_toml(config_file) if config_file is not None else {}
-    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if "strategy" in given and given["strategy"] != values.get("strategy", given["strategy"]):
+        values.pop("strategy_options", None)
+    values.update(given)
+    if strategy_option_overrides:
+        values["strategy_options"] = {**values.get("strategy_options", {}), **strategy_option_overrides}
     lora_changes = {key: value for key, value in (lora_overrides or {}).items() if value is not None}
     if lora_changes:
         lora = values.get("lora", {})

@@ -154,8 +154,13 @@ class NormBoundedAggregator(Aggregator):
     """
 
     def __init__(self, inner: Aggregator, rule: NormBoundRule, bound: Callable[[], float | None],
-                 reference: Callable[[], Mapping[str, np.ndarray] | None]) -> None:  # fmt: skip
+                 reference: Callable[[], Mapping[str, np.ndarray] | None],
+                 starting_point: Callable[[Mapping[str, np.ndarray], Mapping[str, tuple[int, ...]]],
+                                          Mapping[str, np.ndarray]] | None = None) -> None:  # fmt: skip
         self.inner = inner
+        # What of the global version a device trained from, e.g. the leading rank block of it
+        # for a device of lower rank (Strategy.starting_point); by default the tensors themselves.
+        self._starting_point = starting_point
         self.strategy_name = inner.strategy_name
         self.rule = rule
         self.bound = bound
@@ -176,6 +181,8 @@ class NormBoundedAggregator(Aggregator):
         # refused, never clipped into something acceptable.
         StreamingWeightedMean().check(shared_tensors, weight)
         reference, bound = self._reference(), self.bound()
+        if reference and self._starting_point is not None:
+            reference = self._starting_point(reference, {name: np.shape(array) for name, array in shared_tensors.items()})
         measured = _measurable(shared_tensors, reference)
         if not measured:  # nothing with a known starting point (e.g. fedsa's A in round 1)
             self.inner.add(shared_tensors, weight)
@@ -237,4 +244,4 @@ class NormBoundedStrategy:
 
     def new_aggregator(self, scaling: float) -> NormBoundedAggregator:
         return NormBoundedAggregator(self.wrapped.new_aggregator(scaling), self.rule, self.current_bound,
-                                     self._reference)  # fmt: skip
+                                     self._reference, self.wrapped.starting_point)  # fmt: skip

@@ -39,7 +39,6 @@ from fedvlm.shared.protocol import (
     Topics,
     expected_chunk_count,
 )
-from fedvlm.shared.strategies import get_strategy
 
 from .broker import EmbeddedBroker
 from .checkpoints import CheckpointStore
@@ -95,7 +94,7 @@ class HubService:
         self._on_checkpoint = on_checkpoint
         self.console = console if console is not None else Console()
         self.topics = Topics(config.federation)
-        self.strategy = get_strategy(config.strategy)
+        self.strategy = config.build_strategy()
         self._clock = clock
         # Norm bounding wraps the strategy, so every update the intake adds (live, or
         # re-added from disk after a restart) is bounded by the same rule and reference.
@@ -107,7 +106,7 @@ class HubService:
                                                   reference=self._load_previous_global,
                                                   round_number=self._collecting_round)  # fmt: skip
         self._rules = UpdateRules(federation=config.federation, strategy=shared_strategy,
-                                  lora_config_hash=config.lora.config_hash(),
+                                  lora_config_hash=self.strategy.layout_hash(config.lora),
                                   max_update_bytes=config.max_update_bytes,
                                   max_sample_count=config.max_sample_count)  # fmt: skip
         self._policy = RoundPolicy(min_clients=config.min_clients, fraction=config.fraction, quorum=config.quorum,
@@ -530,6 +529,7 @@ class HubService:
         pins = self._intake.pins if self._intake is not None else FederationPins()
         config: dict[str, Any] = {
             "strategy": self.strategy.name,
+            "strategy_options": self.strategy.options(),
             "lora": self.config.lora.to_dict(),
             "lora_config_hash": self._rules.lora_config_hash,
             "base_fingerprint": pins.base_fingerprint,

@@ -21,7 +21,6 @@ import numpy as np
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.protocol import EnvelopeMetadata, MessageKind, ReasonCode, VerifiedEnvelope
 from fedvlm.shared.strategies import Strategy
-from fedvlm.shared.strategies.base import unshared_tensor_problem
 from fedvlm.shared.tensor_codec import CodecError, TensorMismatchError, TensorSpec
 
 __all__ = [
@@ -139,12 +138,13 @@ def decode_update(envelope: VerifiedEnvelope, rules: UpdateRules, pins: Federati
     _check_shared_factors(tensors, rules.strategy)
     new_pins: dict[str, str] = {}
     try:
+        # The strategy's layout: names, shapes, dtypes (without the rank where devices differ in it).
+        layout = rules.strategy.layout_spec(tensors)
         if pins.tensor_spec is not None:
-            tensor_codec.validate(tensors, pins.tensor_spec, what="update")
+            tensor_codec.check_layout(layout, pins.tensor_spec, what="update")
         else:
-            # The first update sets the layout; it must still hold only finite floats.
-            tensor_codec.validate(tensors, TensorSpec.of(tensors), what="update")
-            new_pins[PIN_TENSOR_SPEC] = TensorSpec.of(tensors).to_json()
+            new_pins[PIN_TENSOR_SPEC] = layout.to_json()  # the first update sets the layout
+        tensor_codec.validate(tensors, TensorSpec.of(tensors), what="update")  # only finite values
     except TensorMismatchError as error:
         raise UpdateRejected(ReasonCode.INVALID_UPDATE,
                              f"{error}; every update of this federation must match its tensor layout") from None
@@ -184,6 +184,6 @@ def _check_shared_factors(tensors: Mapping[str, np.ndarray], strategy: Strategy)
         return
     if not tensors:
         raise UpdateRejected(ReasonCode.INVALID_UPDATE, "update carries no tensors")
-    problem = unshared_tensor_problem(tensors, strategy.shared_factors, strategy.name)
+    problem = strategy.update_problem({name: array.shape for name, array in tensors.items()})
     if problem is not None:
         raise UpdateRejected(ReasonCode.INVALID_UPDATE, problem)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .usage_error import UsageError
 
-__all__ = ["USER_ERROR_EXIT", "UsageError", "add_lora_target_options", "lora_target_fields", "read_secret_file",
-           "run_command"]
+__all__ = ["USER_ERROR_EXIT", "UsageError", "add_lora_target_options", "lora_target_fields", "option_value",
+           "parse_option", "read_secret_file", "run_command"]
 
 # Exit status for a user mistake (bad flag, missing file, malformed data), as argparse uses.
 USER_ERROR_EXIT = 2
@@ -58,6 +60,23 @@ def read_secret_file(path: str | os.PathLike[str], what: str) -> str:
     if not secret:
         raise UsageError(f"the {what} file {str(path)!r} is empty")
     return secret
+
+
+def option_value(text: str) -> Any:
+    """An option's value as written on a command line: JSON (numbers, true, false, null,
+    lists) when it parses as JSON, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as (key, ``option_value(VALUE)``), for flags such as ``--strategy-option``."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. shared_rank=4)")
+    return key.strip(), option_value(value.strip())
 
 
 def run_command(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None,

@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Literal, TypeVar
 
+import numpy as np
+
 Factor = Literal["A", "B"]
 FACTORS: frozenset[str] = frozenset({"A", "B"})
 
@@ -61,6 +63,41 @@ def _is_factor_matrix(key: str) -> bool:
     if match is not None:
         return match.group("param") == "weight"
     return _EMBEDDING_FACTOR.match(key) is not None
+
+
+def rank_axis(key: str) -> int | None:
+    """The axis of a LoRA factor tensor that runs over the rank r, or None (a lora_B bias, or not a factor).
+
+    ``lora_A`` is ``(r, in_features)`` and ``lora_B`` is ``(out_features, r)``; PEFT's
+    embedding factors are ``lora_embedding_A`` ``(r, num_embeddings)`` and
+    ``lora_embedding_B`` ``(embedding_dim, r)``. Strategies that share part of the rank
+    (a rank split) or accept devices of different rank slice and pad along this axis.
+    """
+    factor = factor_of(key)
+    if factor is None or not _is_factor_matrix(key):
+        return None
+    return 0 if factor == "A" else 1
+
+
+def at_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """Every LoRA factor matrix cut or zero-padded to ``rank`` along its rank axis (its leading
+    components, then zeros); other tensors as they are. A lower-rank device's factors are the
+    leading block of the federation's, and a padded zero component stays zero in training (it
+    gets no gradient while its partner component is zero)."""
+    resized = {}
+    for key, array in tensors.items():
+        axis = rank_axis(key)
+        if axis is None or array.shape[axis] == rank:
+            resized[key] = array
+        elif array.shape[axis] > rank:
+            index = [slice(None)] * array.ndim
+            index[axis] = slice(0, rank)
+            resized[key] = np.ascontiguousarray(array[tuple(index)])
+        else:
+            widths = [(0, 0)] * array.ndim
+            widths[axis] = (0, rank - array.shape[axis])
+            resized[key] = np.pad(array, widths)
+    return resized
 
 
 def pair_by_module(keys: Iterable[str]) -> dict[str, tuple[str, str]]:

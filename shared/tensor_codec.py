@@ -27,6 +27,7 @@ __all__ = [
     "encode",
     "decode",
     "validate",
+    "check_layout",
     "all_finite",
     "config_hash",
     "sha256_hex",
@@ -302,24 +303,33 @@ def validate(tensors: Mapping[str, np.ndarray], spec: Mapping[str, tuple[tuple[i
              what: str = "update") -> None:  # fmt: skip
     """Raise TensorMismatchError naming the first tensor that is missing, unexpected, of the
     wrong shape or dtype, or holding NaN/Inf. ``what`` names the tensors in the message."""
-    for name, (shape, dtype) in spec.items():
-        if name not in tensors:
-            raise TensorMismatchError(
-                f"{what} lacks tensor {name!r} (expected shape {tuple(shape)}, dtype {dtype})"
-            )
-        array = tensors[name]
+    for name, array in tensors.items():
         if not isinstance(array, np.ndarray):
             raise TensorMismatchError(f"{what} tensor {name!r} is a {type(array).__name__}, not a numpy array")
-        if array.shape != tuple(shape):
-            raise TensorMismatchError(f"{what} tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
-        if array.dtype.name != np.dtype(dtype).name:
-            raise TensorMismatchError(f"{what} tensor {name!r} has dtype {array.dtype.name}, expected {dtype}")
+    check_layout(TensorSpec.of(tensors), spec, what=what)
+    for name, array in tensors.items():
         if not all_finite(array):
             raise TensorMismatchError(
                 f"{what} tensor {name!r} contains NaN or Inf; it is refused (did training diverge?)"
             )
-    for name in tensors:
-        if name not in spec:
+
+
+def check_layout(actual: Mapping[str, tuple[tuple[int, ...], str]], expected: Mapping[str, tuple[tuple[int, ...], str]],
+                 *, what: str = "update") -> None:  # fmt: skip
+    """Raise TensorMismatchError naming the first tensor of ``expected`` that ``actual`` lacks or
+    has with another shape or dtype, or the first tensor ``actual`` has in excess."""
+    for name, (shape, dtype) in expected.items():
+        if name not in actual:
+            raise TensorMismatchError(
+                f"{what} lacks tensor {name!r} (expected shape {tuple(shape)}, dtype {dtype})"
+            )
+        actual_shape, actual_dtype = actual[name]
+        if tuple(actual_shape) != tuple(shape):
+            raise TensorMismatchError(f"{what} tensor {name!r} has shape {tuple(actual_shape)}, expected {tuple(shape)}")
+        if np.dtype(actual_dtype).name != np.dtype(dtype).name:
+            raise TensorMismatchError(f"{what} tensor {name!r} has dtype {np.dtype(actual_dtype).name}, expected {dtype}")
+    for name in actual:
+        if name not in expected:
             raise TensorMismatchError(f"{what} has unexpected tensor {name!r}, which is not in the expected spec")
 
 

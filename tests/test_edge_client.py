@@ -28,8 +28,9 @@ def _client(tmp_path, model_dir, federation, name, secret, broker, data):
 
 
 def _hub(tmp_path, broker, **settings) -> HubService:
+    settings.setdefault("lora", LoraSettings(r=4, alpha=8))
     config = HubConfig(federation="fed", state_dir=tmp_path / "hub", broker=broker.url, round_timeout_s=60,
-                       done_linger_s=0, lora=LoraSettings(r=4, alpha=8), **settings)
+                       done_linger_s=0, **settings)
     return HubService(config, console=Console(enabled=False)).start()
 
 
@@ -48,6 +49,16 @@ def _run_in_threads(clients, **kwargs):
     return threads, errors
 
 
+def _run_to_the_end(clients, hub: HubService) -> None:
+    """Run the devices until the hub's rounds are done, then stop the hub."""
+    threads, errors = _run_in_threads(clients)
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not errors, errors
+    assert hub.wait_finished(timeout=30)
+    hub.stop()
+
+
 def test_late_device_gets_the_global_version_from_retained_messages(tmp_path, tiny_model_dir, tiny_federation):
     mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
     try:
@@ -56,12 +67,7 @@ def test_late_device_gets_the_global_version_from_retained_messages(tmp_path, ti
         data = tiny_federation.clients
         early = [_client(tmp_path, tiny_model_dir, "fed", n, secrets[n], mosquitto.broker, data[i])
                  for i, n in enumerate(("a", "b"))]
-        threads, errors = _run_in_threads(early)
-        for thread in threads:
-            thread.join(timeout=180)
-        assert not errors, errors
-        assert hub.wait_finished(timeout=30)
-        hub.stop()
+        _run_to_the_end(early, hub)
 
         # The hub is gone; the broker still holds its retained state, manifest and chunks.
         late = _client(tmp_path, tiny_model_dir, "fed", "late", secrets["late"], mosquitto.broker, data[0])
@@ -320,3 +326,25 @@ def test_a_state_dir_that_is_a_file_is_refused_before_any_training(tmp_path, tin
     with pytest.raises(EdgeClientError, match="is a file"):
         EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 32,
                    not_a_dir, training=QUICK, quantization="none")  # fmt: skip
+
+
+def test_plora_refit_steps_refit_a_on_the_device_once_the_global_b_arrives(tmp_path, tiny_model_dir, tiny_federation):
+    """--strategy-option refit_steps=1: of 3 local steps, 2 train both factors and 1 refits A to the global B."""
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        secrets = {name: register_client(tmp_path / "hub", name) for name in ("a", "b")}
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=2, local_steps=3,
+                   strategy_options={"refit_steps": 1})
+        clients = [_client(tmp_path, tiny_model_dir, "fed", n, secrets[n], mosquitto.broker, tiny_federation.clients[i])
+                   for i, n in enumerate(("a", "b"))]
+        _run_to_the_end(clients, hub)
+        for client in clients:
+            state = load_state(tmp_path / "devices" / client.client_id)
+            assert client.model.strategy.refit_steps == 1  # built from the hub's announced options
+            (entry,) = state.metrics
+            assert entry["train"]["steps"] == 2 and entry["refit"]["steps"] == 1
+            # B is the global one as received; the refit changed only A, after B arrived.
+            assert all(np.array_equal(state.current_shared[k], state.global_state[k]) for k in state.global_state)
+            assert all(factor_of(k) == "A" for k in state.personal)
+    finally:
+        mosquitto.stop()

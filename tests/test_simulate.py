@@ -194,18 +194,42 @@ def test_refit_trains_the_personal_factors_only(tiny_model_dir, tiny_federation)
 
     from fedvlm.edge.personal_model import PersonalVLM
     from fedvlm.edge.training import TrainingConfig, encode_examples
-    from fedvlm.simulate.engine import _refit_personal
+    from fedvlm.shared.strategies import PLoRA
 
-    model = PersonalVLM.from_pretrained(tiny_model_dir, strategy="plora", quantization="none")
+    model = PersonalVLM.from_pretrained(tiny_model_dir, strategy=PLoRA(refit_steps=2), quantization="none")
     rng = np.random.default_rng(0)  # a received global B (B = 0 would give A no gradient)
     model.load_adapter_state({name: (rng.normal(0, 0.1, value.shape).astype(np.float32) if ".lora_B." in name
                                      else value) for name, value in model.adapter_state().items()})
     before = model.adapter_state()
-    _refit_personal(model, encode_examples(model.processor, tiny_federation.clients[0].train[:8]),
-                    TrainingConfig(steps=2, batch_size=4, learning_rate=1e-2, progress=False))
+    metrics = model.refit_personal(encode_examples(model.processor, tiny_federation.clients[0].train[:8]),
+                                   TrainingConfig(steps=4, batch_size=4, learning_rate=1e-2, progress=False))
+    assert metrics.steps == 2  # the strategy's refit_steps, not the round's
     after = model.adapter_state()
     shared = [name for name in before if ".lora_B." in name]
     personal = [name for name in before if ".lora_A." in name]
     assert all(np.array_equal(before[name], after[name]) for name in shared)
     assert any(not np.array_equal(before[name], after[name]) for name in personal)
     assert all(p.requires_grad for name, p in model.model.named_parameters() if ".lora_B." in name)  # restored
+
+
+def test_strategies_sharing_part_of_the_rank_send_that_part(tiny_model_dir, tmp_path):
+    """rank-split and feddpa at k=2 of r=8 send a quarter of fedit's factors; under flexlora a
+    client of rank 2 sends a quarter of what a client of rank 8 sends, and gets its rank back."""
+    strategies = ("fedit", "rank-split[shared_rank=2]", "feddpa[global_rank=2]", "flexlora")
+    settings = tiny_settings(tmp_path / "o", tiny_model_dir, strategies=strategies, rounds=1, client_ranks=(2, 8))
+    entries = simulate(settings)["strategies"]
+    shapes = lora_factor_shapes(tiny_model_dir)
+    factors = sum(4 * _size(s) for s in shapes.values())
+    header = HEADER_FIXED + HEADER_PER_TENSOR * len(shapes)
+    for name in ("rank-split[shared_rank=2]", "feddpa[global_rank=2]"):
+        assert entries[name]["bytes_up_per_client_round"] == pytest.approx(factors / 4, abs=header)
+        assert entries[name]["shared_tensors"]["values"] * 4 == factors / 4
+    run = json.loads((settings.out / "runs" / "flexlora-seed0.json").read_text())
+    (small, full) = run["per_client"]
+    assert (small["lora_rank"], full["lora_rank"]) == (2, 8)
+    assert small["bytes_up"] == pytest.approx(factors / 4, abs=header) and full["bytes_up"] == pytest.approx(
+        factors, abs=header)  # fmt: skip
+    # The hub sends the federation's rank back; fedit's clients all run at rank 8 whatever --client-ranks says.
+    assert entries["flexlora"]["bytes_down_per_client_round"] == pytest.approx(factors, abs=header)
+    assert {c["lora_rank"] for c in json.loads((settings.out / "runs" / "fedit-seed0.json").read_text())["per_client"]} \
+        == {8}

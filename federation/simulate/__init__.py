@@ -7,9 +7,9 @@ strategies, aggregation and wire encoding; results, tables and plots in ``--out`
     results = simulate(SimulationSettings(out=Path("work/sim"), scenario="concept-shift", seeds=(0, 1, 2)))
 """
 
-from fedvlm.simulate.settings import ALL_STRATEGIES, SCENARIOS, Partition, SimulationSettings
+from fedvlm.simulate.settings import ALL_STRATEGIES, DEFAULT_STRATEGIES, SCENARIOS, Partition, SimulationSettings
 
-__all__ = ["ALL_STRATEGIES", "Partition", "SCENARIOS", "SimulationSettings", "simulate"]
+__all__ = ["ALL_STRATEGIES", "DEFAULT_STRATEGIES", "Partition", "SCENARIOS", "SimulationSettings", "simulate"]
 
 
 def __getattr__(name: str):

@@ -9,9 +9,11 @@ from pathlib import Path
 from fedvlm.shared.cli_support import add_lora_target_options, lora_target_fields
 from fedvlm.simulate.settings import (
     ALL_STRATEGIES,
+    DEFAULT_STRATEGIES,
     SCENARIOS,
     Partition,
     SimulationSettings,
+    parse_ranks,
     parse_seeds,
     parse_strategies,
 )
@@ -46,10 +48,11 @@ def add_simulate_command(commands) -> None:
     simulate.add_argument("--model", default=None, metavar="DIR|ID",
                           help="base VLM: a folder, or a Hugging Face id in the local cache (default: the "
                                "pre-trained small model in work/models/small-pretrained, built if missing)")
-    simulate.add_argument("--strategies", default=",".join(ALL_STRATEGIES),
-                          help="comma-separated; centralised (one LoRA on the union of the clients' data) and base "
-                               "(no training) are references; plora-refit (beyond the paper: pLoRA whose clients "
-                               "refit A alone after each global B, same compute and bytes) may be added")
+    simulate.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                          help="comma-separated, of " + ",".join(ALL_STRATEGIES) + "; centralised (one LoRA on the "
+                               "union of the clients' data) and base (no training) are references; a strategy takes "
+                               "options in brackets, e.g. plora[refit_steps=2] or rank-split[shared_rank=2]; "
+                               "plora-refit is plora[refit_steps=LOCAL_STEPS/4]")
     simulate.add_argument("--rounds", type=int, default=_DEFAULTS["rounds"], help="federated rounds")
     simulate.add_argument("--local-steps", type=int, default=_DEFAULTS["local_steps"],
                           help="optimiser steps per client per round")
@@ -61,6 +64,9 @@ def add_simulate_command(commands) -> None:
                           help="local AdamW learning rate")
     simulate.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="examples per optimiser step")
     simulate.add_argument("--lora-rank", type=int, default=_DEFAULTS["lora_rank"], help="LoRA rank r (alpha = 2r)")
+    simulate.add_argument("--client-ranks", metavar="R1,R2,...",
+                          help="clients' own LoRA ranks, in turn, for strategies whose devices differ in rank "
+                               "(flexlora; the others run every client at --lora-rank); default: all at --lora-rank")
     add_lora_target_options(simulate)
     simulate.add_argument("--quantization", default=_DEFAULTS["quantization"], choices=["auto", "none", "nf4", "int8"],
                           help="quantisation of the frozen base")
@@ -83,7 +89,8 @@ def _simulate(args: argparse.Namespace) -> int:
         test_examples_per_client=args.test_examples_per_client, model=args.model,
         strategies=parse_strategies(args.strategies), rounds=args.rounds, local_steps=args.local_steps,
         fraction=args.fraction, seeds=parse_seeds(args.seeds), learning_rate=args.learning_rate,
-        batch_size=args.batch_size, lora_rank=args.lora_rank, quantization=args.quantization,
+        batch_size=args.batch_size, lora_rank=args.lora_rank,
+        client_ranks=parse_ranks(args.client_ranks) if args.client_ranks else (), quantization=args.quantization,
         **{f"lora_{name}": value for name, value in lora_target_fields(args).items()},
         global_test_size=args.global_test_size, progress=not args.quiet, threads=args.threads,
     )

@@ -26,10 +26,11 @@ from fedvlm.edge.evaluation import evaluate
 from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.training import TrainingConfig, encode_examples, train
 from fedvlm.shared.lora_config import LoraSettings
-from fedvlm.shared.lora_keys import factor_of
+from fedvlm.shared.lora_keys import at_rank, factor_of
+from fedvlm.shared.strategies import build_strategy
 from fedvlm.simulate import wire
 from fedvlm.simulate.clients import SimulatedClient
-from fedvlm.simulate.settings import BASE, CENTRALISED, PLORA_REFIT, VARIANTS, SimulationSettings
+from fedvlm.simulate.settings import BASE, CENTRALISED, SimulationSettings, strategy_spec
 
 OnRound = Callable[[int], None]  # called with the number of rounds just finished
 
@@ -101,39 +102,31 @@ class RunResult:
 
 def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
         pooled: Sequence, on_round: OnRound = lambda done: None) -> RunResult:
-    """Run strategy ``name`` (or a reference) for one seed."""
+    """Run strategy ``name`` (a ``--strategies`` label: a strategy with options, a variant or a
+    reference) for one seed."""
     started = time.perf_counter()
-    # References train both factors and share nothing; variants run on their strategy.
-    strategy = "fedit" if name in (CENTRALISED, BASE) else VARIANTS.get(name, name)
-    model = PersonalVLM.from_pretrained(model_dir, lora=lora_settings(settings, seed), strategy=strategy,
+    lora = lora_settings(settings, seed)
+    # References train both factors and share nothing; labels name a strategy and its options.
+    strategy_name, options = ("fedit", {}) if name in (CENTRALISED, BASE) else strategy_spec(name, settings.refit_steps)
+    model = PersonalVLM.from_pretrained(model_dir, lora=lora, strategy=build_strategy(strategy_name, options, lora),
                                         quantization=settings.quantization)
     if name in (CENTRALISED, BASE):
         rounds, per_client = _reference(name, model, settings, seed, clients, pooled, on_round)
         shared = {"tensors": 0, "values": 0, "factors": []}
     else:
-        refit = settings.refit_steps if name == PLORA_REFIT else 0
-        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round, refit)
+        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round)
     return RunResult(name, seed, rounds, per_client, shared, time.perf_counter() - started)
 
 
-def _refit_personal(model: PersonalVLM, encoded: list, config: TrainingConfig) -> None:
-    """Train only the personal factors, the shared ones (just received) frozen."""
-    frozen = [p for name, p in model.model.named_parameters()
-              if p.requires_grad and factor_of(name) in model.strategy.shared_factors]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    try:
-        train(model.model, model.processor, encoded, config)
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(True)
-
-
 def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
-                pooled: Sequence, on_round: OnRound, refit_steps: int = 0) -> tuple[list[dict], list[dict], dict]:
+                pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict]:
     strategy, scorer = model.strategy, Scorer(model)
     model.reset_adapters()
-    states = [model.adapter_state() for _ in clients]
+    # A client of lower rank is simulated on the federation-rank model with its components
+    # beyond its rank zero (they stay zero in training); it sends and absorbs at its own rank.
+    full, ranks = model.lora.r, client_ranks(settings, model, len(clients))
+    own_rank = at_rank if strategy.heterogeneous_ranks else lambda tensors, rank: dict(tensors)
+    states = [own_rank(own_rank(model.adapter_state(), rank), full) for rank in ranks]
     encoded = [encode_examples(model.processor, client.train) for client in clients]
     bytes_up, bytes_down = [0] * len(clients), [0] * len(clients)
     shared_template, _ = strategy.split(states[0])
@@ -145,15 +138,15 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
         sent = []
         for index in selected:
             model.load_adapter_state(states[index])
-            train(model.model, model.processor, encoded[index],
-                  training_config(settings, settings.local_steps - refit_steps, seed, round_number, index))
+            model.train_encoded(encoded[index], training_config(settings, settings.local_steps, seed, round_number,
+                                                                index))  # fmt: skip
             states[index] = model.adapter_state()
-            shared = model.shared_update()
+            shared = own_rank(model.shared_update(), ranks[index])
             if shared:  # `local` shares nothing: no message at all
                 payload = wire.update_payload(
                     shared, round_number=round_number, client_id=clients[index].client_id,
                     samples=len(clients[index].train), strategy=strategy.name, base_fingerprint=model.fingerprint,
-                    lora_config_hash=model.lora.config_hash())
+                    lora_config_hash=model.layout_hash)
                 aggregator.add(wire.received(payload), weight=len(clients[index].train))
                 bytes_up[index] += len(payload)
                 sent.append(len(payload))
@@ -164,14 +157,14 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
             global_state = wire.received(payload)
             down = len(payload)
             for index in range(len(clients)):  # the global version is retained: every client fetches it
-                states[index] = strategy.absorb(states[index], global_state)
+                states[index] = own_rank(strategy.absorb(own_rank(states[index], ranks[index]), global_state), full)
                 bytes_down[index] += down
                 # Local work only (nothing more is sent), and only by clients that trained this
-                # round, so the variant costs what pLoRA costs with any --fraction.
-                if refit_steps and index in selected:
+                # round, so a refit costs what the strategy without it costs with any --fraction.
+                if model.strategy.refit_steps and index in selected:
                     model.load_adapter_state(states[index])
-                    _refit_personal(model, encoded[index],
-                                    training_config(settings, refit_steps, seed, round_number, 500 + index))
+                    model.refit_personal(encoded[index],
+                                         training_config(settings, settings.local_steps, seed, round_number, 500 + index))
                     states[index] = model.adapter_state()
             previous_global = new_global
         accuracies = [scorer.accuracy(states[i], clients[i].test) for i in range(len(clients))]
@@ -182,12 +175,20 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
         on_round(1)
     per_client = [{"client_id": client.client_id, "description": client.description,
                    "train_examples": len(client.train), "test_examples": len(client.test),
-                   "personal_accuracy": rounds[-1]["per_client"][i],
+                   "personal_accuracy": rounds[-1]["per_client"][i], "lora_rank": ranks[i],
                    "global_accuracy": scorer.accuracy(states[i], pooled),
                    "bytes_up": bytes_up[i], "bytes_down": bytes_down[i]} for i, client in enumerate(clients)]
     shared = {"tensors": len(shared_template), "values": int(sum(v.size for v in shared_template.values())),
               "factors": sorted({factor_of(name) for name in shared_template})}
     return rounds, per_client, shared
+
+
+def client_ranks(settings: SimulationSettings, model: PersonalVLM, n_clients: int) -> list[int]:
+    """Each client's LoRA rank: ``settings.client_ranks`` in turn under a strategy whose devices may
+    differ in rank, else the federation's."""
+    if not settings.client_ranks or not model.strategy.heterogeneous_ranks:
+        return [model.lora.r] * n_clients
+    return [settings.client_ranks[index % len(settings.client_ranks)] for index in range(n_clients)]
 
 
 def _reference(name: str, model: PersonalVLM, settings: SimulationSettings, seed: int,

@@ -29,7 +29,7 @@ def summarise(name: str, runs: Sequence[dict]) -> dict:
     for index, client in enumerate(runs[0]["per_client"]):
         rows = [run["per_client"][index] for run in runs]
         per_client.append({"client_id": client["client_id"], "description": client["description"],
-                           "test_examples": client["test_examples"],
+                           "test_examples": client["test_examples"], "lora_rank": client.get("lora_rank"),
                            "personal_accuracy": float(np.mean([r["personal_accuracy"] for r in rows])),
                            "global_accuracy": float(np.mean([r["global_accuracy"] for r in rows]))})
     return {

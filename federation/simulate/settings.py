@@ -11,8 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedvlm.shared.cli_support import option_value
 from fedvlm.shared.lora_config import LoraSettings
-from fedvlm.shared.strategies import STRATEGY_NAMES
+from fedvlm.shared.strategies import STRATEGY_NAMES, build_strategy, get_strategy
 from fedvlm.shared.usage_error import UsageError
 
 # Not federations: references every table is read against.
@@ -21,10 +22,14 @@ BASE = "base"  # the pre-trained base, no training
 REFERENCES: tuple[str, ...] = (CENTRALISED, BASE)
 # Beyond the paper: pLoRA whose clients, after absorbing each global B, refit their personal A
 # alone for a quarter of their local steps (B frozen), taken from the joint steps: the same
-# compute and the same bytes as pLoRA. Simulation only: devices do not do it yet.
+# compute and the same bytes as pLoRA. The name for plora[refit_steps=LOCAL_STEPS // 4].
 PLORA_REFIT = "plora-refit"
 VARIANTS: dict[str, str] = {PLORA_REFIT: "plora"}
 ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
+# What a run compares unless told otherwise: the paper's method, the federated LoRA baselines,
+# `local` and the references. The other strategies are named with --strategies (vision-shared
+# also needs the vision side adapted, --lora-parts).
+DEFAULT_STRATEGIES: tuple[str, ...] = ("plora", "fedit", "ffa", "fedsa", "fedex", "local") + REFERENCES
 KNOWN_STRATEGIES: tuple[str, ...] = ALL_STRATEGIES + tuple(VARIANTS)
 SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "iid")
 DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
@@ -59,15 +64,57 @@ class Partition:
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    """Comma-separated strategy labels: a name, or a name with options in brackets
+    (``plora[refit_steps=2,personal_lr_scale=4]``, commas inside brackets separate options)."""
+    names = tuple(name.strip() for name in _split_outside_brackets(text) if name.strip())
     if not names:
         raise UsageError(f"--strategies is empty; name some of {','.join(ALL_STRATEGIES)}")
-    unknown = [name for name in names if name not in KNOWN_STRATEGIES]
-    if unknown:
-        raise UsageError(f"unknown strategy {unknown[0]!r} in --strategies; choose from {','.join(KNOWN_STRATEGIES)}")
+    for name in names:
+        strategy_spec(name)  # a UsageError naming what is wrong
     if len(set(names)) != len(names):
         raise UsageError(f"--strategies names a strategy twice: {text!r}")
     return names
+
+
+def strategy_spec(label: str, refit_steps: int = 1) -> tuple[str, dict[str, Any]]:
+    """(strategy name, options) of a ``--strategies`` label; ``plora-refit`` is pLoRA with
+    ``refit_steps`` (``SimulationSettings.refit_steps``). References have no options."""
+    name, bracket, rest = label.partition("[")
+    name = name.strip()
+    if name not in KNOWN_STRATEGIES:
+        raise UsageError(f"unknown strategy {name!r} in --strategies; choose from {','.join(KNOWN_STRATEGIES)}")
+    if not bracket:
+        return (VARIANTS[name], {"refit_steps": refit_steps}) if name in VARIANTS else (name, {})
+    if not rest.endswith("]") or name not in STRATEGY_NAMES:
+        raise UsageError(f"bad --strategies entry {label!r}: write NAME or NAME[KEY=VALUE,...] with NAME a strategy "
+                         "(references and variants take no options)")  # fmt: skip
+    options: dict[str, Any] = {}
+    for item in rest[:-1].split(","):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise UsageError(f"bad --strategies entry {label!r}: {item!r} is not KEY=VALUE")
+        options[key.strip()] = option_value(value.strip())
+    get_strategy(name, **options)  # unknown options and bad values end here, named
+    return name, options
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"bad --client-ranks {text!r}: write comma-separated ranks, e.g. 2,4,8") from None
+    return ranks
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -99,6 +146,9 @@ class SimulationSettings:
     seeds: one run per seed; a seed fixes the data split, the LoRA initialisation, client
         selection and batch order, identically for every strategy.
     learning_rate, batch_size, lora_rank: local training and adapter size, the same for every strategy.
+    client_ranks: LoRA ranks of the clients, in turn (client k gets ``client_ranks[k % len]``), for
+        strategies whose devices may differ in rank (flexlora); empty: every client at ``lora_rank``.
+        Other strategies always run every client at ``lora_rank``.
     lora_parts, lora_layers, lora_target_modules: which layers get LoRA factors
         (:class:`~fedvlm.shared.lora_config.LoraSettings`).
     quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
@@ -117,7 +167,7 @@ class SimulationSettings:
     examples_per_client: int = 32
     test_examples_per_client: int = 32
     model: Path | str | None = None
-    strategies: tuple[str, ...] = ALL_STRATEGIES
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     rounds: int = 5
     local_steps: int = 10
     fraction: float = 1.0
@@ -125,6 +175,7 @@ class SimulationSettings:
     learning_rate: float = 3e-3
     batch_size: int = 8
     lora_rank: int = 8
+    client_ranks: tuple[int, ...] = ()
     lora_parts: tuple[str, ...] = ("language",)
     lora_layers: tuple[str, ...] = ("attention", "mlp")
     lora_target_modules: str | None = None
@@ -164,8 +215,18 @@ class SimulationSettings:
         if PLORA_REFIT in self.strategies and self.local_steps < 2:
             raise UsageError(f"{PLORA_REFIT} splits --local-steps between joint training and the refit of A: "
                              "give at least 2")
-        LoraSettings(r=self.lora_rank, parts=self.lora_parts, layers=self.lora_layers,
-                     target_modules=self.lora_target_modules)  # the flags' own checks
+        if any(not 1 <= rank <= self.lora_rank for rank in self.client_ranks):
+            raise UsageError(f"--client-ranks {','.join(map(str, self.client_ranks))}: every rank must be between 1 "
+                             f"and --lora-rank {self.lora_rank}, the federation's")  # fmt: skip
+        lora = LoraSettings(r=self.lora_rank, parts=self.lora_parts, layers=self.lora_layers,
+                            target_modules=self.lora_target_modules)
+        for label in self.strategies:
+            name, options = strategy_spec(label, self.refit_steps)
+            if name in STRATEGY_NAMES:  # options that do not fit the layout end here, before any run
+                build_strategy(name, options, lora)
+            if name in STRATEGY_NAMES and get_strategy(name, **options).refit_steps >= self.local_steps:
+                raise UsageError(f"{label} refits the personal factors for {options['refit_steps']} of each round's "
+                                 f"--local-steps {self.local_steps}: give more local steps or fewer refit_steps")
 
     @property
     def refit_steps(self) -> int:
@@ -187,6 +248,10 @@ class SimulationSettings:
         key["lora_parts"], key["lora_layers"] = list(self.lora_parts), list(self.lora_layers)  # as JSON reads back
         for name in ("data", "model"):
             key[name] = str(key[name]) if key[name] is not None else None
+        if not self.client_ranks:  # so simulations from before the option still resume
+            key.pop("client_ranks")
+        else:
+            key["client_ranks"] = list(self.client_ranks)
         if self.scenario is not None:  # only --data runs are split by these
             key.pop("partition"), key.pop("test_fraction")
         else:
@@ -198,5 +263,5 @@ class SimulationSettings:
         data.update(out=str(self.out), data=str(self.data) if self.data else None,
                     model=str(self.model) if self.model else None, partition=str(self.partition),
                     strategies=list(self.strategies), seeds=list(self.seeds), lora_parts=list(self.lora_parts),
-                    lora_layers=list(self.lora_layers))
+                    lora_layers=list(self.lora_layers), client_ranks=list(self.client_ranks))
         return data

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .. import lora_keys
-from ..aggregation import MAX_WEIGHTED_MAGNITUDE, AggregationError, StreamingWeightedMean
-from ..tensor_codec import TensorSpec, all_finite, validate
+from ..aggregation import AggregationError, StreamingWeightedMean
+from ..tensor_codec import TensorSpec, validate
 from .base import Aggregator, Strategy, TensorDict, check_scaling
+from .products import ProductSums, factor_pairs
 
 __all__ = ["FedExLoRA", "FedExAggregator", "BASE_DELTA_SUFFIX", "base_delta_key", "is_base_delta_key"]
 
@@ -80,7 +80,7 @@ class FedExLoRA(Strategy):
     def absorb(self, local_state: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray]) -> TensorDict:
         """The client's new state: A and B means and base deltas from ``global_state``, the rest untouched."""
         shared, _ = self.split(local_state)
-        pairs = _pairs(shared, error=ValueError)
+        pairs = factor_pairs(shared, strategy="FedEx-LoRA", error=ValueError)
         expected = dict(TensorSpec.of(shared))
         for module, (a_key, b_key) in pairs.items():
             expected[base_delta_key(module)] = ((shared[b_key].shape[0], shared[a_key].shape[-1]), "float32")
@@ -94,40 +94,16 @@ class FedExLoRA(Strategy):
         return new_state
 
 
-def _pairs(shared: Mapping[str, np.ndarray], *, error: type[Exception]) -> dict[str, tuple[str, str]]:
-    """A/B key pairs of 2-D factors with matching rank, or ``error`` saying what is wrong."""
-    try:
-        pairs = lora_keys.pair_by_module(shared)
-    except ValueError as problem:
-        raise error(f"FedEx-LoRA needs both factors of every module: {problem}") from problem
-    for module, (a_key, b_key) in pairs.items():
-        a, b = shared[a_key], shared[b_key]
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise error(
-                f"module {module!r}: FedEx-LoRA needs 2-D factors with B.shape[1] == A.shape[0], "
-                f"got A {a.shape} and B {b.shape}"
-            )
-    return pairs
-
-
-def _norm(array: np.ndarray) -> float:
-    flat = array.reshape(-1).astype(np.float64, copy=False)
-    with np.errstate(over="ignore"):  # an overflowing norm is inf, which the bound then refuses
-        return math.sqrt(float(np.dot(flat, flat))) if flat.size else 0.0
-
-
 class FedExAggregator(Aggregator):
     """Weighted means of A and B plus running weighted sums of B_i @ A_i, one per module."""
 
     strategy_name = FedExLoRA.name
 
     def __init__(self, scaling: float, factors: StreamingWeightedMean | None = None,
-                 product_sums: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
+                 products: ProductSums | None = None) -> None:  # fmt: skip
         self.scaling = check_scaling(scaling)
         self._factors = factors if factors is not None else StreamingWeightedMean()
-        self._product_sums: dict[str, np.ndarray] = product_sums if product_sums is not None else {}
-        # Reused for weight * B_i @ A_i, so adds allocate nothing once it is large enough.
-        self._scratch = np.empty(0, dtype=np.float32)
+        self._products = products if products is not None else ProductSums()
 
     @property
     def count(self) -> int:
@@ -147,32 +123,11 @@ class FedExAggregator(Aggregator):
                     f"update tensor {key!r} is not a LoRA factor; FedEx-LoRA clients send only lora_A and lora_B"
                 )
         value = self._factors.check(shared_tensors, weight)
-        pairs = _pairs(shared_tensors, error=AggregationError)
-        for module, (a_key, b_key) in pairs.items():
-            # |(B @ A)_ij| <= |B|_F |A|_F: a cheap proof that the product sum cannot overflow.
-            bound = _norm(shared_tensors[b_key]) * _norm(shared_tensors[a_key]) * value
-            if not bound <= MAX_WEIGHTED_MAGNITUDE:
-                raise AggregationError(
-                    f"module {module!r}: |B| * |A| * weight = {bound:.3g} exceeds {MAX_WEIGHTED_MAGNITUDE:g}; "
-                    "the update is refused (did training diverge?)"
-                )
+        pairs = factor_pairs(shared_tensors, strategy="FedEx-LoRA")
+        self._products.check(shared_tensors, pairs, value)
         # Everything is checked: from here on the update is taken whole.
         self._factors.add(shared_tensors, value)
-        if not self._product_sums:
-            self._product_sums = {
-                module: np.zeros((shared_tensors[b_key].shape[0], shared_tensors[a_key].shape[1]), np.float32)
-                for module, (a_key, b_key) in pairs.items()
-            }
-        largest = max((total.size for total in self._product_sums.values()), default=0)
-        if self._scratch.size < largest:
-            self._scratch = np.empty(largest, dtype=np.float32)
-        for module, (a_key, b_key) in pairs.items():
-            total = self._product_sums[module]
-            product = self._scratch[: total.size].reshape(total.shape)
-            np.matmul(shared_tensors[b_key].astype(np.float32, copy=False),
-                      shared_tensors[a_key].astype(np.float32, copy=False), out=product)  # fmt: skip
-            product *= value
-            total += product
+        self._products.add(shared_tensors, pairs, value)
 
     def result(self, previous_global: Mapping[str, np.ndarray] | None) -> TensorDict:
         """Means of A and B, and per module the cumulative ``fedex_base_delta`` (see FedExLoRA)."""
@@ -181,7 +136,7 @@ class FedExAggregator(Aggregator):
         new_global: TensorDict = dict(means)
         for module, (a_key, b_key) in self._modules().items():
             # float64 for the difference of two close matrices; one module at a time.
-            mean_product = self._product_sums[module].astype(np.float64) / self.total_weight
+            mean_product = self._products.sums[module].astype(np.float64) / self.total_weight
             residual = mean_product - means[b_key].astype(np.float64) @ means[a_key].astype(np.float64)
             delta = residual * self.scaling
             if module in previous:
@@ -194,7 +149,7 @@ class FedExAggregator(Aggregator):
         if previous_global is None or not any(is_base_delta_key(key) for key in previous_global):
             return {}
         spec = TensorSpec({base_delta_key(module): (total.shape, "float32")
-                           for module, total in self._product_sums.items()})  # fmt: skip
+                           for module, total in self._products.sums.items()})  # fmt: skip
         deltas = {key: value for key, value in previous_global.items() if is_base_delta_key(key)}
         try:
             validate(deltas, spec, what="previous global state")
@@ -202,7 +157,7 @@ class FedExAggregator(Aggregator):
             raise AggregationError(
                 f"{problem}; pass the last published FedEx global state, or None before the first aggregation"
             ) from problem
-        return {module: deltas[base_delta_key(module)].astype(np.float64) for module in self._product_sums}
+        return {module: deltas[base_delta_key(module)].astype(np.float64) for module in self._products.sums}
 
     def merge(self, other: Aggregator) -> None:
         self._check_mergeable(other)
@@ -212,18 +167,14 @@ class FedExAggregator(Aggregator):
         if other.count == 0:
             return
         self._factors.merge(other._factors)  # checks the factor names and shapes agree
-        if not self._product_sums:
-            self._product_sums = {module: total.copy() for module, total in other._product_sums.items()}
-        else:
-            for module, total in self._product_sums.items():
-                total += other._product_sums[module]
+        self._products.merge(other._products)
 
     def to_state(self) -> dict[str, Any]:
         """Like ``StreamingWeightedMean.to_state`` plus ``strategy``, ``scaling`` and the product sums
         (as ``<module>.fedex_product_sum`` entries of ``sums``)."""
         state = self._factors.to_state()
-        for module, total in self._product_sums.items():
-            state["sums"][module + _PRODUCT_SUM_SUFFIX] = total.copy()
+        for module, total in self._products.copied().items():
+            state["sums"][module + _PRODUCT_SUM_SUFFIX] = total
         return {"strategy": self.strategy_name, "scaling": self.scaling, **state}
 
     @classmethod
@@ -240,18 +191,4 @@ class FedExAggregator(Aggregator):
             raise AggregationError(f"FedEx aggregator state: {problem}") from problem
         shapes = factors.shapes()
         expected = {module: (shapes[b_key][0], shapes[a_key][1]) for module, (a_key, b_key) in modules.items()}
-        if set(product_sums) != set(expected):
-            raise AggregationError(
-                f"FedEx aggregator state has product sums for {sorted(product_sums)}, expected {sorted(expected)}"
-            )
-        checked: dict[str, np.ndarray] = {}
-        for module, total in product_sums.items():
-            if not isinstance(total, np.ndarray) or total.dtype != np.float32 or total.shape != expected[module]:
-                raise AggregationError(
-                    f"FedEx aggregator state: product sum of {module!r} must be a float32 array "
-                    f"of shape {expected[module]}"
-                )
-            if not all_finite(total):
-                raise AggregationError(f"FedEx aggregator state: product sum of {module!r} contains NaN or Inf")
-            checked[module] = np.array(total, copy=True)
-        return cls(state["scaling"], factors, checked)
+        return cls(state["scaling"], factors, ProductSums.from_sums(product_sums, expected, "FedEx aggregator"))

@@ -12,7 +12,6 @@ from fedvlm.edge.model_loading import load_vlm
 from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.training import TrainingConfig
 from fedvlm.shared.lora_keys import factor_of
-from fedvlm.shared.strategies import STRATEGY_NAMES
 from fedvlm.shared.tensor_codec import TensorMismatchError
 
 LORA = LoraSettings(r=4, alpha=8, init_seed=7)
@@ -26,7 +25,7 @@ def _model(model_dir, strategy="plora", quantization="nf4"):
 EXPECTED_SHARED = {"plora": {"B"}, "ffa": {"B"}, "fedit": {"A", "B"}, "fedex": {"A", "B"}, "fedsa": {"A"}, "local": set()}
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", sorted(EXPECTED_SHARED))
 def test_split_shares_exactly_the_strategys_factors(tiny_model_dir, strategy):
     model = _model(tiny_model_dir, strategy, quantization="none")
     everything = model.adapter_state()
@@ -145,3 +144,46 @@ def test_restoring_a_saved_state_gives_back_every_trained_factor(tiny_model_dir,
     before, after = trained.adapter_state(), fresh.adapter_state()
     assert any(np.abs(v).max() > 0 for k, v in before.items() if factor_of(k) == "B")
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_device_of_lower_rank_is_the_leading_block_of_the_federations_adapter(tiny_model_dir):
+    """flexlora, r=4: a rank-2 device starts from the first 2 components of the federation's
+    initialisation, at the federation's scaling, so it computes what a rank-4 adapter with
+    its other components at zero computes."""
+    from fedvlm.shared.lora_keys import at_rank
+    from fedvlm.shared.usage_error import UsageError
+
+    full = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="flexlora", quantization="none")
+    small = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="flexlora", quantization="none", rank=2)
+    assert small.rank == 2 and small.layout_hash == full.layout_hash  # one federation
+    initial = at_rank(full.adapter_state(), 2)
+    assert all(np.array_equal(value, initial[key]) for key, value in small.adapter_state().items())
+    rng = np.random.default_rng(0)
+    state = {key: rng.normal(0, 0.2, value.shape).astype(np.float32) for key, value in small.adapter_state().items()}
+    small.load_adapter_state(state)
+    full.load_adapter_state(at_rank(state, 4))
+    name = next(name for name, module in small.model.named_modules() if name.endswith("q_proj") and
+                hasattr(module, "lora_A"))  # fmt: skip
+    x = torch.randn(3, dict(small.model.named_modules())[name].in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(dict(small.model.named_modules())[name](x), dict(full.model.named_modules())[name](x))
+    with pytest.raises(UsageError, match="'plora' needs every device at the federation's LoRA rank r=4, not 2"):
+        PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="plora", quantization="none", rank=2)
+    with pytest.raises(UsageError, match="between 1 and the federation's r=4"):
+        PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="flexlora", quantization="none", rank=5)
+
+
+@pytest.mark.parametrize("strategy", ["plora", "rank-split"])
+def test_train_personal_holds_the_shared_part_whole_factors_or_rank_components(tiny_model_dir, colour_examples,
+                                                                               strategy):
+    """What a device that joins late (or refits to a new global version) trains: its personal
+    part alone; under rank-split the shared components of the very same tensors stay put."""
+    model = _model(tiny_model_dir, strategy, quantization="none")
+    rng = np.random.default_rng(0)  # B at zero would give A no gradient
+    model.load_adapter_state({k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in model.adapter_state().items()})
+    shared, personal = model.shared_update(), model.personal_factors()
+    metrics = model.train_personal(model.encoded(colour_examples), QUICK)
+    assert metrics.steps == QUICK.steps
+    assert all(np.array_equal(value, shared[key]) for key, value in model.shared_update().items())
+    assert any(not np.array_equal(value, personal[key]) for key, value in model.personal_factors().items())
+    assert all(p.requires_grad for name, p in model.model.named_parameters() if factor_of(name))  # restored

@@ -135,3 +135,20 @@ def test_a_secrets_key_under_a_file_is_named(tmp_path: Path, capsys):
     err = one_line_error(capsys, ["clients", "add", "dev-1", "--state-dir", str(tmp_path / "hub"),
                                   "--secrets-key-file", str(tmp_path / "afile" / "secrets.key")])  # fmt: skip
     assert "secrets key" in err and "is a file" in err
+
+
+def test_strategy_options_on_the_command_line_are_parsed_and_checked(tmp_path: Path, capsys):
+    from fedvlm.hub.cli import _start_config, build_parser
+
+    args = build_parser().parse_args(["start", "--strategy", "rank-split", "--strategy-option", "shared_rank=3",
+                                      "--lora-rank", "8", "--state-dir", str(tmp_path)])
+    assert _start_config(args).build_strategy().options() == {"shared_rank": 3}
+    err = one_line_error(capsys, ["start", "--strategy", "rank-split", "--strategy-option", "shared_rank=8",
+                                  "--state-dir", str(tmp_path)])
+    assert "shared_rank=8 must be at least 1 and below the LoRA rank r=8" in err
+    err = one_line_error(capsys, ["start", "--strategy", "plora", "--strategy-option", "rank=2",
+                                  "--state-dir", str(tmp_path)])
+    assert "strategy 'plora' has no option 'rank'; it takes refit_steps, personal_lr_scale" in err
+    with pytest.raises(SystemExit):  # argparse's own one line: not KEY=VALUE
+        build_parser().parse_args(["start", "--strategy-option", "shared_rank"])
+    assert "is not KEY=VALUE" in capsys.readouterr().err

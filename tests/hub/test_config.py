@@ -96,3 +96,21 @@ def test_invalid_values_say_which_setting(changes, message):
 
 def test_password_is_not_in_the_repr():
     assert "hunter2" not in repr(HubConfig(password="hunter2"))
+
+
+def test_strategy_options_from_the_file_and_flags_are_checked_against_the_layout(tmp_path: Path):
+    path = tmp_path / "hub.toml"
+    path.write_text('strategy = "rank-split"\n[lora]\nr = 8\n[strategy_options]\nshared_rank = 2\n')
+    config = load_config(path)
+    assert config.build_strategy().options() == {"shared_rank": 2}
+    assert load_config(path, strategy_option_overrides={"shared_rank": 6}).build_strategy().options() == {
+        "shared_rank": 6}  # fmt: skip
+    # Another strategy on the command line drops the file's options (they were rank-split's).
+    assert load_config(path, {"strategy": "plora"}).strategy_options == {}
+    with pytest.raises(HubConfigError, match="strategy_options: rank-split option shared_rank=8 must be .* below"):
+        load_config(path, strategy_option_overrides={"shared_rank": 8})
+    with pytest.raises(HubConfigError, match="strategy_options: strategy 'plora' has no option 'shared_rank'"):
+        HubConfig(strategy="plora", strategy_options={"shared_rank": 2})
+    path.write_text('strategy_options = 3\n')
+    with pytest.raises(HubConfigError, match="'strategy_options' must be a table"):
+        load_config(path)

@@ -1,0 +1,224 @@
+"""FedDPA on a device: a global and a personal adapter, mixed per input.
+
+Both adapters live in one PEFT LoRA adapter of rank r: its first ``global_rank`` rank
+components are the global adapter (federated), the rest the personal one. A pre-hook on
+every ``lora_B`` scales the rank components before B, so each adapted layer computes
+
+    h = W0 x + scaling * ((1 - w) B_g A_g x + w B_p A_p x)
+
+with ``w`` the personal weight: fixed (``training_personal_weight``) while training, and
+per input at inference (FedDPA's instance-wise dynamic weighting):
+
+    w(x) = max_personal_weight * mean_k cos(rep(x), rep(x_k))
+
+where rep is the language model's last hidden state with the personal adapter alone, at
+the prompt's last token (FedDPA's code's default, ``emb_type="last"``) or averaged over the
+prompt (its ``emb_type="avg"``), and x_k are the device's training prompts. The mean of cosines is the dot product with the mean of the
+normalised training representations, the reference, which is a personal tensor of the
+adapter state (``REFERENCE_KEY``) and never leaves the device. Weighing an input costs one
+more pass of the language model over the prompt, at inference only.
+
+Local training follows FedDPA-T: the round's steps are split between the global adapter
+(personal one frozen) and then the personal adapter (global one frozen), both mixed at the
+training weight; then the reference is recomputed on the training prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedvlm.edge.batching import IGNORE_INDEX, collate, to_device
+from fedvlm.edge.frozen_components import frozen_components
+from fedvlm.edge.training import TrainingConfig, TrainMetrics, train
+from fedvlm.shared.lora_config import module_part
+
+__all__ = ["InstanceMixing", "REFERENCE_KEY"]
+
+# The device's reference representation, kept with its personal tensors.
+REFERENCE_KEY = "fedvlm.feddpa.reference"
+_LANGUAGE_MODELS = ("language_model", "text_model")
+
+
+class InstanceMixing:
+    """Installs FedDPA's mixing on a PEFT model whose adapter's leading ``global_rank``
+    components are the global adapter.
+
+    Args:
+        peft_model: the device's model (one LoRA adapter, "default").
+        global_rank: how many leading rank components form the global adapter.
+        max_personal_weight: FedDPA's cap on the personal weight at inference.
+        training_personal_weight: the personal weight while training (and before a reference exists).
+        reference_examples: training prompts whose representations form the reference.
+        representation: ``last`` (the last prompt position's hidden state) or ``mean`` (over the prompt).
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, *, global_rank: int, max_personal_weight: float,
+                 training_personal_weight: float, reference_examples: int, representation: str = "last") -> None:  # fmt: skip
+        self.model = peft_model
+        self.global_rank = global_rank
+        self.max_personal_weight = max_personal_weight
+        self.training_personal_weight = training_personal_weight
+        self.reference_examples = reference_examples
+        self.representation = representation
+        self.reference: torch.Tensor | None = None  # mean of normalised training representations
+        self._row_weights: torch.Tensor | None = None  # personal weight of each row of the current batch
+        self._recording: list[torch.Tensor] | None = None
+        self._record_mask: torch.Tensor | None = None
+        self._last_weights: torch.Tensor | None = None
+        self._personal_only = False  # set during the representation pass
+        b_modules = {name: module for name, module in peft_model.named_modules() if name.endswith("lora_B.default")}
+        if not b_modules:
+            raise ValueError("FedDPA needs a LoRA adapter named 'default' on the model")
+        # Inputs are weighed before the language model runs: its layers mix per input; layers
+        # elsewhere (a vision tower's, which runs first) keep the training weight.
+        self._handles = [module.register_forward_pre_hook(functools.partial(
+            self._gate, per_input=module_part(name) == "language")) for name, module in b_modules.items()]
+        language_models = [module for name, module in peft_model.named_modules()
+                           if name.rsplit(".", 1)[-1] in _LANGUAGE_MODELS]  # fmt: skip
+        if not language_models:
+            raise ValueError("FedDPA weighs inputs by the language model's input embeddings, but the model has no "
+                             "submodule named language_model or text_model")  # fmt: skip
+        self._handles.append(language_models[0].register_forward_pre_hook(self._weigh_inputs, with_kwargs=True))
+
+    # ---- the mixing ------------------------------------------------------------------------------
+
+    def _weigh_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before the language model runs: each row's personal weight (and its representation,
+        when recording the reference)."""
+        if self._personal_only:
+            return  # the representation pass itself
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or embeds.dim() != 3:
+            self._row_weights = None
+            return
+        if self._recording is not None:
+            self._recording.append(self._represent(module, kwargs, self._record_mask))
+        if module.training or self.reference is None:
+            self._row_weights = None  # the training weight
+        elif embeds.shape[1] == 1 and self._row_weights is not None and len(self._row_weights) == len(embeds):
+            pass  # a decoding step of the prompt just weighed: same rows, same weights
+        else:
+            representation = torch.nn.functional.normalize(self._represent(module, kwargs, None), dim=-1)
+            self._row_weights = self.max_personal_weight * (representation @ self.reference.to(representation.device))
+            self._last_weights = self._row_weights.detach().cpu()
+
+    def _represent(self, language_model: torch.nn.Module, kwargs: dict, positions: torch.Tensor | None) -> torch.Tensor:
+        """The last hidden state, with the personal adapter alone, at each row's last prompt
+        position or averaged over the prompt (``representation``); the prompt is the set
+        positions of ``positions``, else of the attention mask."""
+        inner = {key: kwargs[key] for key in ("inputs_embeds", "attention_mask", "position_ids") if key in kwargs}
+        self._personal_only = True
+        try:
+            with torch.no_grad():
+                hidden = language_model(**inner, use_cache=False).last_hidden_state
+        finally:
+            self._personal_only = False
+        mask = positions if positions is not None else kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = mask.to(hidden.device).bool()
+        if self.representation == "mean":  # FedDPA's emb_type="avg": the mean over the prompt
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)).float()
+        order = torch.arange(mask.shape[1], device=hidden.device)
+        last = (mask * (order + 1)).argmax(dim=1)  # the index of each row's last prompt position
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+    def _gate(self, module: torch.nn.Module, args: tuple, *, per_input: bool) -> tuple:
+        """Before a lora_B: global components times (1 - w), personal ones times w."""
+        (x, *rest) = args
+        rank = x.shape[-1]
+        weights = self._row_weights if per_input else None
+        if self._personal_only:
+            weights = torch.ones(1, device=x.device)
+        elif weights is None or x.dim() != 3 or len(weights) != x.shape[0]:
+            weights = torch.full((1,), self.training_personal_weight, device=x.device)
+        personal = weights.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        is_personal = torch.arange(rank, device=x.device) >= self.global_rank
+        gate = torch.where(is_personal, personal, 1 - personal)
+        return (x * gate, *rest)
+
+    @property
+    def last_weights(self) -> torch.Tensor | None:
+        """The personal weights of the last batch weighed at inference (for reports and tests)."""
+        return self._last_weights
+
+    # ---- the reference ---------------------------------------------------------------------------
+
+    def refresh_reference(self, encoded: Sequence, pad_token_id: int, batch_size: int = 8) -> None:
+        """The mean of the normalised representations of (up to ``reference_examples``) training prompts."""
+        chosen = list(encoded)[: self.reference_examples]
+        if not chosen:
+            return
+        device = next(self.model.parameters()).device
+        representations = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(chosen), batch_size):
+                batch = to_device(collate(chosen[start : start + batch_size], pad_token_id), device)
+                # The prompt: attended positions whose label is ignored (the answer is what follows).
+                prompt = (batch.pop("labels") == IGNORE_INDEX) & batch["attention_mask"].bool()
+                with self._record(prompt) as recorded, torch.no_grad():
+                    self.model(**batch)
+                representations.extend(recorded)
+        finally:
+            self.model.train(was_training)
+        stacked = torch.nn.functional.normalize(torch.cat(representations), dim=-1)
+        self.reference = stacked.mean(dim=0)
+
+    @contextlib.contextmanager
+    def _record(self, mask: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+        self._recording, self._record_mask = [], mask
+        try:
+            yield self._recording
+        finally:
+            self._recording, self._record_mask = None, None
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {} if self.reference is None else {REFERENCE_KEY: self.reference.detach().cpu().numpy().copy()}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Take the reference from an adapter state; a state without one (fresh) clears it."""
+        value = state.get(REFERENCE_KEY)
+        self.reference = None if value is None else torch.from_numpy(np.array(value, dtype=np.float32))
+
+    # ---- FedDPA-T local training -----------------------------------------------------------------
+
+    def train_in_turn(self, processor, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics:
+        """The global adapter for the first half of the steps (personal frozen), then the personal
+        adapter (global frozen); then the reference is recomputed."""
+        global_steps = math.ceil(config.steps / 2)
+        phases = [(global_steps, "personal"), (config.steps - global_steps, "global")]  # (steps, held part)
+        results = []
+        for index, (steps, frozen) in enumerate(phases):
+            if steps < 1:
+                continue
+            phase = TrainingConfig(**{**config.__dict__, "steps": steps, "seed": config.seed + 7919 * index})
+            with self._frozen(frozen):
+                results.append(train(self.model, processor, encoded, phase, **kwargs))
+        self.refresh_reference(encoded, processor.tokenizer.pad_token_id)
+        return _combined(results)
+
+    def _frozen(self, part: str):
+        """Hold the global or the personal adapter's components while the other trains."""
+        k = self.global_rank
+        return frozen_components(self.model, lambda key, rank: (k, rank) if part == "personal" else (0, min(k, rank)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _combined(results: Sequence[TrainMetrics]) -> TrainMetrics:
+    steps = sum(r.steps for r in results)
+    return TrainMetrics(loss=results[-1].loss, first_loss=results[0].first_loss,
+                        mean_loss=sum(r.mean_loss * r.steps for r in results) / max(steps, 1),
+                        examples=sum(r.examples for r in results), steps=steps,
+                        seconds=sum(r.seconds for r in results))  # fmt: skip

@@ -1,0 +1,92 @@
+"""FedDPA: a federated global adapter and a personal one, weighed per input at inference."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..usage_error import UsageError
+from .base import option_count, option_number
+from .rank_split import RankSplit
+
+# How an input is represented for its weight: the last hidden state at the prompt's last
+# token, or averaged over the prompt (FedDPA's code: emb_type "last", "avg").
+REPRESENTATIONS = ("last", "mean")
+
+
+class FedDPA(RankSplit):
+    """Dual-personalising adapter: a global LoRA adapter learned by the federation and a personal
+    one that stays on the device, combined per input.
+
+    The two adapters are the two rank slices of one LoRA adapter of rank r: the first
+    ``global_rank`` components are the global adapter (both factors shared, averaged by the
+    hub like FedIT averages a whole adapter), the rest the personal one. On the wire this is
+    ``RankSplit``; on the device it is not:
+
+        h = W0 x + scaling * ((1 - w) B_g A_g x + w B_p A_p x)
+
+    - at inference the personal weight ``w`` is set per input (FedDPA's instance-wise dynamic
+      weighting): ``w(x) = max_personal_weight * cos(rep(x), reference)``, where the reference
+      is the mean of the normalised representations of the device's training prompts, so an
+      input like the device's own data leans on the personal adapter and an unfamiliar one on
+      the global adapter (``fedvlm.edge.dual_adapter``: rep is the language model's last
+      hidden state under the personal adapter, see ``representation``);
+    - local training is FedDPA-T's: the round's steps are split between the global adapter
+      (personal one frozen) and then the personal adapter (global one frozen), both weighted
+      by ``training_personal_weight``.
+
+    How it differs from ``rank-split``: a rank split adds its two parts with fixed weight 1
+    and trains them together; FedDPA trains them in turn and weighs them per input, which no
+    fixed rank split computes. With ``max_personal_weight`` and ``training_personal_weight``
+    both 0.5 and inputs identical to the training data (cos = 1), the two differ only in the
+    training schedule and a common factor 0.5.
+
+    Reference: Y. Yang, G. Long, T. Shen, J. Jiang, M. Blumenstein, "Dual-Personalizing
+    Adapter for Federated Foundation Models", NeurIPS 2024, arXiv:2403.19211 (code:
+    github.com/Lydia-yang/FedDPA; FDLoRA, Qi et al. 2024, arXiv:2406.07925, fuses a global
+    and a personal LoRA with weights fitted per client instead).
+
+    Parameters:
+        global_rank: rank components of the global adapter, at least 1 and below the
+            federation's LoRA rank r (default None: r // 2, filled in by ``build_strategy``).
+        max_personal_weight: the personal weight of an input identical to the reference
+            (default 0.5, the paper's code's).
+        training_personal_weight: the personal weight while training, and before a device has
+            a reference (default 0.5: the two adapters at equal weight).
+        reference_examples: training prompts whose representations make the reference
+            (default 16).
+        representation: ``last`` (default, the paper code's: the last hidden state at the
+            prompt's last token) or ``mean`` (averaged over the prompt, its ``avg``).
+        ``new_aggregator(scaling)`` takes LoRA's lora_alpha / r (only checked).
+    """
+
+    name: ClassVar[str] = "feddpa"
+
+    def __init__(self, global_rank: int | None = None, max_personal_weight: float = 0.5,
+                 training_personal_weight: float = 0.5, reference_examples: int = 16,
+                 representation: str = "last") -> None:  # fmt: skip
+        super().__init__(shared_rank=global_rank)
+        if representation not in REPRESENTATIONS:
+            raise UsageError(f"{self.name} option representation must be one of {', '.join(REPRESENTATIONS)}, got "
+                             f"{representation!r}")  # fmt: skip
+        self.representation = representation
+        self.max_personal_weight = option_number(self.name, "max_personal_weight", max_personal_weight, high=1.0,
+                                                 low_inclusive=True)  # fmt: skip
+        self.training_personal_weight = option_number(self.name, "training_personal_weight",
+                                                      training_personal_weight, high=1.0)  # fmt: skip
+        self.reference_examples = option_count(self.name, "reference_examples", reference_examples, minimum=1)
+
+    @property
+    def global_rank(self) -> int | None:
+        return self.shared_rank_count
+
+    def options(self) -> dict[str, Any]:
+        return {"global_rank": self.global_rank, "max_personal_weight": self.max_personal_weight,
+                "training_personal_weight": self.training_personal_weight,
+                "reference_examples": self.reference_examples, "representation": self.representation}
+
+    def layout_options(self) -> dict[str, Any]:
+        return {"global_rank": self.global_rank}
+
+    @classmethod
+    def _rank_option(cls) -> str:
+        return "global_rank"

@@ -1,0 +1,58 @@
+"""FedDPA on a device: FedDPA-T's training in turn, the personal reference, per-input weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedvlm.edge.dual_adapter import REFERENCE_KEY
+from fedvlm.edge.personal_model import PersonalVLM
+from fedvlm.edge.training import TrainingConfig, train
+from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.lora_keys import rank_axis
+
+LORA = LoraSettings(r=4, alpha=8)
+QUICK = TrainingConfig(steps=2, batch_size=4, learning_rate=1e-2, progress=False)
+
+
+def _components(state, part):
+    """The global (leading 2) or personal (last 2) rank components of every factor."""
+    picked = {}
+    for key, value in state.items():
+        axis = rank_axis(key)
+        if axis is not None:
+            picked[key] = np.take(value, range(0, 2) if part == "global" else range(2, 4), axis=axis)
+    return picked
+
+
+def test_training_in_turn_reference_and_instance_weights(tiny_model_dir, tiny_federation):
+    model = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="feddpa", quantization="none")
+    rng = np.random.default_rng(0)  # B at zero would give A no gradient
+    model.load_adapter_state({k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in model.adapter_state().items()})
+    own, other = tiny_federation.clients[0], tiny_federation.clients[1]
+    encoded = model.encoded(own.train)
+
+    before = model.adapter_state()
+    with model.mixing._frozen("personal"):  # FedDPA-T's first phase: the global adapter alone
+        train(model.model, model.processor, encoded, QUICK)
+    after = model.adapter_state()
+    assert all(np.array_equal(v, _components(before, "personal")[k]) for k, v in _components(after, "personal").items())
+    assert any(not np.array_equal(v, _components(before, "global")[k]) for k, v in _components(after, "global").items())
+
+    metrics = model.train(own.train, TrainingConfig(steps=3, batch_size=4, learning_rate=1e-2, progress=False))
+    assert metrics.steps == 3  # 2 on the global adapter, then 1 on the personal one
+    # The reference is personal: it is kept with the personal tensors and never travels.
+    assert REFERENCE_KEY in model.personal_factors() and REFERENCE_KEY not in model.shared_update()
+    assert all(value.shape[rank_axis(key)] == 2 for key, value in model.shared_update().items())  # the global rank
+    model.evaluate(own.test[:4])
+    own_weights = model.mixing.last_weights
+    model.evaluate(other.test[:4])
+    assert own_weights.shape == (4,) and not torch.allclose(own_weights, model.mixing.last_weights)
+    assert bool((own_weights <= 0.5 + 1e-6).all())  # at most max_personal_weight
+
+    # The reference survives a state swap (the simulator's clients, a device's restart).
+    state = model.adapter_state()
+    model.reset_adapters()
+    assert model.mixing.reference is None
+    model.load_adapter_state(state)
+    np.testing.assert_array_equal(model.mixing.reference.numpy(), state[REFERENCE_KEY])
