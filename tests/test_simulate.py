@@ -185,7 +185,7 @@ def test_data_folder_split_by_dirichlet_partition(tiny_model_dir, tiny_federatio
     # origin_dataset with more clients than sources is refused with the numbers.
     code = fedvlm_main(["simulate", "--data", str(data), "--clients", "5", "--model", str(tiny_model_dir),
                         "--out", str(tmp_path / "o2"), "--quiet"])
-    assert code == 2 and "needs at least one source data set per client" in capsys.readouterr().err
+    assert code == 2 and "needs at least one source per client" in capsys.readouterr().err
 
 
 def test_refit_trains_the_personal_factors_only(tiny_model_dir, tiny_federation):
