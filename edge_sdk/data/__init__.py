@@ -25,7 +25,7 @@ from fedvlm.edge.data.conventions import (
 from fedvlm.edge.data.bad_rows import REASONS as BAD_ROW_REASONS
 from fedvlm.edge.data.bad_rows import SkippedRows
 from fedvlm.edge.data.partitioning import PartitionSpec, PartitionTable, partition_rows, sample_rows
-from fedvlm.edge.data.reading import load_records
+from fedvlm.edge.data.reading import load_client_share, load_records
 from fedvlm.edge.data.records import DataError, EncodedImage, LoadedRecords, Record
 from fedvlm.edge.data.row_index import PARTITION_KEYS, DataIndex, RowRef, scan_data
 from fedvlm.edge.data.scenario import PRESETS, ClientProfile, ScenarioConfig
@@ -68,6 +68,7 @@ __all__ = [
     "client_convention",
     "convention_vocabulary_lines",
     "generate_federation",
+    "load_client_share",
     "load_records",
     "pretraining_records",
     "question_kind",

@@ -123,6 +123,15 @@ def sample_rows(rows: Sequence[Row], limit: int | None, rng: np.random.Generator
     return [rows[i] for i in sorted(rng.choice(len(rows), limit, replace=False))]
 
 
+def client_shares(rows: Sequence[Row], spec: PartitionSpec, n_clients: int, rng: np.random.Generator, *,
+                  max_examples: int | None = None, max_per_client: int | None = None) -> list[list[Row]]:
+    """What each of ``n_clients`` clients holds: at most ``max_examples`` rows drawn, split by
+    ``spec``, then at most ``max_per_client`` kept per client; all drawn from ``rng``, so a
+    simulation and a device that use the same seed get the same shares."""
+    drawn = sample_rows(rows, max_examples, rng)
+    return [sample_rows(share, max_per_client, rng) for share in partition_rows(drawn, spec, n_clients, rng)]
+
+
 @dataclasses.dataclass(frozen=True)
 class PartitionTable:
     """Client × source counts of a split: what each client holds, by the key it was split on."""

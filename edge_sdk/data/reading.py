@@ -10,11 +10,15 @@ in parquet (as ``datasets`` indexes them) and lines from 1 in JSON Lines (as edi
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedvlm.edge.data.records import LoadedRecords
-from fedvlm.edge.data.row_index import refs_in_file_order, scan_data
+from fedvlm.edge.data.records import DataError, LoadedRecords
+from fedvlm.edge.data.row_index import DataIndex, refs_in_file_order, scan_data
+
+if TYPE_CHECKING:
+    from fedvlm.edge.data.partitioning import PartitionSpec
 
 
 def load_records(path: str | os.PathLike[str], *, skip_bad: bool = False, require_rejected: bool = False,
@@ -34,16 +38,40 @@ def load_records(path: str | os.PathLike[str], *, skip_bad: bool = False, requir
     if max_examples is not None and max_examples < len(refs):
         chosen = np.random.default_rng([seed, 41]).choice(len(refs), max_examples, replace=False)
         refs = refs_in_file_order(refs[i] for i in chosen)
-    records = index.load(refs)
-    loaded = LoadedRecords(records=records, skipped=index.skipped.total,
-                           problems=sorted(index.skipped.problems, key=_place_order),
-                           files=[str(f) for f in index.files], skipped_by_reason=index.skipped.by_reason())
+    loaded = _loaded(index, index.load(refs))
     if not loaded.records:
-        from fedvlm.edge.data.records import DataError
-
         raise DataError(f"no usable records in {path}: all {loaded.skipped} loaded were malformed "
                         f"(first: {loaded.problems[0]}); fix the data")
     return loaded
+
+
+def load_client_share(path: str | os.PathLike[str], client: int, clients: int, partition: "PartitionSpec", *,
+                      seed: int = 0, max_examples: int | None = None, max_per_client: int | None = None,
+                      skip_bad: bool = False, require_rejected: bool = False) -> LoadedRecords:
+    """Client ``client``'s share (of ``clients``) of the data set at ``path``, split by ``partition``.
+
+    For a device that reads shared shards (all of RLAIF-V, say) but should train on its own
+    non-IID part: only that part's images are read. Shares are drawn as ``fedvlm simulate``
+    draws them for the same seed (:func:`~fedvlm.edge.data.partitioning.client_shares`).
+    """
+    from fedvlm.edge.data.partitioning import client_shares
+
+    if not 0 <= client < clients:
+        raise DataError(f"client share {client} of {clients} does not exist: shares are numbered 0 to {clients - 1}")
+    index = scan_data(path, require_rejected=require_rejected, skip_bad=skip_bad)
+    shares = client_shares(index.rows, partition, clients, np.random.default_rng([seed, 17]),
+                           max_examples=max_examples, max_per_client=max_per_client)
+    loaded = _loaded(index, index.load(shares[client]))
+    if not loaded.records:
+        raise DataError(f"client share {client} of {clients} of {path} split by {partition} is empty; "
+                        "use another partition, fewer clients or more data")
+    return loaded
+
+
+def _loaded(index: DataIndex, records: list) -> LoadedRecords:
+    return LoadedRecords(records=records, skipped=index.skipped.total,
+                         problems=sorted(index.skipped.problems, key=_place_order),
+                         files=[str(f) for f in index.files], skipped_by_reason=index.skipped.by_reason())
 
 
 def _place_order(problem: str) -> tuple[str, int]:

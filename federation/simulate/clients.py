@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from fedvlm.edge.data.partitioning import PartitionTable, key_value, partition_rows, sample_rows
+from fedvlm.edge.data.partitioning import PartitionTable, client_shares, key_value
 from fedvlm.shared.usage_error import UsageError
 from fedvlm.simulate.settings import SimulationSettings
 
@@ -70,9 +70,8 @@ def data_clients(settings: SimulationSettings, seed: int) -> DataSplit:
         index = _scanned(settings.data, _files_state(settings.data), _needs_rejected(settings), settings.skip_bad,
                          settings.progress).fresh_tally()
         rng = np.random.default_rng([seed, 17])
-        rows = sample_rows(index.rows, settings.max_examples, rng)
-        shares = [sample_rows(share, settings.max_per_client, rng)
-                  for share in partition_rows(rows, settings.partition, settings.clients, rng)]
+        shares = client_shares(index.rows, settings.partition, settings.clients, rng,
+                               max_examples=settings.max_examples, max_per_client=settings.max_per_client)
         loaded = index.load_by_place((ref for share in shares for ref in share), progress=settings.progress)
     except DataError as problem:
         raise UsageError(str(problem)) from None
@@ -84,7 +83,7 @@ def data_clients(settings: SimulationSettings, seed: int) -> DataSplit:
     for client_id, share in zip(ids, kept):
         if len(share) < 2:
             raise UsageError(f"--partition {settings.partition} gave {client_id} only {len(share)} record(s) of "
-                             f"{len(rows)}: it needs one to train and one to test; use fewer --clients, a larger "
+                             f"{len(index.rows)}: it needs one to train and one to test; use fewer --clients, a larger "
                              "ALPHA, a larger --max-per-client or more data")
         order = rng.permutation(len(share))
         n_test = min(max(1, round(settings.test_fraction * len(share))), len(share) - 1)
@@ -94,7 +93,7 @@ def data_clients(settings: SimulationSettings, seed: int) -> DataSplit:
         clients.append(SimulatedClient(client_id, train, test, ", ".join(values[:3])
                                        + (f" (+{len(values) - 3})" if len(values) > 3 else "")))
     summary = {"partition": str(settings.partition), "files": len(index.files), "rows_usable": len(index.rows),
-               "rows_drawn": len(rows), "rows_kept": sum(map(len, kept)), "table": table.to_dict(),
+               "rows_kept": sum(map(len, kept)), "table": table.to_dict(),
                "skipped": index.skipped.to_dict()}
     return DataSplit(clients, table, summary)
 
