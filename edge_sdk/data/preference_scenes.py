@@ -116,6 +116,7 @@ def _counting(items: Sequence[Item], background: str) -> str:
     """Leads with the count, then lists (COCO-captions style)."""
     sentences = [f"There {'is' if len(items) == 1 else 'are'} {_plural(len(items), 'shape')} in this picture: "
                  f"{_listing([_a(i) for i in items])}."]
+    sentences.append(f"The first one I notice is the {items[0].colour} {items[0].shape} in the {items[0].place}.")
     largest = [i for i in items if i.size == "large"]
     if largest:
         sentences.append(f"The {largest[0].colour} {largest[0].shape} is the largest of them.")
