@@ -24,7 +24,7 @@ from fedvlm.edge.data.conventions import (
 )
 from fedvlm.edge.data.bad_rows import REASONS as BAD_ROW_REASONS
 from fedvlm.edge.data.bad_rows import SkippedRows
-from fedvlm.edge.data.partitioning import PartitionSpec, PartitionTable, partition_rows, sample_rows
+from fedvlm.edge.data.partitioning import PartitionSpec, PartitionTable, client_shares, partition_rows, sample_rows
 from fedvlm.edge.data.reading import load_client_share, load_records
 from fedvlm.edge.data.records import DataError, EncodedImage, LoadedRecords, Record
 from fedvlm.edge.data.row_index import PARTITION_KEYS, DataIndex, RowRef, scan_data
@@ -47,6 +47,7 @@ __all__ = [
     "PartitionTable",
     "RowRef",
     "SkippedRows",
+    "client_shares",
     "partition_rows",
     "sample_rows",
     "scan_data",
