@@ -125,7 +125,6 @@ def evaluate(
     was_training = model.training
     model.eval()
     chat = ChatFormat.for_model(processor, model)
-    pad_id = processor.tokenizer.pad_token_id
     chosen = encode_examples(processor, examples, model, SftObjective())
     new_tokens = new_tokens_for(examples, chosen, max_new_tokens)
     predictions: list[str] = []
@@ -133,13 +132,7 @@ def evaluate(
         chunk = examples[start : start + batch_size]
         predictions += generate_answers(model, processor, [e.image for e in chunk], [e.question for e in chunk],
                                         max_new_tokens=new_tokens, chat=chat)
-    chosen_sum, chosen_count = score_answers(model, chosen, pad_id, batch_size)
-    scores = LikelihoodScores(chosen_sum.numpy(), chosen_count.numpy())
-    if has_rejected(examples):
-        rejected = [chat.encode(e.image, e.question, e.rejected) for e in examples]
-        rejected_sum, rejected_count = score_answers(model, rejected, pad_id, batch_size)
-        scores = dataclasses.replace(scores, rejected_log_prob=rejected_sum.numpy(),
-                                     rejected_tokens=rejected_count.numpy())
+    scores = likelihood_scores(model, processor, examples, batch_size=batch_size, chosen=chosen, chat=chat)
     if was_training:
         model.train()
     references = [e.chosen for e in examples]
@@ -161,6 +154,22 @@ def evaluate(
         max_new_tokens=new_tokens,
         scores=scores,
     )
+
+
+@torch.no_grad()
+def likelihood_scores(model: torch.nn.Module, processor, examples: Sequence[QAExample], *, batch_size: int = 32,
+                      chosen: Sequence | None = None, chat: ChatFormat | None = None) -> LikelihoodScores:
+    """Answer log-probabilities of ``chosen`` and, when every example has one, of ``rejected``
+    (no generation: what a reward margin's reference needs)."""
+    chat = chat or ChatFormat.for_model(processor, model)
+    pad_id = processor.tokenizer.pad_token_id
+    chosen = chosen if chosen is not None else [chat.encode(e.image, e.question, e.chosen) for e in examples]
+    chosen_sum, chosen_count = score_answers(model, chosen, pad_id, batch_size)
+    if not has_rejected(examples):
+        return LikelihoodScores(chosen_sum.numpy(), chosen_count.numpy())
+    rejected = [chat.encode(e.image, e.question, e.rejected) for e in examples]
+    rejected_sum, rejected_count = score_answers(model, rejected, pad_id, batch_size)
+    return LikelihoodScores(chosen_sum.numpy(), chosen_count.numpy(), rejected_sum.numpy(), rejected_count.numpy())
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:

@@ -26,10 +26,8 @@ import torch
 
 from fedvlm.edge.answer_likelihood import forward_log_probs, score_answers
 from fedvlm.edge.batching import EncodedExample, collate
+from fedvlm.shared.objective_names import DEFAULT_DPO_BETA, OBJECTIVE_NAMES, check_objective  # noqa: F401
 from fedvlm.shared.usage_error import UsageError
-
-OBJECTIVE_NAMES: tuple[str, ...] = ("sft", "dpo")
-DEFAULT_DPO_BETA = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +97,7 @@ class DpoObjective:
     name: str = dataclasses.field(default="dpo", init=False)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise UsageError(f"--dpo-beta must be a positive number, got {self.beta!r}")
+        check_objective(self.name, self.beta)
 
     def encode(self, chat, examples: Sequence) -> list[PreferencePair]:
         pairs = []
@@ -146,8 +143,5 @@ class DpoObjective:
 
 def build_objective(name: str, dpo_beta: float = DEFAULT_DPO_BETA) -> Objective:
     """The objective called ``name`` (``--objective``); ``dpo_beta`` is used by ``dpo`` only."""
-    if name == "sft":
-        return SftObjective()
-    if name == "dpo":
-        return DpoObjective(beta=float(dpo_beta))
-    raise UsageError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVE_NAMES)}")
+    check_objective(name, dpo_beta)
+    return DpoObjective(beta=float(dpo_beta)) if name == "dpo" else SftObjective()
