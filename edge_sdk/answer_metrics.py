@@ -11,7 +11,8 @@
   length-normalised log-likelihood (per answer token) of ``chosen`` is above that of
   ``rejected``; and the mean **reward margin**, DPO's implicit reward of chosen minus that of
   rejected, ``beta * ((pc - rc) - (pr - rr))`` with summed log-probabilities of the policy
-  (p) and of a reference model (r); without a reference it is ``beta * (pc - pr)``.
+  (p) and of a reference model (r): how far the model moved towards chosen and away from
+  rejected since the reference (undefined, and not reported, without one).
 """
 
 from __future__ import annotations
@@ -88,13 +89,12 @@ def preference_accuracy(scores: LikelihoodScores) -> float:
     return float(np.mean(chosen > rejected))
 
 
-def reward_margin(scores: LikelihoodScores, reference: LikelihoodScores | None, beta: float) -> float:
-    """Mean of ``beta * ((pc - rc) - (pr - rr))``; ``beta * (pc - pr)`` without a reference."""
-    if scores.rejected_log_prob is None:
+def reward_margin(scores: LikelihoodScores, reference: LikelihoodScores, beta: float) -> float:
+    """Mean of ``beta * ((pc - rc) - (pr - rr))``."""
+    if scores.rejected_log_prob is None or reference.rejected_log_prob is None:
         raise ValueError("reward margin needs rejected answers")
-    margin = scores.chosen_log_prob - scores.rejected_log_prob
-    if reference is not None:
-        margin = margin - (reference.chosen_log_prob - reference.rejected_log_prob)
+    margin = (scores.chosen_log_prob - reference.chosen_log_prob) - (scores.rejected_log_prob
+                                                                      - reference.rejected_log_prob)
     return float(beta * np.mean(margin))
 
 

@@ -6,9 +6,9 @@ Which scores mean something depends on the answers (:mod:`fedvlm.edge.answer_met
 * short answers (every reference at most ``SHORT_ANSWER_WORDS`` words): **exact match**
   (``accuracy``); for long ones it is None, since a paragraph is never matched word for word;
 * long answers: **ROUGE-L** and **BLEU** of greedy answers long enough for a paragraph;
-* examples that all have a ``rejected`` answer: **preference accuracy** and the mean
-  **reward margin** (against ``reference``, the scores of the model training started from,
-  when given).
+* examples that all have a ``rejected`` answer: **preference accuracy**, and the mean
+  **reward margin** against ``reference`` (the scores of the model training started from)
+  when one is given.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def evaluate(
         rouge_l=None if short else answer_metrics.rouge_l(predictions, references),
         bleu=None if short else answer_metrics.bleu(predictions, references),
         preference_accuracy=answer_metrics.preference_accuracy(scores) if preference else None,
-        reward_margin=answer_metrics.reward_margin(scores, reference, beta) if preference else None,
+        reward_margin=answer_metrics.reward_margin(scores, reference, beta) if preference and reference else None,
         max_new_tokens=new_tokens,
         scores=scores,
     )

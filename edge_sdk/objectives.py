@@ -99,17 +99,18 @@ class DpoObjective:
     def __post_init__(self) -> None:
         check_objective(self.name, self.beta)
 
-    def encode(self, chat, examples: Sequence) -> list[PreferencePair]:
-        pairs = []
+    def check(self, examples: Sequence) -> None:
+        """A ``UsageError`` naming the first example without a rejected answer (before any slow work)."""
         for index, example in enumerate(examples):
-            rejected = getattr(example, "rejected", None)
-            if not rejected or not str(rejected).strip():
+            if not str(getattr(example, "rejected", None) or "").strip():
                 where = getattr(example, "source", "") or f"example {index}"
                 raise UsageError(f"--objective dpo needs a rejected answer for every example; {where} has none: "
                                  "drop such records (--skip-bad) or train with --objective sft")
-            pairs.append(PreferencePair(chat.encode(example.image, example.question, example.chosen),
-                                        chat.encode(example.image, example.question, rejected)))
-        return pairs
+
+    def encode(self, chat, examples: Sequence) -> list[PreferencePair]:
+        self.check(examples)
+        return [PreferencePair(chat.encode(e.image, e.question, e.chosen), chat.encode(e.image, e.question, e.rejected))
+                for e in examples]
 
     def is_encoded(self, item: object) -> bool:
         return isinstance(item, PreferencePair)

@@ -21,7 +21,7 @@ from fedvlm.edge.chat_format import ChatFormat
 from fedvlm.edge.device_state import DeviceState
 from fedvlm.edge.dual_adapter import REFERENCE_KEY, InstanceMixing
 from fedvlm.edge.frozen_components import frozen_components
-from fedvlm.edge.evaluation import EvalMetrics, evaluate, generate_answers
+from fedvlm.edge.evaluation import EvalMetrics, LikelihoodScores, evaluate, generate_answers, likelihood_scores
 from fedvlm.edge.model_loading import LoadedVLM, load_vlm
 from fedvlm.edge.objectives import Objective, SftObjective
 from fedvlm.edge.training import QAExample, TrainingConfig, TrainMetrics, encode_examples, train
@@ -215,7 +215,12 @@ class PersonalVLM:
         return dataclasses.replace(config, steps=steps, factor_lr_scales=scales)
 
     def evaluate(self, examples: Sequence[QAExample], **kwargs) -> EvalMetrics:
+        """Every score that applies to ``examples`` (:func:`fedvlm.edge.evaluation.evaluate`)."""
         return evaluate(self.model, self.processor, examples, **kwargs)
+
+    def likelihood_scores(self, examples: Sequence[QAExample]) -> LikelihoodScores:
+        """Answer log-probabilities now: the reference a later reward margin is measured against."""
+        return likelihood_scores(self.model, self.processor, examples)
 
     def answer(self, image, question: str, *, max_new_tokens: int = 8) -> str:
         return generate_answers(self.model, self.processor, [image], [question], max_new_tokens=max_new_tokens,

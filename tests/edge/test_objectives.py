@@ -58,7 +58,7 @@ def test_reward_margin_against_a_reference():
     reference = LikelihoodScores(np.array([-2.0, -2.0]), np.array([1, 1]), np.array([-3.0, -3.0]), np.array([1, 1]))
     # beta * mean(((pc - rc) - (pr - rr))) = 0.5 * mean([(1) - (-2), (0) - (1)]) = 0.5 * mean([3, -1]) = 0.5
     assert answer_metrics.reward_margin(policy, reference, beta=0.5) == pytest.approx(0.5)
-    assert answer_metrics.reward_margin(policy, None, beta=1.0) == pytest.approx(2.0)  # mean(4, 0)
+    assert answer_metrics.reward_margin(policy, policy, beta=1.0) == 0.0
 
 
 def test_held_out_loss_is_per_token_and_perplexity_its_exponential():
