@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Sequence
 
+from fedvlm.edge.cli_data import add_data_options, load_device_records
 from fedvlm.shared.cli_support import UsageError, add_lora_target_options, lora_target_fields, read_secret_file, run_command
 
 PROGRAM = "fedvlm-edge"
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
     train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: 2e-3)")
     train.add_argument("--seed", type=int, default=0, help="batch-order seed (default: 0)")
-    train.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
+    add_data_options(train)
     _add_objective_options(train)
     _add_eval_options(train)
     train.set_defaults(handler=_train)
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "as a multiple of C")
     privacy.add_argument("--dp-delta", type=float, default=1e-5, metavar="DELTA",
                          help="delta of the reported (epsilon, delta) (default: 1e-5)")
-    join.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
+    add_data_options(join)
     join.add_argument("--timeout", type=float, help="give up after this many seconds")
     join.add_argument("--quiet", action="store_true", help="no progress bars (training, model loading)")
     join.set_defaults(handler=_join)
@@ -197,7 +198,7 @@ def _join(args: argparse.Namespace) -> int:
     hub_address = BrokerAddress.parse(args.hub, ca_file=args.ca_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     secret = read_secret_file(args.secret_file, "secret")
-    records = load_records(args.data, skip_bad=args.skip_bad)
+    records = load_device_records(args)
     eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
     username = args.username
     password = read_secret_file(args.password_file, "password") if args.password_file else None
@@ -265,9 +266,7 @@ def _train(args: argparse.Namespace) -> int:
     objective = build_objective(args.objective, args.dpo_beta)  # a bad beta ends here, before anything slow
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    records = load_records(args.data, skip_bad=args.skip_bad)
-    if records.skipped:
-        print(f"skipped {records.skipped} malformed records (--skip-bad)", file=sys.stderr)
+    records = load_device_records(args)
     eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
     if isinstance(objective, DpoObjective):
         objective.check(records.records)

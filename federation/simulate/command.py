@@ -35,10 +35,22 @@ def add_simulate_command(commands) -> None:
     source = simulate.add_mutually_exclusive_group()
     source.add_argument("--scenario", choices=SCENARIOS, default=None,
                         help="a built-in synthetic scenario (the default is concept-shift when --data is not given)")
-    source.add_argument("--data", type=Path, help="a folder of RLAIF-V parquet or JSON Lines files to split into clients")
+    source.add_argument("--data", type=Path, metavar="SHARDS",
+                        help="RLAIF-V data to split into clients: a folder of parquet shards (the published schema) "
+                             "or JSON Lines files, one file, or a glob such as 'rlaifv/*.parquet'; streamed, only "
+                             "the rows the clients keep are read")
     simulate.add_argument("--partition", default="origin_dataset",
-                          help="how --data is split: origin_dataset, iid or dirichlet:ALPHA (Dirichlet label skew "
-                               "over origin_dataset)")
+                          help="how --data is split: origin_dataset (the paper's), model, feedback_model or type "
+                               "(from origin_split; each value whole to one client), iid, or dirichlet:ALPHA[:KEY] "
+                               "(Dirichlet skew over KEY, default origin_dataset)")
+    simulate.add_argument("--max-examples", type=int, metavar="N",
+                          help="use at most N --data rows, drawn per seed before the split (default: all)")
+    simulate.add_argument("--max-per-client", type=int, metavar="N",
+                          help="each client keeps at most N of its rows, train and test, drawn per seed "
+                               "(default: all)")
+    simulate.add_argument("--skip-bad", action="store_true",
+                          help="skip bad --data rows (unreadable image, empty chosen, missing rejected under DPO, "
+                               "broken origin_split) and count them per reason, instead of stopping at the first")
     simulate.add_argument("--clients", type=int, default=_DEFAULTS["clients"], help="number of clients")
     simulate.add_argument("--test-fraction", type=float, default=_DEFAULTS["test_fraction"],
                           help="share of each client's --data records held out as its test set (seeded)")
@@ -93,7 +105,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     settings = SimulationSettings(
         out=args.out, scenario=args.scenario or (None if args.data is not None else "concept-shift"),
-        data=args.data, partition=Partition.parse(args.partition), clients=args.clients,
+        data=args.data, partition=Partition.parse(args.partition), skip_bad=args.skip_bad,
+        max_examples=args.max_examples, max_per_client=args.max_per_client, clients=args.clients,
         test_fraction=args.test_fraction, examples_per_client=args.examples_per_client,
         test_examples_per_client=args.test_examples_per_client, model=args.model,
         strategies=parse_strategies(args.strategies), rounds=args.rounds, local_steps=args.local_steps,

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedvlm.shared.durable_files import write_durably
+from fedvlm.simulate import data_report
 from fedvlm.simulate.engine import METRICS
 from fedvlm.simulate.settings import REFERENCES, SimulationSettings
 
@@ -246,7 +247,10 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
 
 def write_reports(settings: SimulationSettings, runs: Mapping[str, Sequence[dict]], version: str) -> dict:
     results = build_results(settings, runs, version)
+    splits = data_report.load_splits(settings.out)  # --data runs: the partition and the bad rows skipped
+    if splits:
+        results["data"] = splits
     write_durably(settings.out / "results.json", json.dumps(results, indent=2).encode())
-    write_durably(settings.out / "results.md", markdown(results).encode())
+    write_durably(settings.out / "results.md", (markdown(results) + data_report.markdown_section(splits)).encode())
     plots(results, runs, settings.out)
     return results
