@@ -29,6 +29,7 @@ from fedvlm.shared.cli_support import (
     run_command,
 )
 from fedvlm.shared.strategies import STRATEGY_NAMES
+from fedvlm.shared.objective_names import OBJECTIVE_NAMES
 
 from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
 from .errors import HubConfigError, user_errors
@@ -43,7 +44,7 @@ Settings come from the TOML file (--config), then the flags on top. TOML keys ar
 HubConfig field names (federation, strategy, rounds, min_clients, fraction, quorum,
 round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
-max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s,
+max_update_bytes, base_fingerprint, local_steps, learning_rate, objective, dpo_beta, done_linger_s,
 max_update_norm, norm_factor, norm_action, max_sample_count) plus a
 [lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed) and a
 [strategy_options] table (the strategy's parameters, listed in its class's docstring).
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_target_options(federation)
     federation.add_argument("--local-steps", type=int, help="training steps per round, a hint in the round config")
     federation.add_argument("--learning-rate", type=float, help="learning rate, a hint in the round config")
+    federation.add_argument("--objective", choices=OBJECTIVE_NAMES, help="what devices' local training minimises: "
+                            "sft (the chosen answer) or dpo (chosen against rejected), announced in the round "
+                            "config; devices follow it (default: sft)")
+    federation.add_argument("--dpo-beta", type=float, help="DPO's beta, announced with --objective dpo (default: 0.1)")
     bounding = start.add_argument_group("bounding one client's pull", "how far one update may move the global "
                                         "shared factors (L2 norm of update - global) and how much weight it may "
                                         "claim; see docs/reliability.md")
@@ -215,7 +220,8 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
         for key in ("federation", "strategy", "rounds", "min_clients", "fraction", "quorum", "selection_seed",
                     "state_dir", "broker", "username", "password", "ca_file", "cert_file", "key_file",
                     "mqtt_protocol", "embedded_host", "embedded_port", "chunk_size", "max_update_bytes",
-                    "base_fingerprint", "local_steps", "learning_rate", "done_linger_s", "max_update_norm",
+                    "base_fingerprint", "local_steps", "learning_rate", "objective", "dpo_beta", "done_linger_s",
+                    "max_update_norm",
                     "norm_factor", "norm_action", "max_sample_count")
     }  # fmt: skip
     overrides["round_timeout_s"] = args.round_timeout

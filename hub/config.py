@@ -13,6 +13,8 @@ table with the fields of :class:`~fedvlm.shared.lora_config.LoraSettings`::
     # broker = "mqtts://broker.example:8883"   (omit for the embedded broker)
     local_steps = 20
     learning_rate = 0.0005
+    objective = "dpo"                # or "sft" (the default); devices train with it
+    dpo_beta = 0.1
 
     [lora]
     r = 8
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.objective_names import DEFAULT_DPO_BETA, DEFAULT_OBJECTIVE, check_objective
 from fedvlm.shared.protocol import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -92,6 +95,9 @@ class HubConfig:
         lora: the LoRA layout every client must use; announced in the round config.
         base_fingerprint: base model clients must use; None pins the first accepted update's.
         local_steps, learning_rate: training hints for clients, put in the round config.
+        objective, dpo_beta: what every device's local training minimises, ``sft`` (on the
+            chosen answer) or ``dpo`` (chosen against rejected) with DPO's beta; announced in the
+            round config, and devices follow it.
         done_linger_s: with the embedded broker, how long the hub keeps it running after
             the last round so clients can fetch the last global version (it stops sooner
             once every client has gone offline).
@@ -131,6 +137,8 @@ class HubConfig:
     base_fingerprint: str | None = None
     local_steps: int | None = None
     learning_rate: float | None = None
+    objective: str = DEFAULT_OBJECTIVE
+    dpo_beta: float = DEFAULT_DPO_BETA
     done_linger_s: float = 30.0
     max_update_norm: float | None = None
     norm_factor: float = DEFAULT_NORM_FACTOR
@@ -180,6 +188,11 @@ class HubConfig:
         _check_int("local_steps", self.local_steps, minimum=1, optional=True)
         if self.learning_rate is not None:
             _check_number("learning_rate", self.learning_rate, above=0.0)
+        try:
+            check_objective(self.objective, self.dpo_beta)
+        except UsageError as error:
+            raise HubConfigError(str(error).replace("--dpo-beta", "dpo_beta").replace("--objective", "objective")) \
+                from None
         _check_number("done_linger_s", self.done_linger_s, above=0.0, allow_equal=True)
         if self.max_update_norm is not None:
             _check_number("max_update_norm", self.max_update_norm, above=0.0)

@@ -535,6 +535,9 @@ class HubService:
             "base_fingerprint": pins.base_fingerprint,
             "round_timeout_s": self.config.round_timeout_s,
         }
+        config["objective"] = self.config.objective
+        if self.config.objective == "dpo":
+            config["dpo_beta"] = self.config.dpo_beta
         if self.config.local_steps is not None:
             config["local_steps"] = self.config.local_steps
         if self.config.learning_rate is not None:

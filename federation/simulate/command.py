@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from fedvlm.shared.cli_support import add_lora_target_options, lora_target_fields
+from fedvlm.shared.objective_names import OBJECTIVE_NAMES
 from fedvlm.simulate.settings import (
     ALL_STRATEGIES,
     DEFAULT_STRATEGIES,
@@ -84,6 +85,14 @@ def add_simulate_command(commands) -> None:
                           help="quantisation of the frozen base")
     simulate.add_argument("--global-test-size", type=int, default=_DEFAULTS["global_test_size"],
                           help="examples drawn from all clients' test sets for global_accuracy")
+    simulate.add_argument("--objective", default=_DEFAULTS["objective"], choices=OBJECTIVE_NAMES,
+                          help="local training: sft (on chosen) or dpo (chosen against rejected; the reference is "
+                               "the adapter a client holds at the start of its round)")
+    simulate.add_argument("--dpo-beta", type=float, default=_DEFAULTS["dpo_beta"],
+                          help="DPO's beta; also scales the reported reward margin")
+    simulate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="length of the greedy answers scored (default: 8 for short answers, the longest "
+                               "reference plus 8 for long ones, at most 512)")
     simulate.add_argument("--out", type=Path, default=_DEFAULTS["out"], help="where results go")
     simulate.add_argument("--threads", type=int, default=_DEFAULTS["threads"],
                           help="torch CPU threads (one suits the small models, and a CPU shared with other work)")
@@ -105,7 +114,8 @@ def _simulate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lora_rank=args.lora_rank,
         client_ranks=parse_ranks(args.client_ranks) if args.client_ranks else (), quantization=args.quantization,
         **{f"lora_{name}": value for name, value in lora_target_fields(args).items()},
-        global_test_size=args.global_test_size, progress=not args.quiet, threads=args.threads,
+        global_test_size=args.global_test_size, objective=args.objective, dpo_beta=args.dpo_beta,
+        max_new_tokens=args.max_new_tokens, progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)
     print((settings.out / "results.md").read_text())

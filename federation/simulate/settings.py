@@ -13,6 +13,7 @@ from typing import Any
 
 from fedvlm.edge.data.partitioning import PartitionSpec
 from fedvlm.shared.cli_support import option_value
+from fedvlm.shared.objective_names import check_objective
 from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.strategies import STRATEGY_NAMES, build_strategy, get_strategy
 from fedvlm.shared.usage_error import UsageError
@@ -135,6 +136,11 @@ class SimulationSettings:
         (:class:`~fedvlm.shared.lora_config.LoraSettings`).
     quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
     global_test_size: examples drawn from the pooled test set of all clients for ``global_accuracy``.
+    objective: local training's objective, ``sft`` (on ``chosen``) or ``dpo`` (chosen against
+        rejected, the reference being the adapter a client holds at the start of its round).
+    dpo_beta: DPO's beta; also scales the reported reward margin under either objective.
+    max_new_tokens: length of the greedy answers scored (exact match, ROUGE-L, BLEU); None:
+        8 for short answers, the longest reference plus some slack for long ones.
     progress: show the progress bar.
     threads: torch CPU threads. One by default: the small models gain little from more, and
         on a shared CPU two threads that contend were measured 10x slower than one.
@@ -166,6 +172,9 @@ class SimulationSettings:
     lora_target_modules: str | None = None
     quantization: str = "auto"
     global_test_size: int = 128
+    objective: str = "sft"
+    dpo_beta: float = 0.1
+    max_new_tokens: int | None = None
     progress: bool = True
     threads: int = 1
 
@@ -198,6 +207,9 @@ class SimulationSettings:
             raise UsageError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
         if not self.learning_rate > 0:
             raise UsageError(f"--learning-rate must be positive, got {self.learning_rate}")
+        check_objective(self.objective, self.dpo_beta)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.strategies or not self.seeds:
             raise UsageError("name at least one strategy and one seed")
         parse_strategies(",".join(self.strategies))  # same checks as the flag
@@ -239,11 +251,15 @@ class SimulationSettings:
             key[name] = str(key[name]) if key[name] is not None else None
         if not self.client_ranks:  # so simulations from before the option still resume
             key.pop("client_ranks")
+        else:
+            key["client_ranks"] = list(self.client_ranks)
         for name in ("skip_bad", "max_examples", "max_per_client"):  # likewise, at their defaults
             if not key[name]:
                 key.pop(name)
-        else:
-            key["client_ranks"] = list(self.client_ranks)
+        if self.objective == "sft":  # likewise: DPO's beta scales only a score that was not reported then
+            key.pop("objective"), key.pop("dpo_beta")
+        if self.max_new_tokens is None:
+            key.pop("max_new_tokens")
         if self.scenario is not None:  # only --data runs are split by these
             key.pop("partition"), key.pop("test_fraction")
             for name in ("skip_bad", "max_examples", "max_per_client"):
