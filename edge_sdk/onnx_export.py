@@ -36,6 +36,7 @@ import copy
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -52,11 +53,11 @@ EXPORT_FORMAT = 2
 
 # Families whose forward torch.export cannot trace yet (``config.model_type`` -> why).
 NOT_EXPORTABLE = {
-    "llava_next": "its any-resolution tiling picks tiles per picture size in Python",
-    "llava_onevision": "its any-resolution tiling picks tiles per picture size in Python",
-    "qwen2_vl": "its vision tower splits attention per picture by sizes read from the image grid in Python",
-    "qwen2_5_vl": "its vision tower splits attention per picture by sizes read from the image grid in Python",
-    "mllama": "its cross-attention layers keep a cache of another shape than self-attention",
+    "llava_next": "torch.export cannot trace its any-resolution tiling by image_sizes",
+    "llava_onevision": "torch.export cannot trace its any-resolution tiling by image_sizes",
+    "qwen2_vl": "its vision tower splits attention by lengths read from image_grid_thw, which torch.export cannot trace",
+    "qwen2_5_vl": "its vision tower splits attention by lengths read from image_grid_thw, which torch.export cannot trace",
+    "mllama": "torch's ONNX exporter cannot convert its cross-attention code",
 }
 
 
@@ -132,7 +133,8 @@ def _export(module, args, input_names, output_names, dynamic_shapes, path: Path)
         try:
             program = _torch_export(module, args, input_names, output_names, dynamic_shapes)
         except torch.onnx.OnnxExporterError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+            first = text.splitlines()[0] if text else type(exc).__name__
             raise OnnxExportError(f"ONNX export of {type(base_model(module.model)).__name__} failed: {first}") from exc
         finally:
             registration_log.setLevel(previous_level)
