@@ -46,7 +46,7 @@ round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
 max_update_bytes, base_fingerprint, local_steps, learning_rate, objective, dpo_beta, done_linger_s,
 max_update_norm, norm_factor, norm_action, max_sample_count, clients_per_round,
-keep_updates, inflight_window, commit_batch) plus a
+keep_updates, inflight_window, commit_batch, reassembly_slots) plus a
 [lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed) and a
 [strategy_options] table (the strategy's parameters, listed in its class's docstring).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "once: the broker's flow control towards the hub (MQTT 5 receive maximum; default 1024)")
     transport.add_argument("--commit-batch", type=int, metavar="N", help="accepted updates committed to SQLite "
                            "together (group commit; default 64)")
+    transport.add_argument("--reassembly-slots", type=int, metavar="N", help="updates reassembled at once; more "
+                           "are refused as overloaded with a retry hint (default 64)")
     transport.add_argument("--keep-updates", action="store_true", default=None, help="also keep each accepted "
                            "update as a file in the state dir (default: only the round's running sum)")
     transport.add_argument("--linger", dest="done_linger_s", type=float, metavar="SECONDS", help="with the embedded "
@@ -231,7 +233,7 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
                     "mqtt_protocol", "embedded_host", "embedded_port", "chunk_size", "max_update_bytes",
                     "base_fingerprint", "local_steps", "learning_rate", "objective", "dpo_beta", "done_linger_s",
                     "max_update_norm", "norm_factor", "norm_action", "max_sample_count", "clients_per_round",
-                    "inflight_window", "commit_batch", "keep_updates")
+                    "inflight_window", "commit_batch", "keep_updates", "reassembly_slots")
     }  # fmt: skip
     overrides["round_timeout_s"] = args.round_timeout
     overrides["secrets_key_file"] = args.secrets_key_file

@@ -115,6 +115,9 @@ class HubConfig:
             is sent to the broker as the receive maximum (the broker's flow control); on
             MQTT 3.1.1 set it at or below the broker's own window (mosquitto:
             ``max_inflight_messages``).
+        reassembly_slots: updates reassembled at once (their chunks in memory); a new update
+            beyond them is refused as ``overloaded`` with a retry hint, and its device sends
+            it again later.
         commit_batch: accepted updates committed to SQLite in one transaction (group
             commit); their acks go out once the batch is committed.
         max_sample_count: an update's claimed sample count, its weight in the mean, counts
@@ -159,6 +162,7 @@ class HubConfig:
     keep_updates: bool = False
     inflight_window: int = 1024
     commit_batch: int = 64
+    reassembly_slots: int = 64
 
     def __post_init__(self) -> None:
         try:
@@ -181,6 +185,7 @@ class HubConfig:
             raise HubConfigError(f"inflight_window must be at most 65535 (MQTT's receive maximum), "
                                  f"got {self.inflight_window}")
         _check_int("commit_batch", self.commit_batch, minimum=1)
+        _check_int("reassembly_slots", self.reassembly_slots, minimum=1)
         if not isinstance(self.keep_updates, bool):
             raise HubConfigError(f"keep_updates must be true or false, got {self.keep_updates!r}")
         object.__setattr__(self, "state_dir", Path(self.state_dir))

@@ -281,6 +281,7 @@ class HubService:
             console=self.console, clock=self._clock, on_accepted=lambda _: self._report_progress(),
             on_pinned=lambda _: self._mark_state_dirty(), keep_updates=self.config.keep_updates,
             commit_batch=self.config.commit_batch, max_held_chunks=max(1, self.config.inflight_window // 2),
+            reassembly_slots=self.config.reassembly_slots,
         )  # fmt: skip
         self._intake.pins = FederationPins.from_meta({key: store.get_meta(key)
                                                       for key in (PIN_BASE_FINGERPRINT, PIN_TENSOR_SPEC)})
