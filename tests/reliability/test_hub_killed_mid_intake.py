@@ -92,13 +92,15 @@ def test_hub_killed_with_half_the_updates_acknowledged_completes_the_round_count
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(send, clients[:half]))
         _wait(lambda: tap.count() >= half, 60, "half the updates to be acknowledged")
-        # The second half streams in; the hub dies while it works through it.
+        # The second half streams in; the hub is frozen (SIGSTOP, at once) while it works
+        # through it, so it dies holding updates it received and had not judged, then killed.
         with ThreadPoolExecutor(16) as pool:
             sending = pool.map(send, clients[half:])
-            _wait(lambda: tap.count() >= half + 3, 60, "the hub to judge some of the second half")
-            hub.send_signal(signal.SIGKILL)
-            hub.wait(timeout=10)
+            _wait(lambda: tap.count() > half, 60, "the hub to judge some of the second half")
+            hub.send_signal(signal.SIGSTOP)
             list(sending)  # every device has handed its update to the broker once
+        hub.send_signal(signal.SIGKILL)
+        hub.wait(timeout=10)
         acknowledged_at_kill = tap.count()
         with HubStore.in_state_dir(state_dir, create=False) as store:
             committed_at_kill = len(store.receipts(1))
