@@ -267,7 +267,8 @@ class UpdateIntake:
             retry_after = self._retry_after() if error.reason is ReasonCode.OVERLOADED else None
             self.reject(client_id, None, error.message_id or topic_message_id, error.reason, str(error),
                         retry_after_s=retry_after)  # fmt: skip
-            self._release_held(key)
+            if not self._reassembler.is_pending(client_id, header.message_id):
+                self._release_held(key)  # the message was dropped (one refused chunk leaves it going)
             return False
         if completed is None:
             if not self._reassembler.is_pending(client_id, header.message_id):
