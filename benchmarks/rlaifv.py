@@ -8,7 +8,7 @@ published parquet schema and read back through the same reader as the real shard
 source goes to one client (``--partition origin_dataset``, the paper's split). Then
 ``fedvlm simulate`` runs every strategy of the default comparison (plora, fedit, ffa, fedsa,
 fedex, local and the centralised and base references) for each seed, once under SFT and once
-under DPO, and this prints, per objective and score, which federated strategy wins and how
+under DPO, and this prints, per objective and score, which strategy wins and how
 pLoRA compares with FedIT. Everything, with plots, is under ``--out``; an interrupted run resumes.
 
 The base is a tiny random-weight LLaVA (``fedvlm-edge make-tiny-model``), so that the whole
@@ -69,7 +69,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def summary(results: dict[str, dict]) -> dict:
-    """Per objective: the winning federated strategy on each score, and pLoRA against FedIT."""
+    """Per objective: the winning strategy on each score (references left out), and pLoRA against FedIT."""
     out: dict = {}
     for objective, result in results.items():
         strategies = result["strategies"]
@@ -104,14 +104,14 @@ def markdown(summary_: dict, seconds: float) -> str:
         for name, scores in entry["scores"].items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{scores[m][0]:.3f} ± {scores[m][1]:.3f}" if m in scores else "—" for m in shown) + " |")
-        lines += ["", "Best federated strategy: " + "; ".join(
+        lines += ["", "Best strategy (references left out, local counted): " + "; ".join(
             f"{METRIC_LABELS[m]}: {', '.join(names)}" for m, names in entry["winners"].items()) + "."]
         if entry["plora_vs_fedit"]:
             lines += ["", "pLoRA vs FedIT: " + "; ".join(
                 f"{METRIC_LABELS[m]} {v['plora']:.3f} vs {v['fedit']:.3f} ({v['verdict']})"
                 for m, v in entry["plora_vs_fedit"].items())
                 + f"; pLoRA sends {entry['bytes_up_ratio']:.2f}× FedIT's bytes up.", ""]
-    lines.append(f"Elapsed {seconds / 60:.1f} min.")
+    lines.append(f"Elapsed {seconds / 60:.1f} min in this invocation (runs already in --out are not redone).")
     return "\n".join(lines) + "\n"
 
 
