@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=48,
                         help="greedy answer length for ROUGE-L/BLEU (the descriptions run 30-70 tokens)")
     parser.add_argument("--model", type=Path, help="base model (default: a tiny LLaVA built in --out)")
+    parser.add_argument("--pretrained-small", action="store_true",
+                        help="use fedvlm simulate's default base instead: the small LLaVA pre-trained to name colours "
+                             "(built once into work/models/small-pretrained, 3-7 min)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -59,9 +62,14 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     from fedvlm.edge.tiny_model import make_tiny_model
     from fedvlm.simulate.clients import image_size_of
 
-    model = args.model or args.out / "model"
-    if args.model is None and not (model / "config.json").exists():
-        make_tiny_model(model, "tiny", seed=0)
+    if args.pretrained_small:
+        from fedvlm.simulate.runner import prepare_model
+
+        model = prepare_model(SimulationSettings(progress=not args.quiet))  # no --model: the pre-trained small base
+    else:
+        model = args.model or args.out / "model"
+        if args.model is None and not (model / "config.json").exists():
+            make_tiny_model(model, "tiny", seed=0)
     shards = args.out / "shards"
     if not any(shards.glob("*.parquet")):
         write_preference_shards(shards, args.rows, shards=2, image_size=image_size_of(model), seed=0)
