@@ -29,6 +29,7 @@ def _peak_rss_mb() -> float:
 def measure(data: Path, mode: str, clients: int, per_client: int, batch: int) -> dict:
     """In this (fresh) process: read the data the way ``mode`` says; peak RSS before and after."""
     import numpy as np
+    import pyarrow.parquet  # noqa: F401 - imported lazily by the reader; its own size is not the data's
 
     from fedvlm.edge.data import PartitionSpec, client_shares, load_records, scan_data
 

@@ -44,10 +44,10 @@ def add_simulate_command(commands) -> None:
                                "(from origin_split; each value whole to one client), iid, or dirichlet:ALPHA[:KEY] "
                                "(Dirichlet skew over KEY, default origin_dataset)")
     simulate.add_argument("--max-examples", type=int, metavar="N",
-                          help="use at most N --data rows, drawn per seed before the split (default: all)")
+                          help="use at most N --data rows, drawn per seed before the split; None: every row")
     simulate.add_argument("--max-per-client", type=int, metavar="N",
-                          help="each client keeps at most N of its rows, train and test, drawn per seed "
-                               "(default: all)")
+                          help="each client keeps at most N of its rows, train and test, drawn per seed; None: "
+                               "all of its share")
     simulate.add_argument("--skip-bad", action="store_true",
                           help="skip bad --data rows (unreadable image, empty chosen, missing rejected under DPO, "
                                "broken origin_split) and count them per reason, instead of stopping at the first")
