@@ -3,7 +3,7 @@
 - :func:`load_records` / :func:`write_records`: RLAIF-V parquet or JSON Lines to and from
   :class:`Record` (image, question, chosen, rejected, origin_dataset, source).
 - :func:`generate_federation` with a :class:`ScenarioConfig` (presets ``iid``,
-  ``concept-shift``, ``label-skew``, ``task-skew``, ``mixed``): a seeded synthetic visual
+  ``concept-shift``, ``label-skew``, ``task-skew``, ``mixed``, ``few-shot``): a seeded synthetic visual
   QA federation with per-client train/test splits and a common test set.
 """
 
@@ -11,6 +11,8 @@ from fedvlm.edge.data.conventions import (
     CLASSES,
     LANGUAGES,
     NEUTRAL_CONVENTION,
+    NOVEL_KINDS,
+    PRETRAINED_KINDS,
     QUESTION_KINDS,
     Convention,
     client_convention,
@@ -40,7 +42,9 @@ __all__ = [
     "LANGUAGES",
     "LoadedRecords",
     "NEUTRAL_CONVENTION",
+    "NOVEL_KINDS",
     "PRESETS",
+    "PRETRAINED_KINDS",
     "QUESTION_KINDS",
     "Record",
     "ScenarioConfig",

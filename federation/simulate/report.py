@@ -20,6 +20,7 @@ from fedvlm.simulate.settings import REFERENCES, SimulationSettings
 def summarise(name: str, runs: Sequence[dict]) -> dict:
     """One strategy's entry of ``results.json`` from its runs (one per seed)."""
     per_seed = [run["personal_accuracy"] for run in runs]
+    late = [run["late_joiner_accuracy"] for run in runs if run.get("late_joiner_accuracy") is not None]
     reference = name in REFERENCES
     n_rounds = len(runs[0]["rounds"])
     per_round = [float(np.mean([run["rounds"][r]["personal_accuracy"] for run in runs])) for r in range(n_rounds)]
@@ -37,6 +38,9 @@ def summarise(name: str, runs: Sequence[dict]) -> dict:
         "personal_accuracy_std": float(np.std(per_seed)),
         "personal_accuracy_per_seed": {str(run["seed"]): run["personal_accuracy"] for run in runs},
         "global_accuracy": float(np.mean([run["global_accuracy"] for run in runs])),
+        # Clients that never took part, after adapting their personal part (None without late joiners).
+        "late_joiner_accuracy": float(np.mean(late)) if late else None,
+        "late_joiner_accuracy_std": float(np.std(late)) if late else None,
         "per_client": per_client,
         # References are not federations: nothing is sent.
         "bytes_up_per_client_round": None if reference else up,
@@ -76,6 +80,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {entry['personal_accuracy']:.3f} | {entry['personal_accuracy_std']:.3f} | "
                      f"{entry['global_accuracy']:.3f} | {_bytes(entry['bytes_up_per_client_round'])} | "
                      f"{_bytes(entry['bytes_down_per_client_round'])} | {entry['seconds']:.0f} |")
+    if any(entry.get("late_joiner_accuracy") is not None for entry in strategies.values()):
+        lines += ["", f"Late joiners ({args['late_joiners']} clients that never took part): each takes the final "
+                      f"global version and trains only its personal part for {args['late_joiner_steps']} steps on its "
+                      "own data (`local`: everything, alone), then is scored on its own test set.", "",
+                  "| strategy | late-joiner accuracy | ± |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {entry['late_joiner_accuracy']:.3f} | {entry['late_joiner_accuracy_std']:.3f} |"
+                  for name, entry in strategies.items() if entry.get("late_joiner_accuracy") is not None]
     if "plora" in strategies and "fedit" in strategies:
         plora, fedit = strategies["plora"], strategies["fedit"]
         relative = (plora["personal_accuracy"] / fedit["personal_accuracy"] - 1) if fedit["personal_accuracy"] else None

@@ -109,12 +109,13 @@ def _simulate(settings: SimulationSettings) -> dict:
         if (name, seed) in done:
             continue
         if seed not in data_by_seed:
-            clients = (scenario_clients(settings, seed, image_size_of(model_dir)) if settings.scenario
-                       else data_clients(settings, seed))
-            data_by_seed = {seed: (clients, pooled_test(clients, settings.global_test_size, seed))}
-        clients, pooled = data_by_seed[seed]
+            drawn = (scenario_clients(settings, seed, image_size_of(model_dir)) if settings.scenario
+                     else data_clients(settings, seed))
+            clients, late = drawn[:settings.clients], drawn[settings.clients:]
+            data_by_seed = {seed: (clients, late, pooled_test(clients, settings.global_test_size, seed))}
+        clients, late, pooled = data_by_seed[seed]
         bar.set_postfix_str(f"{name} seed {seed}")
-        result = run(name, model_dir, settings, seed, clients, pooled, on_round=bar.update)
+        result = run(name, model_dir, settings, seed, clients, pooled, on_round=bar.update, late_joiners=late)
         write_durably(run_file(settings.out, name, seed), json.dumps(result.to_dict(), indent=2).encode())
     bar.close()
     runs = {name: [json.loads(run_file(settings.out, name, seed).read_text()) for seed in settings.seeds]
