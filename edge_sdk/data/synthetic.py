@@ -168,11 +168,14 @@ def generate_federation(config: ScenarioConfig) -> Federation:
     return Federation(config, clients, common_test)
 
 
-def pretraining_records(n: int, seed: int = 0, image_size: int = 64) -> list[Record]:
+def pretraining_records(n: int, seed: int = 0, image_size: int = 64,
+                        kind_weights: Sequence[float] | None = None) -> list[Record]:
     """``n`` generic English examples (the pre-trained kinds, uniform classes) for pre-training
-    a base model to see; phrased and sized unlike any client's data. The novel kinds
+    a base model to see; phrased and sized unlike any client's data; ``kind_weights``: relative
+    frequency of each pre-trained kind (equal by default). The novel kinds
     (:data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`) are never asked."""
-    profile = ClientProfile(NEUTRAL_CONVENTION, {k: 1.0 / len(PRETRAINED_KINDS) for k in PRETRAINED_KINDS},
+    weights = list(kind_weights) if kind_weights is not None else [1.0] * len(PRETRAINED_KINDS)
+    profile = ClientProfile(NEUTRAL_CONVENTION, {k: w / sum(weights) for k, w in zip(PRETRAINED_KINDS, weights)},
                             uniform_class_weights(), None)
     return _records(profile, PRETRAINING_QUESTIONS, PRETRAINING_RADIUS, image_size, n,
                     _rng(seed, _PRETRAINING_STREAM, 0), "synthetic:pretraining")
