@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from fedvlm.simulate import SimulationSettings, simulate
+from fedvlm.simulate.report import save_accuracy_figure
 from fedvlm.simulate.runner import prepare_model
 from fedvlm.simulate.settings import REFERENCES, parse_seeds, parse_strategies
 
@@ -75,14 +76,7 @@ def sweep_plot(sweep: dict[int, dict], out: Path) -> Path | None:
     axis.set_xticks(sizes, [str(s) for s in sizes])
     axis.set_xlabel("training examples per client (few-shot scenario, 16 clients)")
     axis.set_ylabel("personal accuracy")
-    axis.set_ylim(-0.02, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="x-small", ncol=2)
-    figure.tight_layout()
-    path = out / "examples_per_client.png"
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_accuracy_figure(figure, axis, out / "examples_per_client.png", ncol=2, legend_size="x-small")
 
 
 def main(argv: list[str] | None = None) -> int:

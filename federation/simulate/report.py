@@ -105,6 +105,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_accuracy_figure(figure, axis, path: Path, *, ncol: int = 1, legend_size: str = "small") -> Path:
+    """An accuracy plot's common finish: the 0-1 range, a light grid, the legend; saved and closed."""
+    import matplotlib.pyplot as plt
+
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=legend_size, ncol=ncol)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[Path]:
     """``personal_accuracy_per_round.png`` and ``accuracy_vs_bytes.png`` (none without matplotlib)."""
     try:
@@ -124,13 +137,7 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
     axis.set_xlabel("round")
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_ylabel("personal accuracy (mean over clients, seeds)")
-    axis.set_ylim(-0.02, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    per_round = out / "personal_accuracy_per_round.png"
-    figure.savefig(per_round)
-    plt.close(figure)
+    per_round = save_accuracy_figure(figure, axis, out / "personal_accuracy_per_round.png", ncol=2)
 
     figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, entry in strategies.items():
@@ -142,13 +149,7 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
     axis.set_xscale("symlog", linthresh=1.0)
     axis.set_xlabel("kB sent by one client, cumulative over rounds (symlog)")
     axis.set_ylabel("personal accuracy")
-    axis.set_ylim(-0.02, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    versus_bytes = out / "accuracy_vs_bytes.png"
-    figure.savefig(versus_bytes)
-    plt.close(figure)
+    versus_bytes = save_accuracy_figure(figure, axis, out / "accuracy_vs_bytes.png")
     return [per_round, versus_bytes]
 
 
