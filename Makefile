@@ -17,7 +17,7 @@ help:
 	@echo "make bench-edge  edge training benchmark (throughput and memory)"
 	@echo "make bench-inference  ONNX Runtime with an adapter vs PyTorch eager generate()"
 	@echo "make bench-transport  protocol vs plain MQTT publish; aggregation vs numpy"
-	@echo "make bench-personalisation  pLoRA vs every baseline on non-IID data (fedvlm simulate; < 30 min)"
+	@echo "make bench-personalisation  federation vs training alone: few-shot, concept shift, examples sweep (~37 min + base)"
 	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
 
