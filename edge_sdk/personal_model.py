@@ -25,7 +25,7 @@ from fedvlm.edge.evaluation import EvalMetrics, LikelihoodScores, evaluate, gene
 from fedvlm.edge.model_loading import LoadedVLM, load_vlm
 from fedvlm.edge.objectives import Objective, SftObjective
 from fedvlm.edge.training import QAExample, TrainingConfig, TrainMetrics, encode_examples, train
-from fedvlm.shared.lora_keys import FACTORS, factor_of
+from fedvlm.shared.lora_keys import FACTORS, factor_of, rank_axis
 from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.strategies import FedDPA, Strategy, build_strategy
 from fedvlm.shared.strategies.fedex import BASE_DELTA_SUFFIX
@@ -206,6 +206,18 @@ class PersonalVLM:
 
         with frozen_components(self.model, shared):
             return train(self.model, self.processor, encoded, self._strategy_config(config, config.steps), **kwargs)
+
+    def has_trainable_personal_part(self) -> bool:
+        """Whether :meth:`train_personal` has anything to train: some trainable factor (or rank
+        components of one) the strategy keeps on the device. FedIT shares everything; FFA's
+        personal A is frozen."""
+        for name, parameter in self.model.named_parameters():
+            key = name.replace(".default", "")
+            axis = rank_axis(key)
+            if axis is not None and parameter.requires_grad and \
+                    self.strategy.shared_rank(key, parameter.shape[axis]) < parameter.shape[axis]:
+                return True
+        return False
 
     def _strategy_config(self, config: TrainingConfig, steps: int) -> TrainingConfig:
         scales = dict(config.factor_lr_scales)

@@ -275,3 +275,28 @@ def test_rlaifv_shards_split_by_origin_dataset_end_to_end(tiny_model_dir, tmp_pa
     assert "skipped 2 bad row(s) (--skip-bad): 1 empty_chosen, 1 bad_origin_split" in printed
     markdown = (out / "results.md").read_text()
     assert "## Data" in markdown and "| client_00 |" in markdown and "1 bad_origin_split" in markdown
+
+
+def test_late_joiners_adapt_only_their_personal_part(tiny_model_dir, tmp_path):
+    """Few-shot scenario with late joiners: every strategy scores them, after the last round, on
+    their own test sets; pLoRA's adapt their personal part (train_personal: B held, see the refit
+    test), FedIT's have nothing personal and are scored as the global model, `local`'s train alone."""
+    from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.shared.strategies import FedIT, PLoRA
+
+    settings = tiny_settings(tmp_path / "sim", tiny_model_dir, scenario="few-shot", clients=2, late_joiners=2,
+                             late_joiner_steps=2, strategies=("plora", "fedit", "local", "base"))
+    results = simulate(settings)
+    for name in settings.strategies:
+        run = json.loads((settings.out / "runs" / f"{name}-seed0.json").read_text())
+        assert [c["client_id"] for c in run["late_joiners"]] == ["client_02", "client_03"]
+        assert [c["client_id"] for c in run["per_client"]] == ["client_00", "client_01"]  # never federated
+        steps = {c["adaptation_steps"] for c in run["late_joiners"]}
+        assert steps == ({2} if name in ("plora", "local") else {0}), name
+        assert 0 <= results["strategies"][name]["late_joiner_accuracy"] <= 1
+    assert "Late joiners (2 clients" in (settings.out / "results.md").read_text()
+    assert not PersonalVLM.from_pretrained(tiny_model_dir, strategy=FedIT(),
+                                           quantization="none").has_trainable_personal_part()
+    assert PersonalVLM.from_pretrained(tiny_model_dir, strategy=PLoRA(), quantization="none").has_trainable_personal_part()
+    with pytest.raises(ValueError, match="--late-joiners needs a --scenario"):
+        tiny_settings(tmp_path / "x", tiny_model_dir, scenario=None, data=tmp_path, late_joiners=1)

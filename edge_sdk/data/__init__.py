@@ -9,7 +9,7 @@
 - :func:`write_preference_shards`: an offline RLAIF-V-like data set (long-form chosen
   answers, hallucinated rejected ones, several sources) in the exact published schema.
 - :func:`generate_federation` with a :class:`ScenarioConfig` (presets ``iid``,
-  ``concept-shift``, ``label-skew``, ``task-skew``, ``mixed``): a seeded synthetic visual
+  ``concept-shift``, ``label-skew``, ``task-skew``, ``mixed``, ``few-shot``): a seeded synthetic visual
   QA federation with per-client train/test splits and a common test set.
 """
 
@@ -17,6 +17,8 @@ from fedvlm.edge.data.conventions import (
     CLASSES,
     LANGUAGES,
     NEUTRAL_CONVENTION,
+    NOVEL_KINDS,
+    PRETRAINED_KINDS,
     QUESTION_KINDS,
     Convention,
     client_convention,
@@ -61,7 +63,9 @@ __all__ = [
     "LANGUAGES",
     "LoadedRecords",
     "NEUTRAL_CONVENTION",
+    "NOVEL_KINDS",
     "PRESETS",
+    "PRETRAINED_KINDS",
     "QUESTION_KINDS",
     "Record",
     "ScenarioConfig",

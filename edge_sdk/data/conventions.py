@@ -19,7 +19,12 @@ import dataclasses
 
 from fedvlm.shared.usage_error import UsageError
 
-QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
+# What the pre-trained base is taught to read, and what every scenario asks by default.
+PRETRAINED_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
+# Held out of pre-training: a skill the base lacks, which the few-shot scenario's clients must
+# all learn (is the shape in the top or the bottom half?). Only its words are known to the base.
+NOVEL_KINDS: tuple[str, ...] = ("vertical",)
+QUESTION_KINDS: tuple[str, ...] = PRETRAINED_KINDS + NOVEL_KINDS
 
 # The classes of each question kind, named in English; a class index points into these and
 # into every language's word list below.
@@ -28,6 +33,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "shape": ("circle", "square", "triangle", "cross"),
     "count": ("one", "two", "three", "four"),
     "position": ("left", "right"),
+    "vertical": ("top", "bottom"),
 }
 
 LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -37,42 +43,49 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "shape": ("cercle", "carre", "triangle", "croix"),
         "count": ("un", "deux", "trois", "quatre"),
         "position": ("gauche", "droite"),
+        "vertical": ("haut", "bas"),
     },
     "german": {
         "colour": ("rot", "gruen", "blau", "gelb", "lila", "weiss"),
         "shape": ("kreis", "quadrat", "dreieck", "kreuz"),
         "count": ("eins", "zwei", "drei", "vier"),
         "position": ("links", "rechts"),
+        "vertical": ("oben", "unten"),
     },
     "spanish": {
         "colour": ("rojo", "verde", "azul", "amarillo", "morado", "blanco"),
         "shape": ("circulo", "cuadrado", "triangulo", "cruz"),
         "count": ("uno", "dos", "tres", "cuatro"),
         "position": ("izquierda", "derecha"),
+        "vertical": ("arriba", "abajo"),
     },
     "italian": {
         "colour": ("rosso", "verde", "blu", "giallo", "viola", "bianco"),
         "shape": ("cerchio", "quadrato", "triangolo", "croce"),
         "count": ("uno", "due", "tre", "quattro"),
         "position": ("sinistra", "destra"),
+        "vertical": ("sopra", "sotto"),
     },
     "dutch": {
         "colour": ("rood", "groen", "blauw", "geel", "paars", "wit"),
         "shape": ("cirkel", "vierkant", "driehoek", "kruis"),
         "count": ("een", "twee", "drie", "vier"),
         "position": ("links", "rechts"),
+        "vertical": ("boven", "onder"),
     },
     "portuguese": {
         "colour": ("vermelho", "verde", "azul", "amarelo", "roxo", "branco"),
         "shape": ("circulo", "quadrado", "triangulo", "cruz"),
         "count": ("um", "dois", "tres", "quatro"),
         "position": ("esquerda", "direita"),
+        "vertical": ("cima", "baixo"),
     },
     "indonesian": {
         "colour": ("merah", "hijau", "biru", "kuning", "ungu", "putih"),
         "shape": ("lingkaran", "persegi", "segitiga", "silang"),
         "count": ("satu", "dua", "tiga", "empat"),
         "position": ("kiri", "kanan"),
+        "vertical": ("atas", "bawah"),
     },
 }
 
@@ -146,7 +159,8 @@ def convention_vocabulary_lines() -> list[str]:
     language and question kind ("french colours: rouge vert bleu ..."), and per class across
     languages ("red rouge rot rojo rosso rood vermelho merah").
     """
-    kind_plurals = {"colour": "colours", "shape": "shapes", "count": "numbers", "position": "sides"}
+    kind_plurals = {"colour": "colours", "shape": "shapes", "count": "numbers", "position": "sides",
+                    "vertical": "heights"}
     lines = [f"{language} {kind_plurals[kind]}: {' '.join(words[kind])}"
              for language, words in LANGUAGES.items() for kind in QUESTION_KINDS]
     for kind in QUESTION_KINDS:

@@ -13,6 +13,12 @@ Three kinds of heterogeneity, each off by default and freely combined:
   ``task_skew + (1 - task_skew) / n_kinds`` and each other kind with
   ``(1 - task_skew) / n_kinds``. 0 is uniform, 1 only the main kind.
 
+The few-shot preset is where clients need each other: 16 clients with 32 examples each, every
+one answering in its own convention (the personal part), and half of all questions asking a
+kind the base was never taught (``vertical``, the common skill; see
+:data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`). No client has enough data to learn that
+skill alone.
+
 A client's held-out test set follows the client's own distribution and convention (that
 is where personalised models are scored). The common test set is uniform over kinds and
 classes, in the neutral convention (English, not mirrored).
@@ -25,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fedvlm.edge.data.conventions import CLASSES, QUESTION_KINDS, Convention, client_convention
+from fedvlm.edge.data.conventions import CLASSES, PRETRAINED_KINDS, QUESTION_KINDS, Convention, client_convention
 from fedvlm.edge.data.scenes import MIN_IMAGE_SIZE, uniform_class_weights
 from fedvlm.shared.usage_error import UsageError
 
@@ -35,6 +41,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "label-skew": {"label_skew_alpha": 0.3},
     "task-skew": {"task_skew": 0.8},
     "mixed": {"concept_shift": True, "label_skew_alpha": 0.5, "task_skew": 0.5},
+    "few-shot": {"concept_shift": True, "n_clients": 16, "examples_per_client": 32,
+                 "question_kinds": PRETRAINED_KINDS + ("vertical",), "question_weights": (1, 1, 1, 1, 4)},
 }
 
 
@@ -54,7 +62,9 @@ class ScenarioConfig:
         concept_shift: give each client its own answer convention.
         task_skew: how strongly each client favours one question kind, 0 to 1.
         question_kinds: which kinds of question to ask (a subset of colour, shape, count,
-            position).
+            position, vertical; by default the kinds pre-training teaches).
+        question_weights: relative frequency of each of ``question_kinds`` (same order);
+            ``None`` for equal. Task skew mixes these with each client's main kind.
         seed: everything generated is a function of the configuration, seed included.
     """
 
@@ -67,12 +77,15 @@ class ScenarioConfig:
     label_skew_alpha: float | None = None
     concept_shift: bool = False
     task_skew: float = 0.0
-    question_kinds: tuple[str, ...] = QUESTION_KINDS
+    question_kinds: tuple[str, ...] = PRETRAINED_KINDS
+    question_weights: tuple[float, ...] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         # Lists come in from JSON and command lines; a tuple keeps the config hashable.
         object.__setattr__(self, "question_kinds", tuple(self.question_kinds))
+        if self.question_weights is not None:
+            object.__setattr__(self, "question_weights", tuple(float(w) for w in self.question_weights))
         problems = []
         if self.n_clients < 1:
             problems.append(f"n_clients must be at least 1, got {self.n_clients}")
@@ -89,6 +102,11 @@ class ScenarioConfig:
         if unknown or not self.question_kinds or len(set(self.question_kinds)) != len(self.question_kinds):
             problems.append(f"question_kinds must be distinct kinds out of {', '.join(QUESTION_KINDS)}, "
                             f"got {list(self.question_kinds)}")
+        if self.question_weights is not None and (
+                len(self.question_weights) != len(self.question_kinds) or min(self.question_weights) < 0
+                or not sum(self.question_weights) > 0):
+            problems.append(f"question_weights must give one non-negative weight per question kind "
+                            f"({len(self.question_kinds)}), not all zero, got {list(self.question_weights)}")
         if self.seed < 0:
             problems.append(f"seed must be a non-negative integer, got {self.seed}")
         if problems:
@@ -109,7 +127,16 @@ class ScenarioConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["question_kinds"] = list(self.question_kinds)
+        if self.question_weights is None:  # descriptions written before the field stay the same
+            data.pop("question_weights")
+        else:
+            data["question_weights"] = list(self.question_weights)
         return data
+
+    def kind_weights(self) -> dict[str, float]:
+        """Probability of each question kind before task skew."""
+        weights = self.question_weights or (1.0,) * len(self.question_kinds)
+        return {kind: weight / sum(weights) for kind, weight in zip(self.question_kinds, weights)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,16 +170,15 @@ class ClientProfile:
 
 def neutral_profile(config: ScenarioConfig) -> ClientProfile:
     """The common test set's profile: English, uniform kinds and classes."""
-    kinds = config.question_kinds
-    return ClientProfile(Convention(), {k: 1.0 / len(kinds) for k in kinds}, uniform_class_weights(), None)
+    return ClientProfile(Convention(), config.kind_weights(), uniform_class_weights(), None)
 
 
 def client_profile(config: ScenarioConfig, client_index: int, rng: np.random.Generator) -> ClientProfile:
     """Client ``client_index``'s convention, question mix and class distributions."""
     kinds = config.question_kinds
     main_kind = kinds[client_index % len(kinds)] if config.task_skew > 0 else None
-    rest = (1.0 - config.task_skew) / len(kinds)
-    question_weights = {k: rest + (config.task_skew if k == main_kind else 0.0) for k in kinds}
+    question_weights = {k: (1.0 - config.task_skew) * weight + (config.task_skew if k == main_kind else 0.0)
+                        for k, weight in config.kind_weights().items()}
     if config.label_skew_alpha is None:
         class_weights = uniform_class_weights()
     else:

@@ -2,7 +2,7 @@
 
 A :class:`Scene` is sampled first (which shapes, colours, sizes, places) and drawn second,
 so the answer to every question kind is read off the scene, never guessed from pixels.
-Scenes with one shape answer colour, shape and position questions; scenes for counting
+Scenes with one shape answer colour, shape, side (position) and height (vertical) questions; scenes for counting
 hold one to four shapes, one per quadrant, so shapes never overlap and every one is
 countable even at 32x32 pixels.
 """
@@ -63,6 +63,8 @@ class Scene:
             return len(self.shapes) - 1
         if kind == "position":
             return 0 if first.centre[0] < self.size / 2 else 1
+        if kind == "vertical":
+            return 0 if first.centre[1] < self.size / 2 else 1
         raise ValueError(f"unknown question kind {kind!r}; choose one of {', '.join(CLASSES)}")
 
     def draw(self) -> Image.Image:
@@ -146,6 +148,12 @@ def sample_scene(
         x = rng.uniform(left + radius + 1, left + size / 2 - radius - 1)
     else:
         x = rng.uniform(radius + 1, size - radius - 1)
-    y = rng.uniform(radius + 1, size - radius - 1)
+    if kind == "vertical":  # likewise inside its half, top or bottom
+        radius = min(radius, quarter - 1)
+        x = min(max(x, radius + 1), size - radius - 1)
+        top = pick("vertical") * size / 2
+        y = rng.uniform(top + radius + 1, top + size / 2 - radius - 1)
+    else:
+        y = rng.uniform(radius + 1, size - radius - 1)
     colour_index, rgb = colour()
     return Scene(size, background, (Shape(pick("shape"), colour_index, rgb, (x, y), radius),))

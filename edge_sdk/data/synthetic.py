@@ -37,6 +37,7 @@ from fedvlm.edge.data.conventions import (
     CLASSES,
     LANGUAGES,
     NEUTRAL_CONVENTION,
+    PRETRAINED_KINDS,
     QUESTION_KINDS,
     Convention,
     convention_vocabulary_lines,
@@ -66,14 +67,17 @@ CLIENT_QUESTIONS: dict[str, tuple[str, ...]] = {
     "shape": ("what shape is this?", "which shape is shown?"),
     "count": ("how many shapes are there?", "how many shapes are in the picture?"),
     "position": ("is the shape on the left or the right?", "is the shape on the left or right side?"),
+    "vertical": ("is the shape at the top or the bottom?", "is the shape in the top or bottom half?"),
 }
 # Pre-training asks about the same facts in words no client uses, so the base learns to
 # see without learning any client's task verbatim.
 PRETRAINING_QUESTIONS: dict[str, tuple[str, ...]] = {
-    "colour": ("which colour does the figure have?", "name the colour of the figure."),
-    "shape": ("what kind of figure is drawn?", "name the figure."),
-    "count": ("count the figures in the image.", "how many figures can you see?"),
-    "position": ("which side of the image is the figure on?", "on which side is the figure?"),
+    "colour": ("which colour does the figure have?", "name the colour of the figure.",
+               "what is the colour of the object?"),
+    "shape": ("what kind of figure is drawn?", "name the figure.", "which figure is in the picture?"),
+    "count": ("count the figures in the image.", "how many figures can you see?", "how many objects are shown?"),
+    "position": ("which side of the image is the figure on?", "on which side is the figure?",
+                 "is the figure on the left or on the right?"),
 }
 # A lone shape's radius as a fraction of the image size. Pre-training spans a wider range
 # than clients use, so clients' pictures are familiar but not identical.
@@ -81,7 +85,7 @@ CLIENT_RADIUS = (0.10, 0.20)
 PRETRAINING_RADIUS = (0.07, 0.24)
 
 # Independent random streams, so that (say) adding test examples leaves training data unchanged.
-_PROFILE_STREAM, _TRAIN_STREAM, _TEST_STREAM, _COMMON_STREAM, _PRETRAINING_STREAM = range(5)
+_PROFILE_STREAM, _TRAIN_STREAM, _TEST_STREAM, _COMMON_STREAM, _PRETRAINING_STREAM, _HELD_OUT_STREAM = range(6)
 
 
 @dataclasses.dataclass
@@ -164,17 +168,35 @@ def generate_federation(config: ScenarioConfig) -> Federation:
     return Federation(config, clients, common_test)
 
 
-def pretraining_records(n: int, seed: int = 0, image_size: int = 64) -> list[Record]:
-    """``n`` generic English examples (all question kinds, uniform classes) for pre-training
-    a base model to see; phrased and sized unlike any client's data."""
-    profile = ClientProfile(NEUTRAL_CONVENTION, {k: 1.0 / len(QUESTION_KINDS) for k in QUESTION_KINDS},
+def pretraining_records(n: int, seed: int = 0, image_size: int = 64,
+                        kind_weights: Sequence[float] | None = None) -> list[Record]:
+    """``n`` generic English examples (the pre-trained kinds, uniform classes) for pre-training
+    a base model to see; phrased and sized unlike any client's data; ``kind_weights``: relative
+    frequency of each pre-trained kind (equal by default). The novel kinds
+    (:data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`) are never asked."""
+    weights = list(kind_weights) if kind_weights is not None else [1.0] * len(PRETRAINED_KINDS)
+    profile = ClientProfile(NEUTRAL_CONVENTION, {k: w / sum(weights) for k, w in zip(PRETRAINED_KINDS, weights)},
                             uniform_class_weights(), None)
     return _records(profile, PRETRAINING_QUESTIONS, PRETRAINING_RADIUS, image_size, n,
                     _rng(seed, _PRETRAINING_STREAM, 0), "synthetic:pretraining")
 
 
+def held_out_kind_records(n: int, seed: int = 0, image_size: int = 64,
+                          phrasing: str = "client_questions") -> dict[str, list[Record]]:
+    """Per question kind (novel ones included), ``n`` English examples of uniform classes on
+    pictures no client or pre-training draws: a base model's per-kind score card.
+    ``phrasing``: ``client_questions`` or ``pretraining_questions`` (novel kinds always use
+    the clients' phrasing: pre-training has none for them)."""
+    questions = {"client_questions": CLIENT_QUESTIONS,
+                 "pretraining_questions": {**CLIENT_QUESTIONS, **PRETRAINING_QUESTIONS}}[phrasing]
+    radius = CLIENT_RADIUS if phrasing == "client_questions" else PRETRAINING_RADIUS
+    return {kind: _records(ClientProfile(NEUTRAL_CONVENTION, {kind: 1.0}, uniform_class_weights(), None), questions,
+                           radius, image_size, n, _rng(seed, _HELD_OUT_STREAM, index), f"synthetic:held-out/{kind}")
+            for index, kind in enumerate(QUESTION_KINDS)}
+
+
 def question_kind(record: Record) -> str | None:
-    """The question kind of a synthetic record (colour, shape, count, position), else ``None``."""
+    """The question kind of a synthetic record (colour, shape, count, position, vertical), else ``None``."""
     if record.origin_dataset.startswith(ORIGIN_PREFIX):
         kind = record.origin_dataset[len(ORIGIN_PREFIX):]
         return kind if kind in QUESTION_KINDS else None

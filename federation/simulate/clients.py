@@ -30,10 +30,11 @@ class SimulatedClient:
 
 
 def scenario_clients(settings: SimulationSettings, seed: int, image_size: int) -> list[SimulatedClient]:
-    """Clients of a built-in synthetic scenario (``fedvlm.edge.data``), drawn for ``seed``."""
+    """Clients of a built-in synthetic scenario (``fedvlm.edge.data``), drawn for ``seed``: the
+    federated ones, then ``settings.late_joiners`` more."""
     from fedvlm.edge.data import ScenarioConfig, generate_federation
 
-    config = ScenarioConfig.preset(settings.scenario, n_clients=settings.clients,
+    config = ScenarioConfig.preset(settings.scenario, n_clients=settings.clients + settings.late_joiners,
                                    examples_per_client=settings.examples_per_client,
                                    test_examples_per_client=settings.test_examples_per_client,
                                    common_test_examples=0, image_size=image_size, seed=seed)

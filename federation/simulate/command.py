@@ -93,6 +93,11 @@ def add_simulate_command(commands) -> None:
     simulate.add_argument("--max-new-tokens", type=int, default=None,
                           help="length of the greedy answers scored (default: 8 for short answers, the longest "
                                "reference plus 8 for long ones, at most 512)")
+    simulate.add_argument("--late-joiners", type=int, default=_DEFAULTS["late_joiners"],
+                          help="more clients of the scenario that never train in a round: after the last one each "
+                               "trains only its personal part on its own data and is scored (default 0)")
+    simulate.add_argument("--late-joiner-steps", type=int, default=_DEFAULTS["late_joiner_steps"],
+                          help="optimiser steps of a late joiner's adaptation")
     simulate.add_argument("--out", type=Path, default=_DEFAULTS["out"], help="where results go")
     simulate.add_argument("--threads", type=int, default=_DEFAULTS["threads"],
                           help="torch CPU threads (one suits the small models, and a CPU shared with other work)")
@@ -115,7 +120,8 @@ def _simulate(args: argparse.Namespace) -> int:
         client_ranks=parse_ranks(args.client_ranks) if args.client_ranks else (), quantization=args.quantization,
         **{f"lora_{name}": value for name, value in lora_target_fields(args).items()},
         global_test_size=args.global_test_size, objective=args.objective, dpo_beta=args.dpo_beta,
-        max_new_tokens=args.max_new_tokens, progress=not args.quiet, threads=args.threads,
+        max_new_tokens=args.max_new_tokens, late_joiners=args.late_joiners,
+        late_joiner_steps=args.late_joiner_steps, progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)
     print((settings.out / "results.md").read_text())

@@ -10,6 +10,10 @@ Order of a round, as on the real hub: select clients (seeded, the same for every
 strategy), each trains from its current state and sends its shared tensors, the hub
 aggregates and publishes, every client absorbs the global version (personal tensors
 untouched); then every client's personal model is scored on its own held-out data.
+
+Late joiners (clients that never took part) are scored after the last round: each starts
+from the shared initialisation, absorbs the final global version, trains only its personal
+part on its own data (``PersonalVLM.train_personal``), and is scored on its own test set.
 """
 
 from __future__ import annotations
@@ -118,6 +122,11 @@ class RunResult:
     per_client: list[dict]
     shared: dict  # what leaves a device: tensor count, values, factors
     seconds: float
+    late_joiners: list[dict] = dataclasses.field(default_factory=list)  # per late client: its accuracy
+
+    @property
+    def late_joiner_accuracy(self) -> float | None:
+        return float(np.mean([c["personal_accuracy"] for c in self.late_joiners])) if self.late_joiners else None
 
     def mean(self, kind: str) -> dict[str, float | None]:
         """``personal`` or ``global`` scores, mean over clients."""
@@ -127,29 +136,54 @@ class RunResult:
         personal, global_ = self.mean("personal"), self.mean("global")
         return {"strategy": self.strategy, "seed": self.seed, "personal_accuracy": personal["accuracy"],
                 "global_accuracy": global_["accuracy"], "personal": personal, "global": global_,
+                "late_joiner_accuracy": self.late_joiner_accuracy,
                 **dataclasses.asdict(self)}
 
 
 def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
-        pooled: Sequence, on_round: OnRound = lambda done: None) -> RunResult:
+        pooled: Sequence, on_round: OnRound = lambda done: None,
+        late_joiners: Sequence[SimulatedClient] = ()) -> RunResult:
     """Run strategy ``name`` (a ``--strategies`` label: a strategy with options, a variant or a
-    reference) for one seed."""
+    reference) for one seed; then adapt and score ``late_joiners``."""
     started = time.perf_counter()
     lora = lora_settings(settings, seed)
     # References train both factors and share nothing; labels name a strategy and its options.
     strategy_name, options = ("fedit", {}) if name in (CENTRALISED, BASE) else strategy_spec(name, settings.refit_steps)
     model = PersonalVLM.from_pretrained(model_dir, lora=lora, strategy=build_strategy(strategy_name, options, lora),
                                         quantization=settings.quantization)
+    model.reset_adapters()
+    start = model.adapter_state()
     if name in (CENTRALISED, BASE):
         rounds, per_client = _reference(name, model, settings, seed, clients, pooled, on_round)
         shared = {"tensors": 0, "values": 0, "factors": []}
+        final, adapt = model.adapter_state(), False  # one model for every client, late ones too
     else:
-        rounds, per_client, shared = _federation(model, settings, seed, clients, pooled, on_round)
-    return RunResult(name, seed, rounds, per_client, shared, time.perf_counter() - started)
+        rounds, per_client, shared, final_global = _federation(model, settings, seed, clients, pooled, on_round)
+        final = model.strategy.absorb(start, final_global) if final_global is not None else start
+        adapt = True
+    late = [_late_joiner(model, settings, seed, index, client, final, adapt) for index, client in enumerate(late_joiners)]
+    return RunResult(name, seed, rounds, per_client, shared, time.perf_counter() - started, late)
+
+
+def _late_joiner(model: PersonalVLM, settings: SimulationSettings, seed: int, index: int, client: SimulatedClient,
+                 state: dict[str, np.ndarray], adapt: bool) -> dict:
+    """A client that never took part: from ``state`` (the shared initialisation with the final
+    global version absorbed), its personal part trained on its own data, scored on its own test set."""
+    model.load_adapter_state(state)
+    steps = 0
+    if adapt and model.has_trainable_personal_part():
+        config = training_config(settings, settings.late_joiner_steps, seed, settings.rounds + 1, 800 + index)
+        model.train_personal(encode_examples(model.processor, client.train, objective=config.objective), config)
+        steps = settings.late_joiner_steps
+    accuracy = evaluate(model.model, model.processor, client.test).accuracy
+    return {"client_id": client.client_id, "description": client.description, "train_examples": len(client.train),
+            "test_examples": len(client.test), "adaptation_steps": steps, "personal_accuracy": accuracy}
 
 
 def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
-                pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict]:
+                pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict, dict | None]:
+    """The rounds; returns per-round and per-client results, what is shared, and the last global
+    version (None when nothing is shared)."""
     model.reset_adapters()
     strategy, scorer = model.strategy, Scorer(model, settings, model.adapter_state())
     # A client of lower rank is simulated on the federation-rank model with its components
@@ -208,7 +242,7 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
                   for i, client in enumerate(clients)]
     shared = {"tensors": len(shared_template), "values": int(sum(v.size for v in shared_template.values())),
               "factors": sorted({factor_of(name) for name in shared_template})}
-    return rounds, per_client, shared
+    return rounds, per_client, shared, previous_global
 
 
 def client_ranks(settings: SimulationSettings, model: PersonalVLM, n_clients: int) -> list[int]:

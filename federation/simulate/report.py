@@ -52,7 +52,10 @@ def _std(values: Sequence[float | None]) -> float | None:
 def summarise(name: str, runs: Sequence[dict]) -> dict:
     """One strategy's entry of ``results.json`` from its runs (one per seed): for every score,
     ``personal_<score>`` (mean over clients and seeds), ``personal_<score>_std`` (over the per-seed
-    means), ``personal_<score>_per_seed`` and ``global_<score>``; None where it does not apply."""
+    means), ``personal_<score>_per_seed`` and ``global_<score>``; None where it does not apply.
+    ``late_joiner_accuracy`` (± std over seeds): clients that never took part, after adapting
+    their personal part (None without late joiners)."""
+    late = [run["late_joiner_accuracy"] for run in runs if run.get("late_joiner_accuracy") is not None]
     reference = name in REFERENCES
     n_rounds = len(runs[0]["rounds"])
     entry: dict = {}
@@ -78,6 +81,8 @@ def summarise(name: str, runs: Sequence[dict]) -> dict:
         per_client.append({"client_id": client["client_id"], "description": client["description"],
                            "test_examples": client["test_examples"], "lora_rank": client.get("lora_rank"), **scores})
     entry.update({
+        "late_joiner_accuracy": float(np.mean(late)) if late else None,
+        "late_joiner_accuracy_std": float(np.std(late)) if late else None,
         "per_client": per_client,
         # References are not federations: nothing is sent.
         "bytes_up_per_client_round": None if reference else up,
@@ -154,6 +159,13 @@ def markdown(results: dict) -> str:
     if best:
         lines += ["", "Best strategy per score (personal; references left out, local counted): "
                   + "; ".join(f"{METRIC_LABELS[m]}: {', '.join(names)}" for m, names in best.items()) + "."]
+    if any(entry.get("late_joiner_accuracy") is not None for entry in strategies.values()):
+        lines += ["", f"Late joiners ({args['late_joiners']} clients that never took part): each takes the final "
+                      f"global version and trains only its personal part for {args['late_joiner_steps']} steps on its "
+                      "own data (`local`: everything, alone), then is scored on its own test set.", "",
+                  "| strategy | late-joiner accuracy | ± |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {entry['late_joiner_accuracy']:.3f} | {entry['late_joiner_accuracy_std']:.3f} |"
+                  for name, entry in strategies.items() if entry.get("late_joiner_accuracy") is not None]
     if "plora" in strategies and "fedit" in strategies:
         plora, fedit = strategies["plora"], strategies["fedit"]
         key = f"personal_{headline}"
@@ -172,6 +184,22 @@ def markdown(results: dict) -> str:
                                                  for c in entry["per_client"]) + " |")
     lines += ["", "Clients: " + "; ".join(f"{c['client_id']}: {c['description']}" for c in first["per_client"])]
     return "\n".join(lines) + "\n"
+
+
+def save_accuracy_figure(figure, axis, path: Path, *, ncol: int = 1, legend_size: str = "small",
+                         bounded: bool = True) -> Path:
+    """A score plot's common finish: the 0-1 range (``bounded`` scores), a light grid, the legend;
+    saved and closed."""
+    import matplotlib.pyplot as plt
+
+    if bounded:
+        axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=legend_size, ncol=ncol)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
 
 
 def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[Path]:
@@ -198,14 +226,7 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
     axis.set_xlabel("round")
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_ylabel(f"personal {label} (mean over clients, seeds)")
-    if bounded:
-        axis.set_ylim(-0.02, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    per_round = out / "personal_accuracy_per_round.png"
-    figure.savefig(per_round)
-    plt.close(figure)
+    per_round = save_accuracy_figure(figure, axis, out / "personal_accuracy_per_round.png", ncol=2, bounded=bounded)
 
     figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, entry in strategies.items():
@@ -217,14 +238,7 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
     axis.set_xscale("symlog", linthresh=1.0)
     axis.set_xlabel("kB sent by one client, cumulative over rounds (symlog)")
     axis.set_ylabel(f"personal {label}")
-    if bounded:
-        axis.set_ylim(-0.02, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    versus_bytes = out / "accuracy_vs_bytes.png"
-    figure.savefig(versus_bytes)
-    plt.close(figure)
+    versus_bytes = save_accuracy_figure(figure, axis, out / "accuracy_vs_bytes.png", bounded=bounded)
 
     shown = [m for m in METRICS if any(m in e["metrics"] for e in strategies.values())]
     figure, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown) + 1, 3.6), dpi=120, squeeze=False)

@@ -20,27 +20,19 @@ from fedvlm.simulate.clients import data_clients, image_size_of, pooled_test, sc
 from fedvlm.simulate.engine import run
 from fedvlm.simulate.settings import DEFAULT_MODEL_DIR, SimulationSettings
 
-# The default base: the `small` VLM pre-trained long enough, at a learning rate low enough, to
-# name colours (0.97 on held-out client questions; the demo's 800 steps at 2e-3 gave 0.08-0.18).
-# Shapes, counts and sides stay near chance: benchmarks/README.md, "Personalisation".
-# Built once (about 7 minutes on 2 busy cores), cached by recipe.
-PRETRAINING_STEPS = 1600
-PRETRAINING_LEARNING_RATE = 5e-4
-PRETRAINING_EXAMPLES = 4096
-
 
 def prepare_model(settings: SimulationSettings) -> Path:
+    """The base to simulate on: ``settings.model``, else the default seeing base
+    (:func:`fedvlm.edge.pretraining.seeing_base_recipe`), built once into ``DEFAULT_MODEL_DIR``."""
     if settings.model is not None:
         from fedvlm.edge.model_loading import check_model_dir
 
         return check_model_dir(settings.model)
-    from fedvlm.edge.pretraining import PretrainingConfig, is_built, make_pretrained_tiny_model
+    from fedvlm.edge.pretraining import is_built, make_pretrained_tiny_model, seeing_base_recipe
 
-    recipe = dict(seed=0, examples=PRETRAINING_EXAMPLES,
-                  config=PretrainingConfig(steps=PRETRAINING_STEPS, learning_rate=PRETRAINING_LEARNING_RATE, seed=0,
-                                            progress=settings.progress))
+    recipe = seeing_base_recipe(progress=settings.progress)
     if not is_built(DEFAULT_MODEL_DIR, "small", **recipe):
-        print(f"building the pre-trained small model in {DEFAULT_MODEL_DIR} (once; a few minutes)", flush=True)
+        print(f"building the pre-trained small model in {DEFAULT_MODEL_DIR} (once; about 7 minutes)", flush=True)
     return make_pretrained_tiny_model(DEFAULT_MODEL_DIR, "small", **recipe)
 
 
@@ -110,16 +102,18 @@ def _simulate(settings: SimulationSettings) -> dict:
             continue
         if seed not in data_by_seed:
             if settings.scenario:
-                clients = scenario_clients(settings, seed, image_size_of(model_dir))
+                drawn = scenario_clients(settings, seed, image_size_of(model_dir))
             else:
                 split = data_clients(settings, seed)
-                clients = split.clients
+                drawn = split.clients
                 data_report.record_split(settings.out, seed, split.summary)
                 tqdm.write(data_report.console_text(seed, split.table.markdown(), split.summary))
-            data_by_seed = {seed: (clients, pooled_test(clients, settings.global_test_size, seed))}
-        clients, pooled = data_by_seed[seed]
+            # Late joiners (scenarios only) are drawn after the federated clients.
+            clients, late = drawn[:settings.clients], drawn[settings.clients:]
+            data_by_seed = {seed: (clients, late, pooled_test(clients, settings.global_test_size, seed))}
+        clients, late, pooled = data_by_seed[seed]
         bar.set_postfix_str(f"{name} seed {seed}")
-        result = run(name, model_dir, settings, seed, clients, pooled, on_round=bar.update)
+        result = run(name, model_dir, settings, seed, clients, pooled, on_round=bar.update, late_joiners=late)
         write_durably(run_file(settings.out, name, seed), json.dumps(result.to_dict(), indent=2).encode())
     bar.close()
     runs = {name: [json.loads(run_file(settings.out, name, seed).read_text()) for seed in settings.seeds]

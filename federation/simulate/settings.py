@@ -33,7 +33,7 @@ ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
 # also needs the vision side adapted, --lora-parts).
 DEFAULT_STRATEGIES: tuple[str, ...] = ("plora", "fedit", "ffa", "fedsa", "fedex", "local") + REFERENCES
 KNOWN_STRATEGIES: tuple[str, ...] = ALL_STRATEGIES + tuple(VARIANTS)
-SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "iid")
+SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "few-shot", "iid")
 DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
 
 
@@ -141,6 +141,11 @@ class SimulationSettings:
     dpo_beta: DPO's beta; also scales the reported reward margin under either objective.
     max_new_tokens: length of the greedy answers scored (exact match, ROUGE-L, BLEU); None:
         8 for short answers, the longest reference plus some slack for long ones.
+    late_joiners: clients of the scenario (drawn after the federated ones) that never take part in
+        a round: after the last one each takes the final global version and trains only its
+        personal part for ``late_joiner_steps`` on its own data, then is scored on its own
+        test set (under ``local``: trains everything alone for as many steps).
+    late_joiner_steps: optimiser steps of that adaptation.
     progress: show the progress bar.
     threads: torch CPU threads. One by default: the small models gain little from more, and
         on a shared CPU two threads that contend were measured 10x slower than one.
@@ -175,6 +180,8 @@ class SimulationSettings:
     objective: str = "sft"
     dpo_beta: float = 0.1
     max_new_tokens: int | None = None
+    late_joiners: int = 0
+    late_joiner_steps: int = 10
     progress: bool = True
     threads: int = 1
 
@@ -194,13 +201,19 @@ class SimulationSettings:
             from fedvlm.edge.model_loading import check_model_dir
 
             check_model_dir(self.model)  # a folder holding a model, or a cached hub id: else one clear line
-        for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size", "threads"):
+        for name in ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "global_test_size", "threads",
+                     "late_joiner_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.clients < 2:
             raise UsageError("--clients must be at least 2: a federation needs more than one client")
         if self.scenario is not None and (self.examples_per_client < 1 or self.test_examples_per_client < 1):
             raise UsageError("--examples-per-client and --test-examples-per-client must be at least 1")
+        if self.late_joiners < 0:
+            raise UsageError(f"--late-joiners cannot be negative, got {self.late_joiners}")
+        if self.late_joiners and self.scenario is None:
+            raise UsageError("--late-joiners needs a --scenario: late clients are drawn from the same scenario "
+                             "(with --data, every record already belongs to a federated client)")
         if not 0 < self.fraction <= 1:
             raise UsageError(f"--fraction must be in (0, 1], got {self.fraction}")
         if not 0 < self.test_fraction < 1:
@@ -251,6 +264,8 @@ class SimulationSettings:
             key[name] = str(key[name]) if key[name] is not None else None
         if not self.client_ranks:  # so simulations from before the option still resume
             key.pop("client_ranks")
+        if not self.late_joiners:  # likewise
+            key.pop("late_joiners"), key.pop("late_joiner_steps")
         else:
             key["client_ranks"] = list(self.client_ranks)
         for name in ("skip_bad", "max_examples", "max_per_client"):  # likewise, at their defaults

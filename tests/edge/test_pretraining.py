@@ -21,3 +21,38 @@ def test_pretrained_tiny_model_is_built_once_per_recipe(tmp_path):
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
     loaded = load_vlm(out, quantization="none")
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_vision_stage_then_language_stage_with_the_tower_frozen(tmp_path):
+    """The two-stage recipe: the vision tower trains alone with attribute heads, then stays as it is
+    while the projector and language model learn; the report scores every kind, novel ones too."""
+    import torch
+
+    from fedvlm.edge.data import QUESTION_KINDS
+    from fedvlm.edge.pretraining import pretrain
+    from fedvlm.edge.tiny_model import build_tiny_vlm
+    from fedvlm.edge.vision_pretraining import VisionPretrainingConfig, pretrain_vision, vision_tower_of
+    from fedvlm.edge.data import all_words, pretraining_records
+
+    model, processor = build_tiny_vlm("tiny", extra_words=all_words())
+    tower = vision_tower_of(model)
+    before = {name: value.clone() for name, value in tower.state_dict().items()}
+    heads = pretrain_vision(model, processor, VisionPretrainingConfig(steps=25, batch_size=8), progress=False)
+    assert set(heads) == {"colour", "shape", "count", "position"} and all(0 <= a <= 1 for a in heads.values())
+    trained = {name: value.clone() for name, value in tower.state_dict().items()}
+    assert any(not torch.equal(before[name], trained[name]) for name in before)
+    losses = pretrain(model, processor, pretraining_records(32, image_size=32),
+                      config=PretrainingConfig(steps=4, batch_size=4, progress=False, train_vision=False,
+                                               warmup_steps=2))
+    assert len(losses) == 4
+    assert all(torch.equal(trained[name], value) for name, value in tower.state_dict().items())
+
+    vision = VisionPretrainingConfig(steps=3, batch_size=4)
+    config = PretrainingConfig(steps=3, batch_size=4, progress=False, train_vision=False)
+    out = make_pretrained_tiny_model(tmp_path / "m", "tiny", examples=16, config=config, vision=vision)
+    report = json.loads((out / "fedvlm_pretraining.json").read_text())
+    assert report["vision_pretraining"]["steps"] == 3
+    for phrasing in ("client_questions", "pretraining_questions"):
+        assert set(report["result"]["accuracy"][phrasing]) == set(QUESTION_KINDS)
+    assert is_built(out, "tiny", examples=16, config=config, vision=vision)
+    assert not is_built(out, "tiny", examples=16, config=config)  # the vision stage is part of the recipe

@@ -13,6 +13,7 @@ import pytest
 from fedvlm.edge.data import (
     CLASSES,
     LANGUAGES,
+    PRETRAINED_KINDS,
     QUESTION_KINDS,
     Convention,
     ScenarioConfig,
@@ -93,7 +94,7 @@ def test_generating_eight_clients_of_128_examples_is_fast():
 
 def test_answers_describe_what_is_drawn():
     records = generate_federation(_small(examples_per_client=200, image_size=48)).clients[0].train
-    by_kind = {kind: [r for r in records if question_kind(r) == kind] for kind in QUESTION_KINDS}
+    by_kind = {kind: [r for r in records if question_kind(r) == kind] for kind in PRETRAINED_KINDS}
     assert all(len(found) >= 20 for found in by_kind.values())
     assert all(_drawn_colour(r.image) == r.chosen for r in by_kind["colour"])
     assert all(_drawn_side(r.image) == r.chosen for r in by_kind["position"])
@@ -173,8 +174,8 @@ def test_task_skew_concentrates_each_client_on_its_own_question_kind():
     federation = generate_federation(_small("task-skew", examples_per_client=200))
     for index, client in enumerate(federation.clients):
         kinds = Counter(question_kind(r) for r in client.train)
-        assert client.profile.main_question_kind == QUESTION_KINDS[index]
-        assert kinds[QUESTION_KINDS[index]] / len(client.train) > 0.7
+        assert client.profile.main_question_kind == PRETRAINED_KINDS[index]
+        assert kinds[PRETRAINED_KINDS[index]] / len(client.train) > 0.7
     uniform = generate_federation(_small("iid", examples_per_client=200)).clients[0]
     assert max(Counter(question_kind(r) for r in uniform.train).values()) / 200 < 0.4
 
@@ -223,7 +224,7 @@ def test_pretraining_records_are_english_and_phrased_unlike_any_client():
     assert not {r.question for r in records} & client_questions
     assert all(r.question in PRETRAINING_QUESTIONS[question_kind(r)] for r in records)
     assert all(r.chosen in CLASSES[question_kind(r)] for r in records)
-    assert {question_kind(r) for r in records} == set(QUESTION_KINDS)
+    assert {question_kind(r) for r in records} == set(PRETRAINED_KINDS)  # never a novel kind
     assert _fingerprint(pretraining_records(8, seed=1, image_size=32)) == _fingerprint(records[:8])
 
 
@@ -243,3 +244,58 @@ def test_every_language_names_every_class_once_in_plain_ascii():
             words = vocabulary[kind]
             assert len(words) == len(classes) == len(set(words)), (language, kind)
             assert all(re.fullmatch(r"[a-z]+", w) for w in words), (language, kind)
+
+
+# --- the few-shot scenario: a novel kind every client must learn ---------------------------
+
+
+def _drawn_height(image) -> str:
+    return "top" if _shape_pixels(image)[:, 0].mean() < image.height / 2 else "bottom"
+
+
+def test_vertical_questions_describe_the_half_the_shape_is_drawn_in():
+    config = ScenarioConfig(n_clients=1, examples_per_client=60, test_examples_per_client=0, common_test_examples=0,
+                            image_size=32, question_kinds=("vertical",), seed=5)
+    records = generate_federation(config).clients[0].train
+    assert {r.chosen for r in records} == {"top", "bottom"}
+    assert all(_drawn_height(r.image) == r.chosen for r in records)
+    assert all(r.question in CLIENT_QUESTIONS["vertical"] for r in records)
+
+
+def test_few_shot_preset_mixes_the_novel_kind_with_personal_conventions():
+    config = ScenarioConfig.preset("few-shot", n_clients=9, examples_per_client=64, test_examples_per_client=32,
+                                   common_test_examples=0, image_size=32)
+    assert config.question_kinds == PRETRAINED_KINDS + ("vertical",)
+    federation = generate_federation(config)
+    conventions = [client.convention for client in federation.clients]
+    assert len({c.name for c in conventions}) == 9  # each client its own convention
+    for client in federation.clients:
+        kinds = Counter(question_kind(r) for r in client.train + client.test)
+        assert 0.3 < kinds["vertical"] / 96 < 0.7  # weight 4 of 8: half the questions
+        assert set(kinds) == set(QUESTION_KINDS)
+        for record in client.train:  # answers in the client's own words, novel kind included
+            kind = question_kind(record)
+            assert record.chosen in client.convention.words(kind)
+    french = federation.clients[1]
+    assert {r.chosen for r in french.train if question_kind(r) == "vertical"} <= {"haut", "bas"}
+
+
+def test_question_weights_are_checked():
+    with pytest.raises(ValueError, match="question_weights"):
+        ScenarioConfig(question_kinds=("colour", "vertical"), question_weights=(1,))
+    with pytest.raises(ValueError, match="question_weights"):
+        ScenarioConfig(question_kinds=("colour",), question_weights=(0,))
+    assert ScenarioConfig(question_kinds=("colour", "vertical"), question_weights=(1, 3)).kind_weights() == {
+        "colour": 0.25, "vertical": 0.75}
+
+
+def test_held_out_score_card_covers_every_kind_in_english():
+    from fedvlm.edge.data.synthetic import held_out_kind_records
+
+    cards = held_out_kind_records(6, seed=2, image_size=32)
+    assert set(cards) == set(QUESTION_KINDS)
+    for kind, records in cards.items():
+        assert len(records) == 6 and all(question_kind(r) == kind and r.chosen in CLASSES[kind] for r in records)
+    pretraining = held_out_kind_records(6, seed=2, image_size=32, phrasing="pretraining_questions")
+    assert all(r.question in PRETRAINING_QUESTIONS["colour"] for r in pretraining["colour"])
+    assert all(r.question in CLIENT_QUESTIONS["vertical"] for r in pretraining["vertical"])
