@@ -103,6 +103,10 @@ class EmbeddedBroker:
 
         async def create_and_start() -> Any:
             broker = Broker(config, loop=loop)
+            # amqtt iterates its subscription table across awaits (a connecting client's
+            # retained messages, broadcasts); another client subscribing meanwhile raised
+            # "dictionary changed size during iteration" and dropped the connecting client.
+            broker._subscriptions = _SnapshotDict(broker._subscriptions)
             await broker.start()
             return broker
 
@@ -154,6 +158,20 @@ class EmbeddedBroker:
             f"To use that broker, start the hub with --broker mqtt://{self.host}:{self.port}; "
             "to run the embedded broker elsewhere, pick a free port with --port PORT"
         )
+
+
+class _SnapshotDict(dict):
+    """A dict whose iteration walks a copy of its keys or items, so the owner may change it
+    while an iteration is suspended at an ``await`` (amqtt's subscription table)."""
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def keys(self):  # type: ignore[override]
+        return list(super().keys())
+
+    def items(self):  # type: ignore[override]
+        return list(super().items())
 
 
 async def _shutdown(broker: Any) -> None:
