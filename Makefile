@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation fuzz clean
+.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation bench-hub-scale fuzz clean
 
 help:
 	@echo "make demo        run the main job (see README)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-inference  ONNX Runtime with an adapter vs PyTorch eager generate()"
 	@echo "make bench-transport  protocol vs plain MQTT publish; aggregation vs numpy"
 	@echo "make bench-personalisation  pLoRA vs every baseline on non-IID data (fedvlm simulate; < 30 min)"
+	@echo "make bench-hub-scale  N simulated devices vs a real hub and mosquitto (HUB_SCALE_SETTINGS; ~10-15 min)"
 	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
 
@@ -47,6 +48,12 @@ bench-transport: $(STAMP)
 
 bench-personalisation: $(STAMP)
 	$(PY) benchmarks/personalisation.py --out $(WORK)/bench/personalisation
+
+# DEVICESxSIZE[:Kw] settings, comma-separated (Kw: K hub workers); the default is every setting.
+HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w
+
+bench-hub-scale: $(STAMP)
+	$(PY) benchmarks/hub_scale.py --settings $(HUB_SCALE_SETTINGS) --out $(WORK)/bench/hub-scale
 
 FUZZ_MESSAGES ?= 10000
 FUZZ_SEED ?= 7

@@ -20,7 +20,7 @@ from fedvlm.shared.protocol import ProtocolError, new_client_secret, validate_cl
 from .errors import ClientRegistryError
 from .store import ClientRecord, HubStore
 
-__all__ = ["register_client", "revoke_client", "list_clients", "broker_config_dir"]
+__all__ = ["register_client", "register_clients", "revoke_client", "list_clients", "broker_config_dir"]
 
 
 def register_client(state_dir: str | Path, client_id: str, *, secrets_key_file: str | Path | None = None) -> str:
@@ -33,6 +33,20 @@ def register_client(state_dir: str | Path, client_id: str, *, secrets_key_file: 
     with HubStore.in_state_dir(state_dir, secrets_key_file=secrets_key_file) as store:
         store.add_client(client_id, secret, time.time())
     return secret
+
+
+def register_clients(state_dir: str | Path, client_ids: list[str], *,
+                     secrets_key_file: str | Path | None = None) -> dict[str, str]:
+    """Register many clients at once (one transaction); returns each one's new secret."""
+    for client_id in client_ids:
+        try:
+            validate_client_id(client_id)
+        except ProtocolError as error:
+            raise ClientRegistryError(f"cannot register {client_id!r}: {error}") from None
+    secrets = {client_id: new_client_secret() for client_id in client_ids}
+    with HubStore.in_state_dir(state_dir, secrets_key_file=secrets_key_file) as store:
+        store.add_clients(secrets, time.time())
+    return secrets
 
 
 def revoke_client(state_dir: str | Path, client_id: str) -> None:
