@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -53,6 +54,11 @@ from fedvlm.shared.protocol import (
 )
 
 __all__ = ["UpdateRecipe", "Swarm", "SwarmCounts"]
+
+try:  # protocol 3: each selected device is told by its own retained Selection message
+    from fedvlm.shared.protocol import Selection as _Selection
+except ImportError:  # protocol 2: the hub state lists the selected devices
+    _Selection = None
 
 BASE_FINGERPRINT = "bench-base-0001"
 _SDK_VERSION = "bench"
@@ -119,7 +125,7 @@ class SwarmCounts:
 
 class _Device:
     __slots__ = ("index", "client_id", "secret", "client", "sock", "round_sent", "message_id", "upload",
-                 "pending_mids", "pending_kind", "accepted", "announce_mid", "final_reason")
+                 "pending_mids", "pending_kind", "accepted", "announce_mid", "final_reason", "selection")
 
     def __init__(self, index: int, client_id: str, secret: str) -> None:
         self.index = index
@@ -135,6 +141,7 @@ class _Device:
         self.accepted = 0
         self.announce_mid: int | None = None
         self.final_reason: str | None = None
+        self.selection: Any = None  # the hub's latest Selection for this device (protocol 3)
 
 
 class Swarm:
@@ -318,7 +325,10 @@ class Swarm:
             return
         self.counts.connected += 1
         # Handlers first, then the announcement: a hub never selects a device that cannot hear it.
-        client.subscribe([(self.topics.client_ack(device.client_id), 1), (self.topics.hub_state(), 1)])
+        subscriptions = [(self.topics.client_ack(device.client_id), 1), (self.topics.hub_state(), 1)]
+        if _Selection is not None:
+            subscriptions.append((self.topics.client_selection(device.client_id), 1))
+        client.subscribe(subscriptions)
         info = client.publish(self.topics.client_announce(device.client_id),
                               self._announcement(device, Presence.ONLINE), qos=1, retain=True)  # fmt: skip
         device.announce_mid = info.mid
@@ -341,7 +351,13 @@ class Swarm:
     def _on_message(self, client, device: _Device, message) -> None:
         if message.topic.endswith("/ack"):
             self._on_ack(device, Ack.from_json(message.payload))
-        elif message.payload:
+        elif not message.payload:
+            return
+        elif message.topic.endswith("/selection"):
+            device.selection = _Selection.from_json(message.payload)
+            if self._last_state is not None:
+                self._maybe_send(device, self._last_state[1], self._last_state[2])
+        else:
             self._on_state(device, message.payload)
 
     def _on_state(self, device: _Device, payload: bytes) -> None:
@@ -349,10 +365,19 @@ class Swarm:
         last = self._last_state
         if last is None or last[0] != payload:
             state = HubState.from_json(payload)
-            last = self._last_state = (bytes(payload), state, frozenset(state.selected_clients))
-        _, state, selected = last
-        if (state.phase is RoundPhase.COLLECTING and device.client_id in selected
-                and device.round_sent != state.round):  # fmt: skip
+            selected = frozenset(getattr(state, "selected_clients", ()))  # protocol 2 listed them here
+            last = self._last_state = (bytes(payload), state, selected)
+        self._maybe_send(device, last[1], last[2])
+
+    def _maybe_send(self, device: _Device, state: HubState, selected: frozenset[str]) -> None:
+        """Send this round's update once the state collects a round this device is selected for."""
+        if state.phase is not RoundPhase.COLLECTING or device.round_sent == state.round:
+            return
+        if _Selection is not None:
+            chosen = device.selection is not None and device.selection.matches(state)
+        else:
+            chosen = device.client_id in selected
+        if chosen:
             device.round_sent = state.round
             device.upload = self._build_upload(device, state)
             self._to_send.append((device, "update"))
