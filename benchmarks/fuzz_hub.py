@@ -737,7 +737,8 @@ def run_fuzz(messages: int, seed: int, broker_kind: str, work_dir: Path, *,
     secrets = {name: register_client(state_dir, name) for name in (*HONEST, *HOSTILE, IDLE)}
     mosquitto = None
     arguments = ["--min-clients", str(len(HONEST) + len(HOSTILE)), "--round-timeout", "3600",
-                 "--max-update-bytes", str(MAX_UPDATE_BYTES)]  # fmt: skip
+                 "--max-update-bytes", str(MAX_UPDATE_BYTES),
+                 "--keep-updates"]  # fmt: skip  (the judge reads every accepted body back)
     if broker_kind == "mosquitto":
         mosquitto = MosquittoProcess(work_dir / "mosquitto").start()
         broker = mosquitto.broker

@@ -2,8 +2,10 @@
 
 The client reacts to the hub's retained messages:
 
-* the hub state names the round, the selected clients, the strategy and the LoRA layout;
-  the model is built from it, so every device uses the layout the hub announced;
+* the hub state names the round, the strategy and the LoRA layout; the model is built
+  from it, so every device uses the layout the hub announced;
+* the device's own retained selection says that the hub picked it for a round attempt
+  (protocol 3: no message lists every selected device);
 * the global manifest names the latest global version; the client fetches its retained
   chunks, checks the manifest's SHA-256, and absorbs the shared factors (the personal ones
   stay as they are);
@@ -14,7 +16,10 @@ The client reacts to the hub's retained messages:
 The update is written to the state directory while its first chunks are published (a
 thread; the last chunk waits for it), so a device that crashes mid-upload or after
 sending re-sends the identical bytes under the same message id (the hub completes or
-counts it once) instead of a different update. State is committed atomically after every
+counts it once) instead of a different update. An update refused for load (``overloaded``)
+is sent again after the hub's ``retry_after_s``, backed off with jitter; one that gets no
+answer is sent again as soon as the hub state shows the hub back online (after a hub
+restart), a timer being only the last resort. State is committed atomically after every
 round and every new global version. MQTT callbacks only enqueue events; the work happens
 on the caller's thread, the save alone on its own.
 """
@@ -52,7 +57,10 @@ from fedvlm.shared.protocol import (
     ProtocolError,
     Reassembler,
     ReasonCode,
+    RETRYABLE_AFTER_HINT,
+    RetryBackoff,
     RoundPhase,
+    Selection,
     SignedUpload,
     Topics,
     seal_envelope,
@@ -74,8 +82,10 @@ _TRY_AGAIN = frozenset({ReasonCode.LATE, ReasonCode.NOT_SELECTED, ReasonCode.WRO
 # A global version whose chunks fail the manifest's hash this often is left until the hub
 # publishes it again (after a reconnect resets the count).
 _MAX_REFETCHES = 3
-# Seconds without an acknowledgement before the same update is published again.
-_RESEND_AFTER_S = 10.0
+# Seconds without an acknowledgement before the same update is published again (the last
+# resort: a hub coming back online triggers a re-send at once); doubles up to the maximum.
+_RESEND_AFTER_S = 15.0
+_MAX_RESEND_AFTER_S = 120.0
 
 _PENDING_UPDATE = "pending_signed_part.bin"  # the envelope without its MAC (sealed again to re-send)
 _PENDING_ADAPTER = "pending_adapter.safetensors"  # the factors the pending update was trained into
@@ -194,6 +204,7 @@ class EdgeClient:
         self.state: DeviceState | None = None
         self.hub_state: HubState | None = None
         self.manifest: GlobalManifest | None = None
+        self.selection: Selection | None = None  # the latest the hub sent this device
         self.reports: list[RoundReport] = []
         self._events: queue.Queue = queue.Queue()
         self._reassembler = Reassembler(timeout_s=120)
@@ -211,6 +222,10 @@ class EdgeClient:
     def _on_manifest(self, topic: str, payload: bytes, retained: bool) -> None:
         if payload:
             self._events.put(("manifest", payload))
+
+    def _on_selection(self, topic: str, payload: bytes, retained: bool) -> None:
+        if payload:
+            self._events.put(("selection", payload))
 
     def _on_ack(self, topic: str, payload: bytes, retained: bool) -> None:
         if payload:
@@ -240,11 +255,14 @@ class EdgeClient:
         will = Will(self.topics.client_announce(self.client_id), self._announce(Presence.OFFLINE))
         self._link = MqttLink(self.address, f"fedvlm-{self.federation}-{self.client_id}", will=will,
                               protocol=self.connection.mqtt_protocol)
-        self._link.connect(timeout)
+        # Handlers before the connection: a resumed session delivers acks the broker kept
+        # for this device right after CONNACK.
         self._link.on_reconnect.append(lambda: self._events.put(("reconnected", b"")))
         self._link.subscribe(self.topics.client_ack(self.client_id), self._on_ack)
+        self._link.subscribe(self.topics.client_selection(self.client_id), self._on_selection)
         self._link.subscribe(self.topics.hub_state(), self._on_hub_state)
         self._link.subscribe(self.topics.global_manifest(), self._on_manifest)
+        self._link.connect(timeout)
         self._link.publish(self.topics.client_announce(self.client_id), self._announce(Presence.ONLINE), retain=True)
         log.info("%s joined federation %s at %s", self.client_id, self.federation, self.address.url())
 
@@ -306,6 +324,11 @@ class EdgeClient:
             self.hub_state = hub_state
             self._ensure_model()
             self._fetch_global_if_newer()
+            return self._maybe_take_part()
+        if kind == "selection":
+            selection = Selection.from_json(payload)
+            if selection.client_id == self.client_id and selection.federation == self.federation:
+                self.selection = selection
             return self._maybe_take_part()
         if kind == "manifest":
             manifest = GlobalManifest.from_json(payload)
@@ -432,7 +455,7 @@ class EdgeClient:
         hub = self.hub_state
         if hub is None or self.model is None or hub.phase is not RoundPhase.COLLECTING:
             return None
-        if self.client_id not in hub.selected_clients or self.state.round >= hub.round:
+        if self.selection is None or not self.selection.matches(hub) or self.state.round >= hub.round:
             return None
         if self.state.global_version < hub.global_version:
             return None  # train on the latest global state only; it is being fetched
@@ -458,8 +481,19 @@ class EdgeClient:
         messages = [(topic, chunk) for chunk in outgoing.sent()]
         # Re-sent unchanged while no ack comes: after a broker restart the hub may have missed
         # it; the hub counts one message id once and answers a repeat with the same verdict.
-        ack = self._wait_for_ack(outgoing.message_id, hub,
-                                 resend=lambda: self._link.publish_many(messages, qos=1, extras=extras))
+        resend = lambda: self._link.publish_many(messages, qos=1, extras=extras)  # noqa: E731
+        backoff = RetryBackoff()
+        ack = self._wait_for_ack(outgoing.message_id, hub, resend=resend)
+        while (ack is not None and ack.reason_code.value in RETRYABLE_AFTER_HINT
+               and time.time() < (hub.deadline or time.time())):  # fmt: skip
+            # Refused for load (or lost in reassembly): not a verdict on the update. The same
+            # message again after the hub's hint, backed off with jitter, within the round.
+            delay = min(backoff.next_delay(ack.retry_after_s), max(0.0, (hub.deadline or 0) - time.time()))
+            log.info("%s: update of round %d refused for now (%s); sending it again in %.1f s", self.client_id,
+                     hub.round, ack.reason_code.value, delay)  # fmt: skip
+            time.sleep(delay)
+            resend()
+            ack = self._wait_for_ack(outgoing.message_id, hub, resend=resend)
         if ack is None:
             # The hub or the broker is away: keep the saved update; it is re-sent, byte for
             # byte, when the hub's state arrives again (e.g. after a reconnect).
@@ -588,13 +622,16 @@ class EdgeClient:
                       resend=None) -> Ack | None:
         wait = timeout or max((hub.deadline or time.time()) - time.time(), 0) + 60
         deadline = time.monotonic() + wait
-        next_resend = time.monotonic() + _RESEND_AFTER_S
+        resend_every = _RESEND_AFTER_S
+        next_resend = time.monotonic() + resend_every
+        hub_was_offline = False
         deferred = []
         try:
             while time.monotonic() < deadline:
                 if resend is not None and time.monotonic() > next_resend:
-                    resend()
-                    next_resend = time.monotonic() + _RESEND_AFTER_S
+                    resend()  # the last resort: nothing heard, not even the hub going away
+                    resend_every = min(2 * resend_every, _MAX_RESEND_AFTER_S)
+                    next_resend = time.monotonic() + resend_every
                 try:
                     kind, payload = self._events.get(timeout=0.5)
                 except queue.Empty:
@@ -604,6 +641,16 @@ class EdgeClient:
                     if ack.message_id == message_id.hex():
                         return ack
                     continue
+                if kind == "hub_state":
+                    status = _hub_status(payload)
+                    if status is Presence.OFFLINE:
+                        hub_was_offline = True
+                    elif status is Presence.ONLINE and hub_was_offline and resend is not None:
+                        # The hub is back (restarted): what it had not committed it may not
+                        # get from the broker again, so send now rather than on the timer.
+                        hub_was_offline = False
+                        resend()
+                        next_resend = time.monotonic() + resend_every
                 deferred.append((kind, payload))
         finally:
             for event in deferred:  # handled after the round, in order
@@ -661,6 +708,14 @@ class EdgeClient:
         # The info file first: without it the others are ignored, so a crash midway is harmless.
         for name in (_PENDING_INFO, _PENDING_UPDATE, _PENDING_ADAPTER):
             (self.state_dir / name).unlink(missing_ok=True)
+
+
+def _hub_status(payload: bytes) -> Presence | None:
+    """The status of a hub state message, or None if it is not one."""
+    try:
+        return HubState.from_json(payload).status
+    except ProtocolError:
+        return None
 
 
 def _sdk_version() -> str:

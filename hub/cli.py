@@ -44,7 +44,8 @@ HubConfig field names (federation, strategy, rounds, min_clients, fraction, quor
 round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
 max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s,
-max_update_norm, norm_factor, norm_action, max_sample_count) plus a
+max_update_norm, norm_factor, norm_action, max_sample_count, clients_per_round,
+keep_updates, inflight_window, commit_batch) plus a
 [lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed) and a
 [strategy_options] table (the strategy's parameters, listed in its class's docstring).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     federation.add_argument("--rounds", type=int, help="rounds to run, then exit (default: run forever)")
     federation.add_argument("--min-clients", type=int, help="online clients needed to open a round (default: 2)")
     federation.add_argument("--fraction", type=float, help="share of online clients selected per round (default: 1)")
+    federation.add_argument("--clients-per-round", type=int, metavar="N", help="select at most N of the online "
+                            "clients per round, sampled (default: no cap; --fraction applies first)")
     federation.add_argument("--quorum", type=int, help="accepted updates needed at the deadline "
                                                        "(default: half the selected clients, rounded up)")
     federation.add_argument("--round-timeout", type=float, metavar="SECONDS", help="seconds from opening a round to "
@@ -120,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: 1883)")
     transport.add_argument("--chunk-size", type=int, help="payload bytes per chunk of a global version")
     transport.add_argument("--max-update-bytes", type=int, help="largest signed update accepted, in bytes")
+    transport.add_argument("--inflight-window", type=int, metavar="N", help="update chunks held unacknowledged at "
+                           "once: the broker's flow control towards the hub (MQTT 5 receive maximum; default 1024)")
+    transport.add_argument("--commit-batch", type=int, metavar="N", help="accepted updates committed to SQLite "
+                           "together (group commit; default 64)")
+    transport.add_argument("--keep-updates", action="store_true", default=None, help="also keep each accepted "
+                           "update as a file in the state dir (default: only the round's running sum)")
     transport.add_argument("--linger", dest="done_linger_s", type=float, metavar="SECONDS", help="with the embedded "
                            "broker, keep serving this long after the last round so clients get the last global "
                            "version (default: 30)")
@@ -216,7 +225,8 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
                     "state_dir", "broker", "username", "password", "ca_file", "cert_file", "key_file",
                     "mqtt_protocol", "embedded_host", "embedded_port", "chunk_size", "max_update_bytes",
                     "base_fingerprint", "local_steps", "learning_rate", "done_linger_s", "max_update_norm",
-                    "norm_factor", "norm_action", "max_sample_count")
+                    "norm_factor", "norm_action", "max_sample_count", "clients_per_round", "inflight_window",
+                    "commit_batch", "keep_updates")
     }  # fmt: skip
     overrides["round_timeout_s"] = args.round_timeout
     overrides["secrets_key_file"] = args.secrets_key_file

@@ -72,6 +72,8 @@ class HubConfig:
         min_clients: registered clients that must be online before a round opens.
         fraction: share of the online clients selected per round (at least ``min_clients``
             and ``quorum`` are selected, never more than are online).
+        clients_per_round: at most this many clients per round, sampled from those online
+            (None: as many as ``fraction`` gives); no limit on how many are registered.
         quorum: accepted updates needed to aggregate when the deadline passes. None means
             half of the round's selected clients, rounded up (at least 1): with 3 selected,
             2 must answer. A round whose every selected client answered aggregates at once.
@@ -100,6 +102,15 @@ class HubConfig:
         norm_factor: relative bound, this many times the previous round's median update
             norm (default 5); 0 turns it off. See ``fedvlm.hub.norm_bound``.
         norm_action: ``clip`` (default) an update over the bound onto it, or ``reject`` it.
+        keep_updates: also keep every accepted update's body as a file in the state dir
+            (for audits); by default only the round's running sum is kept, committed with
+            the receipts, so disk does not grow with the number of devices.
+        inflight_window: update chunks the hub holds unacknowledged at once. On MQTT 5 it
+            is sent to the broker as the receive maximum (the broker's flow control); on
+            MQTT 3.1.1 set it at or below the broker's own window (mosquitto:
+            ``max_inflight_messages``).
+        commit_batch: accepted updates committed to SQLite in one transaction (group
+            commit); their acks go out once the batch is committed.
         max_sample_count: an update's claimed sample count, its weight in the mean, counts
             as at most this many (None: no bound). Together with norm bounding it caps how
             far one client can pull a round: a client cannot buy weight by overstating.
@@ -136,6 +147,10 @@ class HubConfig:
     norm_factor: float = DEFAULT_NORM_FACTOR
     norm_action: str = "clip"
     max_sample_count: int | None = None
+    clients_per_round: int | None = None
+    keep_updates: bool = False
+    inflight_window: int = 1024
+    commit_batch: int = 64
 
     def __post_init__(self) -> None:
         try:
@@ -152,6 +167,14 @@ class HubConfig:
         _check_int("quorum", self.quorum, minimum=1, optional=True)
         _check_number("round_timeout_s", self.round_timeout_s, above=0.0)
         _check_int("selection_seed", self.selection_seed, minimum=0)
+        _check_int("clients_per_round", self.clients_per_round, minimum=1, optional=True)
+        _check_int("inflight_window", self.inflight_window, minimum=2)
+        if self.inflight_window > 65535:
+            raise HubConfigError(f"inflight_window must be at most 65535 (MQTT's receive maximum), "
+                                 f"got {self.inflight_window}")
+        _check_int("commit_batch", self.commit_batch, minimum=1)
+        if not isinstance(self.keep_updates, bool):
+            raise HubConfigError(f"keep_updates must be true or false, got {self.keep_updates!r}")
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if self.broker is not None:
             _check_text("broker", self.broker)

@@ -3,9 +3,28 @@
 An update travels: chunks → ``Reassembler`` (bounded, keyed by sender and message id)
 → ``open_envelope`` (the HMAC is checked before anything inside is read) → addressing,
 receipt, round and compatibility checks → tensors decoded and checked against the pinned
-layout → added to the round's streaming aggregator → body written and fsynced → receipt
-committed → ``Ack`` accepted. Every refusal is counted, logged and acked with its reason;
-an unexpected exception becomes a ``hub_error`` ack and the intake keeps going.
+layout → added to the round's streaming aggregator → batched → group commit (``flush``:
+the batch's receipts and the round's running sum in one SQLite transaction) → ``Ack``
+accepted. Every refusal is counted, logged and acked with its reason; an unexpected
+exception becomes a ``hub_error`` ack and the intake keeps going.
+
+Nothing is acknowledged before it is safe. Each chunk arrives with ``broker_ack``, the
+MQTT acknowledgement the hub owes the broker; it is called only once the chunk's update
+is committed or refused (or the chunk is a duplicate, or ignored). A hub killed at any
+moment leaves every update it had not committed with the broker, which delivers it
+again to the next session. The broker's in-flight window is the back-pressure: the hub
+holds at most that many chunks. So that chunks of incomplete updates can never fill the
+window (nothing could complete), the intake holds at most ``max_held_chunks`` of them
+and acknowledges the oldest early beyond that (such an update then relies on its
+device's re-send, as before manual acknowledgements).
+
+A new update refused because reassembly is full (``overloaded``) is told when to retry
+(``Ack.retry_after_s``), and the same message id is admitted when it is sent again.
+
+Key entry points (for hub workers too): ``UpdateIntake.on_chunk(client, message_id,
+payload, broker_ack)``, ``flush()`` (group commit; call when the event queue is empty),
+``drain_expired()``, ``rebuild_aggregate(round)`` (resume), ``aggregator`` (the round's
+running sum), ``start_new_aggregate()``.
 
 The intake owns the round's aggregator and the federation's pins; the round lifecycle
 (which round is open, who is selected) belongs to the service and is only read here,
@@ -15,8 +34,10 @@ except for recording which selected client answered.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.aggregation import AggregationError
@@ -36,6 +57,7 @@ from fedvlm.shared.strategies import Aggregator
 
 from .checkpoints import CheckpointStore
 from .console import Console
+from .partial_sums import decode_aggregate, encode_aggregate
 from .rounds import LifecyclePhase, OpenRound, RoundLifecycle
 from .store import HubStore, Receipt, RejectionRecord
 from .updates import (
@@ -60,6 +82,26 @@ _RECENT_ACKS_KEPT = 4096
 _TIMING_REASONS = frozenset({ReasonCode.LATE, ReasonCode.WRONG_ROUND, ReasonCode.NOT_SELECTED,
                              ReasonCode.HUB_ERROR})
 _MAX_REASON_TEXT = 2000
+# Retry hints for updates refused for load: at least this long, at most that long.
+_MIN_RETRY_AFTER_S = 1.0
+_MAX_RETRY_AFTER_S = 30.0
+_OVERLOAD_WINDOW_S = 5.0
+
+BrokerAck = Callable[[], None]
+
+
+def _no_ack() -> None:
+    pass
+
+
+@dataclasses.dataclass
+class _Accepted:
+    """An accepted update waiting for the group commit."""
+
+    receipt: Receipt
+    ack: Ack
+    pins: dict[str, str]
+    broker_acks: list[BrokerAck]
 
 
 class UpdateIntake:
@@ -68,7 +110,8 @@ class UpdateIntake:
     def __init__(self, *, rules: UpdateRules, scaling: float, round_timeout_s: float, store: HubStore,
                  files: CheckpointStore, lifecycle: Callable[[], RoundLifecycle], send_ack: Callable[[Ack], None],
                  console: Console, clock: Callable[[], float], on_accepted: Callable[[OpenRound], None],
-                 on_pinned: Callable[[FederationPins], None]) -> None:  # fmt: skip
+                 on_pinned: Callable[[FederationPins], None], keep_updates: bool = False, commit_batch: int = 64,
+                 max_held_chunks: int = 512, quiet_accepts_after: int = 20) -> None:  # fmt: skip
         self.rules = rules
         self.scaling = scaling
         self.store = store
@@ -80,7 +123,21 @@ class UpdateIntake:
         self._on_accepted = on_accepted
         self._on_pinned = on_pinned
         self.pins = FederationPins()
+        self.keep_updates = keep_updates
+        self.commit_batch = commit_batch
+        self.max_held_chunks = max_held_chunks
+        # Beyond this many accepted updates per round, one progress line replaces a line each.
+        self.quiet_accepts_after = quiet_accepts_after
         self.aggregator: Aggregator = rules.strategy.new_aggregator(scaling)
+        # Accepted updates not committed yet, in order, and by (round, client) for duplicates.
+        self._batch: list[_Accepted] = []
+        self._batched: dict[tuple[int, str], _Accepted] = {}
+        self._batch_round: int | None = None
+        # Broker acks of chunks whose update is being reassembled, oldest update first.
+        self._held: collections.OrderedDict[tuple[str, bytes], list[BrokerAck]] = collections.OrderedDict()
+        self._held_count = 0
+        self.early_acks = 0  # chunks acknowledged before their update was judged (window valve)
+        self._overloads: collections.deque[float] = collections.deque()
         self._reassembler = Reassembler(
             max_message_bytes=rules.max_update_bytes,
             # Room for several senders at their per-sender limit (max_message_bytes each).
@@ -102,13 +159,30 @@ class UpdateIntake:
         self.aggregator = self.rules.strategy.new_aggregator(self.scaling)
 
     def rebuild_aggregate(self, round_number: int) -> set[str]:
-        """An aggregator holding exactly the round's committed updates (read back from their
-        files); returns their clients. Receipts whose file is unusable are dropped, so those
+        """An aggregator holding exactly the round's committed updates; returns their clients.
+
+        From the round's committed running sum when there is one (it is committed with the
+        receipts, so it holds exactly them); else, for a round of an older hub, read back
+        from the update files. Receipts whose file is unusable are dropped, so those
         clients' re-sends count as new."""
+        receipts = self.store.receipts(round_number)
+        stored = self.store.round_aggregate(round_number)
+        if stored is not None:
+            data, count = stored
+            try:
+                if count != len(receipts):
+                    raise ValueError(f"it holds {count} update(s), the round has {len(receipts)} receipt(s)")
+                self.aggregator = self.rules.strategy.aggregator_from_state(decode_aggregate(data))
+                return {receipt.client_id for receipt in receipts}
+            except (ValueError, AggregationError) as error:
+                log.error("the stored running sum of round %d is unusable (%s); rebuilding it from update files",
+                          round_number, error)  # fmt: skip
         aggregator = self.rules.strategy.new_aggregator(self.scaling)
         answered: set[str] = set()
-        for receipt in self.store.receipts(round_number):
+        for receipt in receipts:
             try:
+                if not receipt.file_path:
+                    raise ValueError("no update file was kept and the round's running sum is unusable")
                 body = self.files.read(receipt.file_path)
                 if tensor_codec.sha256_hex(body) != receipt.body_sha256:
                     raise ValueError("its SHA-256 does not match the receipt")
@@ -125,10 +199,23 @@ class UpdateIntake:
         return answered
 
     # ------------------------------------------------------------------ chunks
-    def on_chunk(self, client_id: str, topic_message_id: bytes, payload: bytes) -> None:
-        """One chunk from ``updates/<client_id>/<topic_message_id>``."""
+    def on_chunk(self, client_id: str, topic_message_id: bytes, payload: bytes,
+                 broker_ack: BrokerAck = _no_ack) -> None:  # fmt: skip
+        """One chunk from ``updates/<client_id>/<topic_message_id>``; ``broker_ack`` is called
+        once the chunk is safe (its update committed or refused, or the chunk not needed)."""
         if not payload:
+            broker_ack()
             return
+        held = False
+        try:
+            held = self._on_chunk(client_id, topic_message_id, payload, broker_ack)
+        finally:
+            if not held:
+                broker_ack()
+
+    def _on_chunk(self, client_id: str, topic_message_id: bytes, payload: bytes, broker_ack: BrokerAck) -> bool:
+        """Returns True when ``broker_ack`` is now held (the chunk belongs to an update in
+        reassembly or waiting for the group commit)."""
         try:
             header = parse_chunk_header(payload, sender=client_id)
         except ProtocolError as error:
@@ -137,12 +224,12 @@ class UpdateIntake:
                 self._reject_once(client_id, topic_message_id, error.reason, str(error))
             else:
                 self.reject(client_id, None, topic_message_id, error.reason, str(error))
-            return
+            return False
         if header.message_id != topic_message_id:
             self.reject(client_id, None, topic_message_id, ReasonCode.MALFORMED,
                         f"chunk header carries message id {header.message_id.hex()}, but it was published on the "
                         f"topic of message {topic_message_id.hex()}; publish each chunk on its own message's topic")
-            return
+            return False
         key = (client_id, header.message_id)
         earlier = self._recent_acks.get(key)
         if earlier is not None:
@@ -152,9 +239,9 @@ class UpdateIntake:
                 # lost the ack): answer again once its last chunk is in; never judge it twice.
                 if header.index == header.count - 1:
                     self._send_ack(ack)
-                return
+                return False
             if header.index != 0:
-                return  # a stray redelivery; a re-send starts from chunk 0
+                return False  # a stray redelivery; a re-send starts from chunk 0
             # Refused as "not now" and the round has moved on since: judge the re-send again.
             del self._recent_acks[key]
             self._reassembler.forget(client_id, header.message_id)
@@ -165,15 +252,32 @@ class UpdateIntake:
             self._reject_once(client_id, header.message_id, ReasonCode.UNKNOWN_CLIENT,
                               f"updates on the topic of {client_id!r}, a client this hub has no secret for; "
                               "register the client with the hub first (or it was revoked)")  # fmt: skip
-            return
+            return False
         self._told_once.pop((client_id, header.message_id, ReasonCode.UNKNOWN_CLIENT), None)
+        key = (client_id, header.message_id)
         try:
             completed = self._reassembler.feed(payload, sender=client_id)
         except ProtocolError as error:
-            self.reject(client_id, None, error.message_id or topic_message_id, error.reason, str(error))
-            return
-        if completed is not None:
-            self._judge(completed)
+            retry_after = self._retry_after() if error.reason is ReasonCode.OVERLOADED else None
+            self.reject(client_id, None, error.message_id or topic_message_id, error.reason, str(error),
+                        retry_after_s=retry_after)  # fmt: skip
+            self._release_held(key)
+            return False
+        if completed is None:
+            if not self._reassembler.is_pending(client_id, header.message_id):
+                return False  # a duplicate or the rest of a refused message: nothing to keep
+            self._hold(key, broker_ack)
+            return True
+        acks = self._take_held(key) + [broker_ack]
+        accepted = self._judge(completed)
+        if accepted is not None:
+            accepted.broker_acks.extend(acks)
+            if len(self._batch) >= self.commit_batch:
+                self.flush()
+            return True
+        for ack in acks[:-1]:
+            ack()
+        return False
 
     def _reject_once(self, client_id: str, message_id: bytes, reason: ReasonCode, text: str) -> None:
         """Refuse a message whose every chunk is refused alike: one answer and one record,
@@ -190,9 +294,101 @@ class UpdateIntake:
         """Answer updates whose chunks stopped arriving before the reassembly timeout."""
         for dropped in self._reassembler.drain_expired():
             self.reject(dropped.sender, None, dropped.message_id, dropped.reason, dropped.detail)
+            self._release_held((dropped.sender, dropped.message_id))
+
+    # ------------------------------------------------------------------ broker acks held
+    def _hold(self, key: tuple[str, bytes], broker_ack: BrokerAck) -> None:
+        self._held.setdefault(key, []).append(broker_ack)
+        self._held_count += 1
+        # The valve: chunks of incomplete updates must never fill the broker's window.
+        while self._held_count > self.max_held_chunks and self._held:
+            oldest = next(iter(self._held))
+            acks = self._held[oldest]
+            acks.pop(0)()
+            self._held_count -= 1
+            self.early_acks += 1
+            if not acks:
+                del self._held[oldest]
+
+    def _take_held(self, key: tuple[str, bytes]) -> list[BrokerAck]:
+        acks = self._held.pop(key, [])
+        self._held_count -= len(acks)
+        return acks
+
+    def _release_held(self, key: tuple[str, bytes]) -> None:
+        for ack in self._take_held(key):
+            ack()
+
+    @property
+    def held_chunks(self) -> int:
+        """Chunks received and not yet acknowledged to the broker (reassembling or batched)."""
+        return self._held_count + sum(len(item.broker_acks) for item in self._batch)
+
+    def _retry_after(self) -> float:
+        """How long a device refused for load should wait: longer the more were refused lately."""
+        now = time.monotonic()
+        self._overloads.append(now)
+        while self._overloads and self._overloads[0] < now - _OVERLOAD_WINDOW_S:
+            self._overloads.popleft()
+        capacity = max(1, self._reassembler.max_pending_messages)
+        return round(min(_MAX_RETRY_AFTER_S, max(_MIN_RETRY_AFTER_S, len(self._overloads) / capacity)), 2)
+
+    # ------------------------------------------------------------------ group commit
+    @property
+    def uncommitted(self) -> int:
+        """Accepted updates waiting for the group commit."""
+        return len(self._batch)
+
+    def flush(self) -> int:
+        """Commit the accepted updates of the batch (one transaction with the round's running
+        sum), then acknowledge them to their devices and to the broker. Returns how many."""
+        if not self._batch:
+            return 0
+        batch, self._batch, self._batched = self._batch, [], {}
+        round_number, self._batch_round = self._batch_round, None
+        assert round_number is not None
+        pins: dict[str, str] = {}
+        for item in batch:
+            pins.update(item.pins)
+        try:
+            self.store.commit_accepted(round_number, [item.receipt for item in batch],
+                                       encode_aggregate(self.aggregator.to_state()), self.aggregator.count,
+                                       self._clock(), pins=pins)  # fmt: skip
+        except Exception:
+            # Nothing of the batch is durable: the aggregator goes back to what is committed,
+            # the devices are told to send again, and the broker acks go out so the window
+            # does not stay full (the devices' re-sends bring the updates back).
+            log.exception("the hub could not commit %d accepted update(s) of round %d", len(batch), round_number)
+            for item in batch:
+                if self.keep_updates:
+                    self.files.discard_update(round_number, item.receipt.client_id)
+            answered = self.rebuild_aggregate(round_number)
+            current = self._lifecycle().current
+            if current is not None and current.number == round_number:
+                current.answered.intersection_update(answered)
+            for item in batch:
+                message_id = bytes.fromhex(item.receipt.message_id)
+                self.reject(item.receipt.client_id, round_number, message_id, ReasonCode.HUB_ERROR,
+                            "the hub could not store this update; send it again later")  # fmt: skip
+                for ack in item.broker_acks:
+                    ack()
+            return 0
+        if pins:
+            self._on_pinned(self.pins)
+        for item in batch:
+            self._send_ack(item.ack)
+            self._remember_verdict(item.receipt.client_id, bytes.fromhex(item.receipt.message_id), item.ack)
+            for ack in item.broker_acks:
+                ack()
+        current = self._lifecycle().current
+        if current is not None:
+            self._on_accepted(current)
+        return len(batch)
 
     # ------------------------------------------------------------------ verdicts
-    def _judge(self, message: CompletedMessage) -> None:
+    def _judge(self, message: CompletedMessage) -> _Accepted | None:
+        """Judge a completed update: the accepted one, batched for the group commit, or None
+        (refused, or a re-send of a committed update; answered already)."""
         client_id, message_id = message.sender, message.message_id
         round_number: int | None = None
         ack: Ack | None
@@ -200,7 +396,12 @@ class UpdateIntake:
             envelope = open_envelope(message.payload, self.store.secret_of, expected_client_id=client_id,
                                      signed_sha256=message.head_sha256)  # fmt: skip
             round_number = envelope.metadata.round
-            ack = self._admit(envelope, message)
+            verdict = self._admit(envelope, message)
+            if isinstance(verdict, _Accepted):
+                return verdict
+            ack = verdict
+        except _ResentWhileBatched:
+            return None  # its first copy's ack goes out with the group commit
         except (UpdateRejected, ProtocolError) as refusal:
             text = refusal.text if isinstance(refusal, UpdateRejected) else str(refusal)
             ack = self.reject(client_id, round_number, message_id, refusal.reason, text)
@@ -210,8 +411,11 @@ class UpdateIntake:
                               "the hub failed while processing this update; send it again later")
         else:
             self._send_ack(ack)
-        if ack is None:
-            return
+        if ack is not None:
+            self._remember_verdict(client_id, message_id, ack)
+        return None
+
+    def _remember_verdict(self, client_id: str, message_id: bytes, ack: Ack) -> None:
         # A message id gets one answer while it holds: a re-send of the same id is answered
         # the same way without being judged again.
         context = self._round_context() if ack.reason_code in _TIMING_REASONS else None
@@ -219,11 +423,19 @@ class UpdateIntake:
         while len(self._recent_acks) > _RECENT_ACKS_KEPT:
             self._recent_acks.popitem(last=False)
 
-    def _admit(self, envelope: VerifiedEnvelope, message: CompletedMessage) -> Ack:
-        """Every check on a verified update, then aggregate, persist, commit. Returns the accept Ack."""
+    def _admit(self, envelope: VerifiedEnvelope, message: CompletedMessage) -> Ack | _Accepted:
+        """Every check on a verified update, then aggregate and batch it for the group commit.
+        Returns the batched update, or the Ack for a re-send of a committed one."""
         metadata = envelope.metadata
         client_id, round_number, message_id = envelope.client_id, metadata.round, message.message_id
         check_addressing(metadata, self.rules)
+        batched = self._batched.get((round_number, client_id))
+        if batched is not None:
+            if batched.receipt.payload_sha256 == message.sha256.hex():
+                raise _ResentWhileBatched()
+            raise UpdateRejected(ReasonCode.DUPLICATE,
+                                 f"the hub already accepted another update from {client_id} for round {round_number} "
+                                 f"(message {batched.receipt.message_id}); it takes one update per client per round")
         existing = self.store.receipt(round_number, client_id)
         if existing is not None:
             if existing.payload_sha256 == message.sha256.hex():
@@ -237,36 +449,37 @@ class UpdateIntake:
         check_compatibility(metadata, self.rules, self.pins)
         decoded = decode_update(envelope, self.rules, self.pins)
         weight = self.rules.weight_of(metadata.sample_count)
+        if self._batch_round is not None and self._batch_round != round_number:
+            self.flush()  # one round per batch (the running sum belongs to its round)
+        path = ""
+        if self.keep_updates:  # before the aggregator takes it: a failed write changes nothing
+            path = str(self.files.write_update(round_number, client_id, envelope.body))
         if self.rules.strategy.shared_factors:
             try:
                 self.aggregator.add(decoded.tensors, weight)  # all or nothing
             except AggregationError as error:
+                if path:
+                    self.files.discard_update(round_number, client_id)
                 raise UpdateRejected(ReasonCode.INVALID_UPDATE, str(error)) from None
-        try:
-            path = self.files.write_update(round_number, client_id, envelope.body)
-            self.store.add_receipt(Receipt(
-                round=round_number, client_id=client_id, attempt=current.attempt, message_id=message_id.hex(),
-                payload_sha256=message.sha256.hex(), body_sha256=tensor_codec.sha256_hex(envelope.body),
-                sample_count=metadata.sample_count, file_path=str(path), accepted_at=self._clock(),
-                metrics=decoded.metrics,
-            ), pins=decoded.new_pins)  # fmt: skip
-        except BaseException:
-            # The aggregator holds this update but nothing durable does: start it over from
-            # what is committed, so it counts exactly what was acknowledged.
-            self.files.discard_update(round_number, client_id)
-            self.rebuild_aggregate(round_number)
-            raise
+        receipt = Receipt(
+            round=round_number, client_id=client_id, attempt=current.attempt, message_id=message_id.hex(),
+            payload_sha256=message.sha256.hex(), body_sha256=tensor_codec.sha256_hex(envelope.body),
+            sample_count=metadata.sample_count, file_path=path, accepted_at=self._clock(), metrics=decoded.metrics,
+        )  # fmt: skip
         if decoded.new_pins:
             self.pins = self.pins.updated(decoded.new_pins)
             self.console.event(f"federation pinned to base model {self.pins.base_fingerprint} and "
                                f"{len(self.pins.tensor_spec or {})} shared tensor(s) by {client_id}'s update")
-            self._on_pinned(self.pins)
         current.record(client_id)
-        counted = f", counted as {weight} (the federation's bound)" if weight != metadata.sample_count else ""
-        self.console.event(f"update from {client_id} accepted for round {round_number} "
-                           f"({metadata.sample_count} samples{counted})")  # fmt: skip
-        self._on_accepted(current)
-        return Ack.accept(client_id, round_number, message_id)
+        if len(current.answered) <= self.quiet_accepts_after:
+            counted = f", counted as {weight} (the federation's bound)" if weight != metadata.sample_count else ""
+            self.console.event(f"update from {client_id} accepted for round {round_number} "
+                               f"({metadata.sample_count} samples{counted})")  # fmt: skip
+        accepted = _Accepted(receipt, Ack.accept(client_id, round_number, message_id), dict(decoded.new_pins), [])
+        self._batch.append(accepted)
+        self._batched[(round_number, client_id)] = accepted
+        self._batch_round = round_number
+        return accepted
 
     def _round_context(self) -> tuple:
         """Where the round is: a "not now" verdict stands while this stays the same."""
@@ -299,7 +512,7 @@ class UpdateIntake:
         return current
 
     def reject(self, client_id: str | None, round_number: int | None, message_id: bytes | None,
-               reason: ReasonCode, text: str) -> Ack | None:  # fmt: skip
+               reason: ReasonCode, text: str, *, retry_after_s: float | None = None) -> Ack | None:  # fmt: skip
         """Count and log a refusal, and acknowledge it when there is a client to tell."""
         reason = ReasonCode(reason)
         text = text[:_MAX_REASON_TEXT]
@@ -309,6 +522,10 @@ class UpdateIntake:
         self.console.event(f"update from {client_id or 'an unknown sender'}{where} rejected: {reason.value} ({text})")
         if client_id is None:
             return None
-        ack = Ack.reject(client_id, round_number, message_id, reason, text)
+        ack = Ack.reject(client_id, round_number, message_id, reason, text, retry_after_s=retry_after_s)
         self._send_ack(ack)
         return ack
+
+
+class _ResentWhileBatched(Exception):
+    """A re-send of an update accepted and not yet committed: it is answered with the batch."""

@@ -144,6 +144,11 @@ def update_displacement(tensors: Mapping[str, np.ndarray], reference: Mapping[st
     return math.sqrt(total)
 
 
+# Keys of NormBoundedAggregator.to_state beside the wrapped aggregator's own.
+_NORMS_KEY = "norm_bound_norms"
+_CLIPPED_KEY = "norm_bound_clipped"
+
+
 class NormBoundedAggregator(Aggregator):
     """An aggregator that bounds every update's displacement before the wrapped one sums it.
 
@@ -217,7 +222,9 @@ class NormBoundedAggregator(Aggregator):
             self.inner.merge(other)
 
     def to_state(self) -> dict[str, Any]:
-        return self.inner.to_state()
+        """The wrapped aggregator's state plus the norms and clip count (a resumed round
+        records the same median as one that never stopped)."""
+        return {**self.inner.to_state(), _NORMS_KEY: list(self.norms), _CLIPPED_KEY: self.clipped}
 
 
 class NormBoundedStrategy:
@@ -245,3 +252,11 @@ class NormBoundedStrategy:
     def new_aggregator(self, scaling: float) -> NormBoundedAggregator:
         return NormBoundedAggregator(self.wrapped.new_aggregator(scaling), self.rule, self.current_bound,
                                      self._reference, self.wrapped.starting_point)  # fmt: skip
+
+    def aggregator_from_state(self, state: Mapping[str, Any]) -> NormBoundedAggregator:
+        inner_state = {key: value for key, value in state.items() if key not in (_NORMS_KEY, _CLIPPED_KEY)}
+        aggregator = NormBoundedAggregator(self.wrapped.aggregator_from_state(inner_state), self.rule,
+                                           self.current_bound, self._reference, self.wrapped.starting_point)
+        aggregator.norms = [float(norm) for norm in state.get(_NORMS_KEY, [])]
+        aggregator.clipped = int(state.get(_CLIPPED_KEY, 0))
+        return aggregator

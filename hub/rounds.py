@@ -31,7 +31,9 @@ class RoundPolicy:
 
     Attributes:
         min_clients: online clients needed before a round opens.
-        fraction: share of the online clients to select.
+        fraction: share of the online clients to select (like Flower's ``fraction_train``).
+        clients_per_round: at most this many clients per round (None: no cap), sampled from
+            those online; at least ``clients_needed()`` are selected whatever the cap.
         quorum: accepted updates needed at the deadline; None means half the selected,
             rounded up (at least 1).
         round_timeout_s: seconds from opening to deadline.
@@ -45,14 +47,17 @@ class RoundPolicy:
     round_timeout_s: float = 600.0
     seed: int = 0
     rounds: int | None = None
+    clients_per_round: int | None = None
 
     def clients_needed(self) -> int:
         """Clients that must be available before a round opens: a round must be able to reach its quorum."""
         return max(self.min_clients, self.quorum or 1)
 
     def selection_size(self, available: int) -> int:
-        wanted = max(self.clients_needed(), math.ceil(self.fraction * available))
-        return min(available, wanted)
+        wanted = math.ceil(self.fraction * available)
+        if self.clients_per_round is not None:
+            wanted = min(wanted, self.clients_per_round)
+        return min(available, max(self.clients_needed(), wanted))
 
     def quorum_for(self, selected: int) -> int:
         if self.quorum is not None:
@@ -92,17 +97,22 @@ class OpenRound:
     opened_at: float
     deadline: float
     answered: set[str] = dataclasses.field(default_factory=set)
+    # ``selected`` as a set: membership is checked for every update (O(1), not O(selected)).
+    _selected_set: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._selected_set = frozenset(self.selected)
 
     def is_selected(self, client_id: str) -> bool:
-        return client_id in self.selected
+        return client_id in self._selected_set
 
     def record(self, client_id: str) -> None:
-        if client_id not in self.selected:
+        if client_id not in self._selected_set:
             raise ValueError(f"client {client_id!r} is not selected in round {self.number}")
         self.answered.add(client_id)
 
     def all_answered(self) -> bool:
-        return self.answered >= set(self.selected)
+        return len(self.answered) >= len(self._selected_set)  # answered only ever holds selected clients
 
     def outcome(self, now: float) -> Outcome:
         if self.all_answered():
@@ -156,7 +166,7 @@ class RoundLifecycle:
         return self.completed_rounds + 1
 
     def can_open(self, online: Collection[str]) -> bool:
-        available = len(set(online) | self.carried)
+        available = len(online) + sum(1 for client in self.carried if client not in online)
         return self.phase is LifecyclePhase.WAITING and available >= self.policy.clients_needed()
 
     def try_open(self, online: Collection[str], now: float) -> OpenRound | None:

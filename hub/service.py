@@ -1,9 +1,18 @@
 """The hub service: runs a federation's rounds over MQTT, durably.
 
-Threads: paho's network thread only enqueues what arrives (announcements, update
-chunks, reconnects); one hub thread takes events off the queue and owns everything else
-(reassembly, verification, aggregation, SQLite, publishing), so none of that needs
-locks, and events are handled in the order they arrived.
+Threads: paho's network thread only hands over what arrives (update chunks and reconnects
+on a bounded queue; announcements into the presence tracker's inbox, the latest per
+client); one hub thread takes events off the queue and owns everything else (reassembly,
+verification, aggregation, SQLite, publishing), so none of that needs locks, and events
+are handled in the order they arrived. The hub thread never waits for the broker while
+it works through updates: acks, selections and the state are published without waiting
+(pipelined); only a new global version's chunks are confirmed before its manifest.
+
+Update chunks are acknowledged to the broker manually, once their update is committed or
+refused (intake.py), and the hub asks the broker (MQTT 5 receive maximum) for at most
+``inflight_window`` unacknowledged chunks: that window bounds the queue and the hub's
+memory, and whatever the hub had not judged when it died is still with the broker.
+Handlers are registered before the connection, so a resumed session's backlog finds them.
 
 Who does what: ``UpdateIntake`` judges updates (intake.py), ``PresenceTracker`` follows
 announcements (presence.py), ``RoundLifecycle`` decides when rounds open, close or retry
@@ -11,9 +20,9 @@ announcements (presence.py), ``RoundLifecycle`` decides when rounds open, close 
 module wires them to the MQTT link, the store and the clock, and publishes the state.
 
 Crash safety: what is acknowledged is on disk. On start the hub reloads the open round,
-rebuilds its aggregator from the stored update files, re-acknowledges them (an ack may
-have been lost with the crash), republishes its latest global version (identical bytes)
-and its state, and carries on.
+its aggregator from the committed running sum, re-acknowledges the round's receipts (an
+ack may have been lost with the crash), republishes its latest global version (identical
+bytes), its state and the selections, and carries on.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from fedvlm.shared.protocol import (
     Presence,
     ProtocolError,
     RoundPhase,
+    Selection,
     Topics,
     expected_chunk_count,
 )
@@ -60,8 +70,15 @@ log = logging.getLogger(__name__)
 # How often the hub thread looks at the clock (deadlines, expired reassemblies).
 _TICK_S = 0.1
 _PROGRESS_EVERY_S = 10.0
-_PUBLISH_TIMEOUT_S = 10.0
 _RETRY_PUBLISH_AFTER_S = 2.0
+# Presence is written to SQLite at most this often (in one transaction).
+_PRESENCE_FLUSH_S = 0.2
+# While waiting for clients, the registry is read as a whole at most this often.
+_FULL_ONLINE_CHECK_S = 0.5
+# Console lines per batch of announcements before one summary line replaces them.
+_ANNOUNCEMENT_LINES = 10
+# Client ids listed on the console when a round opens.
+_LISTED_CLIENTS = 10
 _PHASES = {LifecyclePhase.WAITING: RoundPhase.WAITING, LifecyclePhase.COLLECTING: RoundPhase.COLLECTING,
            LifecyclePhase.DONE: RoundPhase.DONE}  # fmt: skip
 
@@ -111,7 +128,7 @@ class HubService:
                                   max_sample_count=config.max_sample_count)  # fmt: skip
         self._policy = RoundPolicy(min_clients=config.min_clients, fraction=config.fraction, quorum=config.quorum,
                                    round_timeout_s=config.round_timeout_s, seed=config.selection_seed,
-                                   rounds=config.rounds)  # fmt: skip
+                                   rounds=config.rounds, clients_per_round=config.clients_per_round)  # fmt: skip
         self._lifecycle = RoundLifecycle(self._policy)
         self._files = CheckpointStore(config.state_dir)
         self.finished = threading.Event()
@@ -121,7 +138,9 @@ class HubService:
         self._presence: PresenceTracker | None = None
         self._link: MqttLink | None = None
         self._publisher: GlobalPublisher | None = None
-        self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        # Bounded: the broker's window (inflight_window) bounds the update chunks in it; the
+        # rest are a few control events.
+        self._events: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max(4 * config.inflight_window, 10_000))
         self._stop_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
@@ -132,6 +151,8 @@ class HubService:
         self._next_publish_attempt = 0.0
         self._last_progress = 0.0
         self._last_tick = 0.0
+        self._last_presence_flush = 0.0
+        self._last_full_online_check = 0.0
 
     # ================================================================== public API
     @property
@@ -173,17 +194,18 @@ class HubService:
             protocol = "3.1.1" if self.config.uses_embedded_broker else self.config.mqtt_protocol
             offline = self._hub_state(status=Presence.OFFLINE)
             self._link = MqttLink(self.address, f"fedvlm-hub-{self.config.federation}", protocol=protocol,
-                                  will=Will(self.topics.hub_state(), offline.to_json()))  # fmt: skip
+                                  will=Will(self.topics.hub_state(), offline.to_json()),
+                                  receive_maximum=self.config.inflight_window)  # fmt: skip
+            # Handlers before the connection: a resumed persistent session delivers what
+            # the broker kept for the hub right after CONNACK, before any SUBSCRIBE.
+            self._link.on_reconnect.append(lambda: self._events.put(("reconnected",)))
+            self._link.subscribe(self.topics.client_announcements_filter(), self._receive_announcement)
+            self._link.subscribe(self.topics.updates_filter(), self._receive_update_chunk, manual_ack=True)
             self._link.connect(connect_timeout)
         except BaseException:
             self._release()
             raise
         self._publisher = GlobalPublisher(self._link, self.topics)
-        self._link.on_reconnect.append(lambda: self._events.put(("reconnected",)))
-        self._link.subscribe(self.topics.client_announcements_filter(),
-                             lambda topic, payload, retained: self._events.put(("announce", topic, payload)))
-        self._link.subscribe(self.topics.updates_filter(),
-                             lambda topic, payload, retained: self._events.put(("update", topic, payload)))
         self.console.event(f"connected to {'the embedded broker at ' if self.broker else ''}{self.broker_url} "
                            f"(MQTT {self._link.protocol}); {len(self.store.active_client_ids())} client(s) "
                            f"registered, rounds need {self._policy.clients_needed()} online")  # fmt: skip
@@ -209,8 +231,8 @@ class HubService:
                 pass
             if self.finished.is_set() and self.broker is not None and not self._stop_requested.is_set():
                 linger_until = time.monotonic() + self.config.done_linger_s
-                while (time.monotonic() < linger_until and self._online_clients()
-                       and not self._stop_requested.wait(0.2)):  # fmt: skip
+                while (time.monotonic() < linger_until and self._presence is not None
+                       and self._presence.online_count() and not self._stop_requested.wait(0.2)):  # fmt: skip
                     pass
         finally:
             self.stop()
@@ -257,7 +279,8 @@ class HubService:
             rules=self._rules, scaling=self.config.lora.scaling, round_timeout_s=self.config.round_timeout_s,
             store=store, files=self._files, lifecycle=lambda: self._lifecycle, send_ack=self._send_ack,
             console=self.console, clock=self._clock, on_accepted=lambda _: self._report_progress(),
-            on_pinned=lambda _: self._mark_state_dirty(),
+            on_pinned=lambda _: self._mark_state_dirty(), keep_updates=self.config.keep_updates,
+            commit_batch=self.config.commit_batch, max_held_chunks=max(1, self.config.inflight_window // 2),
         )  # fmt: skip
         self._intake.pins = FederationPins.from_meta({key: store.get_meta(key)
                                                       for key in (PIN_BASE_FINGERPRINT, PIN_TENSOR_SPEC)})
@@ -289,7 +312,7 @@ class HubService:
                             answered=answered & set(latest.selected))  # fmt: skip
         self._lifecycle = RoundLifecycle(self._policy, completed_rounds=completed, current=current)
         self.console.event(f"resumed round {latest.round} (attempt {latest.attempt}) with {len(answered)} accepted "
-                           f"update(s): {', '.join(sorted(answered)) or 'none'}")  # fmt: skip
+                           f"update(s): {_listed(answered) or 'none'}")  # fmt: skip
 
     def _republish(self) -> None:
         """After (re)connecting: the latest global version, the state, and acks that may have been lost."""
@@ -302,6 +325,8 @@ class HubService:
         if current is not None:
             for receipt in store.receipts(current.number):
                 self._send_ack(Ack.accept(receipt.client_id, receipt.round, bytes.fromhex(receipt.message_id)))
+            # Retained already, unless the broker lost its retained messages: cheap to repeat.
+            self._publish_selections(current)
 
     def _release(self) -> None:
         if self._link is not None:
@@ -326,6 +351,20 @@ class HubService:
         return self._intake
 
     # ================================================================== the hub thread
+    def _receive_announcement(self, topic: str, payload: bytes, retained: bool) -> None:
+        """paho's thread: into the presence inbox (the latest per client), O(1)."""
+        try:
+            client_id = self.topics.parse(topic).client_id
+        except ProtocolError as error:
+            log.warning("ignoring an announcement on %s: %s", topic, error)
+            return
+        if client_id is not None and self._presence is not None:
+            self._presence.receive(client_id, payload)
+
+    def _receive_update_chunk(self, topic: str, payload: bytes, retained: bool, ack: Callable[[], None]) -> None:
+        """paho's thread: onto the bounded queue, acknowledged by the intake once judged."""
+        self._events.put(("update", topic, payload, ack))
+
     def _run(self) -> None:
         while not self._stop_requested.is_set():
             try:
@@ -335,6 +374,8 @@ class HubService:
             try:
                 if event is not None:
                     self._dispatch(event)
+                    if self._events.empty():
+                        self._require_intake().flush()  # group commit: whatever came in together
                 now = time.monotonic()
                 if event is None or now - self._last_tick >= _TICK_S:
                     self._last_tick = now
@@ -345,14 +386,16 @@ class HubService:
     def _dispatch(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
         if kind == "update":
-            self._on_update_chunk(event[1], event[2])
-        elif kind == "announce":
-            self._on_announcement(event[1], event[2])
+            self._on_update_chunk(event[1], event[2], event[3])
         elif kind in ("reconnected", "republish"):
             self._republish()
 
     def _tick(self) -> None:
         now = self._clock()
+        self._on_announcements()
+        if time.monotonic() - self._last_presence_flush >= _PRESENCE_FLUSH_S and self._presence is not None:
+            self._last_presence_flush = time.monotonic()
+            self._presence.flush()
         self._require_intake().drain_expired()
         if self._unpublished_version is not None and time.monotonic() >= self._next_publish_attempt:
             record = self._require_store().global_version(self._unpublished_version)
@@ -360,7 +403,7 @@ class HubService:
                 self._publish_global(record)
         lifecycle = self._lifecycle
         if lifecycle.phase is LifecyclePhase.WAITING:
-            opened = lifecycle.try_open(self._online_clients(), now)
+            opened = self._try_open(lifecycle, now)
             if opened is not None:
                 self._on_round_opened(opened)
         elif lifecycle.phase is LifecyclePhase.COLLECTING:
@@ -378,39 +421,62 @@ class HubService:
         if self._state_dirty:
             self._publish_state()
 
-    def _on_update_chunk(self, topic: str, payload: bytes) -> None:
+    def _on_update_chunk(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         try:
             parsed = self.topics.parse(topic)
         except ProtocolError as error:
             log.warning("ignoring a message on %s: %s", topic, error)
+            ack()
             return
         assert parsed.client_id is not None and parsed.message_id is not None
-        self._require_intake().on_chunk(parsed.client_id, parsed.message_id, payload)
+        self._require_intake().on_chunk(parsed.client_id, parsed.message_id, payload, ack)
 
-    def _on_announcement(self, topic: str, payload: bytes) -> None:
-        assert self._presence is not None
-        try:
-            client_id = self.topics.parse(topic).client_id
-            assert client_id is not None
-            change = self._presence.update(client_id, payload)
-        except ProtocolError as error:
-            log.warning("ignoring an announcement on %s: %s", topic, error)
+    def _on_announcements(self) -> None:
+        """Apply the announcements that came in since the last tick; a line each for a
+        handful, one summary line for a burst (10,000 devices coming online)."""
+        if self._presence is None:
             return
-        if not change.registered:
-            if change.first_seen:
-                self.console.event(f"unregistered client {client_id!r} announced itself; register it with "
-                                   f"`fedvlm-hub clients add {client_id}`")  # fmt: skip
+        results = self._presence.drain()
+        if not results:
             return
-        if not change.changed:
-            return
-        self.console.event(f"client {client_id} {change.presence.value}")
-        online = self._online_clients()
-        if self._lifecycle.phase is LifecyclePhase.WAITING and not self._lifecycle.can_open(online):
-            self.console.event(f"waiting for clients: {len(online)} of {self._policy.clients_needed()} needed "
-                               "are online")  # fmt: skip
+        lines: list[str] = []
+        changed = 0
+        for client_id, change in results:
+            if isinstance(change, ProtocolError):
+                log.warning("ignoring an announcement of %s: %s", client_id, change)
+            elif not change.registered:
+                if change.first_seen:
+                    lines.append(f"unregistered client {client_id!r} announced itself; register it with "
+                                 f"`fedvlm-hub clients add {client_id}`")  # fmt: skip
+            elif change.changed:
+                changed += 1
+                lines.append(f"client {client_id} {change.presence.value}")
+        if len(lines) <= _ANNOUNCEMENT_LINES:
+            for line in lines:
+                self.console.event(line)
+        else:
+            self.console.event(f"{len(results)} announcement(s), {changed} presence change(s): "
+                               f"{self._presence.online_count()} registered client(s) online")  # fmt: skip
+        if changed and self._lifecycle.phase is LifecyclePhase.WAITING:
+            online = self._presence.online_count()
+            if online + len(self._lifecycle.carried) < self._policy.clients_needed():
+                self.console.event(f"waiting for clients: {online} of {self._policy.clients_needed()} needed "
+                                   "are online")  # fmt: skip
 
-    def _online_clients(self) -> set[str]:
-        return self._presence.online() if self._presence is not None and self.store is not None else set()
+    def _try_open(self, lifecycle: RoundLifecycle, now: float) -> OpenRound | None:
+        """Open the next attempt if enough registered clients are online. The O(1) counts
+        decide whether to look; the exact online set (a registry read) at most every
+        ``_FULL_ONLINE_CHECK_S``."""
+        presence = self._presence
+        if presence is None:
+            return None
+        needed = self._policy.clients_needed() - len(lifecycle.carried)
+        if presence.online_count() < needed and presence.announced_online_count() < needed:
+            return None
+        if time.monotonic() - self._last_full_online_check < _FULL_ONLINE_CHECK_S:
+            return None
+        self._last_full_online_check = time.monotonic()
+        return lifecycle.try_open(presence.online(), now)
 
     # ================================================================== rounds
     def _on_round_opened(self, opened: OpenRound) -> None:
@@ -419,12 +485,31 @@ class HubService:
                                                      deadline=opened.deadline, opened_at=opened.opened_at))  # fmt: skip
         retry = f" (attempt {opened.attempt})" if opened.attempt > 1 else ""
         self.console.event(f"round {opened.number}{retry} opened: {len(opened.selected)} client(s) selected "
-                           f"({', '.join(opened.selected)}), quorum {opened.quorum}, deadline "
+                           f"({_listed(opened.selected)}), quorum {opened.quorum}, deadline "
                            f"{time.strftime('%H:%M:%S', time.localtime(opened.deadline))}")  # fmt: skip
+        self._publish_selections(opened)
         self._state_dirty = True
         self._report_progress()
 
+    def _publish_selections(self, opened: OpenRound) -> None:
+        """Tell each selected client that has not answered yet, with its own retained message
+        (pipelined: the hub does not wait for the broker)."""
+        if self._link is None:
+            return
+        try:
+            for client_id in opened.selected:
+                if client_id in opened.answered:
+                    continue
+                selection = Selection(federation=self.config.federation, client_id=client_id, round=opened.number,
+                                      attempt=opened.attempt, deadline=opened.deadline)  # fmt: skip
+                self._link.publish_nowait(self.topics.client_selection(client_id), selection.to_json(), qos=1,
+                                          retain=True)  # fmt: skip
+        except BrokerUnavailable as error:
+            log.warning("could not publish the selections of round %d (%s); they go out on reconnect",
+                        opened.number, error)  # fmt: skip
+
     def _retry_round(self) -> None:
+        self._require_intake().flush()
         failed = self._lifecycle.retry()
         self._require_store().close_round_for_retry(failed.number, failed.attempt, self._clock())
         self.console.event(f"round {failed.number} missed its quorum at the deadline ({len(failed.answered)} of "
@@ -441,6 +526,9 @@ class HubService:
 
     def _aggregate_and_publish(self) -> None:
         store, intake = self._require_store(), self._require_intake()
+        intake.flush()  # every accepted update committed, and in the running sum, first
+        if self._lifecycle.outcome(self._clock()) is not Outcome.AGGREGATE:
+            return  # the commit failed and took answers back: keep collecting
         current = self._lifecycle.current
         assert current is not None
         self._publish_state(phase=RoundPhase.AGGREGATING)
@@ -552,7 +640,7 @@ class HubService:
         collecting = phase is RoundPhase.COLLECTING and current is not None
         return HubState(federation=self.config.federation, status=status, round=lifecycle.round_number, phase=phase,
                         global_version=self._latest_published_version(),
-                        selected_clients=current.selected if collecting else (),
+                        selected_count=len(current.selected) if collecting else 0,
                         deadline=current.deadline if collecting else None,
                         round_config=self._round_config())  # fmt: skip
 
@@ -575,7 +663,8 @@ class HubService:
             return
         state = self._hub_state(phase=phase)
         try:
-            self._link.publish(self.topics.hub_state(), state.to_json(), qos=1, retain=True, timeout=_PUBLISH_TIMEOUT_S)
+            # Pipelined: paho keeps it (QoS 1) and sends it again after a reconnect.
+            self._link.publish_nowait(self.topics.hub_state(), state.to_json(), qos=1, retain=True)
         except BrokerUnavailable as error:
             log.warning("could not publish the hub state (%s); will retry", error)
             self._state_dirty = True
@@ -595,8 +684,14 @@ class HubService:
         if self._link is None:
             return
         try:
-            self._link.publish(self.topics.client_ack(ack.client_id), ack.to_json(), qos=1, retain=False,
-                               timeout=_PUBLISH_TIMEOUT_S)  # fmt: skip
+            self._link.publish_nowait(self.topics.client_ack(ack.client_id), ack.to_json(), qos=1, retain=False)
         except BrokerUnavailable as error:
             # The verdict stands either way; a client without an ack re-sends and is answered then.
             log.warning("could not acknowledge %s's message %s: %s", ack.client_id, ack.message_id, error)
+
+
+def _listed(client_ids) -> str:
+    """A few client ids for a console line, and how many more."""
+    ids = sorted(client_ids)
+    shown = ", ".join(ids[:_LISTED_CLIENTS])
+    return shown + (f" and {len(ids) - _LISTED_CLIENTS} more" if len(ids) > _LISTED_CLIENTS else "")

@@ -43,7 +43,10 @@ __all__ = [
 
 DATABASE_NAME = "hub.sqlite3"
 _KEY_ID_META = "secrets_key_id"
-SCHEMA_VERSION = 1
+# 2: round_aggregates (the running weighted sum committed with each batch of receipts);
+# receipts' file_path is empty unless the hub keeps update files (--keep-updates).
+SCHEMA_VERSION = 2
+_MIGRATABLE_FROM = {"1"}
 RECENT_REJECTIONS_KEPT = 200
 
 _SCHEMA = """
@@ -79,7 +82,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     payload_sha256 TEXT NOT NULL,         -- of the signed envelope: identifies a re-send
     body_sha256    TEXT NOT NULL,         -- of the stored safetensors file: checked on resume
     sample_count   INTEGER NOT NULL,
-    file_path      TEXT NOT NULL,
+    file_path      TEXT NOT NULL,         -- '' unless update files are kept (schema 1: always a file)
     accepted_at    REAL NOT NULL,
     metrics        TEXT,                  -- the client's reported metrics (JSON), if any
     PRIMARY KEY (round, client_id)
@@ -95,6 +98,12 @@ CREATE TABLE IF NOT EXISTS recent_rejections (
     round     INTEGER,
     reason    TEXT NOT NULL,
     detail    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS round_aggregates (
+    round      INTEGER PRIMARY KEY,
+    state      BLOB NOT NULL,             -- the aggregator's state (hub/partial_sums.py)
+    count      INTEGER NOT NULL,          -- updates summed: equals the round's receipts
+    updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS global_versions (
     version     INTEGER PRIMARY KEY,
@@ -239,7 +248,12 @@ class HubStore:
             raise HubError(f"{self.path} is not a usable hub database ({error}); "
                            "point --state-dir at the hub's own state directory") from None  # fmt: skip
         version = self.get_meta("schema_version")
-        if version != str(SCHEMA_VERSION):
+        if version in _MIGRATABLE_FROM and create:
+            # The new tables were created above; rounds of an older hub keep their update
+            # files, from which a resumed round is rebuilt.
+            self.set_meta({"schema_version": str(SCHEMA_VERSION)})
+            version = str(SCHEMA_VERSION)
+        if version != str(SCHEMA_VERSION) and not (version in _MIGRATABLE_FROM and not create):
             raise HubError(f"{self.path} has schema version {version}; this hub reads version {SCHEMA_VERSION}")
         if create:
             try:
@@ -434,9 +448,13 @@ class HubStore:
         return [ClientRecord(*row) for row in rows]
 
     def set_presence(self, client_id: str, presence: str, now: float) -> None:
+        self.set_presences([(client_id, presence, now)])
+
+    def set_presences(self, changes: Iterable[tuple[str, str, float]]) -> None:
+        """Many clients' presence in one transaction: ``(client_id, presence, last_seen)``."""
         with self._lock, self._conn:
-            self._conn.execute("UPDATE clients SET presence = ?, last_seen = ? WHERE client_id = ?",
-                               (presence, now, client_id))  # fmt: skip
+            self._conn.executemany("UPDATE clients SET presence = ?, last_seen = ? WHERE client_id = ?",
+                                   [(presence, now, client_id) for client_id, presence, now in changes])
 
     def reset_presence(self) -> None:
         """Everyone offline until their (retained) announcements arrive again."""
@@ -480,6 +498,26 @@ class HubStore:
                                dataclasses.astuple(receipt))  # fmt: skip
             if pins:
                 self._conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", pins.items())
+
+    def commit_accepted(self, round_number: int, receipts: Iterable[Receipt], aggregate: bytes, count: int,
+                        now: float, pins: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """Group commit: a batch of accepted updates' receipts and the round's running sum that
+        includes exactly them, with any pins, in one transaction (one fsync for the batch)."""
+        with self._lock, self._conn:
+            self._conn.executemany(f"INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+                                   [dataclasses.astuple(receipt) for receipt in receipts])  # fmt: skip
+            self._conn.execute("INSERT OR REPLACE INTO round_aggregates (round, state, count, updated_at) "
+                               "VALUES (?, ?, ?, ?)", (round_number, aggregate, count, now))  # fmt: skip
+            if pins:
+                self._conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", pins.items())
+
+    def round_aggregate(self, round_number: int) -> tuple[bytes, int] | None:
+        """The committed running sum of a round and how many updates it holds, if any."""
+        rows = self._query("SELECT state, count FROM round_aggregates WHERE round = ?", (round_number,))
+        return (bytes(rows[0][0]), rows[0][1]) if rows else None
+
+    def count_round_receipts(self, round_number: int) -> int:
+        return self._query("SELECT COUNT(*) FROM receipts WHERE round = ?", (round_number,))[0][0]
 
     def delete_receipt(self, round_number: int, client_id: str) -> None:
         with self._lock, self._conn:
@@ -525,6 +563,8 @@ class HubStore:
                                dataclasses.astuple(record))  # fmt: skip
             self._conn.execute("UPDATE rounds SET closed_at = ?, outcome = 'aggregated', global_version = ? "
                                "WHERE round = ? AND attempt = ?", (now, record.version, record.round, closes_attempt))
+            # The version holds the round's sum now: its running aggregate is not needed again.
+            self._conn.execute("DELETE FROM round_aggregates WHERE round = ?", (record.round,))
 
     def mark_published(self, version: int) -> None:
         with self._lock, self._conn:

@@ -2,8 +2,17 @@
 
 What it adds to paho: broker URLs (``mqtt://user:pass@host:port``, ``mqtts://`` for TLS),
 a blocking ``connect`` with an error a person can act on, publishes that wait for the
-broker's acknowledgement, subscriptions that come back after a reconnect, reconnection
-with exponential back-off, and a last will. MQTT 5 is used when the broker speaks it
+broker's acknowledgement (``publish``, ``publish_many``) or do not (``publish_nowait``,
+pipelined: many in flight at once), subscriptions that come back after a reconnect,
+reconnection with exponential back-off, and a last will.
+
+Acknowledgements to the broker are manual: a message is acknowledged once its handler
+returned, or, for a subscription made with ``manual_ack=True``, when the handler's
+``ack()`` is called (from any thread). Until then the broker keeps the message, so a
+process killed before it judged a message gets it again on its next session, and the
+broker's in-flight window (``receive_maximum``) bounds what the process holds. Subscribe
+before ``connect``: a resumed persistent session may deliver at once, and a message that
+arrives with no handler in place is acknowledged and lost. MQTT 5 is used when the broker speaks it
 (``protocol="auto"`` tries 5, then falls back to 3.1.1); everything works on 3.1.1.
 
 paho is imported lazily: ``fedvlm.shared`` itself must not need it.
@@ -25,6 +34,8 @@ from .usage_error import UsageError
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+# topic, payload, retained, ack(): a handler that acknowledges the message when it is safe.
+ManualAckHandler = Callable[[str, bytes, bool, Callable[[], None]], None]
 
 
 class BrokerUnavailable(ConnectionError):
@@ -127,6 +138,7 @@ class MqttLink:
         persistent_session: bool = True,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
+        receive_maximum: int | None = None,
     ) -> None:
         try:
             import paho.mqtt.client  # noqa: F401
@@ -141,7 +153,10 @@ class MqttLink:
         self.persistent_session = persistent_session
         self._reconnect = (reconnect_min_s, reconnect_max_s)
         self._protocols = ["5", "3.1.1"] if protocol == "auto" else [protocol]
-        self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
+        # MQTT 5: at most this many unacknowledged QoS 1 messages from the broker at once
+        # (on MQTT 3.1.1 the broker's own setting, e.g. mosquitto's max_inflight_messages).
+        self.receive_maximum = receive_maximum
+        self._subscriptions: dict[str, tuple[int, MessageHandler, bool]] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self._closing = False
@@ -150,9 +165,10 @@ class MqttLink:
         self._connect_error: str | None = None
         self.on_reconnect: list[Callable[[], None]] = []
         self._ever_connected = False
-        # Message ids the broker acknowledged (QoS 1) or paho sent (QoS 0), until awaited.
-        self._acked: set[int] = set()
-        self._acked_condition = threading.Condition()
+        # Counts connections: an ack() from a delivery of an earlier connection is dropped
+        # (the broker re-sends that message on the resumed session, and its packet id may
+        # already name another message).
+        self._generation = 0
 
     # ---- connection -------------------------------------------------------------------------------
 
@@ -164,7 +180,7 @@ class MqttLink:
                   "protocol": version}
         if version == mqtt.MQTTv311:
             kwargs["clean_session"] = not self.persistent_session
-        client = mqtt.Client(**kwargs)
+        client = mqtt.Client(manual_ack=True, **kwargs)
         if self.address.username:
             client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
@@ -195,6 +211,8 @@ class MqttLink:
                 properties = Properties(PacketTypes.CONNECT)
                 # Keep the session (subscriptions, queued QoS 1 messages) across disconnects.
                 properties.SessionExpiryInterval = 3600 if self.persistent_session else 0
+                if self.receive_maximum is not None:
+                    properties.ReceiveMaximum = self.receive_maximum
                 connect_kwargs.update(clean_start=not self.persistent_session, properties=properties)
             try:
                 # Synchronous TCP connect: a refused or unresolvable address fails now, clearly.
@@ -231,8 +249,9 @@ class MqttLink:
             self._connect_error = str(reason_code)
             return
         with self._lock:
+            self._generation += 1
             subscriptions = list(self._subscriptions.items())
-        for topic_filter, (qos, _) in subscriptions:
+        for topic_filter, (qos, _, _) in subscriptions:
             client.subscribe(topic_filter, qos=qos)
         reconnected = self._ever_connected
         self._ever_connected = True
@@ -258,17 +277,41 @@ class MqttLink:
         import paho.mqtt.client as mqtt
 
         with self._lock:
-            handlers = [h for f, (_, h) in self._subscriptions.items() if mqtt.topic_matches_sub(_plain_filter(f), message.topic)]
-        for handler in handlers:
+            generation = self._generation
+            handlers = [(h, manual) for f, (_, h, manual) in self._subscriptions.items()
+                        if mqtt.topic_matches_sub(_plain_filter(f), message.topic)]  # fmt: skip
+        mid, qos = message.mid, message.qos
+        deferred = False
+        for handler, manual in handlers:
             try:
-                handler(message.topic, bytes(message.payload), bool(message.retain))
+                if manual:
+                    handler(message.topic, bytes(message.payload), bool(message.retain),
+                            lambda: self._ack(mid, qos, generation))  # fmt: skip
+                    deferred = True
+                else:
+                    handler(message.topic, bytes(message.payload), bool(message.retain))
             except Exception:  # a handler bug must not kill the network thread
                 log.exception("handler for %s failed", message.topic)
+        if not deferred:
+            self._ack(mid, qos, generation)
 
-    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
-        """Subscribe now and again after every reconnect."""
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        """Acknowledge a delivery to the broker (nothing to do for QoS 0)."""
+        client = self._client
+        if qos == 0 or client is None or generation != self._generation:
+            return
+        client.ack(mid, qos)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler | ManualAckHandler, qos: int = 1, *,
+                  manual_ack: bool = False) -> None:  # fmt: skip
+        """Subscribe now (or at ``connect``) and again after every reconnect.
+
+        ``manual_ack``: ``handler`` takes a fourth argument, ``ack()``, to call once the
+        message is safe (stored, or judged); the broker re-sends it to a later session
+        until then.
+        """
         with self._lock:
-            self._subscriptions[topic_filter] = (qos, handler)
+            self._subscriptions[topic_filter] = (qos, handler, manual_ack)
         if self._client is not None and self.connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 
@@ -282,6 +325,15 @@ class MqttLink:
                 extras: "Mqtt5Extras | None" = None) -> None:
         """Publish and wait until the broker acknowledged it (QoS 1) or it left (QoS 0)."""
         self.publish_many([(topic, payload)], qos=qos, retain=retain, timeout=timeout, extras=extras)
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                       extras: "Mqtt5Extras | None" = None) -> None:
+        """Hand a message to paho and return at once (pipelined: paho keeps QoS 1 messages and
+        sends them again after a reconnect). For messages nobody waits on, e.g. acks."""
+        if self._client is None:
+            raise BrokerUnavailable("not connected: call connect() first")
+        properties = extras.to_properties() if extras is not None and self.protocol == "5" else None
+        self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def publish_many(self, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
                      timeout: float = 60.0, window: int = 32, extras: "Mqtt5Extras | None" = None) -> None:
@@ -325,20 +377,20 @@ class MqttLink:
         # Tracked through on_publish rather than MQTTMessageInfo.wait_for_publish: paho marks a
         # message queued while disconnected with an error code that wait_for_publish raises
         # on, although it sends the message after the reconnect and reports it then.
+        # The message's own info object, not its packet id: ids are reused, and messages
+        # published without waiting (publish_nowait) are acknowledged too. Its condition and
+        # flag directly: ``is_published`` raises for a message queued while disconnected.
         topic, info = sent
-        with self._acked_condition:
-            while info.mid not in self._acked:
+        with info._condition:
+            while not info._published:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BrokerUnavailable(
                         f"the broker did not acknowledge a message on {topic} within {timeout:.0f} s")
-                self._acked_condition.wait(min(remaining, 0.5))
-            self._acked.discard(info.mid)
+                info._condition.wait(min(remaining, 0.5))
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
-        with self._acked_condition:
-            self._acked.add(mid)
-            self._acked_condition.notify_all()
+        pass  # paho marks the message's info as published right after this callback
 
     def _tls_context(self) -> ssl.SSLContext:
         """TLS settings from the address; a file that is missing or not PEM is named in a UsageError."""

@@ -110,6 +110,8 @@ class MosquittoProcess:
             f"listener {self.port} {LOOPBACK}\n"
             "allow_anonymous true\n"
             "persistence false\n"
+            # The hub acknowledges updates only once stored: the broker keeps its backlog.
+            "max_queued_messages 1000000\n"
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )

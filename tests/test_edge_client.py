@@ -308,7 +308,7 @@ def test_a_publish_failing_midway_keeps_the_update_to_resend_instead_of_training
         monkeypatch.setattr(MqttLink, "publish_many",
                             lambda self, messages, **options: publish_many(self, messages, **{**options, "timeout": 2}))
         hub = HubState(federation="fed", status=Presence.ONLINE, round=1, phase=RoundPhase.COLLECTING,
-                       global_version=0, selected_clients=("a",), deadline=time.time() + 60)  # fmt: skip
+                       global_version=0, selected_count=1, deadline=time.time() + 60)  # fmt: skip
         with pytest.raises(BrokerUnavailable):
             client._take_part(hub)
         pending = client._pending_update(1)

@@ -12,6 +12,7 @@ The transport (paho-mqtt in the edge SDK and the hub) publishes and receives byt
 package decides what those bytes and topics mean. See docs/protocol.md for the layouts.
 """
 
+from .backoff import RETRYABLE_AFTER_HINT, RetryBackoff
 from .chunks import (
     CHUNK_HEADER_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -37,6 +38,7 @@ from .messages import (
     MessageKind,
     Presence,
     RoundPhase,
+    Selection,
 )
 from .reassembly import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -110,6 +112,9 @@ __all__ = [
     # messages
     "MAX_CONTROL_MESSAGE_BYTES",
     "Ack",
+    "Selection",
+    "RetryBackoff",
+    "RETRYABLE_AFTER_HINT",
     "Announcement",
     "EnvelopeMetadata",
     "GlobalManifest",

@@ -11,7 +11,6 @@ that are missing.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import json
@@ -33,13 +32,15 @@ __all__ = [
     "GlobalManifest",
     "Announcement",
     "Ack",
+    "Selection",
     "EnvelopeMetadata",
 ]
 
 # Control messages travel unchunked, so they stay within the default chunk's 256 KiB.
 MAX_CONTROL_MESSAGE_BYTES = 256 * 1024
 _MAX_REASON_TEXT = 2000
-_MAX_SELECTED_CLIENTS = 10_000
+# Longest wait a hub may ask of a device refused for load (Ack.retry_after_s).
+MAX_RETRY_AFTER_S = 3600.0
 
 _Message = TypeVar("_Message", bound="_ControlMessage")
 
@@ -144,9 +145,11 @@ def _json_value(value: Any) -> Any:
 class HubState(_ControlMessage):
     """The hub's retained state; its last will is the same state with status offline.
 
-    ``deadline`` (Unix time) is set while the phase is ``collecting``; ``selected_clients``
-    are the clients whose updates the hub wants this round; ``round_config`` carries what
-    clients need to train (e.g. local steps, learning rate, LoRA seed).
+    ``deadline`` (Unix time) is set while the phase is ``collecting``; ``selected_count``
+    is how many devices the round selected (each selected device is told so by its own
+    retained :class:`Selection`: the state does not grow with the federation);
+    ``round_config`` carries what clients need to train (e.g. local steps, learning rate,
+    LoRA seed, the attempt).
     """
 
     MESSAGE_TYPE: ClassVar[str] = "hub_state"
@@ -156,7 +159,7 @@ class HubState(_ControlMessage):
     round: int
     phase: RoundPhase
     global_version: int
-    selected_clients: tuple[str, ...] = ()
+    selected_count: int = 0
     deadline: float | None = None
     round_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
@@ -168,16 +171,7 @@ class HubState(_ControlMessage):
         f.check_int(owner, "round", self.round)
         self._set("phase", f.check_enum(owner, "phase", self.phase, RoundPhase))
         f.check_int(owner, "global_version", self.global_version)
-        if isinstance(self.selected_clients, (str, bytes)) or not isinstance(self.selected_clients, (list, tuple)):
-            raise f.malformed(owner, "selected_clients", f"must be a list of client ids, got {self.selected_clients!r}")
-        if len(self.selected_clients) > _MAX_SELECTED_CLIENTS:
-            raise f.malformed(owner, "selected_clients",
-                              f"lists {len(self.selected_clients)} clients; the limit is {_MAX_SELECTED_CLIENTS}")
-        selected = tuple(_validate_id(owner, "selected_clients", c, validate_client_id) for c in self.selected_clients)
-        if len(set(selected)) != len(selected):
-            duplicates = sorted(c for c, n in collections.Counter(selected).items() if n > 1)
-            raise f.malformed(owner, "selected_clients", f"lists {', '.join(duplicates)} more than once")
-        self._set("selected_clients", selected)
+        f.check_int(owner, "selected_count", self.selected_count)
         if self.deadline is not None:
             self._set("deadline", f.check_timestamp(owner, "deadline", self.deadline))
         self._set("round_config", f.check_json_object(owner, "round_config", self.round_config))
@@ -255,11 +249,44 @@ class Announcement(_ControlMessage):
 
 
 @dataclasses.dataclass(frozen=True)
+class Selection(_ControlMessage):
+    """The hub's word to one device that a round attempt selected it (retained, per device).
+
+    A device takes part when its selection names the round and attempt the hub state is
+    collecting; a selection of an earlier round or attempt is stale and ignored, so the hub
+    never has to clear them.
+    """
+
+    MESSAGE_TYPE: ClassVar[str] = "selection"
+
+    federation: str
+    client_id: str
+    round: int
+    attempt: int
+    deadline: float
+
+    def __post_init__(self) -> None:
+        owner = "Selection"
+        _validate_id(owner, "federation", self.federation, validate_federation_id)
+        _validate_id(owner, "client_id", self.client_id, validate_client_id)
+        f.check_int(owner, "round", self.round, minimum=1)
+        f.check_int(owner, "attempt", self.attempt, minimum=1)
+        self._set("deadline", f.check_timestamp(owner, "deadline", self.deadline))
+
+    def matches(self, state: HubState) -> bool:
+        """Whether this selection is for the attempt ``state`` is collecting."""
+        return (state.phase is RoundPhase.COLLECTING and state.federation == self.federation
+                and state.round == self.round and state.round_config.get("attempt", 1) == self.attempt)
+
+
+@dataclasses.dataclass(frozen=True)
 class Ack(_ControlMessage):
     """The hub's answer to one update: accepted, or rejected with a reason.
 
     ``round`` and ``message_id`` (hex of the chunk header's message id) are None when the
     hub could not read them, e.g. for an update whose signature failed.
+    ``retry_after_s``: with ``overloaded``, how long the device should wait before sending
+    the same update again (it then adds jitter and backs off if refused again).
     """
 
     MESSAGE_TYPE: ClassVar[str] = "ack"
@@ -270,6 +297,7 @@ class Ack(_ControlMessage):
     accepted: bool
     reason_code: ReasonCode
     reason_text: str = ""
+    retry_after_s: float | None = None
 
     def __post_init__(self) -> None:
         owner = "Ack"
@@ -284,6 +312,12 @@ class Ack(_ControlMessage):
                                                     f"{str(self.accepted).lower()}; use 'accepted' exactly when "
                                                     "the update was accepted")  # fmt: skip
         f.check_text(owner, "reason_text", self.reason_text, max_length=_MAX_REASON_TEXT)
+        if self.retry_after_s is not None:
+            value = self.retry_after_s
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_RETRY_AFTER_S:
+                raise f.malformed(owner, "retry_after_s", f"must be a number of seconds in 0..{MAX_RETRY_AFTER_S:g}, "
+                                                          f"got {value!r}")  # fmt: skip
+            self._set("retry_after_s", float(value))
 
     @classmethod
     def accept(cls, client_id: str, round: int, message_id: bytes) -> Ack:
@@ -291,8 +325,9 @@ class Ack(_ControlMessage):
 
     @classmethod
     def reject(cls, client_id: str, round: int | None, message_id: bytes | None, reason: ReasonCode,
-               text: str) -> Ack:  # fmt: skip
-        return cls(client_id, round, None if message_id is None else message_id.hex(), False, reason, text)
+               text: str, *, retry_after_s: float | None = None) -> Ack:  # fmt: skip
+        return cls(client_id, round, None if message_id is None else message_id.hex(), False, reason, text,
+                   retry_after_s)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

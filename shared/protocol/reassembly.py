@@ -153,6 +153,11 @@ class Reassembler:
     duplicates, the rest of a refused message) are ignored for ``timeout_s``, unless the
     receiver calls ``forget`` to have a re-send of it reassembled afresh.
 
+    A message refused only because the reassembler is full (``OVERLOADED`` for lack of
+    room overall, not a sender's own limits) is not held against it: the rest of that
+    attempt's chunks are ignored, and the message is admitted afresh when its first chunk
+    comes again (the sender's retry), so an honest device is never dropped for good.
+
     ``trailer_size``: also report the SHA-256 of every payload without its last
     ``trailer_size`` bytes (``CompletedMessage.head_sha256``), from the same hashing pass;
     the hub passes the envelope's MAC size, so verifying an update needs no second pass.
@@ -198,6 +203,9 @@ class Reassembler:
         # of message ids cannot grow it without limit.
         self._finished: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
         self._max_finished = max(4096, 4 * max_pending_messages)
+        # Messages refused for lack of room: the rest of that attempt is ignored, a re-send
+        # (from chunk 0) is admitted afresh. Bounded like _finished.
+        self._refused_for_load: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
         # Expired messages not yet handed to drain_expired; bounded for a caller that never drains.
         self._expired: collections.deque[DroppedMessage] = collections.deque(maxlen=max(1024, max_pending_messages))
 
@@ -224,6 +232,10 @@ class Reassembler:
         key = (sender, header.message_id)
         if key in self._finished:
             return None
+        if key in self._refused_for_load:
+            if header.index != 0:
+                return None  # the rest of an attempt refused for load
+            del self._refused_for_load[key]  # the sender tries again: judge admission afresh
         pending = self._pending.get(key)
         if pending is not None and (differences := header.differences_from(pending.header)):
             raise self._error(ReasonCode.INCONSISTENT, header, sender,
@@ -250,6 +262,10 @@ class Reassembler:
         if pending.received_count < header.count:
             return None
         return self._complete(key, pending, now)
+
+    def is_pending(self, sender: str, message_id: bytes) -> bool:
+        """Whether that message is being reassembled (some chunks in, not complete)."""
+        return (sender, message_id) in self._pending
 
     def forget(self, sender: str, message_id: bytes) -> None:
         """Treat ``message_id`` from ``sender`` as never seen: its next chunks start it again.
@@ -307,12 +323,12 @@ class Reassembler:
                               f"past {self.max_pending_bytes_per_sender} bytes (the limit per sender; "
                               f"{self._pending_bytes_per_sender[sender]} in use); finish or abandon those first")
         if len(self._pending) >= self.max_pending_messages:
-            self._remember_finished(key, now)
+            self._remember_refused_for_load(key)
             raise self._error(ReasonCode.OVERLOADED, header, sender,
                               f"refused: already reassembling {len(self._pending)} messages (the limit); "
                               "the sender should retry later")  # fmt: skip
         if self._pending_bytes + header.total_size > self.max_pending_bytes:
-            self._remember_finished(key, now)
+            self._remember_refused_for_load(key)
             raise self._error(ReasonCode.OVERLOADED, header, sender,
                               f"refused: its {header.total_size} bytes would take pending memory past "
                               f"{self.max_pending_bytes} ({self._pending_bytes} in use); the sender should retry later")
@@ -344,6 +360,12 @@ class Reassembler:
                               f"{pending.header.sha256.hex()}; the sender should resend")  # fmt: skip
         return CompletedMessage(sender=key[0], message_id=key[1], payload=pending.payload(), sha256=digest,
                                 head_sha256=pending.head_sha256)  # fmt: skip
+
+    def _remember_refused_for_load(self, key: tuple[str, bytes]) -> None:
+        self._refused_for_load[key] = None
+        self._refused_for_load.move_to_end(key)
+        while len(self._refused_for_load) > self._max_finished:
+            self._refused_for_load.popitem(last=False)
 
     def _remember_finished(self, key: tuple[str, bytes], now: float) -> None:
         self._finished[key] = now + self.timeout_s

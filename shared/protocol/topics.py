@@ -55,6 +55,7 @@ class TopicKind(str, enum.Enum):
     GLOBAL_CHUNK = "global_chunk"
     CLIENT_ANNOUNCE = "client_announce"
     CLIENT_ACK = "client_ack"
+    CLIENT_SELECTION = "client_selection"
     UPDATE = "update"
 
 
@@ -74,6 +75,8 @@ DELIVERY: dict[TopicKind, Delivery] = {
     TopicKind.GLOBAL_CHUNK: Delivery(qos=1, retain=True),
     TopicKind.CLIENT_ANNOUNCE: Delivery(qos=1, retain=True),
     TopicKind.CLIENT_ACK: Delivery(qos=1, retain=False),
+    # Retained: a device that connects after its round opened still learns it was picked.
+    TopicKind.CLIENT_SELECTION: Delivery(qos=1, retain=True),
     TopicKind.UPDATE: Delivery(qos=1, retain=False),
 }
 
@@ -148,6 +151,10 @@ class Topics:
     def client_ack(self, client_id: str) -> str:
         return f"{self.prefix}/clients/{validate_client_id(client_id)}/ack"
 
+    def client_selection(self, client_id: str) -> str:
+        """The hub's retained word to one device that it is selected (protocol 3)."""
+        return f"{self.prefix}/clients/{validate_client_id(client_id)}/selection"
+
     def update(self, client_id: str, message_id: bytes) -> str:
         """Topic for every chunk of one update; ``message_id`` is the chunks' header id."""
         return f"{self.prefix}/updates/{validate_client_id(client_id)}/{_check_message_id(message_id).hex()}"
@@ -192,7 +199,7 @@ class Topics:
         return ClientPermissions(
             publish=(self.client_announce(client_id), f"{self.prefix}/updates/{client_id}/+"),
             subscribe=(self.hub_state(), self.global_manifest(), f"{self.prefix}/global/+/chunk/+",
-                       self.client_ack(client_id)),  # fmt: skip
+                       self.client_ack(client_id), self.client_selection(client_id)),  # fmt: skip
         )
 
     def hub_permissions(self) -> ClientPermissions:
@@ -248,8 +255,9 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(TopicKind.GLOBAL_CHUNK, federation,
                                version=_parse_uint(topic, version, "global version"),
                                chunk_index=_parse_uint(topic, index, "chunk index"))  # fmt: skip
-        case ["clients", client_id, "announce" | "ack" as leaf]:
-            kind = TopicKind.CLIENT_ANNOUNCE if leaf == "announce" else TopicKind.CLIENT_ACK
+        case ["clients", client_id, "announce" | "ack" | "selection" as leaf]:
+            kind = {"announce": TopicKind.CLIENT_ANNOUNCE, "ack": TopicKind.CLIENT_ACK,
+                    "selection": TopicKind.CLIENT_SELECTION}[leaf]
             return ParsedTopic(kind, federation, client_id=_parse_client_id(topic, client_id))
         case ["updates", client_id, message_id]:
             if not _MESSAGE_ID_HEX.fullmatch(message_id):

@@ -15,9 +15,14 @@ History:
 - 2: the envelope's MAC is HMAC-SHA256 over the SHA-256 of the signed part, and chunks
   before the last may leave the payload digest zero, so a sender hashes and publishes
   in one pass and the first chunk leaves before the last byte is hashed.
+- 3: the hub state no longer lists the selected clients (it carries ``selected_count``);
+  each selected device learns it was picked from its own retained ``Selection`` message
+  on ``clients/<id>/selection``, so a round's control traffic stays O(1) per device and
+  there is no limit on how many devices a round selects. An ``Ack`` refusing an update
+  for load (``overloaded``) says when to retry (``retry_after_s``).
 """
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 TOPIC_TREE_VERSION = 1

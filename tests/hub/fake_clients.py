@@ -27,6 +27,7 @@ from fedvlm.shared.protocol import (
     HubState,
     Presence,
     Reassembler,
+    Selection,
     Topics,
     new_message_id,
     sign,
@@ -74,6 +75,7 @@ class FakeClient:
         self.topics = Topics(federation)
         self.acks: queue.Queue[Ack] = queue.Queue()
         self.states: list[HubState] = []
+        self.selections: list[Selection] = []
         self._state_changed = threading.Condition()
         self.link: MqttLink | None = None
 
@@ -83,9 +85,11 @@ class FakeClient:
         self.link = MqttLink(self.broker.address, f"fake-{self.federation}-{self.client_id}",
                              will=Will(self.topics.client_announce(self.client_id), offline),
                              protocol=self.broker.protocol, persistent_session=False)  # fmt: skip
-        self.link.connect(10)
+        # Handlers before the connection, as the edge client does.
         self.link.subscribe(self.topics.client_ack(self.client_id), self._on_ack)
         self.link.subscribe(self.topics.hub_state(), self._on_state)
+        self.link.subscribe(self.topics.client_selection(self.client_id), self._on_selection)
+        self.link.connect(10)
         if announce:
             self.announce(Presence.ONLINE)
         return self
@@ -107,6 +111,30 @@ class FakeClient:
 
     def _on_ack(self, topic: str, payload: bytes, retained: bool) -> None:
         self.acks.put(Ack.from_json(payload))
+
+    def _on_selection(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not payload:
+            return
+        with self._state_changed:
+            self.selections.append(Selection.from_json(payload))
+            self._state_changed.notify_all()
+
+    def is_selected(self, state: HubState | None = None) -> bool:
+        """Whether the latest selection names the attempt ``state`` (default: the latest) collects."""
+        state = state or self.state
+        return bool(state is not None and self.selections and self.selections[-1].matches(state))
+
+    def wait_selected(self, state: HubState, timeout: float = 10.0) -> Selection:
+        """This client's selection for the attempt ``state`` collects (TimeoutError if none comes)."""
+        deadline = time.monotonic() + timeout
+        with self._state_changed:
+            while not (self.selections and self.selections[-1].matches(state)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.client_id}: not selected for round {state.round}; "
+                                       f"selections: {self.selections[-3:]}")  # fmt: skip
+                self._state_changed.wait(left)
+            return self.selections[-1]
 
     def _on_state(self, topic: str, payload: bytes, retained: bool) -> None:
         if not payload:

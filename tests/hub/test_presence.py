@@ -28,7 +28,8 @@ def test_only_registered_online_clients_count(tmp_path: Path):
         assert tracker.online() == {"a"}
         store.add_client("x", "t" * 43, now=6.0)  # registered while the hub runs: counts at once
         assert tracker.online() == {"a", "x"}
-        assert store.list_clients()[0].presence == "online"
+        assert store.list_clients()[0].presence == "offline"  # written in batches
+        assert tracker.flush() == 2 and store.list_clients()[0].presence == "online"
         tracker.update("a", b"")  # a deleted retained announcement means offline
         store.revoke_client("x", now=7.0)
         assert tracker.online() == set()

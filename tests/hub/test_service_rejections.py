@@ -22,7 +22,7 @@ def test_each_rejection_gets_its_reason_and_the_round_still_completes(start_fede
                                   max_update_bytes=48 * 1024)  # fmt: skip
     a, b = federation.connect("a", "b")
     state = a.wait_collecting(1)
-    assert state.selected_clients == ("a", "b")
+    assert state.selected_count == 2 and a.wait_selected(state) and b.wait_selected(state)
     (c,) = federation.connect("c")  # online, but the round already has its clients
 
     # The first accepted update pins the federation's tensor layout and base model.

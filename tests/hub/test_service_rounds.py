@@ -26,7 +26,7 @@ def assert_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray])
 
 def test_rounds_publish_the_weighted_mean_of_the_accepted_b_factors(start_federation, broker_kind):
     # Big enough tensors and small chunks: each global version spans several retained chunks.
-    federation = start_federation(broker_kind, rounds=2, min_clients=3, chunk_size=1024)
+    federation = start_federation(broker_kind, rounds=2, min_clients=3, chunk_size=1024, keep_updates=True)
     clients = federation.connect("a", "b", "c")
     published = {}
     for round_number in (1, 2):
@@ -55,10 +55,10 @@ def test_rounds_publish_the_weighted_mean_of_the_accepted_b_factors(start_federa
     assert retained_chunk_topics(federation.broker, "fed", 1) == []
     assert len(retained_chunk_topics(federation.broker, "fed", 2)) == published[2][0].chunk_count
     final = clients[0].wait_state(lambda state: state.phase is RoundPhase.DONE)
-    assert (final.round, final.global_version, final.selected_clients) == (2, 2, ())
+    assert (final.round, final.global_version, final.selected_count) == (2, 2, 0)
     assert federation.hub.wait_finished(5)
 
-    # What is on disk and in SQLite agrees with what was published.
+    # What is on disk and in SQLite agrees with what was published (--keep-updates keeps update files).
     store = federation.hub.store
     for version, (manifest, payload) in published.items():
         record = store.global_version(version)
@@ -75,7 +75,8 @@ def test_round_config_tells_clients_how_to_train(start_federation):
     federation = start_federation(min_clients=1, clients=("a",), local_steps=7, learning_rate=0.01)
     (client,) = federation.connect("a")
     state = client.wait_collecting(1)
-    assert state.selected_clients == ("a",) and state.deadline > time.time()
+    assert state.selected_count == 1 and state.deadline > time.time()
+    assert client.wait_selected(state).deadline == state.deadline
     config = state.round_config
     assert config["strategy"] == "plora"
     assert config["lora"] == federation.config.lora.to_dict()
@@ -129,7 +130,8 @@ def test_a_round_without_quorum_is_retried_keeping_what_was_accepted(start_feder
     assert (late.accepted, late.reason_code) == (False, ReasonCode.LATE)
     c.announce(Presence.ONLINE)
     retry = a.wait_collecting(1)
-    assert retry.round_config["attempt"] == 2 and retry.selected_clients == ("a", "b", "c")
+    assert retry.round_config["attempt"] == 2 and retry.selected_count == 3
+    assert b.wait_selected(retry).attempt == c.wait_selected(retry).attempt == 2
     rest = [(b_factors(2), 7), (b_factors(3), 9)]
     for client, (tensors, samples) in zip((b, c), rest):
         assert client.wait_ack(client.send(tensors, 1, samples)).accepted

@@ -79,7 +79,7 @@ def test_a_round_over_tls_with_acls_and_dp_leaks_no_secret(tmp_path: Path, tiny_
         [str(BIN / "fedvlm-hub"), "start", "--state-dir", str(hub_dir), "--federation", FEDERATION, "--broker", url,
          "--username", "fedvlm-hub", "--password-file", str(out_dir / "hub.password"), "--ca-file", str(pki.ca_cert),
          "--mqtt-protocol", "5", "--rounds", "1", "--min-clients", "2", "--round-timeout", "120", "--lora-rank", "4",
-         "--lora-alpha", "8", "--local-steps", "3"],
+         "--lora-alpha", "8", "--local-steps", "3", "--keep-updates"],  # the test reads what dev-a sent
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
     devices = {}
     try:

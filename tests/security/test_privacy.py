@@ -116,7 +116,7 @@ def test_a_retried_round_still_sends_at_most_clip_away_from_the_global(tiny_mode
                         quantization="none", device="cpu",
                         privacy=DPConfig(clip=clip, noise_multiplier=1e-3, seed=4))  # fmt: skip
     client.hub_state = HubState(federation="fed", status=Presence.ONLINE, round=1, phase=RoundPhase.COLLECTING,
-                                global_version=0, selected_clients=("c",),
+                                global_version=0, selected_count=1,
                                 round_config={"strategy": "plora", "lora": LoraSettings(r=4, alpha=8).to_dict()})
     client._ensure_model()
     initial = client.model.shared_update()

@@ -20,21 +20,25 @@ from fedvlm.shared.protocol import (
     ProtocolError,
     ReasonCode,
     RoundPhase,
+    Selection,
 )
 
 HUB_STATE = HubState(federation="fed", status=Presence.ONLINE, round=3, phase=RoundPhase.COLLECTING, global_version=2,
-                     selected_clients=("c1", "c2"), deadline=1_700_000_000.5,
+                     selected_count=2, deadline=1_700_000_000.5,
                      round_config={"local_steps": 20, "lr": 1e-4, "lora": {"r": 8, "targets": ["q_proj"]}})  # fmt: skip
 MANIFEST = GlobalManifest(federation="fed", version=2, round=2, strategy="plora", payload_sha256="0f" * 32,
                           total_size=600_000, chunk_count=3, chunk_size=262_070, base_fingerprint="0123abcd",
                           lora_config_hash="e" * 64, created_at=1_700_000_000)  # fmt: skip
 ANNOUNCEMENT = Announcement(client_id="c1", status=Presence.ONLINE, sdk_version="0.1.0", last_round=2)
 ACK = Ack.reject("c1", 3, b"\xab" * 16, ReasonCode.LATE, "round 3 closed at its deadline; wait for round 4")
+SELECTION = Selection(federation="fed", client_id="c1", round=3, attempt=1, deadline=1_700_000_000.5)
+OVERLOADED = Ack.reject("c1", None, b"\x01" * 16, ReasonCode.OVERLOADED, "busy", retry_after_s=2.5)
 METADATA = EnvelopeMetadata(federation="fed", round=3, client_id="c1", sample_count=64, strategy="plora",
                             base_fingerprint="0123abcd", lora_config_hash="e" * 64)  # fmt: skip
 
 
-@pytest.mark.parametrize("message", [HUB_STATE, MANIFEST, ANNOUNCEMENT, ACK, METADATA, Ack.accept("c2", 0, bytes(16))])
+@pytest.mark.parametrize("message", [HUB_STATE, MANIFEST, ANNOUNCEMENT, ACK, METADATA, Ack.accept("c2", 0, bytes(16)),
+                                     SELECTION, OVERLOADED])
 def test_json_round_trip(message):
     data = message.to_json()
     assert json.loads(data)["type"] == type(message).MESSAGE_TYPE
@@ -43,9 +47,9 @@ def test_json_round_trip(message):
 
 
 def test_values_are_normalised_when_built_from_plain_json_types():
-    state = HubState("fed", "online", 0, "waiting", 0, selected_clients=["a"], deadline=5)
+    state = HubState("fed", "online", 0, "waiting", 0, selected_count=1, deadline=5)
     assert state.status is Presence.ONLINE and state.phase is RoundPhase.WAITING
-    assert state.selected_clients == ("a",) and isinstance(state.deadline, float)
+    assert state.selected_count == 1 and isinstance(state.deadline, float)
     assert MANIFEST.created_at == 1_700_000_000.0
 
 
@@ -56,7 +60,7 @@ def test_optional_fields_default_and_unknown_fields_are_ignored():
     assert announcement.last_round is None and announcement.status is Presence.OFFLINE
     state = HubState.from_json(b'{"type":"hub_state","federation":"f","status":"online","round":0,'
                                b'"phase":"waiting","global_version":0}')  # fmt: skip
-    assert state.selected_clients == () and state.deadline is None and state.round_config == {}
+    assert state.selected_count == 0 and state.deadline is None and state.round_config == {}
     assert state.protocol_version == PROTOCOL_VERSION
 
 
@@ -100,9 +104,10 @@ def test_from_json_errors_say_what_is_wrong(data, match):
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: dataclasses.replace(HUB_STATE, selected_clients=("a", "b", "a")), "lists a more than once"),
-        (lambda: dataclasses.replace(HUB_STATE, selected_clients="c1"), "must be a list of client ids"),
-        (lambda: dataclasses.replace(HUB_STATE, selected_clients=("ok", "$SYS")), "selected_clients is invalid"),
+        (lambda: dataclasses.replace(HUB_STATE, selected_count=-1), "selected_count must be at least 0"),
+        (lambda: dataclasses.replace(SELECTION, attempt=0), "attempt must be at least 1"),
+        (lambda: dataclasses.replace(SELECTION, client_id="$SYS"), "client_id is invalid"),
+        (lambda: dataclasses.replace(OVERLOADED, retry_after_s=-1.0), "retry_after_s must be a number"),
         (lambda: dataclasses.replace(HUB_STATE, deadline=float("inf")), "finite"),
         (lambda: dataclasses.replace(HUB_STATE, round_config={"x": object()}), "only JSON values"),
         (lambda: dataclasses.replace(HUB_STATE, round_config={"x": float("nan")}), "only JSON values"),
@@ -148,3 +153,11 @@ def test_round_config_is_a_copy():
     state = dataclasses.replace(HUB_STATE, round_config=config)
     config["lr"] = 1.0
     assert state.round_config == {"lr": 1e-4}
+
+
+def test_a_selection_matches_only_the_attempt_the_hub_collects():
+    collecting = dataclasses.replace(HUB_STATE, round_config={"attempt": 1})
+    assert SELECTION.matches(collecting)
+    assert not SELECTION.matches(dataclasses.replace(collecting, round_config={"attempt": 2}))
+    assert not SELECTION.matches(dataclasses.replace(collecting, round=4))
+    assert not SELECTION.matches(dataclasses.replace(collecting, phase=RoundPhase.AGGREGATING))

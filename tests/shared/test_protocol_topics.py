@@ -31,6 +31,7 @@ def test_topic_names(topics):
     assert topics.client_announce("cam_01") == "fedvlm/v1/lab-7/clients/cam_01/announce"
     assert topics.client_announcements_filter() == "fedvlm/v1/lab-7/clients/+/announce"
     assert topics.client_ack("cam_01") == "fedvlm/v1/lab-7/clients/cam_01/ack"
+    assert topics.client_selection("cam_01") == "fedvlm/v1/lab-7/clients/cam_01/selection"
     assert topics.update("cam_01", MESSAGE_ID) == f"fedvlm/v1/lab-7/updates/cam_01/{MESSAGE_ID.hex()}"
     assert topics.updates_filter() == "fedvlm/v1/lab-7/updates/+/+"
     assert topics.shared_updates_filter("hub-workers") == "$share/hub-workers/fedvlm/v1/lab-7/updates/+/+"
@@ -43,6 +44,7 @@ def test_parse_inverts_build(topics):
         (topics.global_chunk(12, 305), TopicKind.GLOBAL_CHUNK, {"version": 12, "chunk_index": 305}),
         (topics.client_announce("c.1"), TopicKind.CLIENT_ANNOUNCE, {"client_id": "c.1"}),
         (topics.client_ack("c.1"), TopicKind.CLIENT_ACK, {"client_id": "c.1"}),
+        (topics.client_selection("c.1"), TopicKind.CLIENT_SELECTION, {"client_id": "c.1"}),
         (topics.update("c.1", MESSAGE_ID), TopicKind.UPDATE, {"client_id": "c.1", "message_id": MESSAGE_ID}),
     ]
     for topic, kind, fields in cases:
@@ -56,7 +58,7 @@ def test_every_kind_has_delivery_flags():
     assert set(DELIVERY) == set(TopicKind)
     retained = {kind for kind, delivery in DELIVERY.items() if delivery.retain}
     assert retained == {TopicKind.HUB_STATE, TopicKind.GLOBAL_MANIFEST, TopicKind.GLOBAL_CHUNK,
-                        TopicKind.CLIENT_ANNOUNCE}  # fmt: skip
+                        TopicKind.CLIENT_ANNOUNCE, TopicKind.CLIENT_SELECTION}  # fmt: skip
     assert DELIVERY[TopicKind.UPDATE].qos == 1
 
 
