@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation bench-hub-scale fuzz clean
+.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation bench-data-memory bench-rlaifv bench-hub-scale fuzz clean
 
 help:
 	@echo "make demo        run the main job (see README)"
@@ -18,6 +18,8 @@ help:
 	@echo "make bench-inference  ONNX Runtime with an adapter vs PyTorch eager generate()"
 	@echo "make bench-transport  protocol vs plain MQTT publish; aggregation vs numpy"
 	@echo "make bench-personalisation  pLoRA vs every baseline on non-IID data (fedvlm simulate; < 30 min)"
+	@echo "make bench-rlaifv  every strategy, SFT and DPO, on RLAIF-V-like shards split by source (3 seeds; < 30 min)"
+	@echo "make bench-data-memory  peak RSS of reading RLAIF-V shards at 500 vs 5,000 rows (ratio near 1)"
 	@echo "make bench-hub-scale  N simulated devices vs a real hub and mosquitto (HUB_SCALE_SETTINGS; ~10-15 min)"
 	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
@@ -45,6 +47,12 @@ bench-inference: $(STAMP)
 
 bench-transport: $(STAMP)
 	$(PY) benchmarks/transport.py --out $(WORK)/bench --repeats 25
+
+bench-data-memory: $(STAMP)
+	$(PY) benchmarks/data_memory.py --out $(WORK)/bench/data-memory
+
+bench-rlaifv: $(STAMP)
+	$(PY) benchmarks/rlaifv.py --out $(WORK)/bench/rlaifv
 
 bench-personalisation: $(STAMP)
 	$(PY) benchmarks/personalisation.py --out $(WORK)/bench/personalisation

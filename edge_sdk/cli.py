@@ -7,9 +7,12 @@ import json
 import sys
 from typing import Sequence
 
+from fedvlm.edge.cli_data import add_data_options, load_device_records
 from fedvlm.shared.cli_support import UsageError, add_lora_target_options, lora_target_fields, read_secret_file, run_command
 
 PROGRAM = "fedvlm-edge"
+# The held-out scores a round's line shows, where they apply to the data.
+_REPORTED_SCORES = ("loss", "perplexity", "preference_accuracy", "reward_margin", "rouge_l", "bleu")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +34,23 @@ def _add_lora_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=int, default=16, help="LoRA alpha; scaling is alpha/r (default: 16)")
     parser.add_argument("--lora-seed", type=int, default=0, help="seed of the LoRA initialisation, fixed per federation")
     add_lora_target_options(parser)
+
+
+def _add_objective_options(parser: argparse.ArgumentParser, *, hub_decides: bool = False) -> None:
+    from fedvlm.shared.objective_names import DEFAULT_DPO_BETA, OBJECTIVE_NAMES
+
+    after = " unless the hub announces one (devices follow their federation's)" if hub_decides else ""
+    parser.add_argument("--objective", default="sft", choices=OBJECTIVE_NAMES,
+                        help=f"sft: train on the chosen answer; dpo: chosen against rejected, the reference being "
+                             f"the adapter as it is when training starts{after} (default: sft)")
+    parser.add_argument("--dpo-beta", type=float, default=DEFAULT_DPO_BETA,
+                        help=f"DPO's beta; also scales the reported reward margin (default: {DEFAULT_DPO_BETA})")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="length of the greedy answers scored on --eval-data (default: 8 for short answers; "
+                             "the longest reference plus 8 for long ones, at most 512)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
     train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: 2e-3)")
     train.add_argument("--seed", type=int, default=0, help="batch-order seed (default: 0)")
-    train.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
+    add_data_options(train)
+    _add_objective_options(train)
+    _add_eval_options(train)
     train.set_defaults(handler=_train)
 
     join = commands.add_parser("join", help="join a federation's hub and take part in its rounds",
@@ -98,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--batch-size", type=int, default=8, help="default: 8")
     join.add_argument("--lr", type=float, default=2e-3, help="learning rate unless the hub says (default: 2e-3)")
     join.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"], help="default: auto")
+    _add_objective_options(join, hub_decides=True)
     join.add_argument("--lora-rank", type=int, metavar="R", help="this device's LoRA rank, for strategies whose "
                       "devices may differ in rank (flexlora): at most the federation's (default: the federation's)")
     join.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -121,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "as a multiple of C")
     privacy.add_argument("--dp-delta", type=float, default=1e-5, metavar="DELTA",
                          help="delta of the reported (epsilon, delta) (default: 1e-5)")
-    join.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
+    add_data_options(join)
     join.add_argument("--timeout", type=float, help="give up after this many seconds")
     join.add_argument("--quiet", action="store_true", help="no progress bars (training, model loading)")
     join.set_defaults(handler=_join)
@@ -156,6 +179,7 @@ def _join(args: argparse.Namespace) -> int:
 
     from fedvlm.edge.data import load_records
     from fedvlm.edge.edge_client import ConnectionOptions, EdgeClient
+    from fedvlm.edge.objectives import build_objective
     from fedvlm.edge.training import TrainingConfig
 
     # Settings are checked before anything slow (loading data, the model) happens.
@@ -174,7 +198,7 @@ def _join(args: argparse.Namespace) -> int:
     hub_address = BrokerAddress.parse(args.hub, ca_file=args.ca_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     secret = read_secret_file(args.secret_file, "secret")
-    records = load_records(args.data, skip_bad=args.skip_bad)
+    records = load_device_records(args)
     eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
     username = args.username
     password = read_secret_file(args.password_file, "password") if args.password_file else None
@@ -200,16 +224,19 @@ def _join(args: argparse.Namespace) -> int:
         args.model, records.records, args.hub, args.federation, args.client_id, secret, args.state_dir,
         eval_examples=eval_records,
         training=TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                                progress=not args.quiet),
+                                progress=not args.quiet, objective=build_objective(args.objective, args.dpo_beta)),
         quantization=args.quantization, device=args.device, connection=connection, privacy=privacy,
         lora_rank=args.lora_rank,
     )
     reports = client.run(rounds=args.rounds, timeout=args.timeout)
     for report in reports:
         accuracy = report.evaluation["accuracy"] if report.evaluation else None
+        scores = {key: value for key, value in (report.evaluation or {}).items()
+                  if key in _REPORTED_SCORES and value is not None}
         print(json.dumps({"round": report.round, "accepted": report.accepted, "reason": report.reason,
-                          "train_loss": round(report.train["loss"], 4),
-                          "eval_accuracy": accuracy, "bytes_sent": report.bytes_sent,
+                          "objective": report.train.get("objective", "sft"), "train_loss": round(report.train["loss"], 4),
+                          "eval_accuracy": accuracy, **({"eval": scores} if scores else {}),
+                          "bytes_sent": report.bytes_sent,
                           **({"privacy": {key: report.privacy[key] for key in ("epsilon_round", "epsilon_total",
                                                                                  "delta", "releases")}}
                              if report.privacy else {})}))  # fmt: skip
@@ -232,13 +259,17 @@ def _train(args: argparse.Namespace) -> int:
     from fedvlm.edge.adapters import LoraSettings
     from fedvlm.edge.data import load_records
     from fedvlm.edge.device_state import check_compatible, load_state, save_state
+    from fedvlm.edge.objectives import DpoObjective, build_objective
     from fedvlm.edge.personal_model import PersonalVLM
     from fedvlm.edge.training import TrainingConfig
 
-    records = load_records(args.data, skip_bad=args.skip_bad)
-    if records.skipped:
-        print(f"skipped {records.skipped} malformed records (--skip-bad)", file=sys.stderr)
+    objective = build_objective(args.objective, args.dpo_beta)  # a bad beta ends here, before anything slow
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    records = load_device_records(args)
     eval_records = load_records(args.eval_data, skip_bad=args.skip_bad).records if args.eval_data else None
+    if isinstance(objective, DpoObjective):
+        objective.check(records.records)
     lora = LoraSettings(r=args.rank, alpha=args.alpha, init_seed=args.lora_seed, **lora_target_fields(args))
     model = PersonalVLM.from_pretrained(args.model, lora=lora, strategy=args.strategy,
                                         quantization=args.quantization, device=args.device)
@@ -250,14 +281,19 @@ def _train(args: argparse.Namespace) -> int:
     print(f"model {args.model}: quantisation {model.loaded.quantization} on {model.loaded.device}; "
           f"{len(records.records)} training records")
 
-    report: dict = {}
+    # Scores that apply to the data: exact match for short answers; loss and perplexity; ROUGE-L
+    # and BLEU for long ones; preference accuracy and reward margin (against the model before this
+    # training) when the records have rejected answers.
+    report: dict = {"objective": {"name": objective.name, **objective.options()}}
+    scoring = dict(max_new_tokens=args.max_new_tokens, beta=args.dpo_beta)
     if eval_records:
-        report["before"] = model.evaluate(eval_records).to_dict()
+        before = model.evaluate(eval_records, **scoring)
+        report["before"] = before.to_dict()
     config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                            learning_rate=args.lr, seed=args.seed)
+                            learning_rate=args.lr, seed=args.seed, objective=objective)
     report["train"] = model.train(records.records, config).to_dict()
     if eval_records:
-        report["after"] = model.evaluate(eval_records).to_dict()
+        report["after"] = model.evaluate(eval_records, reference=before.scores, **scoring).to_dict()
     round_number = previous.round if previous else 0
     state = model.device_state(federation=args.federation, client_id=args.client_id, round=round_number,
                                global_version=previous.global_version if previous else 0,

@@ -35,6 +35,7 @@ import torch
 
 from fedvlm.edge.batching import IGNORE_INDEX, collate, to_device
 from fedvlm.edge.frozen_components import frozen_components
+from fedvlm.edge.objectives import conversation_of
 from fedvlm.edge.training import TrainingConfig, TrainMetrics, train
 from fedvlm.shared.lora_config import module_part
 
@@ -153,7 +154,7 @@ class InstanceMixing:
 
     def refresh_reference(self, encoded: Sequence, pad_token_id: int, batch_size: int = 8) -> None:
         """The mean of the normalised representations of (up to ``reference_examples``) training prompts."""
-        chosen = list(encoded)[: self.reference_examples]
+        chosen = [conversation_of(item) for item in list(encoded)[: self.reference_examples]]
         if not chosen:
             return
         device = next(self.model.parameters()).device

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Sequence
 from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
 from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.privacy import DPConfig, PrivacySpent, UpdatePrivatizer
+from fedvlm.edge.objectives import DEFAULT_DPO_BETA, build_objective
 from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
@@ -150,7 +151,8 @@ class EdgeClient:
         state_dir: where personal factors, the last global version and the round are kept.
         eval_examples: held-out examples scored after each round's training (optional).
         training: local training settings; the hub's round config may override
-            ``steps`` (``local_steps``) and ``learning_rate``.
+            ``steps`` (``local_steps``), ``learning_rate`` and the ``objective`` (with
+            ``dpo_beta``): a device follows the objective its federation announces.
         quantization, device: as in :func:`fedvlm.edge.model_loading.load_vlm`.
         privacy: differential privacy of the shared update (clip, noise multiplier, δ);
             None sends the trained factors as they are.
@@ -431,7 +433,7 @@ class EdgeClient:
             # The global version of a round this device took part in: refit the personal factors
             # to it, with the steps the strategy kept from that round (none: nothing happens).
             config = self._round_training(self.hub_state, manifest.round)
-            refit = self.model.refit_personal(self.model.encoded(self.train_examples),
+            refit = self.model.refit_personal(self.model.encoded(self.train_examples, config.objective),
                                               dataclasses.replace(config, seed=config.seed + 500),
                                               description=f"{self.client_id} refit {manifest.round}")  # fmt: skip
             if refit is not None:  # recorded with the round it belongs to
@@ -519,9 +521,13 @@ class EdgeClient:
         config = self._round_training(hub, hub.round)
         if self.privacy is not None:
             self.privacy.before_training(self._dp_reference())
+        # The reward margin is measured against the adapter this round started from, DPO's reference.
+        start = self.model.likelihood_scores(self.eval_examples) if self.eval_examples else None
         train_metrics = self.model.train(self.train_examples, config,
                                          description=f"{self.client_id} round {hub.round}").to_dict()
-        eval_metrics = self.model.evaluate(self.eval_examples).to_dict() if self.eval_examples else None
+        train_metrics["objective"] = config.objective.name
+        eval_metrics = (self.model.evaluate(self.eval_examples, reference=start, beta=_beta(config)).to_dict()
+                        if self.eval_examples else None)
         upload = self._signed_upload(hub.round, train_metrics, eval_metrics)
         # A thread saves the update while its chunks are hashed and published; the last chunk
         # waits for the save, so the hub cannot complete, let alone accept, an update this
@@ -537,12 +543,18 @@ class EdgeClient:
                          eval_metrics)  # fmt: skip
 
     def _round_training(self, hub: HubState, round_number: int) -> TrainingConfig:
-        """This device's training settings with the hub's hints (local steps, learning rate)."""
+        """This device's training settings with the hub's hints (local steps, learning rate) and
+        the federation's objective (a hub that announces none leaves the device's own)."""
+        config = hub.round_config
+        objective = self.training.objective
+        if "objective" in config:
+            objective = build_objective(config["objective"], config.get("dpo_beta", _beta(self.training)))
         return dataclasses.replace(
             self.training,
-            steps=int(hub.round_config.get("local_steps", self.training.steps)),
-            learning_rate=float(hub.round_config.get("learning_rate", self.training.learning_rate)),
+            steps=int(config.get("local_steps", self.training.steps)),
+            learning_rate=float(config.get("learning_rate", self.training.learning_rate)),
             seed=self.training.seed + round_number,
+            objective=objective,
         )
 
     def _finish_saving(self) -> None:
@@ -708,6 +720,11 @@ class EdgeClient:
         # The info file first: without it the others are ignored, so a crash midway is harmless.
         for name in (_PENDING_INFO, _PENDING_UPDATE, _PENDING_ADAPTER):
             (self.state_dir / name).unlink(missing_ok=True)
+
+
+def _beta(config: TrainingConfig) -> float:
+    """DPO's beta of a training config (the default one under SFT: it scales the reported margin)."""
+    return getattr(config.objective, "beta", DEFAULT_DPO_BETA)
 
 
 def _hub_status(payload: bytes) -> Presence | None:

@@ -1,40 +1,58 @@
-"""Evaluation: greedy answers, exact-match accuracy after normalisation, and loss."""
+"""Evaluation of a model on held-out examples: greedy answers and answer likelihoods.
+
+Which scores mean something depends on the answers (:mod:`fedvlm.edge.answer_metrics`):
+
+* always: held-out **loss** (per answer token of ``chosen``) and **perplexity**;
+* short answers (every reference at most ``SHORT_ANSWER_WORDS`` words): **exact match**
+  (``accuracy``); for long ones it is None, since a paragraph is never matched word for word;
+* long answers: **ROUGE-L** and **BLEU** of greedy answers long enough for a paragraph;
+* examples that all have a ``rejected`` answer: **preference accuracy**, and the mean
+  **reward margin** against ``reference`` (the scores of the model training started from)
+  when one is given.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import string
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedvlm.edge.batching import IGNORE_INDEX, collate, to_device
+from fedvlm.edge import answer_metrics
+from fedvlm.edge.answer_likelihood import score_answers
+from fedvlm.edge.answer_metrics import LikelihoodScores, normalize_answer  # noqa: F401  (re-exported)
+from fedvlm.edge.batching import to_device
 from fedvlm.edge.chat_format import ChatFormat
+from fedvlm.edge.objectives import DEFAULT_DPO_BETA, SftObjective
 from fedvlm.edge.training import QAExample, encode_examples
 from fedvlm.shared.usage_error import UsageError
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and English articles, collapse spaces (VQA-style)."""
-    text = text.lower().translate(_PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+SHORT_ANSWER_NEW_TOKENS = 8
+# A long answer's greedy continuation may run this many tokens past the longest reference.
+LONG_ANSWER_SLACK_TOKENS = 8
+MAX_AUTO_NEW_TOKENS = 512
 
 
 @dataclasses.dataclass
 class EvalMetrics:
-    accuracy: float
+    """Scores of one model on a test set; a score that does not apply to the data is None."""
+
+    accuracy: float | None  # exact match, short answers only
     loss: float
     examples: int
     predictions: list[str]
+    perplexity: float = float("nan")
+    rouge_l: float | None = None
+    bleu: float | None = None
+    preference_accuracy: float | None = None
+    reward_margin: float | None = None
+    max_new_tokens: int = SHORT_ANSWER_NEW_TOKENS
+    scores: LikelihoodScores | None = dataclasses.field(default=None, repr=False)  # for later reward margins
 
     def to_dict(self, with_predictions: bool = False) -> dict:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scores"}
         if not with_predictions:
             data.pop("predictions")
         return data
@@ -67,6 +85,22 @@ def generate_answers(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def has_rejected(examples: Sequence[QAExample]) -> bool:
+    """Every example carries a non-empty rejected answer (preference metrics apply)."""
+    return all(str(getattr(e, "rejected", None) or "").strip() for e in examples)
+
+
+def new_tokens_for(examples: Sequence[QAExample], encoded: Sequence, max_new_tokens: int | None) -> int:
+    """``max_new_tokens`` as given, else 8 for short answers and, for long ones, the longest
+    reference answer in tokens plus some slack (at most 512)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if answer_metrics.answers_are_short([e.chosen for e in examples]):
+        return SHORT_ANSWER_NEW_TOKENS
+    longest = max(int((e.labels != -100).sum()) for e in encoded)
+    return min(longest + LONG_ANSWER_SLACK_TOKENS, MAX_AUTO_NEW_TOKENS)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -74,38 +108,71 @@ def evaluate(
     examples: Sequence[QAExample],
     *,
     batch_size: int = 32,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
     progress: bool = False,
     description: str = "evaluate",
+    reference: LikelihoodScores | None = None,
+    beta: float = DEFAULT_DPO_BETA,
 ) -> EvalMetrics:
-    """Exact-match accuracy of greedy answers against ``chosen``, and the teacher-forced loss."""
+    """Greedy answers and answer likelihoods of ``examples`` (see the module doc).
+
+    ``max_new_tokens``: the length of greedy answers; None picks it from the answers
+    (:func:`new_tokens_for`). ``reference``: the likelihood scores (``EvalMetrics.scores``) of
+    the model the reward margin is measured against; ``beta`` scales the margin.
+    """
     if len(examples) == 0:
         raise UsageError("no evaluation examples")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     chat = ChatFormat.for_model(processor, model)
-    encoded = encode_examples(processor, examples, model)
+    chosen = encode_examples(processor, examples, model, SftObjective())
+    new_tokens = new_tokens_for(examples, chosen, max_new_tokens)
     predictions: list[str] = []
-    loss_sum, token_count = 0.0, 0
-    starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
+    for start in tqdm(range(0, len(examples), batch_size), desc=description, disable=not progress, leave=False):
         chunk = examples[start : start + batch_size]
-        predictions += generate_answers(
-            model, processor, [e.image for e in chunk], [e.question for e in chunk], max_new_tokens=max_new_tokens,
-            chat=chat,
-        )
-        batch = to_device(collate(encoded[start : start + batch_size], processor.tokenizer.pad_token_id), device)
-        # Weight each batch's mean loss by its answer tokens, so the total is a per-token mean.
-        n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        loss_sum += float(model(**batch).loss) * n_tokens
-        token_count += n_tokens
+        predictions += generate_answers(model, processor, [e.image for e in chunk], [e.question for e in chunk],
+                                        max_new_tokens=new_tokens, chat=chat)
+    scores = likelihood_scores(model, processor, examples, batch_size=batch_size, chosen=chosen, chat=chat)
     if was_training:
         model.train()
-    correct = sum(normalize_answer(p) == normalize_answer(e.chosen) for p, e in zip(predictions, examples))
+    references = [e.chosen for e in examples]
+    short = answer_metrics.answers_are_short(references)
+    loss = answer_metrics.held_out_loss(scores)
+    preference = scores.rejected_log_prob is not None
+    if reference is not None and reference.rejected_log_prob is None:
+        reference = None
     return EvalMetrics(
-        accuracy=correct / len(examples),
-        loss=loss_sum / max(token_count, 1),
+        accuracy=answer_metrics.exact_match(predictions, references) if short else None,
+        loss=loss,
         examples=len(examples),
         predictions=predictions,
+        perplexity=answer_metrics.perplexity(loss),
+        rouge_l=None if short else answer_metrics.rouge_l(predictions, references),
+        bleu=None if short else answer_metrics.bleu(predictions, references),
+        preference_accuracy=answer_metrics.preference_accuracy(scores) if preference else None,
+        reward_margin=answer_metrics.reward_margin(scores, reference, beta) if preference and reference else None,
+        max_new_tokens=new_tokens,
+        scores=scores,
     )
+
+
+@torch.no_grad()
+def likelihood_scores(model: torch.nn.Module, processor, examples: Sequence[QAExample], *, batch_size: int = 32,
+                      chosen: Sequence | None = None, chat: ChatFormat | None = None) -> LikelihoodScores:
+    """Answer log-probabilities of ``chosen`` and, when every example has one, of ``rejected``
+    (no generation: what a reward margin's reference needs)."""
+    chat = chat or ChatFormat.for_model(processor, model)
+    pad_id = processor.tokenizer.pad_token_id
+    chosen = chosen if chosen is not None else [chat.encode(e.image, e.question, e.chosen) for e in examples]
+    chosen_sum, chosen_count = score_answers(model, chosen, pad_id, batch_size)
+    if not has_rejected(examples):
+        return LikelihoodScores(chosen_sum.numpy(), chosen_count.numpy())
+    rejected = [chat.encode(e.image, e.question, e.rejected) for e in examples]
+    rejected_sum, rejected_count = score_answers(model, rejected, pad_id, batch_size)
+    return LikelihoodScores(chosen_sum.numpy(), chosen_count.numpy(), rejected_sum.numpy(), rejected_count.numpy())
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of scores that apply (None when none does)."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None

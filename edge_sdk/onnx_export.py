@@ -1,11 +1,20 @@
-"""Export a personalised LLaVA to ONNX: a prefill graph and a decode-step graph.
+"""Export a personalised VLM to ONNX: a prefill graph and a decode-step graph.
 
 Layout of the export directory::
 
-    prefill.onnx     (input_ids, attention_mask, pixel_values) -> logits, present_key_<i>, present_value_<i>
-    decode.onnx      (input_ids [batch, 1], attention_mask, past_key_<i>, past_value_<i>) -> logits, present_...
-    export.json      base fingerprint, LoRA layout and its hash, the LoRA inputs and their PEFT names
+    prefill.onnx     (input_ids, attention_mask, <the family's image inputs...>, position_ids)
+                     -> logits, present_key_<i>, present_value_<i>
+    decode.onnx      (input_ids [batch, 1], attention_mask, position_ids, past_key_<i>, past_value_<i>)
+                     -> logits, present_...
+    export.json      base fingerprint, the model class, the prefill inputs, the LoRA layout and
+                     its hash, the LoRA inputs and their PEFT names
+    config.json      the model's config (the runner computes positions with the model's own code)
     processor files  (tokenizer, image processor) saved beside, for the runner's preprocessing
+
+Both graphs trace the family's own forward (:mod:`fedvlm.edge.onnx_wrapper`); the prefill
+takes every tensor the family's processor returns that the forward uses (pixel values in the
+family's layout, Idefics3's ``pixel_attention_mask``, Gemma's ``token_type_ids``...).
+:data:`NOT_EXPORTABLE` names the families whose forward does not trace, with the reason.
 
 Adapter export (the default): every LoRA factor is a graph input with a default (an
 initializer that is also an input), which ONNX Runtime's LoRA adapters
@@ -27,6 +36,7 @@ import copy
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -34,12 +44,21 @@ import numpy as np
 import torch
 
 from fedvlm.edge.errors import EdgeError
-from fedvlm.edge.onnx_wrapper import DecodeStepWrapper, PrefillWrapper
+from fedvlm.edge.onnx_wrapper import POSITION_IDS, DecodeGraph, GenerationPositions, PrefillGraph, base_model
 
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
 MANIFEST_FILE = "export.json"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
+
+# Families whose forward torch.export cannot trace yet (``config.model_type`` -> why).
+NOT_EXPORTABLE = {
+    "llava_next": "torch.export cannot trace its any-resolution tiling by image_sizes",
+    "llava_onevision": "torch.export cannot trace its any-resolution tiling by image_sizes",
+    "qwen2_vl": "its vision tower splits attention by lengths read from image_grid_thw, which torch.export cannot trace",
+    "qwen2_5_vl": "its vision tower splits attention by lengths read from image_grid_thw, which torch.export cannot trace",
+    "mllama": "torch's ONNX exporter cannot convert its cross-attention code",
+}
 
 
 class OnnxExportError(EdgeError):
@@ -69,17 +88,36 @@ def lora_input_names(peft_model: torch.nn.Module, wrapper: torch.nn.Module, stat
     return mapping
 
 
-def _example_inputs(personal, batch: int = 2) -> dict[str, torch.Tensor]:
-    """A left-padded batch (rows of different lengths) for tracing: batch >= 2 keeps the axis dynamic."""
+def check_exportable(model: torch.nn.Module) -> None:
+    """One line for a family that cannot be exported, naming what works instead."""
+    model_type = base_model(model).config.model_type
+    if model_type in NOT_EXPORTABLE:
+        raise OnnxExportError(
+            f"ONNX export does not support the {model_type} family yet ({NOT_EXPORTABLE[model_type]}); "
+            "answer with the PyTorch model instead (PersonalVLM.answer, or `fedvlm-edge train --eval-data`)"
+        )
+
+
+def _example_inputs(personal, positions: GenerationPositions) -> dict[str, torch.Tensor]:
+    """One prompt with its picture, and its positions, for tracing the prefill.
+
+    The prefill takes one picture (batch 1): every family's image code keeps a Python list
+    per picture, which torch.export fixes at the traced length. The runner prefills a batch
+    row by row and decodes it together.
+    """
     from PIL import Image
 
     from fedvlm.edge.chat_format import ChatFormat
 
-    processor = personal.processor
-    # Any size: the processor resizes to the model's resolution.
-    images = [Image.new("RGB", (32, 32), (40 * i, 100, 200 - 40 * i)) for i in range(batch)]
-    questions = ["what colour is it?" + " please" * i for i in range(batch)]
-    return ChatFormat(processor).prompt_batch(images, questions)
+    chat = ChatFormat.for_model(personal.processor, personal.model)
+    inputs = chat.encode_prompt(Image.new("RGB", (48, 24), (40, 100, 200)), "what colour is it?")
+    return {**inputs, POSITION_IDS: positions.prefill(inputs)}
+
+
+def _every_axis_dynamic(tensors) -> list[dict]:
+    """torch.export finds which axes are really free (``Dim.AUTO``) and ties equal ones. An axis
+    of length 1 stays 1: the decode step's one new token (attention is not causal within it)."""
+    return [{axis: torch.export.Dim.AUTO for axis in range(t.dim()) if t.shape[axis] != 1} for t in tensors]
 
 
 def _export(module, args, input_names, output_names, dynamic_shapes, path: Path) -> None:
@@ -94,6 +132,10 @@ def _export(module, args, input_names, output_names, dynamic_shapes, path: Path)
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares.*", category=UserWarning)
         try:
             program = _torch_export(module, args, input_names, output_names, dynamic_shapes)
+        except torch.onnx.OnnxExporterError as exc:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise OnnxExportError(f"ONNX export of {type(base_model(module.model)).__name__} failed: {first}") from exc
         finally:
             registration_log.setLevel(previous_level)
     program.save(str(path))
@@ -109,8 +151,15 @@ def _torch_export(module, args, input_names, output_names, dynamic_shapes):
         input_names=input_names,
         output_names=output_names,
         dynamic_shapes=dynamic_shapes,
+        custom_translation_table=_translations(),
         verbose=False,
     )
+
+
+def _translations() -> dict:
+    from fedvlm.edge.onnx_ops import TRANSLATIONS
+
+    return TRANSLATIONS
 
 
 def _expose_lora_inputs(path: Path, lora_names: dict[str, str], zero_b: bool) -> None:
@@ -167,43 +216,33 @@ def export_onnx(personal, out_dir: str | os.PathLike, *, merged: bool = False) -
         raise OnnxExportError(
             "this strategy's state holds base deltas besides LoRA factors; ONNX adapters carry LoRA factors only"
         )
+    check_exportable(peft_model)
     out.mkdir(parents=True, exist_ok=True)
     device = params[0].device
     was_training = peft_model.training
     peft_model.eval()
     source = merged_copy(peft_model).cpu() if merged else peft_model.cpu()
     try:
-        prefill = PrefillWrapper(source).eval()
-        decode = DecodeStepWrapper(source).eval()
+        positions = GenerationPositions.like(source)
+        example = _example_inputs(personal, positions)
+        prefill = PrefillGraph(source, list(example)).eval()
+        decode = DecodeGraph(source).eval()
         n_layers = prefill.n_layers
         lora_names = {} if merged else lora_input_names(peft_model, prefill, sorted(lora_state))
-        example = _example_inputs(personal)
-        batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2)
         present = kv_names("present", n_layers)
         with torch.no_grad():
-            _export(
-                prefill,
-                (example["input_ids"], example["attention_mask"], example["pixel_values"]),
-                ["input_ids", "attention_mask", "pixel_values"],
-                ["logits", *present],
-                {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "pixel_values": {0: batch}},
-                out / PREFILL_FILE,
-            )
-            prefill_out = prefill(example["input_ids"], example["attention_mask"], example["pixel_values"])
-            past_len = torch.export.Dim("past", min=2)
-            step_ids = prefill_out[0][:, -1:].argmax(-1)
-            step_mask = torch.cat([example["attention_mask"], torch.ones_like(step_ids)], dim=1)
-            past = list(prefill_out[1:])
-            kv_shape = {0: batch, 2: past_len}
-            _export(
-                decode,
-                (step_ids, step_mask, *past),
-                ["input_ids", "attention_mask", *kv_names("past", n_layers)],
-                ["logits", *present],
-                # ``*past_flat`` is one argument to torch.export: its shapes go in one tuple.
-                ({0: batch}, {0: batch, 1: past_len + 1}, tuple(kv_shape for _ in past)),
-                out / DECODE_FILE,
-            )
+            prefill_args = tuple(example.values())
+            _export(prefill, prefill_args, list(example), ["logits", *present],
+                    (tuple(_every_axis_dynamic(prefill_args)),), out / PREFILL_FILE)  # fmt: skip
+            # The decode step takes a batch: two copies of the example's cache.
+            logits, *cache = (torch.cat([t, t]) for t in prefill(*prefill_args))
+            step_ids = logits[:, -1:].argmax(-1)
+            step_mask = torch.cat([example["attention_mask"].repeat(2, 1), torch.ones_like(step_ids)], dim=1)
+            step_positions = positions.next(torch.cat([example[POSITION_IDS]] * 2, dim=-2))
+            decode_args = (step_ids, step_mask, step_positions, *cache)
+            _export(decode, decode_args, [*DecodeGraph.INPUTS, *kv_names("past", n_layers)], ["logits", *present],
+                    (*_every_axis_dynamic(decode_args[:3]), tuple(_every_axis_dynamic(decode_args[3:]))),
+                    out / DECODE_FILE)  # fmt: skip
         if not merged:
             for name in (PREFILL_FILE, DECODE_FILE):
                 _expose_lora_inputs(out / name, lora_names, zero_b=True)
@@ -212,14 +251,17 @@ def export_onnx(personal, out_dir: str | os.PathLike, *, merged: bool = False) -
         if was_training:
             peft_model.train()
     personal.processor.save_pretrained(out)
+    base = base_model(source)
+    base.config.save_pretrained(out)
     manifest = {
         "format": EXPORT_FORMAT,
         "merged": merged,
         "base_fingerprint": personal.fingerprint,
+        "model_class": type(base).__name__,
+        "prefill_inputs": list(example),
         "lora": personal.lora.to_dict(),
         "lora_config_hash": personal.lora.config_hash(),
         "n_layers": n_layers,
-        "image_token_id": int(prefill.llava.config.image_token_id),
         "lora_inputs": {
             onnx_name: {"peft_key": key, "shape": list(lora_state[key].shape)} for key, onnx_name in lora_names.items()
         },

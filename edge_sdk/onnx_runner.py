@@ -5,9 +5,10 @@
     vlm.answer(image, "what colour is it?")
 
 The prompt is built exactly as in training (:class:`fedvlm.edge.chat_format.ChatFormat`,
-left-padded batches); the prompt runs once through the prefill graph, then one token per
-decode step with the key/value cache, as ``generate()`` does greedily (rows that finished
-are fed the pad token, and their answers end at the end-of-sequence token).
+left-padded batches, the family's own processor tensors); the prompt runs once through the
+prefill graph, then one token per decode step with the key/value cache, as ``generate()``
+does greedily: positions from the model's own code (:class:`GenerationPositions`), rows that
+finished are fed the pad token, and answers end at the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from fedvlm.edge.onnx_adapter import check_adapter
 from fedvlm.edge.onnx_export import DECODE_FILE, PREFILL_FILE, OnnxExportError, kv_names, read_manifest
+from fedvlm.edge.onnx_wrapper import POSITION_IDS, GenerationPositions
 
 
 def default_providers() -> list[str]:
@@ -32,7 +34,7 @@ def default_providers() -> list[str]:
 class OnnxVLM:
     """The exported prefill and decode graphs with the processor saved beside them."""
 
-    def __init__(self, onnx_dir: Path, manifest: dict, prefill, decode, processor):
+    def __init__(self, onnx_dir: Path, manifest: dict, prefill, decode, processor, positions: GenerationPositions):
         from fedvlm.edge.chat_format import ChatFormat
 
         self.onnx_dir = onnx_dir
@@ -41,6 +43,7 @@ class OnnxVLM:
         self.decode = decode
         self.processor = processor
         self.prompt_format = ChatFormat(processor)
+        self.positions = positions
         self.n_layers = manifest["n_layers"]
         self.adapter_path: Path | None = None
         self._run_options = None
@@ -62,7 +65,7 @@ class OnnxVLM:
         prefill = ort.InferenceSession(str(path / PREFILL_FILE), options, providers=chosen)
         decode = ort.InferenceSession(str(path / DECODE_FILE), options, providers=chosen)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        return cls(path, manifest, prefill, decode, processor)
+        return cls(path, manifest, prefill, decode, processor, _positions(path, manifest))
 
     @property
     def has_adapters(self) -> bool:
@@ -84,20 +87,39 @@ class OnnxVLM:
         run_options.add_active_adapter(adapter)
         self._adapter, self._run_options, self.adapter_path = adapter, run_options, path
 
-    def prefill_logits(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the prefill graph: ``[logits, present_key_0, present_value_0, ...]``."""
-        feeds = {k: np.ascontiguousarray(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
-        feeds["pixel_values"] = feeds["pixel_values"].astype(np.float32)
-        return self.prefill.run(None, feeds, self._run_options)
+    def _prefill_row(self, image, question) -> tuple[list[np.ndarray], np.ndarray]:
+        """One prompt through the prefill graph: its outputs and its positions."""
+        inputs = self.prompt_format.encode_prompt(image, question)
+        positions = self.positions.prefill(inputs)
+        feeds = {**inputs, POSITION_IDS: positions}
+        feeds = {k: np.ascontiguousarray(feeds[k].numpy()) for k in self.manifest["prefill_inputs"]}
+        return self.prefill.run(None, feeds, self._run_options), positions.numpy()
+
+    def prefill_batch(self, images: Sequence, questions: Sequence[str]):
+        """The prompts through the prefill graph one at a time (the graph takes one picture: the
+        families' image code keeps Python lists per picture), then left-padded into one batch as
+        ``generate()`` holds it: ``(outputs [logits, present_key_0, ...], attention mask, positions)``.
+        Padding slots hold zeros, and the mask keeps every later token from attending to them."""
+        rows = [self._prefill_row(image, question) for image, question in zip(images, questions)]
+        length = max(out[0].shape[1] for out, _ in rows)
+
+        def left_pad(array: np.ndarray, axis: int) -> np.ndarray:
+            widths = [(0, 0)] * array.ndim
+            widths[axis] = (length - array.shape[axis], 0)
+            return np.pad(array, widths)
+
+        outputs = [np.concatenate([left_pad(out[i], axis=1 if i == 0 else 2) for out, _ in rows])
+                   for i in range(len(rows[0][0]))]  # fmt: skip
+        mask = np.concatenate([left_pad(np.ones((1, out[0].shape[1]), dtype=np.int64), 1) for out, _ in rows])
+        # Positions only carry on from each row's last one: [batch, 1] (or [axes, batch, 1]).
+        positions = np.concatenate([self.positions.next(p) - 1 for _, p in rows], axis=-2)
+        return outputs, mask, positions
 
     def generate(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 8) -> np.ndarray:
         """Greedy new token ids ``[batch, <= max_new_tokens]``, padded after each row's end."""
-        tokenizer = self.processor.tokenizer
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        encoded = self.prompt_format.prompt_batch(images, questions)
-        inputs = {k: v.numpy() for k, v in encoded.items()}
-        mask = inputs["attention_mask"].astype(np.int64)
-        outputs = self.prefill_logits(inputs)
+        pad = self.processor.tokenizer.pad_token_id
+        stop = np.array(self.prompt_format.stop_token_ids)
+        outputs, mask, positions = self.prefill_batch(images, questions)
         batch = mask.shape[0]
         finished = np.zeros(batch, dtype=bool)
         tokens: list[np.ndarray] = []
@@ -107,12 +129,12 @@ class OnnxVLM:
             if pad is not None:
                 next_token = np.where(finished, pad, next_token)
             tokens.append(next_token)
-            if eos is not None:
-                finished |= next_token == eos
+            finished |= np.isin(next_token, stop)
             if finished.all() or step == max_new_tokens - 1:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            feeds = {"input_ids": next_token[:, None], "attention_mask": mask}
+            positions = self.positions.next(positions)
+            feeds = {"input_ids": next_token[:, None], "attention_mask": mask, POSITION_IDS: positions}
             feeds.update(zip(past_names, outputs[1:]))
             outputs = self.decode.run(None, feeds, self._run_options)
         return np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), dtype=np.int64)
@@ -128,3 +150,15 @@ class OnnxVLM:
 
     def answer(self, image, question: str, *, max_new_tokens: int = 8) -> str:
         return self.answers([image], [question], max_new_tokens=max_new_tokens)[0]
+
+
+def _positions(onnx_dir: Path, manifest: dict) -> GenerationPositions:
+    """The exported model's own position code, on its saved config."""
+    import transformers
+    from transformers import AutoConfig
+
+    model_class = getattr(transformers, manifest["model_class"], None)
+    if model_class is None:
+        raise OnnxExportError(f"ONNX export {str(onnx_dir)!r} is of a {manifest['model_class']}, which this "
+                              f"transformers ({transformers.__version__}) does not have")
+    return GenerationPositions(model_class, AutoConfig.from_pretrained(onnx_dir, local_files_only=True))

@@ -1,107 +1,104 @@
-"""Export-friendly forward passes of a PEFT-wrapped LLaVA: prefill and one decode step.
+"""The graphs an ONNX export holds: a VLM's own forward, as a prefill and as one decode step.
 
-The stock LLaVA forward does not export: it checks the image-token count against the
-image features with data-dependent Python. These wrappers place the image features with
-cumsum/gather/where instead, and take and return the key/value cache as plain tensors (one
-``past_key_<i>``/``past_value_<i>`` pair per decoder layer), so that a greedy decode runs
-the prompt once (prefill) and then one token at a time (decode step).
+Both go through the family's own ``forward`` (image features from its own
+``get_image_features``, merged into the text embeddings the way the family merges them,
+token types and masks as it reads them); nothing about a family is re-implemented here.
+What the wrappers add is the interface ONNX needs: inputs as a flat tuple of tensors, and
+the key/value cache as plain tensors in and out (one ``past_key_<i>``/``past_value_<i>``
+pair per decoder layer), so that a greedy decode runs the prompt once (prefill) and then
+one token at a time.
 
-Positions follow ``generate()`` on a left-padded batch: ``cumsum(attention_mask) - 1``.
+Positions are an input: :class:`GenerationPositions` computes them exactly as
+``generate()`` does, with the model's own ``_prepare_position_ids_for_generation`` (Qwen's
+3D M-RoPE positions included), then one more per new token.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from transformers import DynamicCache
 
-
-def _llava(peft_model: torch.nn.Module) -> torch.nn.Module:
-    """The ``LlavaForConditionalGeneration`` inside a PEFT model (or the model itself)."""
-    model = peft_model
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not hasattr(model, "model") or not hasattr(model.model, "vision_tower"):
-        raise TypeError(f"{type(model).__name__} is not a LLaVA-style model (no model.vision_tower)")
-    return model
+POSITION_IDS = "position_ids"
 
 
-def _positions(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-    positions = attention_mask.long().cumsum(-1) - 1
-    positions = positions.masked_fill(attention_mask == 0, 1)
-    return positions[:, -length:]
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``...ForConditionalGeneration`` inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class _DecoderRunner(torch.nn.Module):
-    """The shared part: the Llama decoder and the LM head on given embeddings."""
+def text_layer_count(model: torch.nn.Module) -> int:
+    config = base_model(model).config
+    return getattr(config, "text_config", config).num_hidden_layers
 
-    def __init__(self, peft_model: torch.nn.Module):
+
+class _CacheRunner(torch.nn.Module):
+    """Runs the model's forward with a cache made of plain tensors; returns logits and the new cache."""
+
+    def __init__(self, model: torch.nn.Module, input_names: Sequence[str]):
         super().__init__()
-        # Registered once: its parameter names, prefixed ``llava.``, become the ONNX initializers.
-        self.llava = _llava(peft_model)
-        self.n_layers = self.llava.config.text_config.num_hidden_layers
+        # Registered once: its parameter names, prefixed ``model.``, become the ONNX initializers.
+        self.model = base_model(model)
+        self.input_names = tuple(input_names)
+        self.n_layers = text_layer_count(model)
 
-    def run_decoder(self, inputs_embeds, attention_mask, past: list[tuple[torch.Tensor, torch.Tensor]]):
+    def run(self, inputs: dict[str, torch.Tensor], past: Sequence[torch.Tensor]):
+        # A plain cache (no sliding-window layers): a sliding-window family still masks by its
+        # window, so the logits are the same, and every layer's cache has one shape to export.
         cache = DynamicCache()
-        for index, (key, value) in enumerate(past):
-            cache.update(key, value, index)
-        outputs = self.llava.model.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=_positions(attention_mask, inputs_embeds.shape[1]),
-            past_key_values=cache,
-            use_cache=True,
-            return_dict=True,
-        )
-        logits = self.llava.lm_head(outputs.last_hidden_state)
-        present = outputs.past_key_values
+        for index in range(len(past) // 2):
+            cache.update(past[2 * index], past[2 * index + 1], index)
+        outputs = self.model(**inputs, past_key_values=cache, use_cache=True, return_dict=True)
         flat = []
-        for index in range(self.n_layers):
-            layer = present.layers[index]
+        for layer in outputs.past_key_values.layers[: self.n_layers]:
             flat += [layer.keys, layer.values]
-        return (logits, *flat)
+        return (outputs.logits, *flat)
 
 
-class PrefillWrapper(_DecoderRunner):
-    """``(input_ids, attention_mask, pixel_values) -> (logits, present_key_0, present_value_0, ...)``.
+class PrefillGraph(_CacheRunner):
+    """``(*input_names) -> (logits, present_key_0, present_value_0, ...)``: the prompt with its
+    pictures, in the processor's own tensors (``input_names``: the processor's keys the model
+    takes, and ``position_ids``)."""
 
-    Every row holds exactly one image, whose placeholder tokens the processor expanded.
+    def forward(self, *tensors: torch.Tensor):
+        return self.run(dict(zip(self.input_names, tensors)), [])
+
+
+class DecodeGraph(_CacheRunner):
+    """``(input_ids [batch, new], attention_mask [batch, past + new], position_ids, past_key_0,
+    past_value_0, ...) -> (logits, present_key_0, present_value_0, ...)``."""
+
+    INPUTS = ("input_ids", "attention_mask", POSITION_IDS)
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model, self.INPUTS)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past: torch.Tensor):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, POSITION_IDS: position_ids}
+        return self.run(inputs, past)
+
+
+class GenerationPositions:
+    """Position ids as ``generate()`` makes them, from the model class's own method.
+
+    The model is built on the meta device (no weights, no memory): only its position code
+    runs, on the real input tensors.
     """
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        config = self.llava.config
-        outputs = self.llava.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        layer = config.vision_feature_layer
-        if isinstance(layer, int):
-            selected = outputs.hidden_states[layer]
-            if config.vision_feature_select_strategy == "default":
-                selected = selected[:, 1:]
-        else:
-            pool = [outputs.hidden_states[i] for i in layer]
-            if config.vision_feature_select_strategy == "default":
-                pool = [h[:, 1:] for h in pool]
-            selected = torch.cat(pool, dim=-1)
-        return self.llava.model.multi_modal_projector(selected)  # [batch, n_image_tokens, hidden]
+    def __init__(self, model_class: type, config) -> None:
+        with torch.device("meta"):
+            self._model = model_class(config)
 
-    def forward(self, input_ids, attention_mask, pixel_values):
-        embeddings = self.llava.model.get_input_embeddings()
-        image_token = self.llava.config.image_token_id
-        is_image = input_ids == image_token
-        # Image tokens are out of the text vocabulary's useful range: embed a safe id there.
-        embeds = embeddings(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
-        features = self.image_features(pixel_values).to(embeds.dtype)
-        # The k-th image token of a row takes the k-th feature vector of that row's image.
-        slot = (is_image.long().cumsum(-1) - 1).clamp(min=0, max=features.shape[1] - 1)
-        index = slot.unsqueeze(-1).expand(-1, -1, features.shape[-1])
-        placed = torch.gather(features, 1, index)
-        embeds = torch.where(is_image.unsqueeze(-1), placed, embeds)
-        return self.run_decoder(embeds, attention_mask, [])
+    @classmethod
+    def like(cls, model: torch.nn.Module) -> "GenerationPositions":
+        base = base_model(model)
+        return cls(type(base), base.config)
 
+    def prefill(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
 
-class DecodeStepWrapper(_DecoderRunner):
-    """``(input_ids [batch, new], attention_mask [batch, past + new], past_key_0, past_value_0, ...)
-    -> (logits, present_key_0, present_value_0, ...)``."""
-
-    def forward(self, input_ids, attention_mask, *past_flat):
-        embeds = self.llava.model.get_input_embeddings()(input_ids)
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.n_layers)]
-        return self.run_decoder(embeds, attention_mask, past)
+    @staticmethod
+    def next(position_ids):
+        """The positions of one more token per row (``generate()``: the last position + 1)."""
+        return position_ids[..., -1:] + 1

@@ -21,8 +21,9 @@ from fedvlm.edge.chat_format import ChatFormat
 from fedvlm.edge.device_state import DeviceState
 from fedvlm.edge.dual_adapter import REFERENCE_KEY, InstanceMixing
 from fedvlm.edge.frozen_components import frozen_components
-from fedvlm.edge.evaluation import EvalMetrics, evaluate, generate_answers
+from fedvlm.edge.evaluation import EvalMetrics, LikelihoodScores, evaluate, generate_answers, likelihood_scores
 from fedvlm.edge.model_loading import LoadedVLM, load_vlm
+from fedvlm.edge.objectives import Objective, SftObjective
 from fedvlm.edge.training import QAExample, TrainingConfig, TrainMetrics, encode_examples, train
 from fedvlm.shared.lora_keys import FACTORS, factor_of
 from fedvlm.shared.usage_error import UsageError
@@ -74,7 +75,7 @@ class PersonalVLM:
         self._extra_keys = frozenset({REFERENCE_KEY}) if self.mixing is not None else frozenset()
         self._initial_state = adapter_state(self.model)
         self.chat = ChatFormat.for_model(loaded.processor, self.model)
-        self._encoded: tuple[Sequence[QAExample], list] | None = None
+        self._encoded: tuple[Sequence[QAExample], str, list] | None = None
 
     @classmethod
     def from_pretrained(
@@ -161,16 +162,19 @@ class PersonalVLM:
 
     # ---- local work ------------------------------------------------------------------------------
 
-    def encoded(self, examples: Sequence[QAExample]) -> list:
-        """Examples encoded once: a device trains on the same data set every round, so the
-        last data set's encoding is kept (holding the data set itself, so it is the same one)."""
-        if self._encoded is None or self._encoded[0] is not examples:
-            self._encoded = (examples, encode_examples(self.processor, examples, self.model))
-        return self._encoded[1]
+    def encoded(self, examples: Sequence[QAExample], objective: Objective | None = None) -> list:
+        """Examples encoded once, as ``objective`` (default SFT) trains on them: a device trains on
+        the same data set every round, so the last data set's encoding is kept (holding the data
+        set itself, so it is the same one)."""
+        objective = objective or SftObjective()
+        if self._encoded is None or self._encoded[0] is not examples or self._encoded[1] != objective.name:
+            self._encoded = (examples, objective.name, encode_examples(self.processor, examples, self.model, objective))
+        return self._encoded[2]
 
     def train(self, examples: Sequence[QAExample], config: TrainingConfig | None = None, **kwargs) -> TrainMetrics:
         """A round's local training, as the strategy has it (see :meth:`train_encoded`)."""
-        return self.train_encoded(self.encoded(examples), config or TrainingConfig(), **kwargs)
+        config = config or TrainingConfig()
+        return self.train_encoded(self.encoded(examples, config.objective), config, **kwargs)
 
     def train_encoded(self, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics:
         """Train every trainable factor on encoded examples for the round's ``config.steps``,
@@ -211,7 +215,12 @@ class PersonalVLM:
         return dataclasses.replace(config, steps=steps, factor_lr_scales=scales)
 
     def evaluate(self, examples: Sequence[QAExample], **kwargs) -> EvalMetrics:
+        """Every score that applies to ``examples`` (:func:`fedvlm.edge.evaluation.evaluate`)."""
         return evaluate(self.model, self.processor, examples, **kwargs)
+
+    def likelihood_scores(self, examples: Sequence[QAExample]) -> LikelihoodScores:
+        """Answer log-probabilities now: the reference a later reward margin is measured against."""
+        return likelihood_scores(self.model, self.processor, examples)
 
     def answer(self, image, question: str, *, max_new_tokens: int = 8) -> str:
         return generate_answers(self.model, self.processor, [image], [question], max_new_tokens=max_new_tokens,

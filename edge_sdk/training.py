@@ -1,9 +1,12 @@
-"""Local supervised fine-tuning of the LoRA factors, on one device.
+"""Local fine-tuning of the LoRA factors, on one device.
 
-One loop, top to bottom: encode the examples once, then for each optimiser step draw
-``batch_size * grad_accum`` examples in a seeded order, forward with labels that cover
-only the answer tokens, backward, clip, step. Only parameters that require gradients (the
-LoRA factors a strategy lets train) are optimised; the base stays frozen.
+One loop, top to bottom: encode the examples once, let the objective prepare (DPO computes
+its reference log-probabilities here, with the model as it is before the first step), then
+for each optimiser step draw ``batch_size * grad_accum`` examples in a seeded order, take
+the objective's loss (``config.objective``: SFT's cross-entropy of the answer tokens, or
+DPO's preference loss; :mod:`fedvlm.edge.objectives`), backward, clip, step. Only
+parameters that require gradients (the LoRA factors a strategy lets train) are optimised;
+the base stays frozen.
 
 Resumable: with ``checkpoint_path`` set the loop saves its step, optimiser, factors and
 data order every ``checkpoint_every`` steps and resumes from that file after a crash.
@@ -22,8 +25,9 @@ from typing import Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fedvlm.edge.batching import EncodedExample, collate, to_device
+from fedvlm.edge.batching import EncodedExample, to_device
 from fedvlm.edge.chat_format import ChatFormat
+from fedvlm.edge.objectives import Objective, SftObjective
 from fedvlm.shared.lora_keys import factor_of
 from fedvlm.shared.usage_error import UsageError
 from fedvlm.shared.durable_files import write_durably
@@ -52,6 +56,7 @@ class TrainingConfig:
         progress: show a progress bar.
         factor_lr_scales: per-factor learning rates, as multiples of ``learning_rate`` keyed
             by LoRA factor ("A", "B"); a factor not named trains at ``learning_rate``.
+        objective: what the loop minimises (``SftObjective()`` or ``DpoObjective(beta)``).
     """
 
     steps: int = 20
@@ -63,6 +68,7 @@ class TrainingConfig:
     seed: int = 0
     progress: bool = True
     factor_lr_scales: dict[str, float] = dataclasses.field(default_factory=dict)
+    objective: Objective = dataclasses.field(default_factory=SftObjective)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -85,11 +91,13 @@ class TrainMetrics:
         return dataclasses.asdict(self)
 
 
-def encode_examples(processor, examples: Sequence[QAExample], model: torch.nn.Module | None = None) -> list[EncodedExample]:
-    """Encode once; a device trains on the same data every round. With ``model``, only the
+def encode_examples(processor, examples: Sequence[QAExample], model: torch.nn.Module | None = None,
+                    objective: Objective | None = None) -> list:
+    """Encode once, as ``objective`` trains on them (default SFT: ``EncodedExample`` of the
+    chosen answer); a device trains on the same data every round. With ``model``, only the
     inputs its forward takes are kept."""
     chat = ChatFormat.for_model(processor, model) if model is not None else ChatFormat(processor)
-    return [chat.encode(e.image, e.question, e.chosen) for e in examples]
+    return (objective or SftObjective()).encode(chat, examples)
 
 
 def batch_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
@@ -114,7 +122,8 @@ def train(
     """Train the model's trainable parameters on ``examples``; returns metrics."""
     if len(examples) == 0:
         raise UsageError("no training examples: the device's data set is empty")
-    encoded = examples if isinstance(examples[0], EncodedExample) else encode_examples(processor, examples, model)
+    objective = config.objective
+    encoded = examples if objective.is_encoded(examples[0]) else encode_examples(processor, examples, model, objective)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: attach LoRA factors first")
@@ -128,7 +137,10 @@ def train(
     start_step, losses = 0, []
     checkpoint = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None and checkpoint.exists():
-        start_step, losses = _resume(checkpoint, model, optimizer)
+        # What the objective prepared comes back too: DPO's reference is the model before step 0.
+        start_step, losses, context = _resume(checkpoint, model, optimizer)
+    else:
+        context = objective.prepare(model, encoded, pad_id)
 
     model.train()
     started = time.perf_counter()
@@ -139,8 +151,8 @@ def train(
             step_loss = 0.0
             for micro in range(config.grad_accum):
                 first = step * per_step + micro * config.batch_size
-                batch = collate([encoded[i] for i in order[first : first + config.batch_size]], pad_id)
-                loss = model(**to_device(batch, device)).loss / config.grad_accum
+                batch = objective.collate(encoded, order[first : first + config.batch_size], pad_id, context)
+                loss = objective.loss(model, to_device(batch, device)) / config.grad_accum
                 loss.backward()
                 step_loss += loss.item()
             if not math.isfinite(step_loss):
@@ -155,7 +167,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
             if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-                _save_checkpoint(checkpoint, step + 1, losses, model, optimizer)
+                _save_checkpoint(checkpoint, step + 1, losses, model, optimizer, context)
     bar.close()
     model.eval()
     if checkpoint is not None and checkpoint.exists():
@@ -185,20 +197,21 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path: Path, step: int, losses: list[float], model, optimizer) -> None:
+def _save_checkpoint(path: Path, step: int, losses: list[float], model, optimizer, context) -> None:
     buffer = io.BytesIO()
     torch.save(
-        {"step": step, "losses": losses, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict()},
+        {"step": step, "losses": losses, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+         "objective_context": context},
         buffer,
     )
     write_durably(path, buffer.getvalue())
 
 
-def _resume(path: Path, model, optimizer) -> tuple[int, list[float]]:
+def _resume(path: Path, model, optimizer) -> tuple[int, list[float], object]:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in saved["trainable"].items():
             parameters[name].copy_(value)
     optimizer.load_state_dict(saved["optimizer"])
-    return int(saved["step"]), list(saved["losses"])
+    return int(saved["step"]), list(saved["losses"]), saved.get("objective_context")

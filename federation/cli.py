@@ -59,7 +59,51 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pre-training steps of the base model, cached per recipe (default: 800)")
     demo.set_defaults(handler=_demo)
     add_simulate_command(commands)
+    _add_make_rlaifv_data_command(commands)
     return parser
+
+
+def _add_make_rlaifv_data_command(commands) -> None:
+    from fedvlm.edge.data.preference_scenes import SOURCES
+
+    make = commands.add_parser(
+        "make-rlaifv-data", help="write an offline RLAIF-V-like preference data set (parquet shards)",
+        description="Draw scenes of coloured shapes and write preference pairs in the exact RLAIF-V parquet schema: "
+                    "a long-form chosen description that gets every detail right, a rejected one with one or two "
+                    "hallucinated details (wrong colour, count or place), from several sources that differ in "
+                    "question, style and what they describe. Sources: "
+                    + "; ".join(f"{name} ({s.model}, {s.type})" for name, s in SOURCES.items()) + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    make.add_argument("out_dir", type=Path, metavar="OUT", help="folder for the parquet shards")
+    make.add_argument("--rows", type=int, default=1000, help="preference pairs to write")
+    make.add_argument("--sources", default=",".join(SOURCES), help="comma-separated sources, dealt in turn")
+    make.add_argument("--shards", type=int, default=1, help="parquet files to spread the rows over")
+    make.add_argument("--image-size", type=int, default=64, help="pixels per side")
+    make.add_argument("--grain", type=int, default=0,
+                      help="per-pixel noise amplitude (0-127): 0 gives small clean PNGs, ~40 photo-sized ones")
+    make.add_argument("--seed", type=int, default=0, help="what is drawn")
+    make.set_defaults(handler=_make_rlaifv_data)
+
+
+def _make_rlaifv_data(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from fedvlm.edge.data import scan_data
+    from fedvlm.edge.data.preference_scenes import write_preference_shards
+    from fedvlm.edge.data.scenes import MIN_IMAGE_SIZE
+
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise UsageError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
+    if not 0 <= args.grain <= 127:
+        raise UsageError(f"--grain must be between 0 and 127, got {args.grain}")
+    sources = [name.strip() for name in args.sources.split(",") if name.strip()]
+    files = write_preference_shards(args.out_dir, args.rows, sources=sources, shards=args.shards,
+                                    image_size=args.image_size, seed=args.seed, grain=args.grain)
+    counts = Counter(ref.origin_dataset for file in files for ref in scan_data(file).rows)
+    size = sum(file.stat().st_size for file in files)
+    print(f"wrote {args.rows} preference pairs in {len(files)} shard(s), {size / 1e6:.1f} MB, to {args.out_dir}: "
+          + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -267,14 +267,14 @@ EXPORT_KEY_FILE = "fedvlm_demo_export.json"
 def export_base(settings: DemoSettings, model) -> tuple[Path, bool]:
     """Export the base (no adapter) to ``work_dir/onnx`` once; reuse it while the model is the same.
 
-    The key is the base fingerprint, the LoRA layout (its defaults are graph inputs) and the
+    The key is the export format, the base fingerprint, the LoRA layout (its defaults are graph inputs) and the
     strategy (which tensors an adapter holds). It is written last, so an export cut short is
     never taken for a finished one.
     """
-    from fedvlm.edge.onnx_export import export_onnx
+    from fedvlm.edge.onnx_export import EXPORT_FORMAT, export_onnx
 
     out = settings.work_dir / "onnx"
-    key = {"base_fingerprint": model.fingerprint, "lora_config_hash": model.lora.config_hash(),
+    key = {"format": EXPORT_FORMAT, "base_fingerprint": model.fingerprint, "lora_config_hash": model.lora.config_hash(),
            "strategy": model.strategy.name}
     key_file = out / EXPORT_KEY_FILE
     if key_file.exists() and json.loads(key_file.read_text()) == key:

@@ -30,6 +30,7 @@ from fedvlm.shared.cli_support import (
     run_command,
 )
 from fedvlm.shared.strategies import STRATEGY_NAMES
+from fedvlm.shared.objective_names import OBJECTIVE_NAMES
 
 from .config import DEFAULT_STATE_DIR, HubConfig, load_config, read_toml
 from .errors import HubConfigError, user_errors
@@ -44,9 +45,9 @@ Settings come from the TOML file (--config), then the flags on top. TOML keys ar
 HubConfig field names (federation, strategy, rounds, min_clients, fraction, quorum,
 round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
-max_update_bytes, base_fingerprint, local_steps, learning_rate, done_linger_s,
+max_update_bytes, base_fingerprint, local_steps, learning_rate, objective, dpo_beta, done_linger_s,
 max_update_norm, norm_factor, norm_action, max_sample_count, clients_per_round,
-keep_updates, inflight_window, commit_batch, workers) plus a
+keep_updates, inflight_window, commit_batch, reassembly_slots, workers) plus a
 [lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed) and a
 [strategy_options] table (the strategy's parameters, listed in its class's docstring).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_target_options(federation)
     federation.add_argument("--local-steps", type=int, help="training steps per round, a hint in the round config")
     federation.add_argument("--learning-rate", type=float, help="learning rate, a hint in the round config")
+    federation.add_argument("--objective", choices=OBJECTIVE_NAMES, help="what devices' local training minimises: "
+                            "sft (the chosen answer) or dpo (chosen against rejected), announced in the round "
+                            "config; devices follow it (default: sft)")
+    federation.add_argument("--dpo-beta", type=float, help="DPO's beta, announced with --objective dpo (default: 0.1)")
     bounding = start.add_argument_group("bounding one client's pull", "how far one update may move the global "
                                         "shared factors (L2 norm of update - global) and how much weight it may "
                                         "claim; see docs/reliability.md")
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "once: the broker's flow control towards the hub (MQTT 5 receive maximum; default 1024)")
     transport.add_argument("--commit-batch", type=int, metavar="N", help="accepted updates committed to SQLite "
                            "together (group commit; default 64)")
+    transport.add_argument("--reassembly-slots", type=int, metavar="N", help="updates reassembled at once; more "
+                           "are refused as overloaded with a retry hint (default 64)")
     transport.add_argument("--workers", type=int, metavar="N", help="N hub workers (`fedvlm-hub worker`) take the "
                            "updates through an MQTT 5 shared subscription; this hub only opens rounds, merges their "
                            "partial sums and publishes (needs --broker; default: 0, the hub takes them itself)")
@@ -271,9 +278,9 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
         for key in ("federation", "strategy", "rounds", "min_clients", "fraction", "quorum", "selection_seed",
                     "state_dir", "broker", "username", "password", "ca_file", "cert_file", "key_file",
                     "mqtt_protocol", "embedded_host", "embedded_port", "chunk_size", "max_update_bytes",
-                    "base_fingerprint", "local_steps", "learning_rate", "done_linger_s", "max_update_norm",
-                    "norm_factor", "norm_action", "max_sample_count", "clients_per_round", "inflight_window",
-                    "commit_batch", "keep_updates", "workers")
+                    "base_fingerprint", "local_steps", "learning_rate", "objective", "dpo_beta", "done_linger_s",
+                    "max_update_norm", "norm_factor", "norm_action", "max_sample_count", "clients_per_round",
+                    "inflight_window", "commit_batch", "keep_updates", "reassembly_slots", "workers")
     }  # fmt: skip
     overrides["round_timeout_s"] = args.round_timeout
     overrides["secrets_key_file"] = args.secrets_key_file

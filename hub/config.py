@@ -13,6 +13,8 @@ table with the fields of :class:`~fedvlm.shared.lora_config.LoraSettings`::
     # broker = "mqtts://broker.example:8883"   (omit for the embedded broker)
     local_steps = 20
     learning_rate = 0.0005
+    objective = "dpo"                # or "sft" (the default); devices train with it
+    dpo_beta = 0.1
 
     [lora]
     r = 8
@@ -36,6 +38,7 @@ from typing import Any
 
 from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.mqtt_link import BrokerAddress
+from fedvlm.shared.objective_names import DEFAULT_DPO_BETA, DEFAULT_OBJECTIVE, check_objective
 from fedvlm.shared.protocol import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -95,6 +98,9 @@ class HubConfig:
         lora: the LoRA layout every client must use; announced in the round config.
         base_fingerprint: base model clients must use; None pins the first accepted update's.
         local_steps, learning_rate: training hints for clients, put in the round config.
+        objective, dpo_beta: what every device's local training minimises, ``sft`` (on the
+            chosen answer) or ``dpo`` (chosen against rejected) with DPO's beta; announced in the
+            round config, and devices follow it.
         done_linger_s: with the embedded broker, how long the hub keeps it running after
             the last round so clients can fetch the last global version (it stops sooner
             once every client has gone offline).
@@ -114,6 +120,9 @@ class HubConfig:
             is sent to the broker as the receive maximum (the broker's flow control); on
             MQTT 3.1.1 set it at or below the broker's own window (mosquitto:
             ``max_inflight_messages``).
+        reassembly_slots: updates reassembled at once (their chunks in memory); a new update
+            beyond them is refused as ``overloaded`` with a retry hint, and its device sends
+            it again later.
         commit_batch: accepted updates committed to SQLite in one transaction (group
             commit); their acks go out once the batch is committed.
         max_sample_count: an update's claimed sample count, its weight in the mean, counts
@@ -147,6 +156,8 @@ class HubConfig:
     base_fingerprint: str | None = None
     local_steps: int | None = None
     learning_rate: float | None = None
+    objective: str = DEFAULT_OBJECTIVE
+    dpo_beta: float = DEFAULT_DPO_BETA
     done_linger_s: float = 30.0
     max_update_norm: float | None = None
     norm_factor: float = DEFAULT_NORM_FACTOR
@@ -157,6 +168,7 @@ class HubConfig:
     inflight_window: int = 1024
     commit_batch: int = 64
     workers: int = 0
+    reassembly_slots: int = 64
 
     def __post_init__(self) -> None:
         try:
@@ -183,6 +195,7 @@ class HubConfig:
         if self.workers and self.broker is None:
             raise HubConfigError("workers need an MQTT 5 broker with shared subscriptions, which the embedded broker "
                                  "lacks: run mosquitto 2 or EMQX and pass --broker mqtt://HOST:PORT")  # fmt: skip
+        _check_int("reassembly_slots", self.reassembly_slots, minimum=1)
         if not isinstance(self.keep_updates, bool):
             raise HubConfigError(f"keep_updates must be true or false, got {self.keep_updates!r}")
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -213,6 +226,11 @@ class HubConfig:
         _check_int("local_steps", self.local_steps, minimum=1, optional=True)
         if self.learning_rate is not None:
             _check_number("learning_rate", self.learning_rate, above=0.0)
+        try:
+            check_objective(self.objective, self.dpo_beta)
+        except UsageError as error:
+            raise HubConfigError(str(error).replace("--dpo-beta", "dpo_beta").replace("--objective", "objective")) \
+                from None
         _check_number("done_linger_s", self.done_linger_s, above=0.0, allow_equal=True)
         if self.max_update_norm is not None:
             _check_number("max_update_norm", self.max_update_norm, above=0.0)

@@ -52,7 +52,7 @@ from fedvlm.shared.protocol import (
     open_envelope,
     parse_chunk_header,
 )
-from fedvlm.shared.protocol.reassembly import DEFAULT_MAX_PENDING_BYTES, DEFAULT_TIMEOUT_S
+from fedvlm.shared.protocol.reassembly import DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_PENDING_MESSAGES, DEFAULT_TIMEOUT_S
 from fedvlm.shared.strategies import Aggregator
 
 from .checkpoints import CheckpointStore
@@ -111,7 +111,8 @@ class UpdateIntake:
                  files: CheckpointStore, lifecycle: Callable[[], RoundLifecycle], send_ack: Callable[[Ack], None],
                  console: Console, clock: Callable[[], float], on_accepted: Callable[[OpenRound], None],
                  on_pinned: Callable[[FederationPins], None], keep_updates: bool = False, commit_batch: int = 64,
-                 max_held_chunks: int = 512, quiet_accepts_after: int = 20) -> None:  # fmt: skip
+                 max_held_chunks: int = 512, quiet_accepts_after: int = 20,
+                 reassembly_slots: int = DEFAULT_MAX_PENDING_MESSAGES) -> None:  # fmt: skip
         self.rules = rules
         self.scaling = scaling
         self.store = store
@@ -140,6 +141,7 @@ class UpdateIntake:
         self._overloads: collections.deque[float] = collections.deque()
         self._reassembler = Reassembler(
             max_message_bytes=rules.max_update_bytes,
+            max_pending_messages=reassembly_slots,
             # Room for several senders at their per-sender limit (max_message_bytes each).
             max_pending_bytes=max(DEFAULT_MAX_PENDING_BYTES, 4 * rules.max_update_bytes),
             timeout_s=min(DEFAULT_TIMEOUT_S, round_timeout_s),  # an update must arrive within its round anyway

@@ -287,6 +287,7 @@ class HubService:
             console=self.console, clock=self._clock, on_accepted=lambda _: self._report_progress(),
             on_pinned=lambda _: self._mark_state_dirty(), keep_updates=self.config.keep_updates,
             commit_batch=self.config.commit_batch, max_held_chunks=max(1, self.config.inflight_window // 2),
+            reassembly_slots=self.config.reassembly_slots,
         )  # fmt: skip
         self._intake.pins = FederationPins.from_meta({key: store.get_meta(key)
                                                       for key in (PIN_BASE_FINGERPRINT, PIN_TENSOR_SPEC)})
@@ -655,6 +656,9 @@ class HubService:
             "base_fingerprint": pins.base_fingerprint,
             "round_timeout_s": self.config.round_timeout_s,
         }
+        config["objective"] = self.config.objective
+        if self.config.objective == "dpo":
+            config["dpo_beta"] = self.config.dpo_beta
         if self.config.local_steps is not None:
             config["local_steps"] = self.config.local_steps
         if self.config.learning_rate is not None:

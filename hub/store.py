@@ -387,17 +387,16 @@ class HubStore:
                                    (client_id, sealed, now))  # fmt: skip
 
     def add_clients(self, secrets: Mapping[str, str], now: float) -> None:
-        """Register many new clients in one transaction (one fsync, not one per client)."""
+        """Register many clients in one transaction (``{client_id: secret}``); all or none."""
+        box = self._secret_box()
+        rows = [(client_id, box.encrypt(secret, client_id), now) for client_id, secret in secrets.items()]
         with self._lock:
-            box = self._secret_box()
-            rows = [(client_id, box.encrypt(secret, client_id), now) for client_id, secret in secrets.items()]
             try:
                 with self._conn:
-                    self._conn.executemany("INSERT INTO clients (client_id, secret, created_at) VALUES (?, ?, ?)",
-                                           rows)  # fmt: skip
+                    self._conn.executemany("INSERT INTO clients (client_id, secret, created_at) VALUES (?, ?, ?)", rows)
             except sqlite3.IntegrityError:
-                raise ClientRegistryError("one of the clients is already registered; a secret is issued only once, "
-                                          "at registration: choose new names") from None
+                raise ClientRegistryError("some of those clients are already registered (or revoked); a secret is "
+                                          "issued only once, at registration") from None
 
     def revoke_client(self, client_id: str, now: float) -> None:
         with self._lock, self._conn:

@@ -9,6 +9,7 @@ tensor a device must keep ever crossed the broker.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,7 @@ class Capture:
     envelope_sha256: dict = dataclasses.field(default_factory=dict)  # (client, round) -> sha256 hex
     global_sha256: dict = dataclasses.field(default_factory=dict)  # version -> sha256 hex
     raw_bytes: int = 0
+    device_outputs: dict = dataclasses.field(default_factory=dict)  # client -> its stdout and stderr
 
     def __post_init__(self) -> None:
         self._reassembler = Reassembler(timeout_s=300)
@@ -92,7 +94,8 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=120, check=True, **kwargs)
 
 
-def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, rounds: int, broker_kind: str):
+def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, rounds: int, broker_kind: str,
+              hub_extra: tuple[str, ...] = ()):
     hub_dir = tmp_path / "hub"
     secrets = {}
     for name in CLIENTS:
@@ -104,7 +107,7 @@ def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, ro
     port = free_port()
     hub_args = [str(BIN / "fedvlm-hub"), "start", "--state-dir", str(hub_dir), "--federation", FEDERATION,
                 "--strategy", strategy, "--rounds", str(rounds), "--min-clients", "3", "--round-timeout", "120",
-                "--lora-rank", "4", "--lora-alpha", "8", "--local-steps", "3", "--linger", "3"]
+                "--lora-rank", "4", "--lora-alpha", "8", "--local-steps", "3", "--linger", "3", *hub_extra]
     if broker_kind == "mosquitto":
         mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
         port = mosquitto.port
@@ -145,6 +148,7 @@ def _federate(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, ro
         assert "Loading weights" not in output and "it/s" not in output, f"--quiet {name} drew bars:\n{output}"
     assert hub.returncode == 0, hub_output[-3000:]
     capture.decode(secrets)
+    capture.device_outputs = dict(zip(CLIENTS, outputs))
     return capture, hub_dir, secrets
 
 
@@ -242,3 +246,23 @@ def test_real_families_send_only_their_b_factors(tmp_path, client_data, arch):
     for state in states.values():
         assert state.personal and all(factor_of(k) == "A" for k in state.personal)
         assert {k.split(".lora_A")[0] for k in state.personal} == expected_modules
+
+
+def test_dpo_set_by_the_hub_sends_only_b_factors(tmp_path, tiny_model_dir, client_data):
+    """The hub announces DPO; devices (started without --objective) follow it, train chosen against
+    rejected, and still send only their B factors: the objective changes nothing on the wire."""
+    capture, _, _ = _federate(tmp_path, tiny_model_dir, client_data, "plora", 1, "embedded",
+                              hub_extra=("--objective", "dpo", "--dpo-beta", "0.5"))
+    assert len(capture.updates) == 3
+    for _, _, _, tensors in capture.updates:
+        assert tensors and {factor_of(k) for k in tensors} == {"B"}
+    for tensors in capture.globals.values():
+        assert {factor_of(k) for k in tensors} == {"B"}
+    for name, output in capture.device_outputs.items():
+        line = next(json.loads(text) for text in output.splitlines() if text.startswith('{"round"'))
+        assert line["objective"] == "dpo" and line["accepted"], output[-2000:]
+        # Held-out scores of preference data: preference accuracy and the margin against the round's start.
+        assert 0 <= line["eval"]["preference_accuracy"] <= 1 and "reward_margin" in line["eval"]
+    states = {name: load_state(tmp_path / "devices" / name) for name in CLIENTS}
+    for state in states.values():
+        assert state.personal and all(factor_of(k) == "A" for k in state.personal)

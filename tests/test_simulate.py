@@ -185,7 +185,7 @@ def test_data_folder_split_by_dirichlet_partition(tiny_model_dir, tiny_federatio
     # origin_dataset with more clients than sources is refused with the numbers.
     code = fedvlm_main(["simulate", "--data", str(data), "--clients", "5", "--model", str(tiny_model_dir),
                         "--out", str(tmp_path / "o2"), "--quiet"])
-    assert code == 2 and "needs at least one source data set per client" in capsys.readouterr().err
+    assert code == 2 and "needs at least one source per client" in capsys.readouterr().err
 
 
 def test_refit_trains_the_personal_factors_only(tiny_model_dir, tiny_federation):
@@ -233,3 +233,45 @@ def test_strategies_sharing_part_of_the_rank_send_that_part(tiny_model_dir, tmp_
     assert entries["flexlora"]["bytes_down_per_client_round"] == pytest.approx(factors, abs=header)
     assert {c["lora_rank"] for c in json.loads((settings.out / "runs" / "fedit-seed0.json").read_text())["per_client"]} \
         == {8}
+
+
+def test_rlaifv_shards_split_by_origin_dataset_end_to_end(tiny_model_dir, tmp_path, capsys):
+    """`fedvlm simulate --data SHARDS --partition origin_dataset`: shards in the exact schema (the generator's,
+    plus one written by pyarrow with bad rows) run end to end; the split and the rows skipped are reported."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fedvlm.edge.data.preference_scenes import write_preference_shards
+
+    data = tmp_path / "shards"
+    write_preference_shards(data, 24, sources=["COCO", "VQAv2"], shards=2, image_size=32, row_group_size=4)
+    good = pq.read_table(data / "train-00000-of-00002.parquet").slice(0, 3).to_pylist()
+    bad = [{**good[0], "chosen": ""}, {**good[1], "origin_split": "{broken"}, good[2]]
+    pq.write_table(pa.Table.from_pylist(bad, schema=pq.read_schema(data / "train-00000-of-00002.parquet")),
+                   data / "zz-extra.parquet")
+    args = ["simulate", "--data", str(data), "--partition", "origin_dataset", "--clients", "2",
+            "--model", str(tiny_model_dir), "--strategies", "plora,fedit", "--rounds", "1", "--local-steps", "1",
+            "--batch-size", "4", "--quantization", "none", "--max-per-client", "10", "--quiet"]
+    code = fedvlm_main([*args, "--out", str(tmp_path / "refused")])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "Traceback" not in error
+    assert f"{data / 'zz-extra.parquet'}:row 0 (idx 0): 'chosen' is empty [empty_chosen]" in error
+    assert "--skip-bad" in error
+
+    out = tmp_path / "o"
+    code = fedvlm_main([*args, "--skip-bad", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["strategies"]) == {"plora", "fedit"}
+    split = results["data"]["0"]
+    assert split == json.loads((out / "partition.json").read_text())["0"]
+    assert split["skipped"]["by_reason"] == {"empty_chosen": 1, "bad_origin_split": 1}
+    assert split["rows_usable"] == 25 and split["rows_kept"] == 20
+    clients = split["table"]["clients"]
+    assert sorted(map(tuple, (sorted(c) for c in clients.values()))) == [("COCO",), ("VQAv2",)]
+    assert all(sum(c.values()) == 10 for c in clients.values())
+    assert "| client | COCO | VQAv2 | total |" in printed  # the table, on the console
+    assert "skipped 2 bad row(s) (--skip-bad): 1 empty_chosen, 1 bad_origin_split" in printed
+    markdown = (out / "results.md").read_text()
+    assert "## Data" in markdown and "| client_00 |" in markdown and "1 bad_origin_split" in markdown

@@ -1,135 +1,82 @@
-"""Load RLAIF-V records from parquet, JSON Lines, or a folder of them.
+"""Load RLAIF-V records from parquet, JSON Lines, a folder of them or a glob of shards.
 
-Accepted ``image`` values, as RLAIF-V and Hugging Face ``datasets`` store them and as people
-write them by hand:
-
-- a struct / object ``{"bytes": ..., "path": ...}`` (the HF ``Image`` feature): the bytes
-  if present, else the path; in JSON Lines the bytes are base64 text;
-- raw bytes (a parquet ``binary`` column);
-- a path string. Relative paths are relative to the data file's folder, so a data set
-  folder can be moved or copied to a device as a whole.
-
-Required per record: ``image``, a non-blank ``question`` and a non-blank ``chosen``.
-``rejected`` and ``origin_dataset`` are optional. Rows are numbered from 0 in parquet
-(as ``datasets`` indexes them) and lines from 1 in JSON Lines (as editors show them).
+What a valid row is (and which image values are accepted) is in
+:mod:`fedvlm.edge.data.row_checks`; streaming over shards in :mod:`fedvlm.edge.data.row_index`.
+Required per record: ``image``, a non-blank ``question`` and a non-blank ``chosen``;
+``rejected`` too with ``require_rejected`` (preference training). Rows are numbered from 0
+in parquet (as ``datasets`` indexes them) and lines from 1 in JSON Lines (as editors show them).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from fedvlm.edge.data.file_rows import RawRow, data_files, raw_rows
-from fedvlm.edge.data.records import DataError, LoadedRecords, Record
+import numpy as np
 
-_SKIP_HINT = ("fix or remove that record, or pass skip_bad=True (--skip-bad on the command line) "
-              "to skip and count such rows")
+from fedvlm.edge.data.records import DataError, LoadedRecords
+from fedvlm.edge.data.row_index import DataIndex, refs_in_file_order, scan_data
 
-
-class _BadRecord(Exception):
-    """Why one row cannot become a record (reported with the row's place)."""
+if TYPE_CHECKING:
+    from fedvlm.edge.data.partitioning import PartitionSpec
 
 
-def load_records(path: str | os.PathLike[str], *, skip_bad: bool = False) -> LoadedRecords:
-    """Read every record at ``path`` (a ``.parquet`` or ``.jsonl`` file, or a folder of them).
+def load_records(path: str | os.PathLike[str], *, skip_bad: bool = False, require_rejected: bool = False,
+                 max_examples: int | None = None, seed: int = 0) -> LoadedRecords:
+    """Read the records at ``path`` (a ``.parquet`` or ``.jsonl`` file, a folder or a glob of them).
 
+    ``max_examples``: at most this many, drawn at random (seeded by ``seed``) from every
+    usable row and kept in file order; only the drawn rows' images are read.
     A malformed record (missing or blank field, unreadable or missing image, unparsable
-    line) raises :class:`DataError` naming its file and row. With ``skip_bad=True`` it is
-    skipped instead, and counted in ``.skipped`` with its reason in ``.problems``.
+    line, broken ``origin_split``, no ``rejected`` under ``require_rejected``) raises
+    :class:`DataError` naming its file and row. With ``skip_bad=True`` it is skipped
+    instead, counted in ``.skipped`` / ``.skipped_by_reason``, its message in ``.problems``.
     Raises :class:`DataError` too when no usable record is left.
     """
-    root = Path(path)
-    files = data_files(root)
-    loaded = LoadedRecords(records=[], files=[str(f) for f in files])
-    for file in files:
-        for row in raw_rows(file):
-            try:
-                loaded.records.append(_record_from_row(row, file.parent))
-            except _BadRecord as problem:
-                message = f"{row.source}: {problem}"
-                if not skip_bad:
-                    raise DataError(f"bad record at {message}; {_SKIP_HINT}") from None
-                loaded.skipped += 1
-                loaded.problems.append(message)
+    index = scan_data(path, require_rejected=require_rejected, skip_bad=skip_bad)
+    refs = index.rows
+    if max_examples is not None and max_examples < len(refs):
+        chosen = np.random.default_rng([seed, 41]).choice(len(refs), max_examples, replace=False)
+        refs = refs_in_file_order(refs[i] for i in chosen)
+    loaded = _loaded(index, index.load(refs))
     if not loaded.records:
-        if loaded.skipped:
-            raise DataError(f"no usable records in {root}: all {loaded.skipped} were malformed "
-                            f"(first: {loaded.problems[0]}); fix the data")
-        raise DataError(f"{root} holds no records; point the loader at a non-empty data set")
+        raise DataError(f"no usable records in {path}: all {loaded.skipped} loaded were malformed "
+                        f"(first: {loaded.problems[0]}); fix the data")
     return loaded
 
 
-def _record_from_row(row: RawRow, data_folder: Path) -> Record:
-    if row.error is not None or row.fields is None:
-        raise _BadRecord(row.error or "the row could not be read")
-    fields = row.fields
-    question = _required_text(fields, "question")
-    chosen = _required_text(fields, "chosen")
-    rejected = _optional_text(fields, "rejected")
-    origin_dataset = _optional_text(fields, "origin_dataset") or ""
-    if "image" not in fields:
-        raise _BadRecord("the record has no 'image' field")
-    image_bytes = _image_bytes(fields["image"], data_folder)
-    try:
-        return Record(image_bytes, question, chosen, rejected, origin_dataset, source=row.source)
-    except ValueError as error:
-        raise _BadRecord(str(error)) from None
+def load_client_share(path: str | os.PathLike[str], client: int, clients: int, partition: "PartitionSpec", *,
+                      seed: int = 0, max_examples: int | None = None, max_per_client: int | None = None,
+                      skip_bad: bool = False, require_rejected: bool = False) -> LoadedRecords:
+    """Client ``client``'s share (of ``clients``) of the data set at ``path``, split by ``partition``.
+
+    For a device that reads shared shards (all of RLAIF-V, say) but should train on its own
+    non-IID part: only that part's images are read. Shares are drawn as ``fedvlm simulate``
+    draws them for the same seed (:func:`~fedvlm.edge.data.partitioning.client_shares`).
+    """
+    from fedvlm.edge.data.partitioning import client_shares
+
+    if not 0 <= client < clients:
+        raise DataError(f"client share {client} of {clients} does not exist: shares are numbered 0 to {clients - 1}")
+    index = scan_data(path, require_rejected=require_rejected, skip_bad=skip_bad)
+    shares = client_shares(index.rows, partition, clients, np.random.default_rng([seed, 17]),
+                           max_examples=max_examples, max_per_client=max_per_client)
+    loaded = _loaded(index, index.load(shares[client]))
+    if not loaded.records:
+        raise DataError(f"client share {client} of {clients} of {path} split by {partition} is empty; "
+                        "use another partition, fewer clients or more data")
+    return loaded
 
 
-def _required_text(fields: dict[str, Any], name: str) -> str:
-    if name not in fields or fields[name] is None:
-        raise _BadRecord(f"the record has no '{name}'")
-    value = fields[name]
-    if not isinstance(value, str):
-        raise _BadRecord(f"'{name}' must be text, not {type(value).__name__}")
-    if not value.strip():
-        raise _BadRecord(f"'{name}' is empty")
-    return value
+def _loaded(index: DataIndex, records: list) -> LoadedRecords:
+    return LoadedRecords(records=records, skipped=index.skipped.total,
+                         problems=sorted(index.skipped.problems, key=_place_order),
+                         files=[str(f) for f in index.files], skipped_by_reason=index.skipped.by_reason())
 
 
-def _optional_text(fields: dict[str, Any], name: str) -> str | None:
-    value = fields.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _BadRecord(f"'{name}' must be text, not {type(value).__name__}")
-    return value if value.strip() else None
-
-
-def _image_bytes(value: Any, data_folder: Path) -> bytes:
-    if value is None:
-        raise _BadRecord("'image' is empty (null)")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return _read_image_file(value, data_folder)
-    if isinstance(value, dict):
-        stored = value.get("bytes")
-        if isinstance(stored, (bytes, bytearray, memoryview)) and len(stored):
-            return bytes(stored)
-        if isinstance(stored, str) and stored:
-            try:
-                return base64.b64decode(stored, validate=True)
-            except binascii.Error:
-                raise _BadRecord("'image.bytes' is text but not base64; in JSON Lines, image bytes "
-                                 "must be base64-encoded") from None
-        if isinstance(value.get("path"), str) and value["path"]:
-            return _read_image_file(value["path"], data_folder)
-        raise _BadRecord("'image' has neither bytes nor a path")
-    raise _BadRecord(f"'image' must be {{bytes, path}}, bytes or a path, not {type(value).__name__}")
-
-
-def _read_image_file(name: str, data_folder: Path) -> bytes:
-    path = Path(name)
-    if not path.is_absolute():
-        path = data_folder / path
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise _BadRecord(f"image file {path} not found (relative image paths are taken from the "
-                         f"data file's folder, {data_folder})") from None
-    except OSError as error:
-        raise _BadRecord(f"cannot read image file {path} ({error.strerror or error})") from None
+def _place_order(problem: str) -> tuple[str, int]:
+    """Problems sorted as the rows lie in the files (the scan finds text problems before image ones)."""
+    where = problem.split(": ", 1)[0]
+    file, _, rest = where.rpartition(":")
+    number = rest.split()[1] if len(rest.split()) > 1 else "0"
+    return file, int(number) if number.isdigit() else 0

@@ -45,6 +45,9 @@ class Record:
             training and for the record; unused by supervised fine-tuning).
         origin_dataset: the data set the example came from (e.g. ``"VQAv2"``).
         source: where this record was read, e.g. ``"client_00.parquet:row 17"``.
+        model, feedback_model, type: RLAIF-V's ``origin_split``: the model that wrote the
+            answers, the model that judged which is better, and the kind of question
+            ('' when the data does not say).
 
     ``image`` may be given as a PIL image (converted to RGB) or as encoded bytes (PNG,
     JPEG, ... anything PIL reads); bytes are checked here and raise ``ValueError`` if they
@@ -56,6 +59,9 @@ class Record:
     rejected: str | None
     origin_dataset: str
     source: str
+    model: str
+    feedback_model: str
+    type: str
 
     def __init__(
         self,
@@ -65,19 +71,25 @@ class Record:
         rejected: str | None = None,
         origin_dataset: str = "",
         source: str = "",
+        model: str = "",
+        feedback_model: str = "",
+        type: str = "",  # noqa: A002 - RLAIF-V's own name for the question kind
     ) -> None:
         if isinstance(image, Image.Image):
             stored: Image.Image | EncodedImage = image if image.mode == "RGB" else image.convert("RGB")
         elif isinstance(image, (bytes, bytearray, memoryview)):
             stored = _checked_encoded_image(bytes(image))
         else:
-            raise TypeError(f"image must be a PIL image or encoded image bytes, not {type(image).__name__}")
+            raise TypeError(f"image must be a PIL image or encoded image bytes, not {image.__class__.__name__}")
         object.__setattr__(self, "_stored_image", stored)
         object.__setattr__(self, "question", question)
         object.__setattr__(self, "chosen", chosen)
         object.__setattr__(self, "rejected", rejected)
         object.__setattr__(self, "origin_dataset", origin_dataset)
         object.__setattr__(self, "source", source)
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "feedback_model", feedback_model)
+        object.__setattr__(self, "type", type)
 
     @property
     def image(self) -> Image.Image:
@@ -135,12 +147,14 @@ class LoadedRecords(Sequence[Record]):
         skipped: how many malformed records were skipped (only with ``skip_bad=True``).
         problems: one message per skipped record, naming its file and row.
         files: the data files that were read.
+        skipped_by_reason: ``skipped`` per reason code (``fedvlm.edge.data.bad_rows.REASONS``).
     """
 
     records: list[Record]
     skipped: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
     files: list[str] = dataclasses.field(default_factory=list)
+    skipped_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -65,7 +65,8 @@ def _rows(records: Iterable[Record], ds_name: str) -> Iterator[dict[str, Any]]:
         }
 
 
-def _parquet_schema():
+def rlaifv_schema():
+    """The published RLAIF-V parquet schema, with the Hugging Face feature metadata."""
     import pyarrow as pa
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -81,7 +82,7 @@ def _write_parquet(rows: Iterator[dict[str, Any]], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = _parquet_schema()
+    schema = rlaifv_schema()
     with pq.ParquetWriter(path, schema) as writer:
         batch: list[dict[str, Any]] = []
         for row in rows:

@@ -1,4 +1,4 @@
-"""The simulated clients' data: a built-in synthetic scenario, or RLAIF-V records split by a partition.
+"""The simulated clients' data: a built-in synthetic scenario, or RLAIF-V shards split by a partition.
 
 Every split is a function of the seed, so all strategies of one seed see the same clients.
 The pooled test set (for ``global_accuracy``) is drawn from all clients' held-out records.
@@ -7,14 +7,18 @@ The pooled test set (for ``global_accuracy``) is drawn from all clients' held-ou
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+import functools
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from fedvlm.edge.data.partitioning import PartitionTable, client_shares, key_value
 from fedvlm.shared.usage_error import UsageError
-from fedvlm.simulate.settings import Partition, SimulationSettings
+from fedvlm.simulate.settings import SimulationSettings
+
+if TYPE_CHECKING:
+    from fedvlm.edge.data import DataIndex
 
 
 @dataclasses.dataclass
@@ -44,65 +48,74 @@ def scenario_clients(settings: SimulationSettings, seed: int, image_size: int) -
     return clients
 
 
-def data_clients(settings: SimulationSettings, seed: int) -> list[SimulatedClient]:
-    """``settings.data`` split into ``settings.clients`` clients, each with a held-out test share."""
-    from fedvlm.edge.data import DataError, load_records
+@dataclasses.dataclass
+class DataSplit:
+    """One seed's split of ``--data``: the clients, and what the reports say about it."""
+
+    clients: list[SimulatedClient]
+    table: PartitionTable
+    summary: dict  # partition, rows, the client x source table, bad rows skipped per reason
+
+
+def data_clients(settings: SimulationSettings, seed: int) -> DataSplit:
+    """``settings.data`` split into ``settings.clients`` clients, each with a held-out test share.
+
+    The shards are scanned once without their images (cached across seeds); the split, the
+    ``max_examples`` and ``max_per_client`` samples are drawn over row references, and only
+    the rows the clients keep are read, so memory follows the clients' samples, not the shards.
+    """
+    from fedvlm.edge.data import DataError
 
     try:
-        records = load_records(settings.data).records
+        index = _scanned(settings.data, _files_state(settings.data), _needs_rejected(settings), settings.skip_bad,
+                         settings.progress).fresh_tally()
+        rng = np.random.default_rng([seed, 17])
+        shares = client_shares(index.rows, settings.partition, settings.clients, rng,
+                               max_examples=settings.max_examples, max_per_client=settings.max_per_client)
+        loaded = index.load_by_place((ref for share in shares for ref in share), progress=settings.progress)
     except DataError as problem:
         raise UsageError(str(problem)) from None
-    rng = np.random.default_rng([seed, 17])
-    shares = partition(records, settings.partition, settings.clients, rng)
+    kept = [[loaded[ref.file, ref.number] for ref in share if (ref.file, ref.number) in loaded] for share in shares]
+    ids = [f"client_{number:02d}" for number in range(settings.clients)]
+    key = settings.partition.key  # iid is shown by origin_dataset, the default key
+    table = PartitionTable.of(kept, key, ids)
     clients = []
-    for index, share in enumerate(shares):
+    for client_id, share in zip(ids, kept):
         if len(share) < 2:
-            raise UsageError(f"--partition {settings.partition} gave client {index} only {len(share)} record(s) of "
-                             f"{len(records)}: it needs one to train and one to test; use fewer --clients, a larger "
-                             "ALPHA or more data")
+            raise UsageError(f"--partition {settings.partition} gave {client_id} only {len(share)} record(s) of "
+                             f"{len(index.rows)}: it needs one to train and one to test; use fewer --clients, a larger "
+                             "ALPHA, a larger --max-per-client or more data")
         order = rng.permutation(len(share))
         n_test = min(max(1, round(settings.test_fraction * len(share))), len(share) - 1)
         test = [share[i] for i in order[:n_test]]
         train = [share[i] for i in order[n_test:]]
-        origins = sorted({r.origin_dataset or "unnamed" for r in share})
-        clients.append(SimulatedClient(f"client_{index:02d}", train, test, ", ".join(origins[:3])
-                                       + (f" (+{len(origins) - 3})" if len(origins) > 3 else "")))
-    return clients
+        values = sorted({key_value(r, key) for r in share})
+        clients.append(SimulatedClient(client_id, train, test, ", ".join(values[:3])
+                                       + (f" (+{len(values) - 3})" if len(values) > 3 else "")))
+    summary = {"partition": str(settings.partition), "files": len(index.files), "rows_usable": len(index.rows),
+               "rows_kept": sum(map(len, kept)), "table": table.to_dict(),
+               "skipped": index.skipped.to_dict()}
+    return DataSplit(clients, table, summary)
 
 
-def partition(records: Sequence, how: Partition, n_clients: int, rng: np.random.Generator) -> list[list]:
-    """Split records into ``n_clients`` lists.
+def _needs_rejected(settings: SimulationSettings) -> bool:
+    """Preference objectives train on (chosen, rejected): a row without ``rejected`` is bad for them."""
+    return getattr(settings, "objective", "sft") == "dpo"
 
-    - ``origin_dataset``: each source data set goes whole to one client (sources sorted by
-      name, dealt round robin), so clients differ in task; needs as many sources as clients.
-    - ``iid``: a seeded shuffle dealt evenly.
-    - ``dirichlet:ALPHA``: per source data set, client shares drawn from Dirichlet(ALPHA)
-      (the usual label-skew partition, with the source as the label).
-    """
-    by_origin: dict[str, list] = defaultdict(list)
-    for record in records:
-        by_origin[record.origin_dataset or "unnamed"].append(record)
-    if how.kind == "origin_dataset":
-        origins = sorted(by_origin)
-        if len(origins) < n_clients:
-            raise UsageError(f"--partition origin_dataset needs at least one source data set per client: the data "
-                             f"has {len(origins)} ({', '.join(origins[:5])}) for {n_clients} clients; use fewer "
-                             "--clients or --partition dirichlet:ALPHA / iid")
-        shares: list[list] = [[] for _ in range(n_clients)]
-        for index, origin in enumerate(origins):
-            shares[index % n_clients].extend(by_origin[origin])
-        return shares
-    if how.kind == "iid":
-        order = rng.permutation(len(records))
-        return [[records[i] for i in order[k::n_clients]] for k in range(n_clients)]
-    shares = [[] for _ in range(n_clients)]
-    for origin in sorted(by_origin):
-        group = by_origin[origin]
-        order = rng.permutation(len(group))
-        cuts = (np.cumsum(rng.dirichlet(np.full(n_clients, how.alpha))) * len(group)).astype(int)[:-1]
-        for client, part in enumerate(np.split(order, cuts)):
-            shares[client].extend(group[i] for i in part)
-    return shares
+
+def _files_state(data: Path) -> tuple:
+    """The data files with their sizes and times: a changed file is scanned again."""
+    from fedvlm.edge.data.file_rows import data_files
+
+    return tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in data_files(data))
+
+
+@functools.lru_cache(maxsize=1)
+def _scanned(data: Path, files_state: tuple, require_rejected: bool, skip_bad: bool, progress: bool) -> "DataIndex":
+    """One scan of the shards per simulation: every seed draws its split from the same index."""
+    from fedvlm.edge.data import scan_data
+
+    return scan_data(data, require_rejected=require_rejected, skip_bad=skip_bad, progress=progress)
 
 
 def pooled_test(clients: Sequence[SimulatedClient], size: int, seed: int) -> list:

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from fedvlm.shared.cli_support import add_lora_target_options, lora_target_fields
+from fedvlm.shared.objective_names import OBJECTIVE_NAMES
 from fedvlm.simulate.settings import (
     ALL_STRATEGIES,
     DEFAULT_STRATEGIES,
@@ -34,10 +35,22 @@ def add_simulate_command(commands) -> None:
     source = simulate.add_mutually_exclusive_group()
     source.add_argument("--scenario", choices=SCENARIOS, default=None,
                         help="a built-in synthetic scenario (the default is concept-shift when --data is not given)")
-    source.add_argument("--data", type=Path, help="a folder of RLAIF-V parquet or JSON Lines files to split into clients")
+    source.add_argument("--data", type=Path, metavar="SHARDS",
+                        help="RLAIF-V data to split into clients: a folder of parquet shards (the published schema) "
+                             "or JSON Lines files, one file, or a glob such as 'rlaifv/*.parquet'; streamed, only "
+                             "the rows the clients keep are read")
     simulate.add_argument("--partition", default="origin_dataset",
-                          help="how --data is split: origin_dataset, iid or dirichlet:ALPHA (Dirichlet label skew "
-                               "over origin_dataset)")
+                          help="how --data is split: origin_dataset (the paper's), model, feedback_model or type "
+                               "(from origin_split; each value whole to one client), iid, or dirichlet:ALPHA[:KEY] "
+                               "(Dirichlet skew over KEY, default origin_dataset)")
+    simulate.add_argument("--max-examples", type=int, metavar="N",
+                          help="use at most N --data rows, drawn per seed before the split; None: every row")
+    simulate.add_argument("--max-per-client", type=int, metavar="N",
+                          help="each client keeps at most N of its rows, train and test, drawn per seed; None: "
+                               "all of its share")
+    simulate.add_argument("--skip-bad", action="store_true",
+                          help="skip bad --data rows (unreadable image, empty chosen, missing rejected under DPO, "
+                               "broken origin_split) and count them per reason, instead of stopping at the first")
     simulate.add_argument("--clients", type=int, default=_DEFAULTS["clients"], help="number of clients")
     simulate.add_argument("--test-fraction", type=float, default=_DEFAULTS["test_fraction"],
                           help="share of each client's --data records held out as its test set (seeded)")
@@ -72,6 +85,14 @@ def add_simulate_command(commands) -> None:
                           help="quantisation of the frozen base")
     simulate.add_argument("--global-test-size", type=int, default=_DEFAULTS["global_test_size"],
                           help="examples drawn from all clients' test sets for global_accuracy")
+    simulate.add_argument("--objective", default=_DEFAULTS["objective"], choices=OBJECTIVE_NAMES,
+                          help="local training: sft (on chosen) or dpo (chosen against rejected; the reference is "
+                               "the adapter a client holds at the start of its round)")
+    simulate.add_argument("--dpo-beta", type=float, default=_DEFAULTS["dpo_beta"],
+                          help="DPO's beta; also scales the reported reward margin")
+    simulate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="length of the greedy answers scored (default: 8 for short answers, the longest "
+                               "reference plus 8 for long ones, at most 512)")
     simulate.add_argument("--out", type=Path, default=_DEFAULTS["out"], help="where results go")
     simulate.add_argument("--threads", type=int, default=_DEFAULTS["threads"],
                           help="torch CPU threads (one suits the small models, and a CPU shared with other work)")
@@ -84,7 +105,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     settings = SimulationSettings(
         out=args.out, scenario=args.scenario or (None if args.data is not None else "concept-shift"),
-        data=args.data, partition=Partition.parse(args.partition), clients=args.clients,
+        data=args.data, partition=Partition.parse(args.partition), skip_bad=args.skip_bad,
+        max_examples=args.max_examples, max_per_client=args.max_per_client, clients=args.clients,
         test_fraction=args.test_fraction, examples_per_client=args.examples_per_client,
         test_examples_per_client=args.test_examples_per_client, model=args.model,
         strategies=parse_strategies(args.strategies), rounds=args.rounds, local_steps=args.local_steps,
@@ -92,7 +114,8 @@ def _simulate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lora_rank=args.lora_rank,
         client_ranks=parse_ranks(args.client_ranks) if args.client_ranks else (), quantization=args.quantization,
         **{f"lora_{name}": value for name, value in lora_target_fields(args).items()},
-        global_test_size=args.global_test_size, progress=not args.quiet, threads=args.threads,
+        global_test_size=args.global_test_size, objective=args.objective, dpo_beta=args.dpo_beta,
+        max_new_tokens=args.max_new_tokens, progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)
     print((settings.out / "results.md").read_text())

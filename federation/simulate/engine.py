@@ -22,7 +22,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fedvlm.edge.evaluation import evaluate
+from fedvlm.edge.answer_metrics import LikelihoodScores
+from fedvlm.edge.evaluation import evaluate, likelihood_scores, mean_or_none
+from fedvlm.edge.objectives import build_objective
 from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.training import TrainingConfig, encode_examples, train
 from fedvlm.shared.lora_config import LoraSettings
@@ -42,9 +44,11 @@ def lora_settings(settings: SimulationSettings, seed: int) -> LoraSettings:
 
 
 def training_config(settings: SimulationSettings, steps: int, seed: int, round_number: int, stream: int) -> TrainingConfig:
-    """Same learning rate and batch order for every strategy: the order depends on seed, round and client only."""
+    """Same learning rate, objective and batch order for every strategy: the order depends on
+    seed, round and client only."""
     return TrainingConfig(steps=steps, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-                          seed=seed * 1_000_003 + round_number * 1_009 + stream, progress=False)
+                          seed=seed * 1_000_003 + round_number * 1_009 + stream, progress=False,
+                          objective=build_objective(settings.objective, settings.dpo_beta))
 
 
 def select_clients(settings: SimulationSettings, seed: int, round_number: int) -> list[int]:
@@ -60,20 +64,48 @@ def _digest(state: dict[str, np.ndarray]) -> str:
     return hasher.hexdigest()
 
 
+# Every score a run reports, per client on its own held-out data and on the pooled test set;
+# one that does not apply to the data (exact match of long answers, preference scores
+# without rejected answers) is None. See fedvlm.edge.evaluation.
+METRICS: tuple[str, ...] = ("accuracy", "loss", "perplexity", "preference_accuracy", "reward_margin", "rouge_l", "bleu")
+
+
 class Scorer:
-    """Exact-match accuracy of an adapter state on a test set; identical states are scored once
-    (under fedit, ffa and fedex every client holds the same global model)."""
+    """The scores of an adapter state on a test set; identical states are scored once (under
+    fedit, ffa and fedex every client holds the same global model).
 
-    def __init__(self, model: PersonalVLM):
+    The reward margin is measured against ``reference_state``, the federation's shared LoRA
+    initialisation (the same for every strategy of a seed), scored once per test set.
+    """
+
+    def __init__(self, model: PersonalVLM, settings: SimulationSettings, reference_state: dict[str, np.ndarray]):
         self.model = model
-        self._cache: dict[tuple[str, int], float] = {}
+        self.settings = settings
+        self.reference_state = reference_state
+        self._cache: dict[tuple[str, int], dict] = {}
+        self._reference: dict[int, LikelihoodScores] = {}
 
-    def accuracy(self, state: dict[str, np.ndarray], examples: Sequence) -> float:
+    def metrics(self, state: dict[str, np.ndarray], examples: Sequence) -> dict[str, float | None]:
         key = (_digest(state), id(examples))
         if key not in self._cache:
+            reference = self._reference_scores(examples)
             self.model.load_adapter_state(state)
-            self._cache[key] = evaluate(self.model.model, self.model.processor, examples).accuracy
+            result = evaluate(self.model.model, self.model.processor, examples,
+                              max_new_tokens=self.settings.max_new_tokens, reference=reference,
+                              beta=self.settings.dpo_beta)
+            self._cache[key] = {name: getattr(result, name) for name in METRICS}
         return self._cache[key]
+
+    def _reference_scores(self, examples: Sequence) -> LikelihoodScores:
+        if id(examples) not in self._reference:
+            self.model.load_adapter_state(self.reference_state)
+            self._reference[id(examples)] = likelihood_scores(self.model.model, self.model.processor, examples)
+        return self._reference[id(examples)]
+
+
+def mean_metrics(per_client: Sequence[dict]) -> dict[str, float | None]:
+    """Each score's mean over clients (None where it does not apply)."""
+    return {name: mean_or_none([m[name] for m in per_client]) for name in METRICS}
 
 
 @dataclasses.dataclass
@@ -87,17 +119,15 @@ class RunResult:
     shared: dict  # what leaves a device: tensor count, values, factors
     seconds: float
 
-    @property
-    def personal_accuracy(self) -> float:
-        return float(np.mean([c["personal_accuracy"] for c in self.per_client]))
-
-    @property
-    def global_accuracy(self) -> float:
-        return float(np.mean([c["global_accuracy"] for c in self.per_client]))
+    def mean(self, kind: str) -> dict[str, float | None]:
+        """``personal`` or ``global`` scores, mean over clients."""
+        return mean_metrics([c[kind] for c in self.per_client])
 
     def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "seed": self.seed, "personal_accuracy": self.personal_accuracy,
-                "global_accuracy": self.global_accuracy, **dataclasses.asdict(self)}
+        personal, global_ = self.mean("personal"), self.mean("global")
+        return {"strategy": self.strategy, "seed": self.seed, "personal_accuracy": personal["accuracy"],
+                "global_accuracy": global_["accuracy"], "personal": personal, "global": global_,
+                **dataclasses.asdict(self)}
 
 
 def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
@@ -120,14 +150,15 @@ def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, cli
 
 def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
                 pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict]:
-    strategy, scorer = model.strategy, Scorer(model)
     model.reset_adapters()
+    strategy, scorer = model.strategy, Scorer(model, settings, model.adapter_state())
     # A client of lower rank is simulated on the federation-rank model with its components
     # beyond its rank zero (they stay zero in training); it sends and absorbs at its own rank.
     full, ranks = model.lora.r, client_ranks(settings, model, len(clients))
     own_rank = at_rank if strategy.heterogeneous_ranks else lambda tensors, rank: dict(tensors)
     states = [own_rank(own_rank(model.adapter_state(), rank), full) for rank in ranks]
-    encoded = [encode_examples(model.processor, client.train) for client in clients]
+    objective = build_objective(settings.objective, settings.dpo_beta)
+    encoded = [encode_examples(model.processor, client.train, objective=objective) for client in clients]
     bytes_up, bytes_down = [0] * len(clients), [0] * len(clients)
     shared_template, _ = strategy.split(states[0])
     previous_global = None
@@ -167,17 +198,14 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
                                          training_config(settings, settings.local_steps, seed, round_number, 500 + index))
                     states[index] = model.adapter_state()
             previous_global = new_global
-        accuracies = [scorer.accuracy(states[i], clients[i].test) for i in range(len(clients))]
+        scores = [scorer.metrics(states[i], clients[i].test) for i in range(len(clients))]
         rounds.append({"round": round_number, "selected": [clients[i].client_id for i in selected],
-                       "personal_accuracy": float(np.mean(accuracies)), "per_client": accuracies,
-                       "bytes_up_per_client": float(np.mean(sent)) if sent else 0.0,
+                       **_round_scores(scores), "bytes_up_per_client": float(np.mean(sent)) if sent else 0.0,
                        "bytes_down_per_client": down})
         on_round(1)
-    per_client = [{"client_id": client.client_id, "description": client.description,
-                   "train_examples": len(client.train), "test_examples": len(client.test),
-                   "personal_accuracy": rounds[-1]["per_client"][i], "lora_rank": ranks[i],
-                   "global_accuracy": scorer.accuracy(states[i], pooled),
-                   "bytes_up": bytes_up[i], "bytes_down": bytes_down[i]} for i, client in enumerate(clients)]
+    per_client = [_client_entry(client, rounds[-1]["per_client_metrics"][i], scorer.metrics(states[i], pooled),
+                                lora_rank=ranks[i], bytes_up=bytes_up[i], bytes_down=bytes_down[i])
+                  for i, client in enumerate(clients)]
     shared = {"tensors": len(shared_template), "values": int(sum(v.size for v in shared_template.values())),
               "factors": sorted({factor_of(name) for name in shared_template})}
     return rounds, per_client, shared
@@ -195,9 +223,10 @@ def _reference(name: str, model: PersonalVLM, settings: SimulationSettings, seed
                clients: Sequence[SimulatedClient], pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict]]:
     """``centralised``: one LoRA on the union of the clients' training data, with as many optimiser
     steps per round as the federation's selected clients take together; ``base``: no training."""
-    scorer = Scorer(model)
     model.reset_adapters()
-    union = encode_examples(model.processor, [record for client in clients for record in client.train])
+    scorer = Scorer(model, settings, model.adapter_state())
+    union = encode_examples(model.processor, [record for client in clients for record in client.train],
+                            objective=build_objective(settings.objective, settings.dpo_beta))
     rounds = []
     for round_number in range(1, settings.rounds + 1):
         if name == CENTRALISED:
@@ -205,13 +234,30 @@ def _reference(name: str, model: PersonalVLM, settings: SimulationSettings, seed
                   training_config(settings, settings.local_steps * settings.selected_per_round, seed,
                                   round_number, stream=999))
         state = model.adapter_state()
-        accuracies = [scorer.accuracy(state, client.test) for client in clients]
-        rounds.append({"round": round_number, "selected": [], "personal_accuracy": float(np.mean(accuracies)),
-                       "per_client": accuracies, "bytes_up_per_client": 0.0, "bytes_down_per_client": 0})
+        scores = [scorer.metrics(state, client.test) for client in clients]
+        rounds.append({"round": round_number, "selected": [], **_round_scores(scores), "bytes_up_per_client": 0.0,
+                       "bytes_down_per_client": 0})
         on_round(1)
-    global_accuracy = scorer.accuracy(model.adapter_state(), pooled)
-    per_client = [{"client_id": client.client_id, "description": client.description,
-                   "train_examples": len(client.train), "test_examples": len(client.test),
-                   "personal_accuracy": rounds[-1]["per_client"][i], "global_accuracy": global_accuracy,
-                   "bytes_up": 0, "bytes_down": 0} for i, client in enumerate(clients)]
+    global_scores = scorer.metrics(model.adapter_state(), pooled)
+    per_client = [_client_entry(client, rounds[-1]["per_client_metrics"][i], global_scores, lora_rank=None,
+                                bytes_up=0, bytes_down=0) for i, client in enumerate(clients)]
     return rounds, per_client
+
+
+def _round_scores(scores: Sequence[dict]) -> dict:
+    """A round's record: exact match per client and mean (as before long answers were scored), and every score."""
+    return {"personal_accuracy": mean_or_none([s["accuracy"] for s in scores]),
+            "per_client": [s["accuracy"] for s in scores], "personal": mean_metrics(scores),
+            "per_client_metrics": list(scores)}
+
+
+def _client_entry(client: SimulatedClient, personal: dict, global_: dict, *, lora_rank: int | None, bytes_up: int,
+                  bytes_down: int) -> dict:
+    """A client's final scores: with its own model on its own held-out data, and on the pooled test set."""
+    entry = {"client_id": client.client_id, "description": client.description, "train_examples": len(client.train),
+             "test_examples": len(client.test), "personal_accuracy": personal["accuracy"],
+             "global_accuracy": global_["accuracy"], "personal": personal, "global": global_,
+             "bytes_up": bytes_up, "bytes_down": bytes_down}
+    if lora_rank is not None:
+        entry["lora_rank"] = lora_rank
+    return entry

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.usage_error import UsageError
-from fedvlm.simulate import report
+from fedvlm.simulate import data_report, report
 from fedvlm.simulate.clients import data_clients, image_size_of, pooled_test, scenario_clients
 from fedvlm.simulate.engine import run
 from fedvlm.simulate.settings import DEFAULT_MODEL_DIR, SimulationSettings
@@ -109,8 +109,13 @@ def _simulate(settings: SimulationSettings) -> dict:
         if (name, seed) in done:
             continue
         if seed not in data_by_seed:
-            clients = (scenario_clients(settings, seed, image_size_of(model_dir)) if settings.scenario
-                       else data_clients(settings, seed))
+            if settings.scenario:
+                clients = scenario_clients(settings, seed, image_size_of(model_dir))
+            else:
+                split = data_clients(settings, seed)
+                clients = split.clients
+                data_report.record_split(settings.out, seed, split.summary)
+                tqdm.write(data_report.console_text(seed, split.table.markdown(), split.summary))
             data_by_seed = {seed: (clients, pooled_test(clients, settings.global_test_size, seed))}
         clients, pooled = data_by_seed[seed]
         bar.set_postfix_str(f"{name} seed {seed}")

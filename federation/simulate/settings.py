@@ -7,11 +7,13 @@ naming the flag and what to write instead, so the command ends in one line, neve
 from __future__ import annotations
 
 import dataclasses
-import math
+import glob
 from pathlib import Path
 from typing import Any
 
+from fedvlm.edge.data.partitioning import PartitionSpec
 from fedvlm.shared.cli_support import option_value
+from fedvlm.shared.objective_names import check_objective
 from fedvlm.shared.lora_config import LoraSettings
 from fedvlm.shared.strategies import STRATEGY_NAMES, build_strategy, get_strategy
 from fedvlm.shared.usage_error import UsageError
@@ -35,32 +37,9 @@ SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed
 DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
 
 
-@dataclasses.dataclass(frozen=True)
-class Partition:
-    """How ``--data`` records are split into clients: ``origin_dataset``, ``iid`` or ``dirichlet`` (alpha)."""
-
-    kind: str
-    alpha: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "Partition":
-        usage = ("use origin_dataset, iid or dirichlet:ALPHA with ALPHA a positive number "
-                 "(e.g. dirichlet:0.5; smaller is more skewed)")
-        if text in ("origin_dataset", "iid"):
-            return cls(text)
-        kind, _, value = text.partition(":")
-        if kind == "dirichlet":
-            try:
-                alpha = float(value)
-            except ValueError:
-                raise UsageError(f"bad --partition {text!r}: {value!r} is not a number; {usage}") from None
-            if not (math.isfinite(alpha) and alpha > 0):
-                raise UsageError(f"bad --partition {text!r}: ALPHA must be positive; {usage}")
-            return cls("dirichlet", alpha)
-        raise UsageError(f"bad --partition {text!r}: {usage}")
-
-    def __str__(self) -> str:
-        return f"dirichlet:{self.alpha:g}" if self.kind == "dirichlet" else self.kind
+# How --data rows are split into clients (origin_dataset, model, feedback_model, type,
+# dirichlet:ALPHA[:KEY], iid): the edge SDK's data layer owns the split; the old name stays.
+Partition = PartitionSpec
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
@@ -132,8 +111,12 @@ class SimulationSettings:
     """Attributes:
     out: where results, per-run files and plots go; a second run with the same settings resumes there.
     scenario: a built-in synthetic scenario (``SCENARIOS``), or None with ``data``.
-    data: a folder of RLAIF-V parquet / JSON Lines files, split into clients by ``partition``.
+    data: RLAIF-V parquet / JSON Lines shards (a folder, a file or a glob), split into clients by ``partition``.
     partition: how ``data`` is split (scenario data is split by the generator itself).
+    skip_bad: skip bad ``data`` rows (counted per reason, reported with the results) instead of stopping.
+    max_examples: use at most this many ``data`` rows, drawn per seed before the split (None: all).
+    max_per_client: each client keeps at most this many of its rows (train and test), drawn per seed
+        (None: all). A client's working set is bounded by this, not by the shards' size.
     clients: number of clients.
     test_fraction: share of each client's ``data`` records held out as its test set.
     examples_per_client / test_examples_per_client: sizes of each client's synthetic splits.
@@ -153,6 +136,11 @@ class SimulationSettings:
         (:class:`~fedvlm.shared.lora_config.LoraSettings`).
     quantization: of the frozen base (``auto``, ``none``, ``nf4``, ``int8``).
     global_test_size: examples drawn from the pooled test set of all clients for ``global_accuracy``.
+    objective: local training's objective, ``sft`` (on ``chosen``) or ``dpo`` (chosen against
+        rejected, the reference being the adapter a client holds at the start of its round).
+    dpo_beta: DPO's beta; also scales the reported reward margin under either objective.
+    max_new_tokens: length of the greedy answers scored (exact match, ROUGE-L, BLEU); None:
+        8 for short answers, the longest reference plus some slack for long ones.
     progress: show the progress bar.
     threads: torch CPU threads. One by default: the small models gain little from more, and
         on a shared CPU two threads that contend were measured 10x slower than one.
@@ -161,7 +149,10 @@ class SimulationSettings:
     out: Path = Path("work/simulate")
     scenario: str | None = "concept-shift"
     data: Path | None = None
-    partition: Partition = Partition("origin_dataset")
+    partition: PartitionSpec = PartitionSpec("by_key", "origin_dataset")
+    skip_bad: bool = False
+    max_examples: int | None = None
+    max_per_client: int | None = None
     clients: int = 8
     test_fraction: float = 0.2
     examples_per_client: int = 32
@@ -181,6 +172,9 @@ class SimulationSettings:
     lora_target_modules: str | None = None
     quantization: str = "auto"
     global_test_size: int = 128
+    objective: str = "sft"
+    dpo_beta: float = 0.1
+    max_new_tokens: int | None = None
     progress: bool = True
     threads: int = 1
 
@@ -189,9 +183,13 @@ class SimulationSettings:
             raise UsageError("give either --scenario NAME or --data DIR (not both)")
         if self.scenario is not None and self.scenario not in SCENARIOS:
             raise UsageError(f"unknown --scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}")
-        if self.data is not None and not self.data.exists():
+        if self.data is not None and not self.data.exists() and not glob.has_magic(str(self.data)):
             raise UsageError(f"--data {self.data} does not exist: point it at a folder of RLAIF-V parquet or "
-                             "JSON Lines files")
+                             "JSON Lines files (or a glob of shards)")
+        for name in ("max_examples", "max_per_client"):
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 2 (one row to train, one to test), "
+                                 f"got {getattr(self, name)}")
         if self.model is not None:
             from fedvlm.edge.model_loading import check_model_dir
 
@@ -209,6 +207,9 @@ class SimulationSettings:
             raise UsageError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}")
         if not self.learning_rate > 0:
             raise UsageError(f"--learning-rate must be positive, got {self.learning_rate}")
+        check_objective(self.objective, self.dpo_beta)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.strategies or not self.seeds:
             raise UsageError("name at least one strategy and one seed")
         parse_strategies(",".join(self.strategies))  # same checks as the flag
@@ -252,8 +253,17 @@ class SimulationSettings:
             key.pop("client_ranks")
         else:
             key["client_ranks"] = list(self.client_ranks)
+        for name in ("skip_bad", "max_examples", "max_per_client"):  # likewise, at their defaults
+            if not key[name]:
+                key.pop(name)
+        if self.objective == "sft":  # likewise: DPO's beta scales only a score that was not reported then
+            key.pop("objective"), key.pop("dpo_beta")
+        if self.max_new_tokens is None:
+            key.pop("max_new_tokens")
         if self.scenario is not None:  # only --data runs are split by these
             key.pop("partition"), key.pop("test_fraction")
+            for name in ("skip_bad", "max_examples", "max_per_client"):
+                key.pop(name, None)
         else:
             key.pop("examples_per_client"), key.pop("test_examples_per_client")
         return key

@@ -76,24 +76,24 @@ def test_adapters_differ_and_logits_match_pytorch(setup):
     assert (mask == 0).any()  # left padding is exercised
     for client in ("alice", "bob"):
         vlm.activate(setup["adapters"][client])
-        onnx_logits = vlm.prefill_logits({k: v.numpy() for k, v in inputs.items()})[0]
+        (onnx_logits, *_), onnx_mask, _ = vlm.prefill_batch(IMAGES, QUESTIONS)
+        np.testing.assert_array_equal(onnx_mask, mask)  # the rows prefilled one by one, padded as generate() pads
         assert _valid_diff(onnx_logits, _torch_logits(model, setup["states"][client], inputs), mask) <= 1e-4
 
 
 def test_no_adapter_is_the_base_model_and_switching_is_stable(setup):
     model, vlm = setup["model"], setup["vlm"]
     inputs = vlm.prompt_format.prompt_batch(IMAGES, QUESTIONS)
-    feeds = {k: v.numpy() for k, v in inputs.items()}
-    mask = feeds["attention_mask"]
+    mask = inputs["attention_mask"].numpy()
     vlm.activate(None)
-    base = vlm.prefill_logits(feeds)[0]
+    base = vlm.prefill_batch(IMAGES, QUESTIONS)[0][0]
     assert _valid_diff(base, _torch_logits(model, setup["base"], inputs), mask) <= 1e-4
     with model.model.disable_adapter(), torch.no_grad():
         assert _valid_diff(base, model.model(**inputs).logits.numpy(), mask) <= 1e-4
     seen = {}
     for client in ["alice", "bob", "alice", None, "bob"]:
         vlm.activate(setup["adapters"][client] if client else None)
-        logits = vlm.prefill_logits(feeds)[0]
+        logits = vlm.prefill_batch(IMAGES, QUESTIONS)[0][0]
         if client in seen:
             np.testing.assert_array_equal(logits, seen[client])
         seen[client] = logits
@@ -178,8 +178,8 @@ def test_merged_export_equals_adapter_export(setup):
     with pytest.raises(EdgeError, match="merged"):
         merged.activate(setup["adapters"]["bob"])
     vlm.activate(setup["adapters"]["bob"])
-    feeds = {k: v.numpy() for k, v in vlm.prompt_format.prompt_batch(IMAGES, QUESTIONS).items()}
-    assert _valid_diff(merged.prefill_logits(feeds)[0], vlm.prefill_logits(feeds)[0], feeds["attention_mask"]) <= 1e-4
+    merged_logits, mask, _ = merged.prefill_batch(IMAGES, QUESTIONS)
+    assert _valid_diff(merged_logits[0], vlm.prefill_batch(IMAGES, QUESTIONS)[0][0], mask) <= 1e-4
     assert merged.answers(IMAGES, QUESTIONS) == vlm.answers(IMAGES, QUESTIONS)
 
 

@@ -174,7 +174,7 @@ def test_edge_train_with_eval_data_from_the_command_line(zoo, device_data, arch,
     out = capsys.readouterr().out
     assert code == 0, out
     report = json.loads(out[out.index("{"): out.rindex("}") + 1])
-    assert report["train"]["steps"] == 2 and set(report) == {"before", "train", "after"}
+    assert report["train"]["steps"] == 2 and set(report) == {"objective", "before", "train", "after"}
     assert 0.0 <= report["after"]["accuracy"] <= 1.0 and report["after"]["loss"] > 0
 
 

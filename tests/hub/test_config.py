@@ -86,6 +86,9 @@ def test_missing_and_invalid_toml_files(tmp_path: Path):
     ({"key_file": "k.pem"}, "cert_file"),
     ({"local_steps": 0}, "local_steps"),
     ({"learning_rate": 0.0}, "learning_rate"),
+    ({"objective": "ppo"}, "unknown objective 'ppo'; choose one of sft, dpo"),
+    ({"dpo_beta": 0}, "dpo_beta must be a positive number"),
+    ({"dpo_beta": "big"}, "dpo_beta must be a positive number"),
     ({"rounds": "3"}, "integer"),
     ({"lora": {"r": 0}}, "lora"),
 ])  # fmt: skip

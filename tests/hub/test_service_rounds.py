@@ -72,7 +72,8 @@ def test_rounds_publish_the_weighted_mean_of_the_accepted_b_factors(start_federa
 
 
 def test_round_config_tells_clients_how_to_train(start_federation):
-    federation = start_federation(min_clients=1, clients=("a",), local_steps=7, learning_rate=0.01)
+    federation = start_federation(min_clients=1, clients=("a",), local_steps=7, learning_rate=0.01,
+                                  objective="dpo", dpo_beta=0.25)
     (client,) = federation.connect("a")
     state = client.wait_collecting(1)
     assert state.selected_count == 1 and state.deadline > time.time()
@@ -83,6 +84,7 @@ def test_round_config_tells_clients_how_to_train(start_federation):
     assert config["lora_config_hash"] == federation.config.lora.config_hash()
     assert config["base_fingerprint"] is None  # nothing pinned before the first accepted update
     assert (config["local_steps"], config["learning_rate"], config["quorum"], config["attempt"]) == (7, 0.01, 1, 1)
+    assert (config["objective"], config["dpo_beta"]) == ("dpo", 0.25)  # devices train with the federation's objective
 
 
 def test_checkpoints_are_reported_where_a_crash_must_be_survivable(start_federation):

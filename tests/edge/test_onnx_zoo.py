@@ -1,0 +1,98 @@
+"""ONNX export and `ask` for the model families beyond LLaVA, from the command line a user runs.
+
+Per family, one tiny model of the family's own classes, a device state holding a personal
+adapter (random factors, so the adapter visibly changes the answers), `fedvlm-edge export`
+and `fedvlm-edge ask`; then ONNX Runtime's greedy answers equal torch's `generate()` token for
+token on pictures of different sizes, with the adapter and without. LLaVA's export is tested
+in depth in test_onnx.py. Families whose forward does not trace are refused in one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedvlm.edge.adapters import LoraSettings
+from fedvlm.edge.cli import main
+from fedvlm.edge.device_state import save_state
+from fedvlm.edge.evaluation import generate_answers
+from fedvlm.edge.onnx_export import NOT_EXPORTABLE
+from fedvlm.edge.onnx_runner import OnnxVLM
+from fedvlm.edge.personal_model import PersonalVLM
+from fedvlm.edge.tiny_model import make_tiny_model
+
+EXPORTABLE = ["idefics3", "smolvlm", "paligemma", "gemma3", "internvl"]
+LORA = LoraSettings(r=4, alpha=8, init_seed=7)
+# Different sizes and aspect ratios: different tile counts (Idefics3, SmolVLM, InternVL).
+IMAGES = [Image.new("RGB", (32, 32), (230, 20, 20)), Image.new("RGB", (64, 40), (20, 200, 20)),
+          Image.new("RGB", (30, 70), (20, 20, 230))]  # fmt: skip
+QUESTIONS = ["what colour is it?", "what shape is this, please?", "how many objects are there?"]
+
+
+def _personalise(model: PersonalVLM) -> dict[str, np.ndarray]:
+    """Random LoRA factors, large enough to change the greedy answers."""
+    generator = torch.Generator().manual_seed(3)
+    state = {k: 0.3 * torch.randn(v.shape, generator=generator).numpy() for k, v in model.adapter_state().items()}
+    model.load_adapter_state(state)
+    return state
+
+
+@pytest.fixture(scope="module", params=EXPORTABLE)
+def exported(request, tmp_path_factory):
+    """The family's tiny model with a personal adapter, exported and asked once from the CLI."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"onnx_{arch}")
+    model_dir = make_tiny_model(root / "model", "tiny", arch=arch, seed=0)
+    model = PersonalVLM.from_pretrained(model_dir, lora=LORA, quantization="none", device="cpu")
+    _personalise(model)
+    state = model.device_state(federation="zoo", client_id="carol", round=1, global_version=1,
+                               global_state=model.shared_update())  # fmt: skip
+    save_state(root / "state", state)
+    assert main(["export", "--state-dir", str(root / "state"), "--model", str(model_dir), "--out", str(root / "onnx")]) == 0
+    model.model.eval()
+    return {"arch": arch, "root": root, "model": model, "onnx": root / "onnx",
+            "adapter": root / "onnx" / "carol.onnx_adapter", "vlm": OnnxVLM.load(root / "onnx")}  # fmt: skip
+
+
+def test_greedy_answers_equal_torch_generate_with_and_without_the_adapter(exported):
+    model, vlm = exported["model"], exported["vlm"]
+    vlm.activate(exported["adapter"])
+    personal = generate_answers(model.model, model.processor, IMAGES, QUESTIONS, max_new_tokens=6)
+    assert vlm.answers(IMAGES, QUESTIONS, max_new_tokens=6) == personal
+    tokens = vlm.generate(IMAGES, QUESTIONS, max_new_tokens=6)
+    vlm.activate(None)
+    with model.model.disable_adapter():
+        base = generate_answers(model.model, model.processor, IMAGES, QUESTIONS, max_new_tokens=6)
+    assert vlm.answers(IMAGES, QUESTIONS, max_new_tokens=6) == base
+    # The adapter is really applied, and the decode graph really ran (several tokens a row).
+    assert base != personal
+    assert tokens.shape[1] > 1
+
+
+def test_cli_ask_answers_as_the_runtime_does(exported, capsys):
+    image = exported["root"] / "picture.png"
+    IMAGES[1].save(image)
+    capsys.readouterr()
+    assert main(["ask", "--onnx", str(exported["onnx"]), "--adapter", str(exported["adapter"]),
+                 "--image", str(image), "--question", QUESTIONS[1]]) == 0  # fmt: skip
+    vlm = exported["vlm"]
+    vlm.activate(exported["adapter"])
+    assert capsys.readouterr().out.strip() == vlm.answer(Image.open(image).convert("RGB"), QUESTIONS[1])
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "qwen2_5_vl", "mllama"])
+def test_a_family_that_cannot_export_is_refused_in_one_line(arch, tmp_path, capsys):
+    model_dir = make_tiny_model(tmp_path / "model", "tiny", arch=arch, seed=0)
+    model = PersonalVLM.from_pretrained(model_dir, lora=LORA, quantization="none", device="cpu")
+    save_state(tmp_path / "state", model.device_state(federation="zoo", client_id="dave", round=1, global_version=1,
+                                                      global_state=model.shared_update()))  # fmt: skip
+    capsys.readouterr()
+    assert main(["export", "--state-dir", str(tmp_path / "state"), "--model", str(model_dir),
+                 "--out", str(tmp_path / "onnx")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    err = err.splitlines()[-1]  # after transformers' weight-loading bar
+    assert "error: " in err and f"does not support the {arch} family" in err and NOT_EXPORTABLE[arch] in err and "PyTorch" in err
+    assert not (tmp_path / "onnx").exists()
