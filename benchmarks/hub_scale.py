@@ -239,12 +239,14 @@ def _hub_command(setting: Setting, broker_url: str, state_dir: Path) -> list[str
     return [sys.executable, "-m", "fedvlm.hub.cli", "start", "--federation", FEDERATION, "--state-dir", str(state_dir),
             "--broker", broker_url, "--mqtt-protocol", "5", "--rounds", "1", "--min-clients", str(setting.devices),
             "--quorum", str(setting.devices), "--round-timeout", "3600", "--quiet",
-            "--max-update-bytes", str(2 * setting.update_bytes + 1024 * 1024)]  # fmt: skip
+            "--max-update-bytes", str(2 * setting.update_bytes + 1024 * 1024),
+            "--workers", str(setting.workers)]  # fmt: skip
 
 
 def _worker_command(setting: Setting, broker_url: str, state_dir: Path, index: int) -> list[str]:
     return [sys.executable, "-m", "fedvlm.hub.cli", "worker", "--federation", FEDERATION, "--state-dir",
-            str(state_dir), "--broker", broker_url, "--name", f"w{index}", "--quiet"]  # fmt: skip
+            str(state_dir), "--broker", broker_url, "--index", str(index), "--workers", str(setting.workers),
+            "--quiet"]  # fmt: skip
 
 
 def _signed_size(recipe: UpdateRecipe) -> int:
@@ -330,6 +332,10 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
             result.mb_per_s = setting.devices * result.signed_update_bytes / result.round_s / 1e6
             if result.carry_s:
                 result.round_over_carry = result.round_s / result.carry_s
+        for index, worker in enumerate(workers):  # a worker that died made the figures the hub's alone
+            if worker.process.poll() is not None:
+                raise RuntimeError(f"worker {index} exited with status {worker.process.returncode} during the round; "
+                                   f"see {worker.log_path}")  # fmt: skip
         if not hub.reap(120):
             hub.stop()
         result.hub_exit_status = hub.returncode
