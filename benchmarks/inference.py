@@ -96,7 +96,8 @@ def run(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="fedvlm-bench-inference-"))
-    model_dir = make_tiny_model(tmp / "model", "small", extra_words=all_words())  # answer words are tokens
+    # Answer words are tokens. --arch: another family's small model (its own processor and template).
+    model_dir = make_tiny_model(tmp / "model", "small", arch=args.arch, extra_words=all_words())
     personal = PersonalVLM.from_pretrained(model_dir, lora=LoraSettings(), quantization="none", device="cpu")
 
     start = time.perf_counter()
@@ -159,6 +160,7 @@ def run(args) -> dict:
     speedup_b1 = min(results["trained_batch_1"]["speedup_p50"], results["full_length_batch_1"]["speedup_p50"])
     return {
         "model": "small",
+        "arch": args.arch,
         "threads": args.threads,
         "threads_note": "torch.set_num_threads and ORT intra_op_num_threads set to the same count",
         "max_new_tokens": args.max_new_tokens,
@@ -179,7 +181,7 @@ def run(args) -> dict:
 
 
 def print_table(r: dict) -> None:
-    print(f"\nInference, small tiny VLM, CPU, {r['threads']} thread(s) for both torch and ORT, "
+    print(f"\nInference, small tiny {r['arch']} VLM, CPU, {r['threads']} thread(s) for both torch and ORT, "
           f"max_new_tokens={r['max_new_tokens']}, {r['repeats']} alternating repeats")
     print(f"{'regime':<12} {'batch':>5} {'tokens':>6} {'engine':<14} {'p50 ms':>9} {'p95 ms':>9} {'answers/s':>10} "
           f"{'same answers':>13}")
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed answers per engine and batch size (default: 20)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="CPU threads for both torch and ORT (default: min(2, cores))")
+    parser.add_argument("--arch", default="llava", metavar="NAME",
+                        help="model family of the small tiny model (default: llava; any that exports, e.g. smolvlm)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="default: 8")
     parser.add_argument("--train-steps", type=int, default=20, help="training steps per client adapter (default: 8)")
     args = parser.parse_args(argv)
@@ -215,8 +219,9 @@ def main(argv=None) -> int:
     print_table(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'inference.json'}")
+    name = "inference.json" if args.arch == "llava" else f"inference-{args.arch}.json"
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / name}")
     return 0 if result["answers_identical"] else 1
 
 

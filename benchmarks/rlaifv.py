@@ -8,7 +8,7 @@ published parquet schema and read back through the same reader as the real shard
 source goes to one client (``--partition origin_dataset``, the paper's split). Then
 ``fedvlm simulate`` runs every strategy of the default comparison (plora, fedit, ffa, fedsa,
 fedex, local and the centralised and base references) for each seed, once under SFT and once
-under DPO, and this prints, per objective and score, which federated strategy wins and how
+under DPO, and this prints, per objective and score, which strategy wins and how
 pLoRA compares with FedIT. Everything, with plots, is under ``--out``; an interrupted run resumes.
 
 The base is a tiny random-weight LLaVA (``fedvlm-edge make-tiny-model``), so that the whole
@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=48,
                         help="greedy answer length for ROUGE-L/BLEU (the descriptions run 30-70 tokens)")
     parser.add_argument("--model", type=Path, help="base model (default: a tiny LLaVA built in --out)")
+    parser.add_argument("--pretrained-small", action="store_true",
+                        help="use fedvlm simulate's default base instead: the small LLaVA pre-trained to name colours "
+                             "(built once into work/models/small-pretrained, 3-7 min)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -59,9 +62,14 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     from fedvlm.edge.tiny_model import make_tiny_model
     from fedvlm.simulate.clients import image_size_of
 
-    model = args.model or args.out / "model"
-    if args.model is None and not (model / "config.json").exists():
-        make_tiny_model(model, "tiny", seed=0)
+    if args.pretrained_small:
+        from fedvlm.simulate.runner import prepare_model
+
+        model = prepare_model(SimulationSettings(progress=not args.quiet))  # no --model: the pre-trained small base
+    else:
+        model = args.model or args.out / "model"
+        if args.model is None and not (model / "config.json").exists():
+            make_tiny_model(model, "tiny", seed=0)
     shards = args.out / "shards"
     if not any(shards.glob("*.parquet")):
         write_preference_shards(shards, args.rows, shards=2, image_size=image_size_of(model), seed=0)
@@ -69,7 +77,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def summary(results: dict[str, dict]) -> dict:
-    """Per objective: the winning federated strategy on each score, and pLoRA against FedIT."""
+    """Per objective: the winning strategy on each score (references left out), and pLoRA against FedIT."""
     out: dict = {}
     for objective, result in results.items():
         strategies = result["strategies"]
@@ -104,14 +112,14 @@ def markdown(summary_: dict, seconds: float) -> str:
         for name, scores in entry["scores"].items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{scores[m][0]:.3f} ± {scores[m][1]:.3f}" if m in scores else "—" for m in shown) + " |")
-        lines += ["", "Best federated strategy: " + "; ".join(
+        lines += ["", "Best strategy (references left out, local counted): " + "; ".join(
             f"{METRIC_LABELS[m]}: {', '.join(names)}" for m, names in entry["winners"].items()) + "."]
         if entry["plora_vs_fedit"]:
             lines += ["", "pLoRA vs FedIT: " + "; ".join(
                 f"{METRIC_LABELS[m]} {v['plora']:.3f} vs {v['fedit']:.3f} ({v['verdict']})"
                 for m, v in entry["plora_vs_fedit"].items())
                 + f"; pLoRA sends {entry['bytes_up_ratio']:.2f}× FedIT's bytes up.", ""]
-    lines.append(f"Elapsed {seconds / 60:.1f} min.")
+    lines.append(f"Elapsed {seconds / 60:.1f} min in this invocation (runs already in --out are not redone).")
     return "\n".join(lines) + "\n"
 
 

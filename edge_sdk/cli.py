@@ -39,10 +39,11 @@ def _add_lora_options(parser: argparse.ArgumentParser) -> None:
 def _add_objective_options(parser: argparse.ArgumentParser, *, hub_decides: bool = False) -> None:
     from fedvlm.shared.objective_names import DEFAULT_DPO_BETA, OBJECTIVE_NAMES
 
-    after = " unless the hub announces one (devices follow their federation's)" if hub_decides else ""
+    after = "; a hub that announces an objective overrides this (devices follow their federation)" if hub_decides \
+        else ""
     parser.add_argument("--objective", default="sft", choices=OBJECTIVE_NAMES,
-                        help=f"sft: train on the chosen answer; dpo: chosen against rejected, the reference being "
-                             f"the adapter as it is when training starts{after} (default: sft)")
+                        help="sft: train on the chosen answer; dpo: chosen against rejected, the reference being "
+                             f"the adapter as it is when training starts (default: sft{after})")
     parser.add_argument("--dpo-beta", type=float, default=DEFAULT_DPO_BETA,
                         help=f"DPO's beta; also scales the reported reward margin (default: {DEFAULT_DPO_BETA})")
 

@@ -14,7 +14,10 @@ in :func:`fedvlm.edge.training.train` is the same for every objective.
   when ``train`` starts: in a federation, the frozen base with the adapter the client holds
   at the start of its round (the global factors it just received and its personal ones).
   Its log-probabilities are computed once per example then, without gradients and without
-  dropout, so the reference costs one forward pass per pair per round and is exact.
+  dropout, so the reference costs one forward pass per pair per round and is exact. A
+  strategy that trains in phases calls ``train`` once per phase (FedDPA: the global adapter,
+  then the personal one; pLoRA with ``refit_steps``: A alone after the new global B arrives),
+  so each phase's reference is the model as that phase starts.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ _TIMING_REASONS = frozenset({ReasonCode.LATE, ReasonCode.WRONG_ROUND, ReasonCode
                              ReasonCode.HUB_ERROR})
 _MAX_REASON_TEXT = 2000
 # Retry hints for updates refused for load: at least this long, at most that long.
-_MIN_RETRY_AFTER_S = 1.0
+_MIN_RETRY_AFTER_S = 0.25
 _MAX_RETRY_AFTER_S = 30.0
 _OVERLOAD_WINDOW_S = 5.0
 
@@ -139,6 +139,10 @@ class UpdateIntake:
         self._held_count = 0
         self.early_acks = 0  # chunks acknowledged before their update was judged (window valve)
         self._overloads: collections.deque[float] = collections.deque()
+        # When each update in reassembly began, and a running mean of how long one takes:
+        # the retry hint is the time the room needs to take in those refused lately.
+        self._started: dict[tuple[str, bytes], float] = {}
+        self._mean_reassembly_s = 0.25
         self._reassembler = Reassembler(
             max_message_bytes=rules.max_update_bytes,
             max_pending_messages=reassembly_slots,
@@ -263,7 +267,8 @@ class UpdateIntake:
             retry_after = self._retry_after() if error.reason is ReasonCode.OVERLOADED else None
             self.reject(client_id, None, error.message_id or topic_message_id, error.reason, str(error),
                         retry_after_s=retry_after)  # fmt: skip
-            self._release_held(key)
+            if not self._reassembler.is_pending(client_id, header.message_id):
+                self._release_held(key)  # the message was dropped (one refused chunk leaves it going)
             return False
         if completed is None:
             if not self._reassembler.is_pending(client_id, header.message_id):
@@ -300,6 +305,8 @@ class UpdateIntake:
 
     # ------------------------------------------------------------------ broker acks held
     def _hold(self, key: tuple[str, bytes], broker_ack: BrokerAck) -> None:
+        if key not in self._held:
+            self._started[key] = time.monotonic()
         self._held.setdefault(key, []).append(broker_ack)
         self._held_count += 1
         # The valve: chunks of incomplete updates must never fill the broker's window.
@@ -311,8 +318,12 @@ class UpdateIntake:
             self.early_acks += 1
             if not acks:
                 del self._held[oldest]
+                self._started.pop(oldest, None)
 
     def _take_held(self, key: tuple[str, bytes]) -> list[BrokerAck]:
+        started = self._started.pop(key, None)
+        if started is not None:
+            self._mean_reassembly_s += 0.1 * (time.monotonic() - started - self._mean_reassembly_s)
         acks = self._held.pop(key, [])
         self._held_count -= len(acks)
         return acks
@@ -327,13 +338,16 @@ class UpdateIntake:
         return self._held_count + sum(len(item.broker_acks) for item in self._batch)
 
     def _retry_after(self) -> float:
-        """How long a device refused for load should wait: longer the more were refused lately."""
+        """How long a device refused for load should wait: about the time the reassembly room
+        needs to take in every update refused lately (their count / slots x the mean time one
+        update spends in reassembly). Devices add jitter and back off on their side."""
         now = time.monotonic()
         self._overloads.append(now)
         while self._overloads and self._overloads[0] < now - _OVERLOAD_WINDOW_S:
             self._overloads.popleft()
-        capacity = max(1, self._reassembler.max_pending_messages)
-        return round(min(_MAX_RETRY_AFTER_S, max(_MIN_RETRY_AFTER_S, len(self._overloads) / capacity)), 2)
+        slots = max(1, self._reassembler.max_pending_messages)
+        wait = len(self._overloads) / slots * self._mean_reassembly_s
+        return round(min(_MAX_RETRY_AFTER_S, max(_MIN_RETRY_AFTER_S, wait)), 2)
 
     # ------------------------------------------------------------------ group commit
     @property

@@ -348,3 +348,31 @@ def test_plora_refit_steps_refit_a_on_the_device_once_the_global_b_arrives(tmp_p
             assert all(factor_of(k) == "A" for k in state.personal)
     finally:
         mosquitto.stop()
+
+
+def test_an_unanswered_update_is_sent_again_as_soon_as_the_hub_is_back_online(tmp_path, tiny_model_dir,
+                                                                              tiny_federation):  # fmt: skip
+    """After a hub restart the device does not wait for its re-send timer: the hub's state
+    going offline and online again triggers the re-send (what a restarted hub had not
+    committed it may not get from the broker again)."""
+    import time
+
+    from fedvlm.shared.protocol import Ack, HubState, Presence, RoundPhase
+
+    client = EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 43,
+                        tmp_path / "device", training=QUICK, quantization="none")  # fmt: skip
+    hub = HubState(federation="fed", status=Presence.ONLINE, round=1, phase=RoundPhase.COLLECTING, global_version=0,
+                   selected_count=1, deadline=time.time() + 60)  # fmt: skip
+    message_id = bytes(range(16))
+    resent: list[float] = []
+
+    def resend() -> None:  # the hub, back, answers the re-sent update
+        resent.append(time.monotonic())
+        client._events.put(("ack", Ack.accept("a", 1, message_id).to_json()))
+
+    client._events.put(("hub_state", dataclasses.replace(hub, status=Presence.OFFLINE).to_json()))
+    client._events.put(("hub_state", hub.to_json()))
+    started = time.monotonic()
+    ack = client._wait_for_ack(message_id, hub, resend=resend)
+    assert ack.accepted and len(resent) == 1 and resent[0] - started < 2.0  # not the 15 s timer
+    assert [kind for kind, _ in list(client._events.queue)] == ["hub_state", "hub_state"]  # handled after

@@ -48,3 +48,27 @@ def test_bad_objective_flags_are_one_line(tiny_model_dir, tmp_path, capsys):
         code = fedvlm_main(["simulate", "--scenario", "iid", *flags, "--out", str(tmp_path / "o"), "--quiet"])
         error = capsys.readouterr().err
         assert code == 2 and message in error and "Traceback" not in error, error
+
+
+def test_every_strategy_trains_under_dpo(tiny_model_dir, tmp_path, capsys):
+    """DPO is only the loss: every strategy (personalised ones with their own training loops
+    included) runs under it, and each still sends what it sends under SFT."""
+    from fedvlm.shared.strategies import STRATEGY_NAMES
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    write_rlaifv_shard(data / "part.parquet", rows_per_source=4)
+    out = tmp_path / "out"
+    code = fedvlm_main(["simulate", "--data", str(data), "--objective", "dpo", "--clients", "2",
+                        "--model", str(tiny_model_dir), "--strategies", ",".join(STRATEGY_NAMES),
+                        "--lora-parts", "language,vision,projector", "--client-ranks", "2,4", "--lora-rank", "4",
+                        "--rounds", "1", "--local-steps", "2", "--batch-size", "2", "--max-new-tokens", "4",
+                        "--quantization", "none", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    strategies = json.loads((out / "results.json").read_text())["strategies"]
+    assert set(strategies) == set(STRATEGY_NAMES)
+    for name, entry in strategies.items():
+        assert entry["personal_preference_accuracy"] is not None and entry["personal_reward_margin"] is not None
+    assert strategies["plora"]["shared_tensors"]["factors"] == ["B"]
+    assert strategies["fedit"]["shared_tensors"]["factors"] == ["A", "B"]
+    assert strategies["local"]["bytes_up_per_client_round"] == 0

@@ -91,12 +91,12 @@ def summarise(name: str, runs: Sequence[dict]) -> dict:
 
 
 def winners(strategies: Mapping[str, dict]) -> dict[str, list[str]]:
-    """Per score, the federated strategies (references left out) with the best personal mean,
-    ties included."""
+    """Per score, the strategies with the best personal mean, ties included; the references
+    (centralised, base) are left out, ``local`` is not (it is the bar federation must clear)."""
     best: dict[str, list[str]] = {}
-    federated = {n: e for n, e in strategies.items() if n not in REFERENCES}
+    candidates = {n: e for n, e in strategies.items() if n not in REFERENCES}
     for metric in METRICS:
-        values = {n: e[f"personal_{metric}"] for n, e in federated.items() if e[f"personal_{metric}"] is not None}
+        values = {n: e[f"personal_{metric}"] for n, e in candidates.items() if e[f"personal_{metric}"] is not None}
         if values:
             target = (min if metric in LOWER_IS_BETTER else max)(values.values())
             best[metric] = [n for n, v in values.items() if np.isclose(v, target, rtol=0, atol=1e-9)]
@@ -152,7 +152,7 @@ def markdown(results: dict) -> str:
                      f"| {entry['seconds']:.0f} |")
     best = winners(strategies)
     if best:
-        lines += ["", "Best federated strategy per score (personal): "
+        lines += ["", "Best strategy per score (personal; references left out, local counted): "
                   + "; ".join(f"{METRIC_LABELS[m]}: {', '.join(names)}" for m, names in best.items()) + "."]
     if "plora" in strategies and "fedit" in strategies:
         plora, fedit = strategies["plora"], strategies["fedit"]

@@ -19,9 +19,13 @@ from fedvlm.shared.protocol import Announcement, HubState, Presence, RoundPhase,
 DEVICES = 10_001
 
 
+# A fixed deadline: a time.time() one varies in its printed digits and so in the JSON's length.
+DEADLINE = 1_800_000_000.5
+
+
 def _state(selected: int, attempt: int = 1) -> HubState:
     return HubState(federation="fed", status=Presence.ONLINE, round=1, phase=RoundPhase.COLLECTING, global_version=0,
-                    selected_count=selected, deadline=time.time() + 60, round_config={"attempt": attempt})
+                    selected_count=selected, deadline=DEADLINE, round_config={"attempt": attempt})
 
 
 def test_ten_thousand_and_one_devices_are_all_selected_and_each_told_alone(tmp_path: Path):
@@ -50,12 +54,13 @@ def test_ten_thousand_and_one_devices_are_all_selected_and_each_told_alone(tmp_p
     last = Selection(federation="fed", client_id=ids[-1], round=1, attempt=1, deadline=opened.deadline)
     assert len(last.to_json()) < 200 and last.matches(_state(DEVICES))
     assert not last.matches(_state(DEVICES, attempt=2))  # a stale selection does not count
-    # Membership and completion checks do not scan the selection.
-    started = time.perf_counter()
+    # Every one of them counts, and the round completes once each has answered (how fast is
+    # benchmarks/hub_scale.py's to measure, not a test's).
     for client_id in ids:
         assert opened.is_selected(client_id)
+        assert not opened.all_answered()
         opened.record(client_id)
-    assert opened.all_answered() and time.perf_counter() - started < 1.0
+    assert opened.all_answered()
 
 
 def test_clients_per_round_samples_from_those_online():

@@ -143,3 +143,30 @@ def test_a_second_connection_sees_committed_state(tmp_path: Path):
     with HubStore.in_state_dir(tmp_path) as writer, HubStore.in_state_dir(tmp_path, create=False) as reader:
         writer.add_client("alice", "s" * 43, now=1.0)
         assert reader.secret_of("alice") == "s" * 43
+
+
+def test_a_batch_of_receipts_commits_with_the_round_running_sum_or_not_at_all(store: HubStore):
+    store.commit_accepted(1, [receipt(1, "a"), receipt(1, "b")], b"sum-of-2", 2, now=2.0, pins={"base_fingerprint": "b1"})
+    assert store.round_aggregate(1) == (b"sum-of-2", 2) and store.count_round_receipts(1) == 2
+    with pytest.raises(sqlite3.IntegrityError):  # "a" again: the whole batch fails, the sum with it
+        store.commit_accepted(1, [receipt(1, "c"), receipt(1, "a")], b"sum-of-4", 4, now=3.0)
+    assert store.round_aggregate(1) == (b"sum-of-2", 2) and store.count_round_receipts(1) == 2
+    assert store.get_meta("base_fingerprint") == "b1"
+    store.open_round(RoundRecord(round=1, attempt=1, selected=("a", "b"), quorum=1, deadline=9.0, opened_at=1.0))
+    version = GlobalVersionRecord(version=1, round=1, sha256="0" * 64, file_path="/g", total_size=1, chunk_count=1,
+                                  chunk_size=1024, manifest="{}", created_at=4.0, published=False)  # fmt: skip
+    store.add_global_version(version, closes_attempt=1, now=4.0)
+    assert store.round_aggregate(1) is None  # the version holds the round now: disk stays bounded
+
+
+def test_a_state_dir_of_schema_1_is_migrated_in_place(tmp_path: Path):
+    with HubStore.in_state_dir(tmp_path) as store:
+        store.add_receipt(receipt(1, "a"))
+    with sqlite3.connect(tmp_path / "hub.sqlite3") as old:  # as an older hub left it
+        old.execute("DROP TABLE round_aggregates")
+        old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with HubStore.in_state_dir(tmp_path, create=False) as reader:  # a reader (status) leaves it as it is
+        assert reader.get_meta("schema_version") == "1" and reader.count_receipts() == 1
+    with HubStore.in_state_dir(tmp_path) as store:  # the hub migrates it
+        assert store.get_meta("schema_version") == "2"
+        assert store.receipt(1, "a").file_path == "/x/a" and store.round_aggregate(1) is None
