@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation bench-data-memory bench-rlaifv fuzz clean
+.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation bench-data-memory bench-rlaifv bench-hub-scale fuzz clean
 
 help:
 	@echo "make demo        run the main job (see README)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-rlaifv  every strategy, SFT and DPO, on RLAIF-V-like shards split by source (3 seeds; < 30 min)"
 	@echo "make bench-data-memory  peak RSS of reading RLAIF-V shards at 500 vs 5,000 rows (ratio near 1)"
 	@echo "make bench-personalisation  federation vs training alone: few-shot, concept shift, examples sweep (~37 min + base)"
+	@echo "make bench-hub-scale  N simulated devices vs a real hub and mosquitto (HUB_SCALE_SETTINGS; ~10-15 min)"
 	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
 
@@ -55,6 +56,12 @@ bench-rlaifv: $(STAMP)
 
 bench-personalisation: $(STAMP)
 	$(PY) benchmarks/personalisation.py --out $(WORK)/bench/personalisation
+
+# DEVICESxSIZE[:Kw] settings, comma-separated (Kw: K hub workers); the default is every setting.
+HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w
+
+bench-hub-scale: $(STAMP)
+	$(PY) benchmarks/hub_scale.py --settings $(HUB_SCALE_SETTINGS) --out $(WORK)/bench/hub-scale
 
 FUZZ_MESSAGES ?= 10000
 FUZZ_SEED ?= 7

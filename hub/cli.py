@@ -6,6 +6,7 @@
     fedvlm-hub clients revoke NAME
     fedvlm-hub status [--json]
     fedvlm-hub broker-config --out DIR # password file, ACL and TLS config for a production mosquitto
+    fedvlm-hub worker --broker URL --index I --workers N   # a share of the uploads (MQTT 5 shared subscription)
 
 Every sub-command takes ``--state-dir`` (default ``./fedvlm-hub``) and ``--config``
 (whose ``state_dir`` is used when ``--state-dir`` is not given).
@@ -46,7 +47,7 @@ round_timeout_s, selection_seed, state_dir, broker, username, password, ca_file,
 cert_file, key_file, secrets_key_file, mqtt_protocol, embedded_host, embedded_port, chunk_size,
 max_update_bytes, base_fingerprint, local_steps, learning_rate, objective, dpo_beta, done_linger_s,
 max_update_norm, norm_factor, norm_action, max_sample_count, clients_per_round,
-keep_updates, inflight_window, commit_batch, reassembly_slots) plus a
+keep_updates, inflight_window, commit_batch, reassembly_slots, workers) plus a
 [lora] table (r, alpha, dropout, parts, layers, target_modules, init_seed) and a
 [strategy_options] table (the strategy's parameters, listed in its class's docstring).
 Without --broker the hub starts an embedded MQTT 3.1.1 broker on 127.0.0.1:--port.
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "together (group commit; default 64)")
     transport.add_argument("--reassembly-slots", type=int, metavar="N", help="updates reassembled at once; more "
                            "are refused as overloaded with a retry hint (default 64)")
+    transport.add_argument("--workers", type=int, metavar="N", help="N hub workers (`fedvlm-hub worker`) take the "
+                           "updates through an MQTT 5 shared subscription; this hub only opens rounds, merges their "
+                           "partial sums and publishes (needs --broker; default: 0, the hub takes them itself)")
     transport.add_argument("--keep-updates", action="store_true", default=None, help="also keep each accepted "
                            "update as a file in the state dir (default: only the round's running sum)")
     transport.add_argument("--linger", dest="done_linger_s", type=float, metavar="SECONDS", help="with the embedded "
@@ -191,7 +195,50 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--tls-certfile", metavar="FILE", help="the broker's certificate (PEM)")
     broker.add_argument("--tls-keyfile", metavar="FILE", help="the broker's private key (PEM)")
     broker.add_argument("--secrets-key-file", help=_SECRETS_KEY_HELP)
+    _add_worker_parser(commands)
     return parser
+
+
+_WORKER_EPILOG = """\
+A worker judges updates by the federation settings the coordinator stored in the state
+directory (strategy, LoRA layout, limits, norm bound), so it takes no federation flags:
+start the coordinator with `fedvlm-hub start --broker URL --workers N ...` and N workers
+with `fedvlm-hub worker --broker URL --index I --workers N` (I = 0 .. N-1), all on the
+same --state-dir (the hub's machine, or a shared directory). The broker must speak
+MQTT 5 with shared subscriptions (mosquitto 2, EMQX, HiveMQ); the embedded broker cannot.
+A worker restarted with the same --index resumes its broker session: updates it had not
+committed come back to it. See docs/capacity.md.
+"""
+
+
+def _add_worker_parser(commands: Any) -> None:
+    from .worker_settings import DEFAULT_GROUP
+
+    worker = commands.add_parser("worker", help="take a share of the uploads (MQTT 5 shared subscription)",
+                                 description="Run a hub worker: verify, reassemble and sum a share of the "
+                                             "federation's updates, committing a partial sum the coordinator "
+                                             "(`fedvlm-hub start --workers N`) merges.",
+                                 epilog=_WORKER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_state_arguments(worker)
+    worker.add_argument("--federation", help="federation id (default: the one the state dir belongs to)")
+    worker.add_argument("--index", type=int, default=0, help="this worker's number, 0 to --workers - 1 (default: 0)")
+    worker.add_argument("--workers", type=int, default=1, help="how many workers share the uploads (default: 1)")
+    worker.add_argument("--group", default=DEFAULT_GROUP, help=f"shared subscription group (default: {DEFAULT_GROUP})")
+    worker.add_argument("--no-relay", dest="relay", action="store_false", help="the broker keeps each device's "
+                        "messages on one worker (EMQX shared_subscription_strategy hash_clientid or hash_topic): "
+                        "do not relay the chunks of multi-chunk updates to their owner (mosquitto needs the relay)")
+    transport = worker.add_argument_group("broker")
+    transport.add_argument("--broker", metavar="URL", help="the MQTT 5 broker: mqtt://host:port or mqtts://host:port")
+    transport.add_argument("--username", help="broker username")
+    password = transport.add_mutually_exclusive_group()
+    password.add_argument("--password", help=f"broker password (prefer --password-file or {PASSWORD_ENVIRONMENT})")
+    password.add_argument("--password-file", type=Path, metavar="FILE", help="file holding the broker password")
+    transport.add_argument("--ca-file", help="CA certificates to verify the broker (PEM); implies TLS")
+    transport.add_argument("--cert-file", help="client certificate for TLS (PEM)")
+    transport.add_argument("--key-file", help="private key of --cert-file (PEM)")
+    transport.add_argument("--mqtt-protocol", choices=("5",), help="MQTT version (workers need 5)")
+    worker.add_argument("--secrets-key-file", help=_SECRETS_KEY_HELP)
+    worker.add_argument("--quiet", action="store_true", help="no progress lines on the console")
 
 
 def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,16 +280,20 @@ def _start_config(args: argparse.Namespace) -> HubConfig:
                     "mqtt_protocol", "embedded_host", "embedded_port", "chunk_size", "max_update_bytes",
                     "base_fingerprint", "local_steps", "learning_rate", "objective", "dpo_beta", "done_linger_s",
                     "max_update_norm", "norm_factor", "norm_action", "max_sample_count", "clients_per_round",
-                    "inflight_window", "commit_batch", "keep_updates", "reassembly_slots")
+                    "inflight_window", "commit_batch", "keep_updates", "reassembly_slots", "workers")
     }  # fmt: skip
     overrides["round_timeout_s"] = args.round_timeout
     overrides["secrets_key_file"] = args.secrets_key_file
-    if args.password_file is not None:
-        overrides["password"] = read_secret_file(args.password_file, "broker password")
-    if overrides["password"] is None and os.environ.get(PASSWORD_ENVIRONMENT):
-        overrides["password"] = os.environ[PASSWORD_ENVIRONMENT]
+    overrides["password"] = _broker_password(args)
     lora = {"r": args.lora_rank, "alpha": args.lora_alpha, "init_seed": args.lora_seed, **lora_target_fields(args)}
     return load_config(args.config, overrides, lora, dict(args.strategy_options or ()))
+
+
+def _broker_password(args: argparse.Namespace) -> str | None:
+    """--password, else --password-file, else $FEDVLM_BROKER_PASSWORD (None: none given)."""
+    if args.password_file is not None:
+        return read_secret_file(args.password_file, "broker password")
+    return args.password or os.environ.get(PASSWORD_ENVIRONMENT) or None
 
 
 def _run_start(args: argparse.Namespace) -> int:
@@ -260,16 +311,40 @@ def _run_start(args: argparse.Namespace) -> int:
         if warning:
             print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
 
-    def stop(signum: int, frame: Any) -> None:
-        service.request_stop()
+    _serve_until_signalled(service.serve, service.request_stop)
+    return 0
 
-    # Ctrl-C and SIGTERM end the hub cleanly (offline state published) instead of mid-write.
+
+def _serve_until_signalled(serve: Any, request_stop: Any) -> None:
+    """Run ``serve``; Ctrl-C and SIGTERM end it cleanly (``request_stop``) instead of mid-write."""
+
+    def stop(signum: int, frame: Any) -> None:
+        request_stop()
+
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        service.serve()
+        serve()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from .console import Console
+    from .worker import HubWorker
+    from .worker_settings import worker_config
+
+    connection: dict[str, Any] = {key: getattr(args, key) for key in ("federation", "broker", "username", "password",
+                                                                      "ca_file", "cert_file", "key_file")}
+    connection["state_dir"] = _state_dir(args)
+    connection["secrets_key_file"] = _secrets_key_file(args)
+    connection["password"] = _broker_password(args)
+    console = Console(enabled=not args.quiet)
+    config = worker_config(args.config, connection, console=console)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = HubWorker(config, index=args.index, workers=args.workers, group=args.group, relay=args.relay,
+                       console=console)
+    _serve_until_signalled(worker.serve, worker.request_stop)
     return 0
 
 
@@ -350,6 +425,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "start":
         return _run_start(args)
+    if args.command == "worker":
+        return _run_worker(args)
     if args.command == "clients":
         return _run_clients(args)
     if args.command == "status":

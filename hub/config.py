@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvlm.shared.lora_config import LoraSettings
+from fedvlm.shared.mqtt_link import BrokerAddress
 from fedvlm.shared.objective_names import DEFAULT_DPO_BETA, DEFAULT_OBJECTIVE, check_objective
 from fedvlm.shared.protocol import (
     DEFAULT_CHUNK_SIZE,
@@ -108,6 +109,10 @@ class HubConfig:
         norm_factor: relative bound, this many times the previous round's median update
             norm (default 5); 0 turns it off. See ``fedvlm.hub.norm_bound``.
         norm_action: ``clip`` (default) an update over the bound onto it, or ``reject`` it.
+        workers: hub workers (``fedvlm-hub worker``) take the updates through an MQTT 5
+            shared subscription; this hub then only coordinates: it opens rounds, sees the
+            answers in the database and merges the workers' partial sums. 0: it takes the
+            updates itself.
         keep_updates: also keep every accepted update's body as a file in the state dir
             (for audits); by default only the round's running sum is kept, committed with
             the receipts, so disk does not grow with the number of devices.
@@ -162,6 +167,7 @@ class HubConfig:
     keep_updates: bool = False
     inflight_window: int = 1024
     commit_batch: int = 64
+    workers: int = 0
     reassembly_slots: int = 64
 
     def __post_init__(self) -> None:
@@ -185,6 +191,10 @@ class HubConfig:
             raise HubConfigError(f"inflight_window must be at most 65535 (MQTT's receive maximum), "
                                  f"got {self.inflight_window}")
         _check_int("commit_batch", self.commit_batch, minimum=1)
+        _check_int("workers", self.workers, minimum=0)
+        if self.workers and self.broker is None:
+            raise HubConfigError("workers need an MQTT 5 broker with shared subscriptions, which the embedded broker "
+                                 "lacks: run mosquitto 2 or EMQX and pass --broker mqtt://HOST:PORT")  # fmt: skip
         _check_int("reassembly_slots", self.reassembly_slots, minimum=1)
         if not isinstance(self.keep_updates, bool):
             raise HubConfigError(f"keep_updates must be true or false, got {self.keep_updates!r}")
@@ -251,6 +261,11 @@ class HubConfig:
     @property
     def uses_embedded_broker(self) -> bool:
         return self.broker is None
+
+    def broker_address(self) -> BrokerAddress:
+        """The broker with the login and TLS settings (what ``MqttLink`` connects to)."""
+        return BrokerAddress.parse(self.broker_url(), username=self.username, password=self.password,
+                                   ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
 
     def broker_url(self) -> str:
         """The broker the hub connects to (the embedded one when ``broker`` is None)."""

@@ -30,6 +30,10 @@ class ClientRegistryError(HubError):
     """Registering, listing or revoking a client failed (e.g. the name is taken)."""
 
 
+class RoundNotCollecting(HubError):
+    """A hub worker tried to commit to a round the coordinator closed or sealed."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """What ``fedvlm-hub`` reports in one line.
 

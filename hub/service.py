@@ -61,6 +61,8 @@ from .presence import PresenceTracker
 from .publisher import GlobalPublisher, global_payload
 from .rounds import LifecyclePhase, OpenRound, Outcome, RoundLifecycle, RoundPolicy
 from .store import GlobalVersionRecord, HubStore, RoundRecord
+from .worker_partials import merge_worker_partials
+from .worker_settings import SETTINGS_META_KEY, federation_settings
 from .updates import PIN_BASE_FINGERPRINT, PIN_TENSOR_SPEC, FederationPins, UpdateRules
 
 __all__ = ["HubService"]
@@ -70,6 +72,8 @@ log = logging.getLogger(__name__)
 # How often the hub thread looks at the clock (deadlines, expired reassemblies).
 _TICK_S = 0.1
 _PROGRESS_EVERY_S = 10.0
+# With workers: how often the coordinator reads the receipts they committed.
+_WORKER_POLL_S = 0.2
 _RETRY_PUBLISH_AFTER_S = 2.0
 # Presence is written to SQLite at most this often (in one transaction).
 _PRESENCE_FLUSH_S = 0.2
@@ -150,6 +154,7 @@ class HubService:
         self._unpublished_version: int | None = None
         self._next_publish_attempt = 0.0
         self._last_progress = 0.0
+        self._last_worker_poll = 0.0
         self._last_tick = 0.0
         self._last_presence_flush = 0.0
         self._last_full_online_check = 0.0
@@ -158,9 +163,7 @@ class HubService:
     @property
     def address(self) -> BrokerAddress:
         """The broker the hub uses (with login and TLS settings)."""
-        return BrokerAddress.parse(self.config.broker_url(), username=self.config.username,
-                                   password=self.config.password, ca_file=self.config.ca_file,
-                                   cert_file=self.config.cert_file, key_file=self.config.key_file)  # fmt: skip
+        return self.config.broker_address()
 
     @property
     def broker_url(self) -> str:
@@ -200,7 +203,8 @@ class HubService:
             # the broker kept for the hub right after CONNACK, before any SUBSCRIBE.
             self._link.on_reconnect.append(lambda: self._events.put(("reconnected",)))
             self._link.subscribe(self.topics.client_announcements_filter(), self._receive_announcement)
-            self._link.subscribe(self.topics.updates_filter(), self._receive_update_chunk, manual_ack=True)
+            if not self.config.workers:  # else the workers take them (shared subscription)
+                self._link.subscribe(self.topics.updates_filter(), self._receive_update_chunk, manual_ack=True)
             self._link.connect(connect_timeout)
         except BaseException:
             self._release()
@@ -273,6 +277,8 @@ class HubService:
                                    f"not the configured {configured}; use another --state-dir for a new federation")
         if configured is not None and pinned is None:
             store.set_meta({PIN_BASE_FINGERPRINT: configured})
+        # Workers judge updates by these settings (fedvlm-hub worker).
+        store.set_meta({SETTINGS_META_KEY: federation_settings(self.config)})
         store.reset_presence()
         self._presence = PresenceTracker(store, self._clock)
         self._intake = UpdateIntake(
@@ -296,7 +302,13 @@ class HubService:
         if latest is None or latest.outcome == "aggregated":
             self._lifecycle = RoundLifecycle(self._policy, completed_rounds=completed)
             return
-        answered = intake.rebuild_aggregate(latest.round)
+        if self.config.workers:
+            # The workers hold the round's sums; a seal from before the restart is lifted
+            # so they commit to it again until it is aggregated.
+            answered = store.answered_clients(latest.round)
+            store.unseal_round(latest.round)
+        else:
+            answered = intake.rebuild_aggregate(latest.round)
         if not latest.is_open:  # the last attempt missed its quorum: the next one waits for clients
             self._lifecycle = RoundLifecycle(self._policy, completed_rounds=completed, next_attempt=latest.attempt + 1,
                                              carried=answered)  # fmt: skip
@@ -408,6 +420,8 @@ class HubService:
             if opened is not None:
                 self._on_round_opened(opened)
         elif lifecycle.phase is LifecyclePhase.COLLECTING:
+            if self.config.workers:
+                self._take_worker_answers(lifecycle)
             outcome = lifecycle.outcome(now)
             if outcome is Outcome.AGGREGATE:
                 self._aggregate_and_publish()
@@ -525,6 +539,18 @@ class HubService:
         self.console.progress(current.number, current.attempt, len(current.answered), len(current.selected),
                               current.quorum, current.seconds_left(self._clock()))  # fmt: skip
 
+    def _take_worker_answers(self, lifecycle: RoundLifecycle) -> None:
+        """With workers: the round's answers are the receipts they committed."""
+        current = lifecycle.current
+        if current is None or time.monotonic() - self._last_worker_poll < _WORKER_POLL_S:
+            return
+        self._last_worker_poll = time.monotonic()
+        before = len(current.answered)
+        current.answered.update(client for client in self._require_store().answered_clients(current.number)
+                                if current.is_selected(client))  # fmt: skip
+        if len(current.answered) != before:
+            self._report_progress()
+
     def _aggregate_and_publish(self) -> None:
         store, intake = self._require_store(), self._require_intake()
         intake.flush()  # every accepted update committed, and in the running sum, first
@@ -536,7 +562,12 @@ class HubService:
         self._checkpoint("aggregating")
         latest = store.latest_global()
         version = (latest.version if latest is not None else 0) + 1
-        tensors = intake.aggregator.result(self._load_previous_global())
+        aggregator = intake.aggregator
+        if self.config.workers:
+            # Sealed and read in one transaction: the partials hold exactly the round's receipts.
+            aggregator = merge_worker_partials(self._rules.strategy, store, current.number, self._clock())
+            current.answered.update(store.answered_clients(current.number))
+        tensors = aggregator.result(self._load_previous_global())
         payload = global_payload(tensors, federation=self.config.federation, version=version,
                                  round_number=current.number, strategy=self.strategy.name)  # fmt: skip
         digest = tensor_codec.sha256_hex(payload)
@@ -553,7 +584,6 @@ class HubService:
                                      total_size=len(payload), chunk_count=manifest.chunk_count,
                                      chunk_size=manifest.chunk_size, manifest=manifest.to_json().decode("utf-8"),
                                      created_at=now, published=False)  # fmt: skip
-        aggregator = intake.aggregator
         if isinstance(aggregator, NormBoundedAggregator):
             # Before the version is committed, so a hub killed in between never leaves the
             # next round without a bound. Harmless if the round is aggregated again after a
@@ -564,6 +594,8 @@ class HubService:
                 self.console.event(f"round {current.number}: {aggregator.clipped} update(s) clipped to the update "
                                    f"norm bound")  # fmt: skip
         store.add_global_version(record, closes_attempt=current.attempt, now=now)
+        if self.config.workers:
+            store.drop_worker_partials(current.number)
         samples = sum(receipt.sample_count for receipt in store.receipts(current.number))
         self._lifecycle.complete()
         intake.start_new_aggregate()

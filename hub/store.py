@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ClientRegistryError, HubError, StateDirMismatch
+from .errors import ClientRegistryError, HubError, RoundNotCollecting, StateDirMismatch
 from .secrets_at_rest import SecretBox, SecretsKeyError, is_encrypted, resolve_key_path
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,26 @@ CREATE TABLE IF NOT EXISTS global_versions (
     manifest    TEXT NOT NULL,            -- the GlobalManifest JSON, republished byte for byte
     created_at  REAL NOT NULL,
     published   INTEGER NOT NULL DEFAULT 0
+);
+-- Hub workers (hub/worker.py): each worker's running partial sum of a round, committed
+-- with its receipts; which receipts each partial holds; rounds the coordinator sealed.
+CREATE TABLE IF NOT EXISTS worker_partials (
+    round      INTEGER NOT NULL,
+    worker     TEXT NOT NULL,
+    state      BLOB NOT NULL,             -- the aggregator's state (hub/partial_sums.py)
+    count      INTEGER NOT NULL,          -- updates summed: equals the worker's receipts of the round
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (round, worker)
+);
+CREATE TABLE IF NOT EXISTS worker_receipts (
+    round     INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    worker    TEXT NOT NULL,
+    PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS sealed_rounds (
+    round     INTEGER PRIMARY KEY,        -- the coordinator took its partial sums: no more commits
+    sealed_at REAL NOT NULL
 );
 """
 
@@ -561,6 +581,70 @@ class HubStore:
         return [_global_record(row) for row in self._query(f"SELECT {_GLOBAL_COLUMNS} FROM global_versions "
                                                            "ORDER BY version")]  # fmt: skip
 
+
+    # ------------------------------------------------------------------ hub workers
+    def commit_worker_batch(self, worker: str, round_number: int, receipts: Iterable[Receipt], state: bytes,
+                            count: int, now: float, pins: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """A worker's group commit: the batch's receipts (in the hub's table, whose key makes
+        "once per client and round" hold across workers) and the worker's partial sum that
+        holds exactly its receipts, in one transaction. Refused (``RoundNotCollecting``)
+        once the round is closed or the coordinator sealed it."""
+        receipts = list(receipts)
+        with self._lock, self._conn:
+            collecting = self._conn.execute(
+                "SELECT 1 FROM rounds WHERE round = ? AND closed_at IS NULL AND round NOT IN "
+                "(SELECT round FROM sealed_rounds)", (round_number,)).fetchone()  # fmt: skip
+            if collecting is None:
+                raise RoundNotCollecting(f"round {round_number} is not collecting any more")
+            self._conn.executemany(f"INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+                                   [dataclasses.astuple(receipt) for receipt in receipts])  # fmt: skip
+            self._conn.executemany("INSERT INTO worker_receipts (round, client_id, worker) VALUES (?, ?, ?)",
+                                   [(round_number, receipt.client_id, worker) for receipt in receipts])  # fmt: skip
+            self._conn.execute("INSERT OR REPLACE INTO worker_partials (round, worker, state, count, updated_at) "
+                               "VALUES (?, ?, ?, ?, ?)", (round_number, worker, state, count, now))  # fmt: skip
+            if pins:
+                self._conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", pins.items())
+
+    def worker_partial(self, round_number: int, worker: str) -> tuple[bytes, int] | None:
+        """One worker's committed partial sum of a round and how many updates it holds."""
+        rows = self._query("SELECT state, count FROM worker_partials WHERE round = ? AND worker = ?",
+                           (round_number, worker))  # fmt: skip
+        return (bytes(rows[0][0]), rows[0][1]) if rows else None
+
+    def worker_receipts(self, round_number: int, worker: str) -> list[Receipt]:
+        """The receipts one worker committed in a round (those its partial sum holds)."""
+        columns = ", ".join(f"r.{column.strip()}" for column in _RECEIPT_COLUMNS.split(","))
+        rows = self._query(f"SELECT {columns} FROM receipts r JOIN worker_receipts w ON w.round = r.round AND "
+                           "w.client_id = r.client_id WHERE r.round = ? AND w.worker = ? ORDER BY r.accepted_at, "
+                           "r.client_id", (round_number, worker))  # fmt: skip
+        return [Receipt(*row) for row in rows]
+
+    def answered_clients(self, round_number: int) -> set[str]:
+        """Clients with a receipt in the round (whoever committed it)."""
+        return {row[0] for row in self._query("SELECT client_id FROM receipts WHERE round = ?", (round_number,))}
+
+    def seal_worker_partials(self, round_number: int, now: float) -> tuple[list[tuple[str, bytes, int]], int]:
+        """Seal a round (workers commit nothing more to it), then read every worker's partial
+        sum and the round's receipt count in the same transaction: the partials hold exactly
+        those receipts."""
+        with self._lock, self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO sealed_rounds (round, sealed_at) VALUES (?, ?)",
+                               (round_number, now))  # fmt: skip
+            partials = [(row[0], bytes(row[1]), row[2]) for row in self._conn.execute(
+                "SELECT worker, state, count FROM worker_partials WHERE round = ? ORDER BY worker", (round_number,))]
+            receipts = self._conn.execute("SELECT COUNT(*) FROM receipts WHERE round = ?", (round_number,)).fetchone()
+        return partials, receipts[0]
+
+    def unseal_round(self, round_number: int) -> None:
+        """Let workers commit to a round again (a coordinator resuming it before it aggregated)."""
+        with self._lock, self._conn:
+            self._conn.execute("DELETE FROM sealed_rounds WHERE round = ?", (round_number,))
+
+    def drop_worker_partials(self, round_number: int) -> None:
+        """The round's global version holds its partial sums now: they are not needed again."""
+        with self._lock, self._conn:
+            self._conn.execute("DELETE FROM worker_partials WHERE round = ?", (round_number,))
+            self._conn.execute("DELETE FROM worker_receipts WHERE round = ?", (round_number,))
 
 _ROUND_COLUMNS = "round, attempt, selected, quorum, deadline, opened_at, closed_at, outcome, global_version"
 _RECEIPT_COLUMNS = ("round, client_id, attempt, message_id, payload_sha256, body_sha256, sample_count, file_path, "

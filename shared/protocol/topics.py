@@ -170,6 +170,28 @@ class Topics:
         """
         return f"$share/{validate_share_group(group)}/{self.updates_filter()}"
 
+    def worker_relay(self, worker: int, client_id: str, message_id: bytes) -> str:
+        """Where a hub worker hands a chunk of a multi-chunk update to the worker that owns it.
+
+        mosquitto spreads a shared subscription's messages round robin, so the chunks of
+        one update reach several workers; each relays the chunks it does not own.
+        """
+        _check_uint(worker, "worker index")
+        return (f"{self.prefix}/hub/workers/{worker}/{validate_client_id(client_id)}/"
+                f"{_check_message_id(message_id).hex()}")  # fmt: skip
+
+    def worker_relay_filter(self, worker: int) -> str:
+        _check_uint(worker, "worker index")
+        return f"{self.prefix}/hub/workers/{worker}/+/+"
+
+    def parse_worker_relay(self, topic: str) -> ParsedTopic:
+        """A relayed chunk's topic as the update topic it was first published on (``kind`` UPDATE)."""
+        head, _, rest = topic.partition("/hub/workers/")
+        parts = rest.split("/")
+        if head != self.prefix or len(parts) != 3 or not _CANONICAL_UINT.fullmatch(parts[0]):
+            raise _topic_error(topic, f"not a worker relay topic under '{self.prefix}/hub/workers/'")
+        return self.parse(f"{self.prefix}/updates/{parts[1]}/{parts[2]}")
+
     # ------------------------------------------------------------------ access control
     def client_permissions(self, client_id: str) -> ClientPermissions:
         """The least a client needs: publish as itself, read hub broadcasts and its acks."""

@@ -1,0 +1,520 @@
+"""The hub at scale: N simulated devices against a real ``fedvlm-hub start`` and mosquitto.
+
+Per setting (devices x update size x hub workers) one run:
+
+1. starts a fresh mosquitto on a free loopback port with its own config (no connection
+   limit, QoS 1 queues deep enough that the broker never drops a message for the hub);
+2. registers N clients in a fresh hub state directory (their secrets go to the devices);
+3. connects N devices from this process, each on its own MQTT connection
+   (``device_swarm.Swarm``), and waits until every one has announced itself online;
+4. measures what mosquitto alone needs to carry the same bytes: every device publishes
+   one message of the update's size (QoS 1) to a subscriber process that counts them
+   (the "carry" time: first publish to last delivery);
+5. starts ``fedvlm-hub start --rounds 1`` (and ``fedvlm-hub worker`` processes when the
+   setting has workers) and times: round open (hub started -> round collecting, seen by
+   an observer connection), round (open -> global version 1's manifest published);
+6. checks that the round counted every update exactly once: each device got its
+   ``accepted`` ack, the hub's database holds N receipts, and the published global
+   equals the sample-weighted mean of the N updates (max relative error);
+7. records peak RSS of the hub, the workers and mosquitto (the kernel's VmHWM of each,
+   read every 50 ms) and the update throughput (MB/s over the round).
+
+    python benchmarks/hub_scale.py --out work/bench/hub-scale                # every setting
+    python benchmarks/hub_scale.py --settings 1000x64KiB,1000x64KiB:2w --out DIR
+    make bench-hub-scale
+
+Writes ``hub_scale.json`` and ``hub_scale.md`` under ``--out`` (plus each setting's
+logs). The open-files limit is raised to the hard limit (10,000 devices need 10,000
+sockets here and in mosquitto); if the hard limit is too low, raise it (``ulimit -Hn``
+as root, or ``LimitNOFILE`` in a systemd unit) before running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):  # run as a script: tests/ and the swarm are siblings
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from device_swarm import Swarm, UpdateRecipe, raise_open_files_limit  # noqa: E402
+from fedvlm.hub.clients import register_clients  # noqa: E402
+from fedvlm.hub.store import HubStore  # noqa: E402
+from fedvlm.shared import tensor_codec  # noqa: E402
+from fedvlm.shared.mqtt_link import BrokerAddress, MqttLink  # noqa: E402
+from fedvlm.shared.protocol import GlobalManifest, HubState, RoundPhase, Topics  # noqa: E402
+from tests.brokers import LOOPBACK, MosquittoProcess  # noqa: E402
+
+FEDERATION = "scale"
+DEFAULT_SETTINGS = "100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w"
+_SIZE = re.compile(r"(\d+)(B|KiB|MiB)")
+_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024}
+_CARRY_PREFIX = "bench/carry"
+
+
+# ====================================================================== settings
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    devices: int
+    update_bytes: int
+    workers: int = 0  # 0: the hub takes the updates itself
+
+    @property
+    def label(self) -> str:
+        size = (f"{self.update_bytes // _UNITS['MiB']}MiB" if self.update_bytes % _UNITS["MiB"] == 0
+                else f"{self.update_bytes // 1024}KiB" if self.update_bytes % 1024 == 0 else f"{self.update_bytes}B")
+        return f"{self.devices}x{size}" + (f":{self.workers}w" if self.workers else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """``DEVICESxSIZE[:Kw]``, e.g. ``10000x64KiB`` or ``1000x64KiB:2w``."""
+        match = re.fullmatch(r"(\d+)x(\d+(?:B|KiB|MiB))(?::(\d+)w)?", text.strip())
+        if match is None:
+            raise argparse.ArgumentTypeError(f"setting {text!r}: write DEVICESxSIZE[:Kw], e.g. 1000x64KiB or "
+                                             "1000x1MiB:2w (sizes in B, KiB or MiB)")  # fmt: skip
+        size = _SIZE.fullmatch(match.group(2))
+        assert size is not None
+        devices, workers = int(match.group(1)), int(match.group(3) or 0)
+        if devices < 1:
+            raise argparse.ArgumentTypeError(f"setting {text!r}: at least one device")
+        return cls(devices, int(size.group(1)) * _UNITS[size.group(2)], workers)
+
+
+def parse_settings(text: str) -> list[Setting]:
+    return [Setting.parse(part) for part in text.split(",") if part.strip()]
+
+
+# ====================================================================== processes
+class MeasuredProcess:
+    """A child process and its peak RSS (the kernel's VmHWM, read every 50 ms until it exits).
+
+    Not ``wait4``'s ``ru_maxrss``: a child forked from this (large) process carries its
+    parent's RSS until ``exec``, and ``ru_maxrss`` counts that.
+    """
+
+    def __init__(self, process: subprocess.Popen, log_path: Path | None = None) -> None:
+        self.process = process
+        self.log_path = log_path
+        self.peak_rss_mib: float | None = None
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    @classmethod
+    def spawn(cls, command: list[str], log_path: Path) -> MeasuredProcess:
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return cls(process, log_path)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def _read_hwm(self) -> None:
+        try:
+            text = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                self.peak_rss_mib = max(self.peak_rss_mib or 0.0, int(line.split()[1]) / 1024)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05) and self.process.poll() is None:
+            self._read_hwm()
+
+    def reap(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the process to exit; True once it has."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self._stop.set()
+        return True
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, SIGKILL if it does not exit in ``timeout``."""
+        if self.process.poll() is None:
+            self._read_hwm()
+            self.process.send_signal(signal.SIGTERM)
+            if not self.reap(timeout):
+                self.process.kill()
+                self.reap(10)
+        self._stop.set()
+        return self.process.returncode
+
+
+class BenchMosquitto(MosquittoProcess):
+    """mosquitto configured for load: no connection cap, deep QoS 1 queues."""
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(
+            f"listener {self.port} {LOOPBACK}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_connections -1\n"
+            # Messages queued for a subscriber that lags (the hub while a round arrives)
+            # beyond this are dropped by mosquitto: keep them all (the defaults drop at 1,000).
+            "max_queued_messages 10000000\n"
+            "max_queued_bytes 0\n"
+            "set_tcp_nodelay true\n"
+            f"log_dest file {self.log_path}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )
+
+
+class Observer:
+    """One extra connection that notes when round 1 opens and when version 1 is published."""
+
+    def __init__(self, address: BrokerAddress, topics: Topics) -> None:
+        self.opened_at: float | None = None
+        self.published_at: float | None = None
+        self.opened = threading.Event()
+        self.published = threading.Event()
+        self.link = MqttLink(address, "bench-observer", protocol="5", persistent_session=False).connect(15)
+        self.link.subscribe(topics.hub_state(), self._on_state)
+        self.link.subscribe(topics.global_manifest(), self._on_manifest)
+
+    def _on_state(self, topic: str, payload: bytes, retained: bool) -> None:
+        if payload and not self.opened.is_set():
+            state = HubState.from_json(payload)
+            if state.round == 1 and state.phase is RoundPhase.COLLECTING:
+                self.opened_at = time.monotonic()
+                self.opened.set()
+
+    def _on_manifest(self, topic: str, payload: bytes, retained: bool) -> None:
+        if payload and not self.published.is_set() and GlobalManifest.from_json(payload).version >= 1:
+            self.published_at = time.monotonic()
+            self.published.set()
+
+    def close(self) -> None:
+        self.link.close()
+
+
+# ====================================================================== one setting
+@dataclasses.dataclass
+class SettingResult:
+    setting: str
+    devices: int
+    update_bytes: int
+    workers: int
+    signed_update_bytes: int = 0
+    connect_s: float = 0.0
+    carry_s: float | None = None
+    round_open_s: float | None = None
+    round_s: float | None = None
+    accepted_devices: int = 0
+    accepted_acks: int = 0
+    receipts: int | None = None
+    global_max_rel_error: float | None = None
+    exactly_once: bool = False
+    rejections: dict[str, int] = dataclasses.field(default_factory=dict)
+    resends: int = 0
+    hub_peak_rss_mib: float | None = None
+    worker_peak_rss_mib: list[float] = dataclasses.field(default_factory=list)
+    broker_peak_rss_mib: float | None = None
+    mb_per_s: float | None = None
+    round_over_carry: float | None = None
+    hub_exit_status: int | None = None
+    error: str | None = None
+
+
+def _hub_command(setting: Setting, broker_url: str, state_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "fedvlm.hub.cli", "start", "--federation", FEDERATION, "--state-dir", str(state_dir),
+            "--broker", broker_url, "--mqtt-protocol", "5", "--rounds", "1", "--min-clients", str(setting.devices),
+            "--quorum", str(setting.devices), "--round-timeout", "3600", "--quiet",
+            "--max-update-bytes", str(2 * setting.update_bytes + 1024 * 1024),
+            "--workers", str(setting.workers)]  # fmt: skip
+
+
+def _worker_command(setting: Setting, broker_url: str, state_dir: Path, index: int) -> list[str]:
+    return [sys.executable, "-m", "fedvlm.hub.cli", "worker", "--federation", FEDERATION, "--state-dir",
+            str(state_dir), "--broker", broker_url, "--index", str(index), "--workers", str(setting.workers),
+            "--quiet"]  # fmt: skip
+
+
+def _signed_size(recipe: UpdateRecipe) -> int:
+    """Bytes of one signed update as the devices send it (envelope around the safetensors body)."""
+    body = tensor_codec.encode(recipe.pattern(), {"federation": FEDERATION, "round": "1", "client_id": "d000000",
+                                                  "sample_count": "10", "strategy": "plora"})  # fmt: skip
+    return len(body) + 512  # envelope header, metadata and MAC: a few hundred bytes
+
+
+def _carry_time(swarm: Swarm, broker: BenchMosquitto, size: int, work: Path, timeout: float) -> float:
+    """Seconds mosquitto needs to carry one ``size``-byte message from every device to one subscriber."""
+    subscriber = subprocess.Popen([sys.executable, __file__, "--carry-subscriber", str(broker.port),
+                                   str(len(swarm.devices))], stdout=subprocess.PIPE, stderr=(work / "carry.log").open("wb"),
+                                  stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert subscriber.stdout is not None
+        if subscriber.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the carry subscriber did not start; see {work / 'carry.log'}")
+        started = time.monotonic()
+        swarm.carry(_CARRY_PREFIX, os.urandom(size))
+        line = _readline(subscriber, timeout)
+        return json.loads(line)["last"] - started
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+        subscriber.wait()
+
+
+def _readline(process: subprocess.Popen, timeout: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result or not result[0].strip():
+        raise TimeoutError(f"the carry subscriber got not every message within {timeout:.0f} s")
+    return result[0]
+
+
+def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: int = 256,
+                show_progress: bool = True) -> SettingResult:  # fmt: skip
+    """Run one setting end to end; every process it starts is stopped before it returns."""
+    result = SettingResult(setting.label, setting.devices, setting.update_bytes, setting.workers)
+    work = out / setting.label.replace(":", "-")
+    work.mkdir(parents=True, exist_ok=True)
+    state_dir = Path(tempfile.mkdtemp(prefix="hub-", dir=work))
+    recipe = UpdateRecipe(setting.update_bytes)
+    result.signed_update_bytes = _signed_size(recipe)
+    ids = [f"d{index:06d}" for index in range(setting.devices)]
+    secrets = register_clients(state_dir, ids)
+    broker = BenchMosquitto(work / "mosquitto").start()
+    broker_process = MeasuredProcess(broker.process)
+    topics = Topics(FEDERATION)
+    swarm = observer = hub = None
+    workers: list[MeasuredProcess] = []
+    try:
+        # Before the devices: paho's own network thread uses select(), which fails on file
+        # descriptors above 1024, and the devices' sockets take the low numbers first.
+        observer = Observer(broker.broker.address, topics)
+        swarm = Swarm(LOOPBACK, broker.port, FEDERATION, [(i, secrets[i]) for i in ids], recipe, window=window)
+        started = time.monotonic()
+        swarm.connect_all()
+        if not swarm.wait(lambda c: c.announced >= setting.devices, timeout):
+            raise TimeoutError(f"only {swarm.counts.announced} of {setting.devices} devices connected and announced")
+        result.connect_s = time.monotonic() - started
+        result.carry_s = _carry_time(swarm, broker, result.signed_update_bytes, work, timeout)
+        spawned = time.monotonic()
+        hub = MeasuredProcess.spawn(_hub_command(setting, broker.broker.url, state_dir), work / "hub.log")
+        workers = [MeasuredProcess.spawn(_worker_command(setting, broker.broker.url, state_dir, index),
+                                   work / f"worker-{index}.log") for index in range(setting.workers)]  # fmt: skip
+        if not observer.opened.wait(timeout):
+            raise TimeoutError(f"round 1 did not open within {timeout:.0f} s; see {hub.log_path}")
+        assert observer.opened_at is not None
+        result.round_open_s = observer.opened_at - spawned
+        bar = tqdm(total=setting.devices, desc=setting.label, unit="dev", disable=not show_progress, leave=False)
+
+        def progress(counts: Any) -> None:
+            bar.update(counts.devices_accepted - bar.n)
+
+        swarm.wait(lambda c: observer.published.is_set() and c.devices_accepted >= setting.devices, timeout, progress)
+        bar.close()
+        if observer.published_at is not None:
+            result.round_s = observer.published_at - observer.opened_at
+            result.mb_per_s = setting.devices * result.signed_update_bytes / result.round_s / 1e6
+            if result.carry_s:
+                result.round_over_carry = result.round_s / result.carry_s
+        for index, worker in enumerate(workers):  # a worker that died made the figures the hub's alone
+            if worker.process.poll() is not None:
+                raise RuntimeError(f"worker {index} exited with status {worker.process.returncode} during the round; "
+                                   f"see {worker.log_path}")  # fmt: skip
+        if not hub.reap(120):
+            hub.stop()
+        result.hub_exit_status = hub.returncode
+        result.hub_peak_rss_mib = hub.peak_rss_mib
+    except Exception as error:  # reported in the table; the next setting still runs
+        result.error = f"{type(error).__name__}: {error}"
+    finally:
+        for process in (*workers, *([hub] if hub is not None else [])):
+            process.stop()
+        result.worker_peak_rss_mib = [w.peak_rss_mib for w in workers if w.peak_rss_mib is not None]
+        if hub is not None and result.hub_peak_rss_mib is None:
+            result.hub_peak_rss_mib = hub.peak_rss_mib
+        if swarm is not None:
+            result.accepted_devices = swarm.counts.devices_accepted
+            result.accepted_acks = swarm.counts.accepted_acks
+            result.rejections = dict(swarm.counts.rejections)
+            result.resends = swarm.counts.resends
+            accepted = swarm.accepted_indices()
+            swarm.close()
+        else:
+            accepted = []
+        if observer is not None:
+            observer.close()
+        broker_process.stop()
+        broker.process = None
+        result.broker_peak_rss_mib = broker_process.peak_rss_mib
+    _check_exactly_once(result, state_dir, recipe, accepted)
+    return result
+
+
+def _check_exactly_once(result: SettingResult, state_dir: Path, recipe: UpdateRecipe, accepted: list[int]) -> None:
+    """Receipts in the hub's database, and the published global against the exact weighted mean."""
+    try:
+        with HubStore.in_state_dir(state_dir, create=False) as store:
+            result.receipts = len(store.receipts(1))
+            latest = store.latest_global()
+            if latest is None or not accepted:
+                return
+            tensors, _ = tensor_codec.decode(Path(latest.file_path).read_bytes())
+    except Exception as error:
+        result.error = result.error or f"reading the hub's state: {error}"
+        return
+    expected = recipe.expected_mean(accepted)
+    result.global_max_rel_error = max(
+        float(np.max(np.abs(tensors[key].astype(np.float64) - value)) / max(float(np.max(np.abs(value))), 1e-30))
+        for key, value in expected.items())  # fmt: skip
+    result.exactly_once = (result.accepted_devices == result.devices == result.receipts
+                           and result.accepted_acks == result.devices and result.global_max_rel_error < 1e-6)
+
+
+# ====================================================================== reports
+def markdown_table(results: list[SettingResult]) -> str:
+    def number(value: float | None, digits: int = 1) -> str:
+        return "—" if value is None else f"{value:,.{digits}f}"
+
+    lines = ["| setting | devices | update | workers | round open (s) | round (s) | accepted once | hub peak RSS (MiB) "
+             "| worker peak RSS (MiB) | mosquitto peak RSS (MiB) | MB/s | mosquitto carry (s) | round / carry |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in results:
+        accepted = f"{r.accepted_devices:,}/{r.devices:,}" + (" ✓" if r.exactly_once else " ✗")
+        workers = ", ".join(f"{v:.0f}" for v in r.worker_peak_rss_mib) or "—"
+        lines.append(f"| {r.setting} | {r.devices:,} | {r.update_bytes // 1024:,} KiB | {r.workers or 'hub alone'} | "
+                     f"{number(r.round_open_s)} | {number(r.round_s)} | {accepted} | {number(r.hub_peak_rss_mib, 0)} | "
+                     f"{workers} | {number(r.broker_peak_rss_mib, 0)} | {number(r.mb_per_s)} | {number(r.carry_s, 2)} | "
+                     f"{number(r.round_over_carry)} |")  # fmt: skip
+    errors = [f"- {r.setting}: {r.error}" for r in results if r.error]
+    return "\n".join(lines + ([""] + errors if errors else []))
+
+
+def targets(results: list[SettingResult]) -> list[str]:
+    """The issue's targets, each with the measured numbers and whether it holds."""
+    by = {r.setting: r for r in results}
+    lines = []
+
+    def check(label: str, holds: bool, detail: str) -> None:
+        lines.append(f"- {'holds' if holds else 'FAILS'}: {label} ({detail})")
+
+    for name in ("10000x64KiB", "1000x1MiB"):
+        if name in by:
+            r = by[name]
+            check(f"{name} every update accepted exactly once", r.exactly_once,
+                  f"{r.accepted_devices}/{r.devices} acked, {r.receipts} receipts, global error "
+                  f"{r.global_max_rel_error if r.global_max_rel_error is not None else '—'}")
+    small, big = by.get("1000x64KiB"), by.get("10000x64KiB")
+    if small and big and small.hub_peak_rss_mib and big.hub_peak_rss_mib:
+        ratio = big.hub_peak_rss_mib / small.hub_peak_rss_mib
+        check("hub peak RSS at 10,000 within 10 % of 1,000", ratio <= 1.10,
+              f"{big.hub_peak_rss_mib:.0f} vs {small.hub_peak_rss_mib:.0f} MiB, x{ratio:.2f}")
+    if small and big and small.round_open_s and big.round_open_s and small.round_s and big.round_s:
+        open_ratio, round_ratio = big.round_open_s / small.round_open_s, big.round_s / small.round_s
+        check("round open and round at 10,000 within 12x of 1,000", open_ratio <= 12 and round_ratio <= 12,
+              f"open x{open_ratio:.1f}, round x{round_ratio:.1f}")
+    if big and big.round_over_carry:
+        check("round of 10,000 x 64 KiB within 2.5x of mosquitto's carry time", big.round_over_carry <= 2.5,
+              f"{big.round_s:.1f} s vs {big.carry_s:.2f} s, x{big.round_over_carry:.1f}")
+    for base in {r.setting.split(":")[0] for r in results if r.workers}:
+        one, two = by.get(f"{base}:1w"), by.get(f"{base}:2w")
+        if one and two and one.round_s and two.round_s:
+            check(f"{base}: 2 workers not slower than 1", two.round_s <= one.round_s,
+                  f"{two.round_s:.1f} s vs {one.round_s:.1f} s")
+    return lines
+
+
+def write_reports(results: list[SettingResult], out: Path, command: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hub_scale.json").write_text(json.dumps({"command": command, "results": [dataclasses.asdict(r)
+                                                    for r in results]}, indent=2) + "\n")  # fmt: skip
+    text = "\n".join([f"`{command}`", "", markdown_table(results), "", *targets(results)]) + "\n"
+    (out / "hub_scale.md").write_text(text)
+    return text
+
+
+# ====================================================================== the carry subscriber
+def carry_subscriber(port: int, expected: int) -> None:
+    """Subprocess: count ``expected`` messages on ``bench/carry/#``, print first/last arrival."""
+    import paho.mqtt.client as mqtt
+
+    times: list[float] = []
+    done = threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties=None) -> None:
+        client.subscribe(f"{_CARRY_PREFIX}/#", qos=1)
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties=None) -> None:
+        print("ready", flush=True)
+
+    def on_message(client, userdata, message) -> None:
+        times.append(time.monotonic())
+        if len(times) == expected:
+            done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-carry", protocol=mqtt.MQTTv5)
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.connect(LOOPBACK, port, keepalive=600)
+    client.loop_start()
+    done.wait()
+    print(json.dumps({"first": times[0], "last": times[-1], "count": len(times)}), flush=True)
+    client.disconnect()
+    client.loop_stop()
+
+
+# ====================================================================== command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Settings are DEVICESxSIZE[:Kw]: "
+                                     "devices, update size (B, KiB, MiB) and hub workers (none: the hub alone).")
+    parser.add_argument("--settings", type=parse_settings, default=parse_settings(DEFAULT_SETTINGS),
+                        help=f"comma-separated settings to run (default: {DEFAULT_SETTINGS})")
+    parser.add_argument("--out", type=Path, default=Path("work/bench/hub-scale"), help="folder for the reports")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds each phase of a setting may take")
+    parser.add_argument("--window", type=int, default=256, help="uploads on their way to the broker at once")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--carry-subscriber", nargs=2, type=int, metavar=("PORT", "COUNT"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.carry_subscriber:
+        carry_subscriber(*args.carry_subscriber)
+        return 0
+    needed = max(s.devices for s in args.settings) + 256
+    limit = raise_open_files_limit(needed)
+    if limit < needed:
+        print(f"error: {needed} open files are needed for {needed - 256} devices, but the hard limit is {limit}; "
+              "raise it (ulimit -Hn as root) or run fewer devices", file=sys.stderr)  # fmt: skip
+        return 2
+    command = "python benchmarks/hub_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = []
+    for setting in tqdm(args.settings, desc="settings", unit="setting", disable=args.no_progress):
+        result = run_setting(setting, args.out, timeout=args.timeout, window=args.window,
+                             show_progress=not args.no_progress)  # fmt: skip
+        results.append(result)
+        tqdm.write(f"{setting.label}: open {result.round_open_s}, round {result.round_s}, accepted "
+                   f"{result.accepted_devices}/{setting.devices}, exactly once {result.exactly_once}"
+                   + (f", error {result.error}" if result.error else ""))  # fmt: skip
+        write_reports(results, args.out, command)
+    print(write_reports(results, args.out, command))
+    return 0 if all(r.exactly_once and r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
