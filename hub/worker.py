@@ -233,8 +233,12 @@ class HubWorker:
             ack()
             return
         mirror = self._require_mirror()
-        if mirror.lifecycle.current is None and time.monotonic() - self._last_refresh >= _TICK_S:
-            # Nothing collecting as far as this worker knows: the coordinator may just have opened a round.
+        current = mirror.lifecycle.current
+        if current is None or not current.is_selected(parsed.client_id):
+            # Not collecting from this device as far as this worker knows: the coordinator may have
+            # opened a round (or a new attempt) since the last tick's read. Read it again now, not
+            # after a rate limit: the devices it selected send at once, and an update judged
+            # against the stale view would be refused for good.
             self._last_refresh = time.monotonic()
             if mirror.refresh():
                 self._follow_round()
