@@ -227,7 +227,7 @@ def _join(args: argparse.Namespace) -> int:
         training=TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                 progress=not args.quiet, objective=build_objective(args.objective, args.dpo_beta)),
         quantization=args.quantization, device=args.device, connection=connection, privacy=privacy,
-        lora_rank=args.lora_rank,
+        lora_rank=args.lora_rank, skip_unpaired=args.skip_bad,
     )
     reports = client.run(rounds=args.rounds, timeout=args.timeout)
     for report in reports:

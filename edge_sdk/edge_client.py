@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Sequence
 from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
 from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.privacy import DPConfig, PrivacySpent, UpdatePrivatizer
-from fedvlm.edge.objectives import DEFAULT_DPO_BETA, build_objective
+from fedvlm.edge.objectives import DEFAULT_DPO_BETA, DpoObjective, build_objective, unpaired_examples
 from fedvlm.edge.training import QAExample, TrainingConfig
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.durable_files import write_durably
@@ -158,6 +158,9 @@ class EdgeClient:
             None sends the trained factors as they are.
         lora_rank: this device's LoRA rank, for strategies whose devices may differ in rank
             (e.g. flexlora): at most the federation's r. None: the federation's r.
+        skip_unpaired: when the federation trains with DPO, train on the examples that have a
+            rejected answer and drop the others (``--skip-bad``); False stops the device with
+            the reason instead.
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class EdgeClient:
         connection: ConnectionOptions | None = None,
         privacy: DPConfig | None = None,
         lora_rank: int | None = None,
+        skip_unpaired: bool = False,
     ) -> None:
         if not train_examples:
             raise EdgeClientError("the device has no training examples")
@@ -196,6 +200,7 @@ class EdgeClient:
         self.connection = connection or ConnectionOptions()
         self.privacy = UpdatePrivatizer(privacy, self.state_dir) if privacy is not None else None
         self.lora_rank = lora_rank
+        self.skip_unpaired = skip_unpaired
         self.topics = Topics(federation)
         self.address = BrokerAddress.parse(
             hub_url, username=self.connection.username, password=self.connection.password,
@@ -549,6 +554,8 @@ class EdgeClient:
         objective = self.training.objective
         if "objective" in config:
             objective = build_objective(config["objective"], config.get("dpo_beta", _beta(self.training)))
+        if isinstance(objective, DpoObjective):
+            self._keep_preference_pairs()
         return dataclasses.replace(
             self.training,
             steps=int(config.get("local_steps", self.training.steps)),
@@ -556,6 +563,26 @@ class EdgeClient:
             seed=self.training.seed + round_number,
             objective=objective,
         )
+
+    def _keep_preference_pairs(self) -> None:
+        """The federation trains with DPO, which the device learns only from the hub (the data
+        was read before): drop the examples without a rejected answer (``skip_unpaired``), or
+        stop with the reason rather than fail inside training."""
+        unpaired = unpaired_examples(self.train_examples)
+        if not unpaired:
+            return
+        total = len(self.train_examples)
+        if not self.skip_unpaired or len(unpaired) == total:
+            first = getattr(self.train_examples[unpaired[0]], "source", "") or f"example {unpaired[0]}"
+            remedy = ("give this device preference pairs (a rejected answer per record)" if len(unpaired) == total
+                      else "pass --skip-bad to train on the pairs only, or give every record a rejected answer")
+            raise EdgeClientError(f"federation {self.federation!r} trains with DPO (announced by its hub), but "
+                                  f"{len(unpaired)} of {total} training records of {self.client_id} have no rejected "
+                                  f"answer (first: {first}): {remedy}")
+        unpaired_set = set(unpaired)
+        self.train_examples = [e for i, e in enumerate(self.train_examples) if i not in unpaired_set]
+        log.warning("%s: the federation trains with DPO: skipped %d of %d training records without a rejected "
+                    "answer (--skip-bad)", self.client_id, len(unpaired), total)
 
     def _finish_saving(self) -> None:
         """Wait for the update being saved, if any; a failed save is logged (the round is then

@@ -87,6 +87,12 @@ class SftObjective:
         return {}
 
 
+def unpaired_examples(examples: Sequence) -> list[int]:
+    """Indexes of the examples without a rejected answer: DPO cannot train on them."""
+    return [index for index, example in enumerate(examples)
+            if not str(getattr(example, "rejected", None) or "").strip()]
+
+
 @dataclasses.dataclass(frozen=True)
 class DpoObjective:
     """DPO against the model as it was when training started (see the module doc).
@@ -104,11 +110,10 @@ class DpoObjective:
 
     def check(self, examples: Sequence) -> None:
         """A ``UsageError`` naming the first example without a rejected answer (before any slow work)."""
-        for index, example in enumerate(examples):
-            if not str(getattr(example, "rejected", None) or "").strip():
-                where = getattr(example, "source", "") or f"example {index}"
-                raise UsageError(f"--objective dpo needs a rejected answer for every example; {where} has none: "
-                                 "drop such records (--skip-bad) or train with --objective sft")
+        for index in unpaired_examples(examples)[:1]:
+            where = getattr(examples[index], "source", "") or f"example {index}"
+            raise UsageError(f"--objective dpo needs a rejected answer for every example; {where} has none: "
+                             "drop such records (--skip-bad) or train with --objective sft")
 
     def encode(self, chat, examples: Sequence) -> list[PreferencePair]:
         self.check(examples)

@@ -376,3 +376,45 @@ def test_an_unanswered_update_is_sent_again_as_soon_as_the_hub_is_back_online(tm
     ack = client._wait_for_ack(message_id, hub, resend=resend)
     assert ack.accepted and len(resent) == 1 and resent[0] - started < 2.0  # not the 15 s timer
     assert [kind for kind, _ in list(client._events.queue)] == ["hub_state", "hub_state"]  # handled after
+
+
+def _without_rejected(examples):
+    return [example.replace(rejected=None) for example in examples]
+
+
+def test_a_device_without_preference_pairs_stops_with_the_reason_when_its_hub_announces_dpo(
+        tmp_path, tiny_model_dir, tiny_federation):
+    """The device was started without --objective, so its data was read as SFT data; only the
+    hub's announcement says DPO. It stops before training, naming the federation's objective."""
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        secret = register_client(tmp_path / "hub", "a")
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=1, objective="dpo")
+        data = dataclasses.replace(tiny_federation.clients[0], train=_without_rejected(tiny_federation.clients[0].train))
+        device = _client(tmp_path, tiny_model_dir, "fed", "a", secret, mosquitto.broker, data)
+        with pytest.raises(EdgeClientError, match=r"trains with DPO \(announced by its hub\).* 32 of 32 .*preference pairs"):
+            device.run(timeout=120)
+        assert hub.store.receipt(1, "a") is None
+        hub.stop()
+    finally:
+        mosquitto.stop()
+
+
+def test_skip_bad_trains_a_dpo_federation_on_the_preference_pairs_only(tmp_path, tiny_model_dir, tiny_federation):
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        secret = register_client(tmp_path / "hub", "a")
+        hub = _hub(tmp_path, mosquitto.broker, rounds=1, min_clients=1, objective="dpo")
+        train = tiny_federation.clients[0].train
+        data = dataclasses.replace(tiny_federation.clients[0], train=_without_rejected(train[:12]) + list(train[12:]))
+        device = EdgeClient(tiny_model_dir, data.train, mosquitto.broker.url, "fed", "a", secret,
+                            tmp_path / "devices" / "a", training=QUICK, quantization="none", skip_unpaired=True)
+        reports = device.run(timeout=120)
+        assert [report.accepted for report in reports] == [True]
+        assert reports[0].train["objective"] == "dpo"
+        assert len(device.train_examples) == len(train) - 12
+        assert hub.wait_finished(timeout=30)
+        assert hub.store.receipt(1, "a").sample_count == len(train) - 12
+        hub.stop()
+    finally:
+        mosquitto.stop()
