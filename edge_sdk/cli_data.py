@@ -22,8 +22,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                         "model, feedback_model, type, iid or dirichlet:ALPHA[:KEY] (default: origin_dataset)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of --max-examples and --share (default: 0)")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="skip bad records (unreadable image, empty chosen, missing rejected under DPO, set by --objective "
-                             "or, for join, by the hub; broken origin_split) and count them per reason, instead of failing at the first")
+                        help="skip bad records (unreadable image, empty chosen, missing rejected under DPO, set by "
+                             "--objective or, for join, by the hub; broken origin_split) and count them per reason, "
+                             "instead of failing at the first")
 
 
 def load_device_records(args: argparse.Namespace):
