@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from fedvlm.edge.errors import EdgeError
+from fedvlm.edge.onnx_families import GraphFamily, graph_family
 from fedvlm.edge.onnx_wrapper import POSITION_IDS, DecodeGraph, GenerationPositions, PrefillGraph, base_model
 
 PREFILL_FILE = "prefill.onnx"
@@ -55,8 +56,6 @@ EXPORT_FORMAT = 2
 NOT_EXPORTABLE = {
     "llava_next": "torch.export cannot trace its any-resolution tiling by image_sizes",
     "llava_onevision": "torch.export cannot trace its any-resolution tiling by image_sizes",
-    "qwen2_vl": "its vision tower splits attention by lengths read from image_grid_thw, which torch.export cannot trace",
-    "qwen2_5_vl": "its vision tower splits attention by lengths read from image_grid_thw, which torch.export cannot trace",
     "mllama": "torch's ONNX exporter cannot convert its cross-attention code",
 }
 
@@ -98,7 +97,7 @@ def check_exportable(model: torch.nn.Module) -> None:
         )
 
 
-def _example_inputs(personal, positions: GenerationPositions) -> dict[str, torch.Tensor]:
+def _example_inputs(personal, positions: GenerationPositions, family: GraphFamily) -> dict[str, torch.Tensor]:
     """One prompt with its picture, and its positions, for tracing the prefill.
 
     The prefill takes one picture (batch 1): every family's image code keeps a Python list
@@ -111,7 +110,7 @@ def _example_inputs(personal, positions: GenerationPositions) -> dict[str, torch
 
     chat = ChatFormat.for_model(personal.processor, personal.model)
     inputs = chat.encode_prompt(Image.new("RGB", (48, 24), (40, 100, 200)), "what colour is it?")
-    return {**inputs, POSITION_IDS: positions.prefill(inputs)}
+    return family.graph_feeds({**inputs, POSITION_IDS: positions.prefill(inputs)})
 
 
 def _every_axis_dynamic(tensors) -> list[dict]:
@@ -224,13 +223,14 @@ def export_onnx(personal, out_dir: str | os.PathLike, *, merged: bool = False) -
     source = merged_copy(peft_model).cpu() if merged else peft_model.cpu()
     try:
         positions = GenerationPositions.like(source)
-        example = _example_inputs(personal, positions)
-        prefill = PrefillGraph(source, list(example)).eval()
+        family = graph_family(base_model(source).config)
+        example = _example_inputs(personal, positions, family)
+        prefill = PrefillGraph(source, list(example), family).eval()
         decode = DecodeGraph(source).eval()
         n_layers = prefill.n_layers
         lora_names = {} if merged else lora_input_names(peft_model, prefill, sorted(lora_state))
         present = kv_names("present", n_layers)
-        with torch.no_grad():
+        with torch.no_grad(), family.exporting(base_model(source)):
             prefill_args = tuple(example.values())
             _export(prefill, prefill_args, list(example), ["logits", *present],
                     (tuple(_every_axis_dynamic(prefill_args)),), out / PREFILL_FILE)  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from fedvlm.edge.onnx_adapter import check_adapter
+from fedvlm.edge.onnx_families import GraphFamily, graph_family
 from fedvlm.edge.onnx_export import DECODE_FILE, PREFILL_FILE, OnnxExportError, kv_names, read_manifest
 from fedvlm.edge.onnx_wrapper import POSITION_IDS, GenerationPositions
 
@@ -34,7 +35,8 @@ def default_providers() -> list[str]:
 class OnnxVLM:
     """The exported prefill and decode graphs with the processor saved beside them."""
 
-    def __init__(self, onnx_dir: Path, manifest: dict, prefill, decode, processor, positions: GenerationPositions):
+    def __init__(self, onnx_dir: Path, manifest: dict, prefill, decode, processor, positions: GenerationPositions,
+                 family: GraphFamily | None = None):
         from fedvlm.edge.chat_format import ChatFormat
 
         self.onnx_dir = onnx_dir
@@ -44,6 +46,7 @@ class OnnxVLM:
         self.processor = processor
         self.prompt_format = ChatFormat(processor)
         self.positions = positions
+        self.family = family or GraphFamily()
         self.n_layers = manifest["n_layers"]
         self.adapter_path: Path | None = None
         self._run_options = None
@@ -52,7 +55,7 @@ class OnnxVLM:
     @classmethod
     def load(cls, onnx_dir: str | os.PathLike, providers: Sequence[str] | None = None) -> "OnnxVLM":
         import onnxruntime as ort
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         path = Path(onnx_dir)
         manifest = read_manifest(path)
@@ -65,7 +68,8 @@ class OnnxVLM:
         prefill = ort.InferenceSession(str(path / PREFILL_FILE), options, providers=chosen)
         decode = ort.InferenceSession(str(path / DECODE_FILE), options, providers=chosen)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        return cls(path, manifest, prefill, decode, processor, _positions(path, manifest))
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        return cls(path, manifest, prefill, decode, processor, _positions(path, manifest, config), graph_family(config))
 
     @property
     def has_adapters(self) -> bool:
@@ -91,7 +95,7 @@ class OnnxVLM:
         """One prompt through the prefill graph: its outputs and its positions."""
         inputs = self.prompt_format.encode_prompt(image, question)
         positions = self.positions.prefill(inputs)
-        feeds = {**inputs, POSITION_IDS: positions}
+        feeds = self.family.graph_feeds({**inputs, POSITION_IDS: positions})
         feeds = {k: np.ascontiguousarray(feeds[k].numpy()) for k in self.manifest["prefill_inputs"]}
         return self.prefill.run(None, feeds, self._run_options), positions.numpy()
 
@@ -152,13 +156,12 @@ class OnnxVLM:
         return self.answers([image], [question], max_new_tokens=max_new_tokens)[0]
 
 
-def _positions(onnx_dir: Path, manifest: dict) -> GenerationPositions:
+def _positions(onnx_dir: Path, manifest: dict, config) -> GenerationPositions:
     """The exported model's own position code, on its saved config."""
     import transformers
-    from transformers import AutoConfig
 
     model_class = getattr(transformers, manifest["model_class"], None)
     if model_class is None:
         raise OnnxExportError(f"ONNX export {str(onnx_dir)!r} is of a {manifest['model_class']}, which this "
                               f"transformers ({transformers.__version__}) does not have")
-    return GenerationPositions(model_class, AutoConfig.from_pretrained(onnx_dir, local_files_only=True))
+    return GenerationPositions(model_class, config)

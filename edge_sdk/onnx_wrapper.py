@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from fedvlm.edge.onnx_families import GraphFamily
+
 POSITION_IDS = "position_ids"
 
 
@@ -59,10 +61,14 @@ class _CacheRunner(torch.nn.Module):
 class PrefillGraph(_CacheRunner):
     """``(*input_names) -> (logits, present_key_0, present_value_0, ...)``: the prompt with its
     pictures, in the processor's own tensors (``input_names``: the processor's keys the model
-    takes, and ``position_ids``)."""
+    takes, and ``position_ids``), as ``family`` (:mod:`fedvlm.edge.onnx_families`) feeds them."""
+
+    def __init__(self, model: torch.nn.Module, input_names: Sequence[str], family: GraphFamily | None = None):
+        super().__init__(model, input_names)
+        self.family = family or GraphFamily()
 
     def forward(self, *tensors: torch.Tensor):
-        return self.run(dict(zip(self.input_names, tensors)), [])
+        return self.run(self.family.forward_inputs(self.model, dict(zip(self.input_names, tensors))), [])
 
 
 class DecodeGraph(_CacheRunner):

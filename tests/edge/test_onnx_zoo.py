@@ -23,7 +23,7 @@ from fedvlm.edge.onnx_runner import OnnxVLM
 from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.tiny_model import make_tiny_model
 
-EXPORTABLE = ["idefics3", "smolvlm", "paligemma", "gemma3", "internvl"]
+EXPORTABLE = ["idefics3", "smolvlm", "paligemma", "gemma3", "internvl", "qwen2_vl", "qwen2_5_vl"]
 LORA = LoraSettings(r=4, alpha=8, init_seed=7)
 # Different sizes and aspect ratios: different tile counts (Idefics3, SmolVLM, InternVL).
 IMAGES = [Image.new("RGB", (32, 32), (230, 20, 20)), Image.new("RGB", (64, 40), (20, 200, 20)),
@@ -82,7 +82,7 @@ def test_cli_ask_answers_as_the_runtime_does(exported, capsys):
     assert capsys.readouterr().out.strip() == vlm.answer(Image.open(image).convert("RGB"), QUESTIONS[1])
 
 
-@pytest.mark.parametrize("arch", ["llava_next", "qwen2_5_vl", "mllama"])
+@pytest.mark.parametrize("arch", ["llava_next", "llava_onevision", "mllama"])
 def test_a_family_that_cannot_export_is_refused_in_one_line(arch, tmp_path, capsys):
     model_dir = make_tiny_model(tmp_path / "model", "tiny", arch=arch, seed=0)
     model = PersonalVLM.from_pretrained(model_dir, lora=LORA, quantization="none", device="cpu")
