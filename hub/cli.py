@@ -206,7 +206,8 @@ start the coordinator with `fedvlm-hub start --broker URL --workers N ...` and N
 with `fedvlm-hub worker --broker URL --index I --workers N` (I = 0 .. N-1), all on the
 same --state-dir (the hub's machine, or a shared directory). The broker must speak
 MQTT 5 with shared subscriptions (mosquitto 2, EMQX, HiveMQ); the embedded broker cannot.
-A worker restarted with the same --index resumes its broker session: updates it had not
+The coordinator opens a round only once all N workers hold their subscription (a broker
+drops updates that no subscription matches). A worker restarted with the same --index resumes its broker session: updates it had not
 committed come back to it. See docs/capacity.md.
 """
 

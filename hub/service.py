@@ -62,6 +62,7 @@ from .publisher import GlobalPublisher, global_payload
 from .rounds import LifecyclePhase, OpenRound, Outcome, RoundLifecycle, RoundPolicy
 from .store import GlobalVersionRecord, HubStore, RoundRecord
 from .worker_partials import merge_worker_partials
+from .worker_readiness import begin_coordinator_run, unsubscribed_workers
 from .worker_settings import SETTINGS_META_KEY, federation_settings
 from .updates import PIN_BASE_FINGERPRINT, PIN_TENSOR_SPEC, FederationPins, UpdateRules
 
@@ -158,6 +159,7 @@ class HubService:
         self._last_tick = 0.0
         self._last_presence_flush = 0.0
         self._last_full_online_check = 0.0
+        self._told_workers_missing = False
 
     # ================================================================== public API
     @property
@@ -277,7 +279,9 @@ class HubService:
                                    f"not the configured {configured}; use another --state-dir for a new federation")
         if configured is not None and pinned is None:
             store.set_meta({PIN_BASE_FINGERPRINT: configured})
-        # Workers judge updates by these settings (fedvlm-hub worker).
+        # Workers judge updates by these settings (fedvlm-hub worker), and record their
+        # subscriptions again for this run before a round opens.
+        begin_coordinator_run(store)
         store.set_meta({SETTINGS_META_KEY: federation_settings(self.config)})
         store.reset_presence()
         self._presence = PresenceTracker(store, self._clock)
@@ -491,7 +495,17 @@ class HubService:
         if time.monotonic() - self._last_full_online_check < _FULL_ONLINE_CHECK_S:
             return None
         self._last_full_online_check = time.monotonic()
+        if self.config.workers and not self._workers_subscribed():
+            return None  # devices would send into a subscription that does not exist yet
         return lifecycle.try_open(presence.online(), now)
+
+    def _workers_subscribed(self) -> bool:
+        missing = unsubscribed_workers(self._require_store(), self.config.workers)
+        if missing and not self._told_workers_missing:
+            self._told_workers_missing = True
+            self.console.event(f"waiting for hub worker(s) {', '.join(map(str, missing))} to subscribe before a round "
+                               f"opens (`fedvlm-hub worker --index I --workers {self.config.workers}`)")  # fmt: skip
+        return not missing
 
     # ================================================================== rounds
     def _on_round_opened(self, opened: OpenRound) -> None:

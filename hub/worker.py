@@ -43,12 +43,13 @@ from fedvlm.shared.protocol import Ack, ProtocolError, Topics, parse_chunk_heade
 from .checkpoints import CheckpointStore
 from .config import HubConfig
 from .console import Console
-from .errors import HubConfigError
+from .errors import HubConfigError, HubError
 from .intake import UpdateIntake
 from .norm_bound import MEDIANS_META_KEY, NormBoundedStrategy, NormHistory
 from .rounds import RoundPolicy
 from .store import HubStore
 from .worker_partials import RoundMirror, WorkerLedger
+from .worker_readiness import coordinator_run, record_subscribed
 from .worker_settings import DEFAULT_GROUP
 from .updates import PIN_BASE_FINGERPRINT, PIN_TENSOR_SPEC, FederationPins, UpdateRules
 
@@ -103,6 +104,7 @@ class HubWorker:
         self._thread: threading.Thread | None = None
         self._aggregate_round: int | None = None
         self._last_refresh = 0.0
+        self._recorded_run: str | None = None
         self.relayed = 0
 
     # ================================================================== public API
@@ -145,6 +147,16 @@ class HubWorker:
             self._release()
             raise BrokerUnavailable(f"{error} Hub workers need MQTT 5 (shared subscriptions): mosquitto 2, EMQX or "
                                     "HiveMQ; the embedded broker (MQTT 3.1.1) cannot serve them.") from None
+        if not self._link.wait_subscribed(connect_timeout):
+            log.warning("the broker has not acknowledged the shared subscription yet; the coordinator opens no "
+                        "round until it does")  # fmt: skip
+        if self._link.refused_subscriptions:
+            refused = "; ".join(f"{f}: {reason}" for f, reason in self._link.refused_subscriptions.items())
+            self._release()
+            raise HubError(f"the broker refused the worker's subscriptions ({refused}); hub workers need shared "
+                           "subscriptions (MQTT 5: mosquitto 2, EMQX, HiveMQ) and an ACL that lets them subscribe "
+                           f"to {self.topics.shared_updates_filter(self.group)}")  # fmt: skip
+        self._record_subscribed()
         self.console.event(f"worker {self.index} of {self.workers} for federation {config.federation!r}: shared "
                            f"subscription group {self.group!r} on {self.address.url()}")  # fmt: skip
         self._thread = threading.Thread(target=self._run, name=f"fedvlm-hub-worker-{self.index}", daemon=True)
@@ -203,6 +215,14 @@ class HubWorker:
             self._last_refresh = now
             if self._require_mirror().refresh():
                 self._follow_round()
+            if self._recorded_run != coordinator_run(self._require_store()):  # a coordinator (re)started
+                self._record_subscribed()
+
+    def _record_subscribed(self) -> None:
+        """Tell the coordinator this worker's subscription is in place (it opens no round before)."""
+        link = self._link
+        if link is not None and link.subscribed.is_set():
+            self._recorded_run = record_subscribed(self._require_store(), self.index)
 
     def _follow_round(self) -> None:
         """The partial sum belongs to one round: when the coordinator moved on, start the next."""

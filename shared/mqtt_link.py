@@ -12,7 +12,10 @@ returned, or, for a subscription made with ``manual_ack=True``, when the handler
 process killed before it judged a message gets it again on its next session, and the
 broker's in-flight window (``receive_maximum``) bounds what the process holds. Subscribe
 before ``connect``: a resumed persistent session may deliver at once, and a message that
-arrives with no handler in place is acknowledged and lost. MQTT 5 is used when the broker speaks it
+arrives with no handler in place is acknowledged and lost. ``wait_subscribed`` blocks until
+the broker has acknowledged every subscription of the connection: only from then on does it
+route matching messages here (or, for a shared subscription, to this session's share), so a
+process whose subscription must exist before others publish (a hub worker) waits for it. MQTT 5 is used when the broker speaks it
 (``protocol="auto"`` tries 5, then falls back to 3.1.1); everything works on 3.1.1.
 
 paho is imported lazily: ``fedvlm.shared`` itself must not need it.
@@ -165,6 +168,13 @@ class MqttLink:
         self._connect_error: str | None = None
         self.on_reconnect: list[Callable[[], None]] = []
         self._ever_connected = False
+        # SUBACKs: packet ids of this connection's subscriptions still unacknowledged, SUBACKs
+        # that arrived before their id was recorded (subscribe() from another thread), and
+        # the refusals (filter: reason).
+        self.subscribed = threading.Event()
+        self._unacked_subscriptions: dict[int, str] = {}
+        self._early_subacks: dict[int, list] = {}
+        self.refused_subscriptions: dict[str, str] = {}
         # Counts connections: an ack() from a delivery of an earlier connection is dropped
         # (the broker re-sends that message on the resumed session, and its packet id may
         # already name another message).
@@ -195,6 +205,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         return client
 
     def connect(self, timeout: float = 10.0) -> "MqttLink":
@@ -251,11 +262,15 @@ class MqttLink:
         with self._lock:
             self._generation += 1
             subscriptions = list(self._subscriptions.items())
+            self._unacked_subscriptions.clear()
+            self._early_subacks.clear()
+            self.subscribed.clear()
         for topic_filter, (qos, _, _) in subscriptions:
-            client.subscribe(topic_filter, qos=qos)
+            self._send_subscribe(client, topic_filter, qos)
         reconnected = self._ever_connected
         self._ever_connected = True
         self.connected.set()
+        self._update_subscribed()
         if reconnected:
             log.info("reconnected to %s", self.address.url())
             for callback in list(self.on_reconnect):
@@ -266,6 +281,7 @@ class MqttLink:
             # Closed before CONNACK: typically a broker that does not speak this MQTT version.
             self._connect_error = f"the broker closed the connection ({reason_code})"
         self.connected.clear()
+        self.subscribed.clear()
         # Before the first CONNACK a disconnect is part of connect()'s attempts (a refused
         # login, an MQTT version the broker lacks): connect() reports it, so no warning here.
         if not self._closing and self._ever_connected:
@@ -313,7 +329,43 @@ class MqttLink:
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler, manual_ack)
         if self._client is not None and self.connected.is_set():
-            self._client.subscribe(topic_filter, qos=qos)
+            self._send_subscribe(self._client, topic_filter, qos)
+            self._update_subscribed()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until the broker acknowledged every subscription of this connection; True if
+        it did within ``timeout`` (see ``refused_subscriptions`` for any it refused)."""
+        return self.subscribed.wait(timeout)
+
+    def _send_subscribe(self, client, topic_filter: str, qos: int) -> None:
+        _, mid = client.subscribe(topic_filter, qos=qos)
+        with self._lock:
+            reason_codes = self._early_subacks.pop(mid, None)
+            if reason_codes is None:
+                self._unacked_subscriptions[mid] = topic_filter
+        if reason_codes is not None:
+            self._note_refusals(topic_filter, reason_codes)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        with self._lock:
+            topic_filter = self._unacked_subscriptions.pop(mid, None)
+            if topic_filter is None:
+                self._early_subacks[mid] = list(reason_codes)
+        if topic_filter is not None:
+            self._note_refusals(topic_filter, reason_codes)
+            self._update_subscribed()
+
+    def _note_refusals(self, topic_filter: str, reason_codes) -> None:
+        for code in reason_codes:
+            if getattr(code, "is_failure", False):
+                self.refused_subscriptions[topic_filter] = str(code)
+                log.warning("the broker at %s refused the subscription %s: %s", self.address.url(), topic_filter, code)
+
+    def _update_subscribed(self) -> None:
+        with self._lock:
+            done = not self._unacked_subscriptions and self.connected.is_set()
+        if done:
+            self.subscribed.set()
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
