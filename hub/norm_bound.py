@@ -242,12 +242,19 @@ class NormBoundedStrategy:
         self.history = history
         self._reference = reference
         self._round_number = round_number
+        # (round, bound): asked at every add, it changes only with the round (a round's bound
+        # comes from the rounds before it, all recorded before it collects), so the history
+        # (a JSON read from SQLite) is read once a round, not once per update.
+        self._bound_of_round: tuple[int, float | None] | None = None
 
     def __getattr__(self, name: str) -> Any:  # name, shared_factors, split, absorb, ...
         return getattr(self.wrapped, name)
 
     def current_bound(self) -> float | None:
-        return self.rule.bound(self.history.median_before(self._round_number()))
+        round_number = self._round_number()
+        if self._bound_of_round is None or self._bound_of_round[0] != round_number:
+            self._bound_of_round = (round_number, self.rule.bound(self.history.median_before(round_number)))
+        return self._bound_of_round[1]
 
     def new_aggregator(self, scaling: float) -> NormBoundedAggregator:
         return NormBoundedAggregator(self.wrapped.new_aggregator(scaling), self.rule, self.current_bound,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -56,6 +55,7 @@ from .config import HubConfig
 from .console import Console
 from .errors import HubConfigError, StateDirMismatch
 from .intake import UpdateIntake
+from .intake_queue import IntakeQueue
 from .norm_bound import MEDIANS_META_KEY, NormBoundedAggregator, NormBoundedStrategy, NormHistory
 from .presence import PresenceTracker
 from .publisher import GlobalPublisher, global_payload
@@ -80,6 +80,9 @@ _RETRY_PUBLISH_AFTER_S = 2.0
 _PRESENCE_FLUSH_S = 0.2
 # While waiting for clients, the registry is read as a whole at most this often.
 _FULL_ONLINE_CHECK_S = 0.5
+# Update chunks (bytes) waiting for the hub thread at most: a few megabytes keep it busy,
+# more only holds memory (intake_queue.py).
+_INBOX_BYTES = 8 * 1024 * 1024
 # Console lines per batch of announcements before one summary line replaces them.
 _ANNOUNCEMENT_LINES = 10
 # Client ids listed on the console when a round opens.
@@ -143,9 +146,10 @@ class HubService:
         self._presence: PresenceTracker | None = None
         self._link: MqttLink | None = None
         self._publisher: GlobalPublisher | None = None
-        # Bounded: the broker's window (inflight_window) bounds the update chunks in it; the
-        # rest are a few control events.
-        self._events: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max(4 * config.inflight_window, 10_000))
+        # Update chunks and control events. Bounded in chunks (the broker's window) and bytes
+        # whether or not the broker keeps its window: a full inbox stops paho's thread
+        # reading, and the broker holds the rest.
+        self._events = self._new_inbox()
         self._stop_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
@@ -197,6 +201,7 @@ class HubService:
             if self.config.uses_embedded_broker:
                 self.broker = EmbeddedBroker(self.config.embedded_host, self.config.embedded_port).start()
             protocol = "3.1.1" if self.config.uses_embedded_broker else self.config.mqtt_protocol
+            self._events = self._new_inbox()  # open again after a stop
             offline = self._hub_state(status=Presence.OFFLINE)
             self._link = MqttLink(self.address, f"fedvlm-hub-{self.config.federation}", protocol=protocol,
                                   will=Will(self.topics.hub_state(), offline.to_json()),
@@ -263,6 +268,9 @@ class HubService:
             self.console.event("hub stopped")
         self._started = False
         self._release()
+
+    def _new_inbox(self) -> IntakeQueue:
+        return IntakeQueue(max_chunks=self.config.inflight_window, max_bytes=_INBOX_BYTES)
 
     def __enter__(self) -> HubService:
         return self.start()
@@ -346,6 +354,7 @@ class HubService:
             self._publish_selections(current)
 
     def _release(self) -> None:
+        self._events.close()  # paho's thread may wait for room that nobody will make any more
         if self._link is not None:
             self._link.close()
             self._link = None
@@ -379,15 +388,12 @@ class HubService:
             self._presence.receive(client_id, payload)
 
     def _receive_update_chunk(self, topic: str, payload: bytes, retained: bool, ack: Callable[[], None]) -> None:
-        """paho's thread: onto the bounded queue, acknowledged by the intake once judged."""
-        self._events.put(("update", topic, payload, ack))
+        """paho's thread: into the bounded inbox (waits for room), acknowledged by the intake once judged."""
+        self._events.put(("update", topic, payload, ack), size=len(payload))
 
     def _run(self) -> None:
         while not self._stop_requested.is_set():
-            try:
-                event = self._events.get(timeout=_TICK_S)
-            except queue.Empty:
-                event = None
+            event = self._events.get(timeout=_TICK_S)
             try:
                 if event is not None:
                     self._dispatch(event)
@@ -622,10 +628,11 @@ class HubService:
 
     def _collecting_round(self) -> int:
         """The round updates are being collected for (the one after the last aggregated round)."""
-        latest = self._require_store().latest_round()
+        latest = self._require_store().latest_round_outcome()
         if latest is None:
             return 1
-        return latest.round + 1 if latest.outcome == "aggregated" else latest.round
+        round_number, outcome = latest
+        return round_number + 1 if outcome == "aggregated" else round_number
 
     def _load_previous_global(self) -> dict[str, Any] | None:
         """The latest global version's tensors (FedEx folds its base deltas forward)."""
@@ -641,16 +648,19 @@ class HubService:
         assert self._publisher is not None
         store = self._require_store()
         try:
-            if not record.published:
-                self._publish_state(phase=RoundPhase.PUBLISHING)
-            self._publisher.publish(self._files.read(record.file_path), GlobalManifest.from_json(record.manifest))
-            if not record.published:
-                self._checkpoint("publishing")
-                store.mark_published(record.version)
-                self.console.event(f"published global version {record.version} ({record.chunk_count} chunk(s))")
-            previous = store.global_version(record.version - 1)
-            if previous is not None:
-                self._publisher.clear(previous.version, previous.chunk_count)
+            # The broker's confirmations are awaited here, and paho's thread must be free to
+            # read them: meanwhile the inbox takes every chunk without waiting for room.
+            with self._events.unbounded():
+                if not record.published:
+                    self._publish_state(phase=RoundPhase.PUBLISHING)
+                self._publisher.publish(self._files.read(record.file_path), GlobalManifest.from_json(record.manifest))
+                if not record.published:
+                    self._checkpoint("publishing")
+                    store.mark_published(record.version)
+                    self.console.event(f"published global version {record.version} ({record.chunk_count} chunk(s))")
+                previous = store.global_version(record.version - 1)
+                if previous is not None:
+                    self._publisher.clear(previous.version, previous.chunk_count)
         except BrokerUnavailable as error:
             log.warning("could not publish global version %d (%s); retrying", record.version, error)
             self._next_publish_attempt = time.monotonic() + _RETRY_PUBLISH_AFTER_S

@@ -482,6 +482,11 @@ class HubStore:
         rows = self._query(f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round DESC, attempt DESC LIMIT 1")
         return _round_record(rows[0]) if rows else None
 
+    def latest_round_outcome(self) -> tuple[int, str | None] | None:
+        """The latest round's number and outcome, without its selected list (cheap at any N)."""
+        rows = self._query("SELECT round, outcome FROM rounds ORDER BY round DESC, attempt DESC LIMIT 1")
+        return (rows[0][0], rows[0][1]) if rows else None
+
     def rounds(self) -> list[RoundRecord]:
         return [_round_record(row) for row in self._query(f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round, attempt")]
 

@@ -10,7 +10,8 @@ from fedvlm.hub.cli import _start_config, build_parser
 from fedvlm.hub.config import HubConfig
 from fedvlm.hub.console import Console
 from fedvlm.hub.errors import HubConfigError
-from fedvlm.hub.norm_bound import NormBoundedAggregator, NormBoundRule, update_displacement
+from fedvlm.hub.norm_bound import (NormBoundedAggregator, NormBoundedStrategy, NormBoundRule, NormHistory,
+                                   update_displacement)
 from fedvlm.hub.service import HubService
 from fedvlm.hub.status import read_status
 from fedvlm.shared import tensor_codec
@@ -131,6 +132,26 @@ def test_garbage_is_refused_not_clipped_into_something_acceptable():
         with pytest.raises(ValueError):
             bounded.add({k: np.full_like(v, poison) for k, v in b_factors(1).items()}, 10)
     assert bounded.count == 0
+
+
+def test_the_history_is_read_once_a_round_and_each_round_gets_its_own_bound():
+    """The bound is asked at every add (thousands a round at scale): it must not read the
+    history each time, yet a new round must see the median its predecessor recorded."""
+    saved: dict[str, str] = {}
+    reads = []
+    history = NormHistory(load=lambda: reads.append(1) or saved.get("m"), save=lambda text: saved.update(m=text))
+    round_number = [1]
+    strategy = NormBoundedStrategy(get_strategy("plora"), NormBoundRule(norm_factor=5.0), history,
+                                   reference=lambda: None, round_number=lambda: round_number[0])  # fmt: skip
+    aggregator = strategy.new_aggregator(2.0)
+    for seed in range(20):
+        aggregator.add(b_factors(seed), 10)
+    assert len(reads) == 1 and strategy.current_bound() is None  # round 1: no history, no bound
+    history.record(1, aggregator.norms)
+    assert strategy.current_bound() is None  # still round 1: its own median never bounds it
+    round_number[0] = 2
+    assert strategy.current_bound() == pytest.approx(5.0 * float(np.median(aggregator.norms)))
+    assert len(reads) == 3  # record's own read, and round 2's
 
 
 @pytest.mark.parametrize("rule, median, bound", [
