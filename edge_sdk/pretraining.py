@@ -132,6 +132,8 @@ def _recipe(size: str, seed: int, examples: int, config: PretrainingConfig, arch
         recipe["arch"] = arch
     if vision is not None:
         recipe["vision_pretraining"] = dataclasses.asdict(vision)
+        if not vision.object_heads:  # recipes written before the option stay valid
+            recipe["vision_pretraining"].pop("object_heads")
     return recipe
 
 
@@ -225,7 +227,7 @@ def seeing_base_recipe(progress: bool = True) -> dict:
     from fedvlm.edge.vision_pretraining import VisionPretrainingConfig
 
     return dict(seed=0, examples=4096,
-                vision=VisionPretrainingConfig(steps=2000, learning_rate=3e-3),
+                vision=VisionPretrainingConfig(steps=2000, learning_rate=3e-3, object_heads=True),
                 config=PretrainingConfig(steps=2400, batch_size=16, learning_rate=1e-3, text_every=8,
                                          warmup_steps=100, train_vision=False, kind_weights=(1, 2, 1, 1), seed=0,
                                          progress=progress))

@@ -31,6 +31,8 @@ from fedvlm.edge.data.conventions import CLASSES, PRETRAINED_KINDS
 # Attributes whose head reads pooled features; the others read every patch in place.
 _POOLED = ("colour", "shape", "count")
 _IGNORE = -100
+# What the object heads label at each shape's own patch.
+_OBJECT_KINDS = ("colour", "shape")
 
 
 @dataclasses.dataclass
@@ -41,6 +43,10 @@ class VisionPretrainingConfig:
     learning_rate: peak of a one-cycle schedule (10 % warm-up, cosine down).
     count_share: share of pictures that are counting scenes (the rest hold one shape).
     seed: pictures and head initialisation.
+    object_heads: also label, in every picture, the patch under each shape's centre with that
+        shape's colour and shape (two linear heads read every patch in place), so each object's
+        own patch says what it is: what the language model's attention can find and read,
+        where a mean over all patches dilutes one small shape with background.
     """
 
     steps: int = 1500
@@ -48,6 +54,7 @@ class VisionPretrainingConfig:
     learning_rate: float = 3e-3
     count_share: float = 0.4
     seed: int = 0
+    object_heads: bool = False
 
 
 def vision_tower_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -60,27 +67,36 @@ def vision_tower_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class AttributeHeads(torch.nn.Module):
-    """One linear classifier per pre-trained attribute over a tower's patch features."""
+    """One linear classifier per pre-trained attribute over a tower's patch features; with
+    ``object_heads``, also colour and shape classifiers applied to every patch in place
+    (outputs ``object_colour``, ``object_shape``: batch x patches x classes)."""
 
-    def __init__(self, hidden: int, patches: int):
+    def __init__(self, hidden: int, patches: int, object_heads: bool = False):
         super().__init__()
         self.heads = torch.nn.ModuleDict({
             kind: torch.nn.Linear(hidden if kind in _POOLED else patches * hidden, len(CLASSES[kind]))
             for kind in PRETRAINED_KINDS})  # fmt: skip
+        self.object_heads = torch.nn.ModuleDict(
+            {f"object_{kind}": torch.nn.Linear(hidden, len(CLASSES[kind])) for kind in _OBJECT_KINDS}
+            if object_heads else {})
 
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = patches.mean(1)
-        return {kind: head(pooled if kind in _POOLED else patches.flatten(1)) for kind, head in self.heads.items()}
+        logits = {kind: head(pooled if kind in _POOLED else patches.flatten(1)) for kind, head in self.heads.items()}
+        return {**logits, **{name: head(patches) for name, head in self.object_heads.items()}}
 
 
 def attribute_batch(rng: np.random.Generator, n: int, image_size: int, radius_range: tuple[float, float],
-                    count_share: float) -> tuple[list, dict[str, torch.Tensor]]:
+                    count_share: float, patch_size: int | None = None) -> tuple[list, dict[str, torch.Tensor]]:
     """``n`` fresh pictures and, per pre-trained attribute, each picture's class (-100 where the
-    picture does not show it: the colour of a counting scene is ambiguous)."""
+    picture does not show it: the colour of a counting scene is ambiguous). With ``patch_size``,
+    also ``object_colour`` and ``object_shape``: per patch (row-major), the class of the shape
+    whose centre lies in it, else -100."""
     from fedvlm.edge.data.scenes import sample_scene, uniform_class_weights
 
     weights = uniform_class_weights()
     images, labels = [], {kind: [] for kind in PRETRAINED_KINDS}
+    objects = {f"object_{kind}": [] for kind in _OBJECT_KINDS} if patch_size else {}
     for _ in range(n):
         # Sides are drawn inside one half, so a lone shape's side is never ambiguous.
         kind = "count" if rng.random() < count_share else "position"
@@ -89,7 +105,15 @@ def attribute_batch(rng: np.random.Generator, n: int, image_size: int, radius_ra
         for attribute in PRETRAINED_KINDS:
             shown = attribute == "count" or len(scene.shapes) == 1
             labels[attribute].append(scene.class_index(attribute) if shown else _IGNORE)
-    return images, {kind: torch.tensor(values) for kind, values in labels.items()}
+        if patch_size:
+            per_row = image_size // patch_size
+            for attribute in _OBJECT_KINDS:
+                row = [_IGNORE] * per_row**2
+                for shape in scene.shapes:
+                    x, y = (min(int(c // patch_size), per_row - 1) for c in shape.centre)
+                    row[y * per_row + x] = getattr(shape, attribute)
+                objects[f"object_{attribute}"].append(row)
+    return images, {kind: torch.tensor(values) for kind, values in {**labels, **objects}.items()}
 
 
 def patch_features(tower: torch.nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:
@@ -110,21 +134,23 @@ def pretrain_vision(model: torch.nn.Module, processor, config: VisionPretraining
     rng = np.random.default_rng([config.seed, 71])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        heads = AttributeHeads(vision_config.hidden_size, patches)
+        heads = AttributeHeads(vision_config.hidden_size, patches, config.object_heads)
     parameters = [*tower.parameters(), *heads.parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
                                                    total_steps=max(config.steps, 2), pct_start=0.1)
-    correct = {kind: [0, 0] for kind in PRETRAINED_KINDS}
+    correct = {kind: [0, 0] for kind in PRETRAINED_KINDS + tuple(heads.object_heads)}
     tower.train()
     for step in tqdm(range(config.steps), desc="pre-train vision", disable=not progress, leave=False):
         images, labels = attribute_batch(rng, config.batch_size, vision_config.image_size, radius_range,
-                                         config.count_share)
+                                         config.count_share,
+                                         vision_config.patch_size if config.object_heads else None)
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         logits = heads(patch_features(tower, pixel_values, drop_cls))
-        loss = sum(torch.nn.functional.cross_entropy(logits[k], labels[k], ignore_index=_IGNORE) for k in logits)
+        loss = sum(torch.nn.functional.cross_entropy(logits[k].flatten(0, -2), labels[k].flatten(),
+                                                     ignore_index=_IGNORE) for k in logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -133,7 +159,7 @@ def pretrain_vision(model: torch.nn.Module, processor, config: VisionPretraining
         if step >= config.steps - 20:  # the batch was drawn fresh: scored before this step's update saw it
             for kind, kind_logits in logits.items():
                 shown = labels[kind] != _IGNORE
-                correct[kind][0] += int((kind_logits.argmax(-1) == labels[kind])[shown].sum())
+                correct[kind][0] += int((kind_logits.argmax(-1) == labels[kind])[shown].sum())  # per patch too
                 correct[kind][1] += int(shown.sum())
     tower.eval()
     for parameter in tower.parameters():

@@ -285,8 +285,15 @@ def test_late_joiners_adapt_only_their_personal_part(tiny_model_dir, tmp_path):
     from fedvlm.shared.strategies import FedIT, PLoRA
 
     settings = tiny_settings(tmp_path / "sim", tiny_model_dir, scenario="few-shot", clients=2, late_joiners=2,
-                             late_joiner_steps=2, strategies=("plora", "fedit", "local", "base"))
+                             late_joiner_steps=2, strategies=("plora", "fedit", "local", "base"),
+                             score_every_round=False)
     results = simulate(settings)
+    # Scored after the last round only; per question kind of the scenario as well as overall.
+    plora = json.loads((settings.out / "runs" / "plora-seed0.json").read_text())
+    assert plora["rounds"][0]["personal_accuracy"] is None and plora["rounds"][-1]["personal_accuracy"] is not None
+    by_kind = results["strategies"]["plora"]["personal_accuracy_by_kind"]
+    assert by_kind and set(by_kind) <= {"shape", "count", "position", "vertical"}
+    assert "per question kind" in (settings.out / "results.md").read_text()
     for name in settings.strategies:
         run = json.loads((settings.out / "runs" / f"{name}-seed0.json").read_text())
         assert [c["client_id"] for c in run["late_joiners"]] == ["client_02", "client_03"]

@@ -102,10 +102,13 @@ class Convention:
         language: one of :data:`LANGUAGES`; every answer word is in it.
         mirrored: the client's camera mirrors the picture, so position answers name the
             opposite side of the one the shape is drawn on.
+        upside_down: the client's camera is mounted upside down, so height (vertical)
+            answers name the opposite half of the one the shape is drawn in.
     """
 
     language: str = "english"
     mirrored: bool = False
+    upside_down: bool = False
 
     def __post_init__(self) -> None:
         if self.language not in LANGUAGES:
@@ -113,12 +116,13 @@ class Convention:
 
     @property
     def name(self) -> str:
-        return self.language + ("-mirrored" if self.mirrored else "")
+        return self.language + ("-mirrored" if self.mirrored else "") + ("-upside-down" if self.upside_down else "")
 
     @property
     def description(self) -> str:
         """For people: "french, mirrored camera"."""
-        return self.language + (", mirrored camera" if self.mirrored else "")
+        return (self.language + (", mirrored camera" if self.mirrored else "")
+                + (", upside-down camera" if self.upside_down else ""))
 
     def words(self, kind: str) -> tuple[str, ...]:
         """This convention's answer words for a question kind, in class order."""
@@ -126,8 +130,8 @@ class Convention:
 
     def answer(self, kind: str, class_index: int) -> str:
         """The answer this client gives when the picture shows class ``class_index``."""
-        if kind == "position" and self.mirrored:
-            class_index = len(CLASSES["position"]) - 1 - class_index
+        if (kind == "position" and self.mirrored) or (kind == "vertical" and self.upside_down):
+            class_index = len(CLASSES[kind]) - 1 - class_index
         return self.words(kind)[class_index]
 
 
@@ -148,6 +152,14 @@ def client_convention(client_index: int, *, concept_shift: bool) -> Convention:
     language_round, language_index = divmod(client_index, len(LANGUAGE_ORDER))
     mirrored = (client_index % 2 == 1) != (language_round % 2 == 1)
     return Convention(LANGUAGE_ORDER[language_index], mirrored)
+
+
+def camera_convention(client_index: int) -> Convention:
+    """Client ``client_index``'s camera under camera shift: English words, the camera mounted one
+    of four ways in turn (plain, mirrored, upside down, both), so that a quarter of the clients
+    share each. A small personal part (two bits, on the side and height questions) that a client
+    can learn from a few examples of its own, unlike a language's every word."""
+    return Convention("english", mirrored=client_index % 2 == 1, upside_down=client_index % 4 >= 2)
 
 
 def convention_vocabulary_lines() -> list[str]:

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from fedvlm.edge.data.conventions import CLASSES, PRETRAINED_KINDS, QUESTION_KINDS, Convention, client_convention
+from fedvlm.edge.data.conventions import (CLASSES, PRETRAINED_KINDS, QUESTION_KINDS, Convention, camera_convention,
+                                          client_convention)
 from fedvlm.edge.data.scenes import MIN_IMAGE_SIZE, uniform_class_weights
 from fedvlm.shared.usage_error import UsageError
 
@@ -41,8 +42,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "label-skew": {"label_skew_alpha": 0.3},
     "task-skew": {"task_skew": 0.8},
     "mixed": {"concept_shift": True, "label_skew_alpha": 0.5, "task_skew": 0.5},
-    "few-shot": {"concept_shift": True, "n_clients": 16, "examples_per_client": 32,
-                 "question_kinds": PRETRAINED_KINDS + ("vertical",), "question_weights": (1, 1, 1, 1, 4)},
+    "few-shot": {"camera_shift": True, "n_clients": 16, "examples_per_client": 32,
+                 "question_kinds": ("shape", "count", "position", "vertical")},
+    "few-shot-languages": {"concept_shift": True, "n_clients": 16, "examples_per_client": 32,
+                           "question_kinds": PRETRAINED_KINDS + ("vertical",), "question_weights": (1, 1, 1, 1, 4)},
 }
 
 
@@ -60,6 +63,8 @@ class ScenarioConfig:
         label_skew_alpha: Dirichlet concentration of per-client class distributions;
             ``None`` for uniform classes.
         concept_shift: give each client its own answer convention.
+        camera_shift: give each client its own camera mounting (mirrored and/or upside down;
+            :func:`~fedvlm.edge.data.conventions.camera_convention`), answers in English.
         task_skew: how strongly each client favours one question kind, 0 to 1.
         question_kinds: which kinds of question to ask (a subset of colour, shape, count,
             position, vertical; by default the kinds pre-training teaches).
@@ -76,6 +81,7 @@ class ScenarioConfig:
     image_size: int = 64
     label_skew_alpha: float | None = None
     concept_shift: bool = False
+    camera_shift: bool = False
     task_skew: float = 0.0
     question_kinds: tuple[str, ...] = PRETRAINED_KINDS
     question_weights: tuple[float, ...] | None = None
@@ -107,6 +113,8 @@ class ScenarioConfig:
                 or not sum(self.question_weights) > 0):
             problems.append(f"question_weights must give one non-negative weight per question kind "
                             f"({len(self.question_kinds)}), not all zero, got {list(self.question_weights)}")
+        if self.camera_shift and self.concept_shift:
+            problems.append("camera_shift and concept_shift are two kinds of personal convention: choose one")
         if self.seed < 0:
             problems.append(f"seed must be a non-negative integer, got {self.seed}")
         if problems:
@@ -127,7 +135,9 @@ class ScenarioConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["question_kinds"] = list(self.question_kinds)
-        if self.question_weights is None:  # descriptions written before the field stay the same
+        if not self.camera_shift:  # descriptions written before the field stay the same
+            data.pop("camera_shift")
+        if self.question_weights is None:  # likewise
             data.pop("question_weights")
         else:
             data["question_weights"] = list(self.question_weights)
@@ -160,6 +170,7 @@ class ClientProfile:
             "convention": self.convention.name,
             "language": self.convention.language,
             "mirrored": self.convention.mirrored,
+            **({"upside_down": True} if self.convention.upside_down else {}),
             "main_question_kind": self.main_question_kind,
             "question_weights": {k: round(w, 4) for k, w in self.question_weights.items()},
             "class_weights": {kind: dict(zip(CLASSES[kind], (round(float(w), 4) for w in weights)))
@@ -183,7 +194,8 @@ def client_profile(config: ScenarioConfig, client_index: int, rng: np.random.Gen
         class_weights = uniform_class_weights()
     else:
         class_weights = {kind: _dirichlet(rng, config.label_skew_alpha, len(names)) for kind, names in CLASSES.items()}
-    convention = client_convention(client_index, concept_shift=config.concept_shift)
+    convention = (camera_convention(client_index) if config.camera_shift
+                  else client_convention(client_index, concept_shift=config.concept_shift))
     return ClientProfile(convention, question_weights, class_weights, main_kind)
 
 

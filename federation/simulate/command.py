@@ -98,6 +98,8 @@ def add_simulate_command(commands) -> None:
                                "trains only its personal part on its own data and is scored (default 0)")
     simulate.add_argument("--late-joiner-steps", type=int, default=_DEFAULTS["late_joiner_steps"],
                           help="optimiser steps of a late joiner's adaptation")
+    simulate.add_argument("--score-last-round-only", action="store_true",
+                          help="score the clients after the last round only, not every round (about half the time)")
     simulate.add_argument("--out", type=Path, default=_DEFAULTS["out"], help="where results go")
     simulate.add_argument("--threads", type=int, default=_DEFAULTS["threads"],
                           help="torch CPU threads (one suits the small models, and a CPU shared with other work)")
@@ -121,7 +123,8 @@ def _simulate(args: argparse.Namespace) -> int:
         **{f"lora_{name}": value for name, value in lora_target_fields(args).items()},
         global_test_size=args.global_test_size, objective=args.objective, dpo_beta=args.dpo_beta,
         max_new_tokens=args.max_new_tokens, late_joiners=args.late_joiners,
-        late_joiner_steps=args.late_joiner_steps, progress=not args.quiet, threads=args.threads,
+        late_joiner_steps=args.late_joiner_steps, score_every_round=not args.score_last_round_only,
+        progress=not args.quiet, threads=args.threads,
     )
     results = simulate(settings)
     print((settings.out / "results.md").read_text())

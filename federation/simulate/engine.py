@@ -98,6 +98,8 @@ class Scorer:
                               max_new_tokens=self.settings.max_new_tokens, reference=reference,
                               beta=self.settings.dpo_beta)
             self._cache[key] = {name: getattr(result, name) for name in METRICS}
+            if result.accuracy is not None:
+                self._cache[key]["accuracy_by_kind"] = kind_counts(examples, result.predictions)
         return self._cache[key]
 
     def _reference_scores(self, examples: Sequence) -> LikelihoodScores:
@@ -105,6 +107,33 @@ class Scorer:
             self.model.load_adapter_state(self.reference_state)
             self._reference[id(examples)] = likelihood_scores(self.model.model, self.model.processor, examples)
         return self._reference[id(examples)]
+
+
+def kind_counts(examples: Sequence, predictions: Sequence[str]) -> dict[str, list[int]]:
+    """Per question kind of synthetic records (``fedvlm.edge.data.question_kind``): [right, asked];
+    empty for other data. Summed over clients, these say which skill a strategy gains or loses."""
+    from fedvlm.edge.answer_metrics import normalize_answer
+    from fedvlm.edge.data import question_kind
+
+    counts: dict[str, list[int]] = {}
+    for example, prediction in zip(examples, predictions):
+        kind = question_kind(example) if hasattr(example, "origin_dataset") else None
+        if kind is not None:
+            tally = counts.setdefault(kind, [0, 0])
+            tally[0] += int(normalize_answer(prediction) == normalize_answer(example.chosen))
+            tally[1] += 1
+    return counts
+
+
+def accuracy_by_kind(per_client: Sequence[dict]) -> dict[str, float]:
+    """Exact match per question kind over every client's held-out examples pooled (empty when
+    the data has no kinds)."""
+    totals: dict[str, list[int]] = {}
+    for scores in per_client:
+        for kind, (right, asked) in (scores.get("accuracy_by_kind") or {}).items():
+            tally = totals.setdefault(kind, [0, 0])
+            tally[0], tally[1] = tally[0] + right, tally[1] + asked
+    return {kind: right / asked for kind, (right, asked) in sorted(totals.items()) if asked}
 
 
 def mean_metrics(per_client: Sequence[dict]) -> dict[str, float | None]:
@@ -136,7 +165,9 @@ class RunResult:
         personal, global_ = self.mean("personal"), self.mean("global")
         return {"strategy": self.strategy, "seed": self.seed, "personal_accuracy": personal["accuracy"],
                 "global_accuracy": global_["accuracy"], "personal": personal, "global": global_,
+                "personal_accuracy_by_kind": accuracy_by_kind([c["personal"] for c in self.per_client]),
                 "late_joiner_accuracy": self.late_joiner_accuracy,
+                "late_joiner_accuracy_by_kind": accuracy_by_kind(self.late_joiners),
                 **dataclasses.asdict(self)}
 
 
@@ -175,9 +206,10 @@ def _late_joiner(model: PersonalVLM, settings: SimulationSettings, seed: int, in
         config = training_config(settings, settings.late_joiner_steps, seed, settings.rounds + 1, 800 + index)
         model.train_personal(encode_examples(model.processor, client.train, objective=config.objective), config)
         steps = settings.late_joiner_steps
-    accuracy = evaluate(model.model, model.processor, client.test).accuracy
+    result = evaluate(model.model, model.processor, client.test)
     return {"client_id": client.client_id, "description": client.description, "train_examples": len(client.train),
-            "test_examples": len(client.test), "adaptation_steps": steps, "personal_accuracy": accuracy}
+            "test_examples": len(client.test), "adaptation_steps": steps, "personal_accuracy": result.accuracy,
+            "accuracy_by_kind": kind_counts(client.test, result.predictions) if result.accuracy is not None else {}}
 
 
 def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
@@ -232,9 +264,10 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
                                          training_config(settings, settings.local_steps, seed, round_number, 500 + index))
                     states[index] = model.adapter_state()
             previous_global = new_global
-        scores = [scorer.metrics(states[i], clients[i].test) for i in range(len(clients))]
+        scores = _scores_of_round(settings, round_number, lambda: [scorer.metrics(states[i], clients[i].test)
+                                                                    for i in range(len(clients))])
         rounds.append({"round": round_number, "selected": [clients[i].client_id for i in selected],
-                       **_round_scores(scores), "bytes_up_per_client": float(np.mean(sent)) if sent else 0.0,
+                       **scores, "bytes_up_per_client": float(np.mean(sent)) if sent else 0.0,
                        "bytes_down_per_client": down})
         on_round(1)
     per_client = [_client_entry(client, rounds[-1]["per_client_metrics"][i], scorer.metrics(states[i], pooled),
@@ -268,14 +301,24 @@ def _reference(name: str, model: PersonalVLM, settings: SimulationSettings, seed
                   training_config(settings, settings.local_steps * settings.selected_per_round, seed,
                                   round_number, stream=999))
         state = model.adapter_state()
-        scores = [scorer.metrics(state, client.test) for client in clients]
-        rounds.append({"round": round_number, "selected": [], **_round_scores(scores), "bytes_up_per_client": 0.0,
+        scores = _scores_of_round(settings, round_number, lambda: [scorer.metrics(state, client.test)
+                                                                    for client in clients])
+        rounds.append({"round": round_number, "selected": [], **scores, "bytes_up_per_client": 0.0,
                        "bytes_down_per_client": 0})
         on_round(1)
     global_scores = scorer.metrics(model.adapter_state(), pooled)
     per_client = [_client_entry(client, rounds[-1]["per_client_metrics"][i], global_scores, lora_rank=None,
                                 bytes_up=0, bytes_down=0) for i, client in enumerate(clients)]
     return rounds, per_client
+
+
+def _scores_of_round(settings: SimulationSettings, round_number: int, score: Callable[[], list[dict]]) -> dict:
+    """A round's scores; with ``score_every_round`` off only the last round is scored (the others'
+    are None): scoring every client every round is about half a run's time."""
+    if settings.score_every_round or round_number == settings.rounds:
+        return _round_scores(score())
+    return {"personal_accuracy": None, "per_client": None, "personal": dict.fromkeys(METRICS),
+            "per_client_metrics": None}
 
 
 def _round_scores(scores: Sequence[dict]) -> dict:

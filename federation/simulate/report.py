@@ -81,6 +81,9 @@ def summarise(name: str, runs: Sequence[dict]) -> dict:
         per_client.append({"client_id": client["client_id"], "description": client["description"],
                            "test_examples": client["test_examples"], "lora_rank": client.get("lora_rank"), **scores})
     entry.update({
+        # Exact match per question kind (synthetic scenarios), mean over seeds.
+        "personal_accuracy_by_kind": _mean_by_kind([run.get("personal_accuracy_by_kind") or {} for run in runs]),
+        "late_joiner_accuracy_by_kind": _mean_by_kind([run.get("late_joiner_accuracy_by_kind") or {} for run in runs]),
         "late_joiner_accuracy": float(np.mean(late)) if late else None,
         "late_joiner_accuracy_std": float(np.std(late)) if late else None,
         "per_client": per_client,
@@ -93,6 +96,11 @@ def summarise(name: str, runs: Sequence[dict]) -> dict:
         "seeds": [run["seed"] for run in runs],
     })
     return entry
+
+
+def _mean_by_kind(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    return {kind: float(np.mean([seed[kind] for seed in per_seed]))
+            for kind in per_seed[0] if all(kind in seed for seed in per_seed)} if per_seed else {}
 
 
 def winners(strategies: Mapping[str, dict]) -> dict[str, list[str]]:
@@ -159,6 +167,7 @@ def markdown(results: dict) -> str:
     if best:
         lines += ["", "Best strategy per score (personal; references left out, local counted): "
                   + "; ".join(f"{METRIC_LABELS[m]}: {', '.join(names)}" for m, names in best.items()) + "."]
+    lines += kind_table(strategies)
     if any(entry.get("late_joiner_accuracy") is not None for entry in strategies.values()):
         lines += ["", f"Late joiners ({args['late_joiners']} clients that never took part): each takes the final "
                       f"global version and trains only its personal part for {args['late_joiner_steps']} steps on its "
@@ -184,6 +193,19 @@ def markdown(results: dict) -> str:
                                                  for c in entry["per_client"]) + " |")
     lines += ["", "Clients: " + "; ".join(f"{c['client_id']}: {c['description']}" for c in first["per_client"])]
     return "\n".join(lines) + "\n"
+
+
+def kind_table(strategies: Mapping[str, dict]) -> list[str]:
+    """Markdown lines: personal exact match per question kind (none when the data has no kinds)."""
+    kinds = sorted({kind for entry in strategies.values() for kind in entry.get("personal_accuracy_by_kind") or {}})
+    if not kinds:
+        return []
+    lines = ["", "Personal exact match per question kind (every client's held-out examples of that kind pooled, "
+                 "mean over seeds):", "", "| strategy | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+    for name, entry in strategies.items():
+        values = entry.get("personal_accuracy_by_kind") or {}
+        lines.append(f"| {name} | " + " | ".join(f"{values[k]:.3f}" if k in values else "—" for k in kinds) + " |")
+    return lines
 
 
 def save_accuracy_figure(figure, axis, path: Path, *, ncol: int = 1, legend_size: str = "small",

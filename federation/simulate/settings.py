@@ -33,7 +33,8 @@ ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
 # also needs the vision side adapted, --lora-parts).
 DEFAULT_STRATEGIES: tuple[str, ...] = ("plora", "fedit", "ffa", "fedsa", "fedex", "local") + REFERENCES
 KNOWN_STRATEGIES: tuple[str, ...] = ALL_STRATEGIES + tuple(VARIANTS)
-SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "few-shot", "iid")
+SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "few-shot", "few-shot-languages",
+                               "iid")
 DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
 
 
@@ -146,6 +147,8 @@ class SimulationSettings:
         personal part for ``late_joiner_steps`` on its own data, then is scored on its own
         test set (under ``local``: trains everything alone for as many steps).
     late_joiner_steps: optimiser steps of that adaptation.
+    score_every_round: score every client after every round (the per-round curves); off, only
+        after the last round, which takes about half the time off a run.
     progress: show the progress bar.
     threads: torch CPU threads. One by default: the small models gain little from more, and
         on a shared CPU two threads that contend were measured 10x slower than one.
@@ -182,6 +185,7 @@ class SimulationSettings:
     max_new_tokens: int | None = None
     late_joiners: int = 0
     late_joiner_steps: int = 10
+    score_every_round: bool = True
     progress: bool = True
     threads: int = 1
 
@@ -257,7 +261,7 @@ class SimulationSettings:
         Strategies and seeds are left out: adding one to a finished run only runs what is new.
         """
         key = {name: value for name, value in dataclasses.asdict(self).items()
-               if name not in ("out", "strategies", "seeds", "progress", "threads")}
+               if name not in ("out", "strategies", "seeds", "progress", "threads", "score_every_round")}
         key["partition"] = str(self.partition)
         key["lora_parts"], key["lora_layers"] = list(self.lora_parts), list(self.lora_layers)  # as JSON reads back
         for name in ("data", "model"):

@@ -23,6 +23,21 @@ def test_pretrained_tiny_model_is_built_once_per_recipe(tmp_path):
     assert not any(p.requires_grad for p in loaded.model.parameters())
 
 
+def test_object_heads_label_the_patch_under_each_shape():
+    import numpy as np
+
+    from fedvlm.edge.vision_pretraining import attribute_batch
+
+    images, labels = attribute_batch(np.random.default_rng(0), 12, 32, (0.1, 0.2), 0.5, patch_size=8)
+    assert labels["object_shape"].shape == (12, 16)  # 4 x 4 patches
+    for index in range(12):
+        shapes = labels["object_shape"][index][labels["object_shape"][index] != -100]
+        count = int(labels["count"][index]) + 1  # every picture's count is labelled
+        assert len(shapes) == count  # one labelled patch per shape (one shape per quadrant, so never two in one)
+        if count == 1:
+            assert int(shapes[0]) == int(labels["shape"][index])
+
+
 def test_vision_stage_then_language_stage_with_the_tower_frozen(tmp_path):
     """The two-stage recipe: the vision tower trains alone with attribute heads, then stays as it is
     while the projector and language model learn; the report scores every kind, novel ones too."""
@@ -37,8 +52,10 @@ def test_vision_stage_then_language_stage_with_the_tower_frozen(tmp_path):
     model, processor = build_tiny_vlm("tiny", extra_words=all_words())
     tower = vision_tower_of(model)
     before = {name: value.clone() for name, value in tower.state_dict().items()}
-    heads = pretrain_vision(model, processor, VisionPretrainingConfig(steps=25, batch_size=8), progress=False)
-    assert set(heads) == {"colour", "shape", "count", "position"} and all(0 <= a <= 1 for a in heads.values())
+    heads = pretrain_vision(model, processor, VisionPretrainingConfig(steps=25, batch_size=8, object_heads=True),
+                            progress=False)
+    assert set(heads) == {"colour", "shape", "count", "position", "object_colour", "object_shape"}
+    assert all(0 <= a <= 1 for a in heads.values())
     trained = {name: value.clone() for name, value in tower.state_dict().items()}
     assert any(not torch.equal(before[name], trained[name]) for name in before)
     losses = pretrain(model, processor, pretraining_records(32, image_size=32),

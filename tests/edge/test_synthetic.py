@@ -262,9 +262,24 @@ def test_vertical_questions_describe_the_half_the_shape_is_drawn_in():
     assert all(r.question in CLIENT_QUESTIONS["vertical"] for r in records)
 
 
-def test_few_shot_preset_mixes_the_novel_kind_with_personal_conventions():
-    config = ScenarioConfig.preset("few-shot", n_clients=9, examples_per_client=64, test_examples_per_client=32,
+def test_few_shot_preset_asks_weak_and_novel_kinds_through_each_clients_camera():
+    config = ScenarioConfig.preset("few-shot", n_clients=4, examples_per_client=64, test_examples_per_client=0,
                                    common_test_examples=0, image_size=32)
+    assert config.question_kinds == ("shape", "count", "position", "vertical")
+    federation = generate_federation(config)
+    # English words; the camera mounted one of four ways (the personal part).
+    assert [c.convention.name for c in federation.clients] == [
+        "english", "english-mirrored", "english-upside-down", "english-mirrored-upside-down"]
+    for client in federation.clients:
+        heights = [r for r in client.train if question_kind(r) == "vertical"]
+        flipped = client.convention.upside_down
+        assert heights and all((_drawn_height(r.image) != r.chosen) == flipped for r in heights)
+        assert {question_kind(r) for r in client.train} == set(config.question_kinds)
+
+
+def test_few_shot_languages_preset_mixes_the_novel_kind_with_personal_conventions():
+    config = ScenarioConfig.preset("few-shot-languages", n_clients=9, examples_per_client=64,
+                                   test_examples_per_client=32, common_test_examples=0, image_size=32)
     assert config.question_kinds == PRETRAINED_KINDS + ("vertical",)
     federation = generate_federation(config)
     conventions = [client.convention for client in federation.clients]
