@@ -98,18 +98,25 @@ def check_exportable(model: torch.nn.Module) -> None:
 
 
 def _example_inputs(personal, positions: GenerationPositions, family: GraphFamily) -> dict[str, torch.Tensor]:
-    """One prompt with its picture, and its positions, for tracing the prefill.
+    """Prompts with their pictures, and their positions, for tracing the prefill.
 
-    The prefill takes one picture (batch 1): every family's image code keeps a Python list
-    per picture, which torch.export fixes at the traced length. The runner prefills a batch
-    row by row and decodes it together.
+    Most families' prefill takes one picture (batch 1): their image code keeps a Python list
+    per picture, which torch.export fixes at the traced length, so the runner prefills a
+    batch row by row and decodes it together. A family whose graph packs pictures
+    (``family.batches_prompts``) is traced on a left-padded batch of two pictures of different
+    sizes, so its batch axis stays free.
     """
     from PIL import Image
 
     from fedvlm.edge.chat_format import ChatFormat
 
     chat = ChatFormat.for_model(personal.processor, personal.model)
-    inputs = chat.encode_prompt(Image.new("RGB", (48, 24), (40, 100, 200)), "what colour is it?")
+    pictures = [Image.new("RGB", (48, 24), (40, 100, 200)), Image.new("RGB", (30, 70), (200, 60, 20))]
+    questions = ["what colour is it?", "what shape is this?"]
+    if family.batches_prompts:
+        inputs = chat.prompt_batch(pictures, questions)
+    else:
+        inputs = chat.encode_prompt(pictures[0], questions[0])
     return family.graph_feeds({**inputs, POSITION_IDS: positions.prefill(inputs)})
 
 

@@ -32,7 +32,14 @@ PACKED_ATTENTION = "fedvlm_flash_packed_mask"
 
 
 class GraphFamily:
-    """The default: the processor's tensors are the graph's inputs and the forward's."""
+    """The default: the processor's tensors are the graph's inputs and the forward's.
+
+    ``batches_prompts``: whether the prefill graph takes a left-padded batch of prompts. Most
+    families' image code keeps a Python list per picture, which a trace fixes at one picture,
+    so their prompts are prefilled one at a time (and decoded together).
+    """
+
+    batches_prompts = False
 
     def graph_feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The processor's tensors (and positions) -> what the prefill graph takes."""
@@ -69,7 +76,12 @@ def _register_packed_attention() -> None:
 
 
 class QwenPackedVision(GraphFamily):
-    """Qwen2-VL / Qwen2.5-VL: the vision tower's packing computed outside the graph (module doc)."""
+    """Qwen2-VL / Qwen2.5-VL: the vision tower's packing computed outside the graph (module doc).
+
+    A batch's pictures are one packed sequence already (one segment each), so the prefill
+    takes the whole left-padded batch at once."""
+
+    batches_prompts = True
 
     GRID = "image_grid_thw"
     # The names the families' ``get_image_features`` accept precomputed tensors under.
@@ -111,8 +123,8 @@ class QwenPackedVision(GraphFamily):
         # The tower's own forward; the maximum segment lengths only size flash kernels, which
         # the packed-mask attention does not use (computing them would read tensor values).
         features = tower(pixel_values, grid_thw=None, max_seqlen=0, max_window_seqlen=0, **packing).pooler_output
-        # One picture per prefill: its features are the whole output (``get_image_features``
-        # would split it per picture by the grid), merged by the forward as usual.
+        # The forward concatenates the per-picture pieces ``get_image_features`` splits the
+        # output into (by the grid) before merging them: one piece is the same, with no split.
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
         return inputs
 
