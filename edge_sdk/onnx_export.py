@@ -54,8 +54,6 @@ EXPORT_FORMAT = 2
 
 # Families whose forward torch.export cannot trace yet (``config.model_type`` -> why).
 NOT_EXPORTABLE = {
-    "llava_next": "torch.export cannot trace its any-resolution tiling by image_sizes",
-    "llava_onevision": "torch.export cannot trace its any-resolution tiling by image_sizes",
     "mllama": "torch's ONNX exporter cannot convert its cross-attention code",
 }
 
@@ -111,7 +109,8 @@ def _example_inputs(personal, positions: GenerationPositions, family: GraphFamil
     from fedvlm.edge.chat_format import ChatFormat
 
     chat = ChatFormat.for_model(personal.processor, personal.model)
-    pictures = [Image.new("RGB", (48, 24), (40, 100, 200)), Image.new("RGB", (30, 70), (200, 60, 20))]
+    pictures = [family.picture(Image.new("RGB", size, colour)) for size, colour in
+                [((48, 24), (40, 100, 200)), ((30, 70), (200, 60, 20))]]  # fmt: skip
     questions = ["what colour is it?", "what shape is this?"]
     if family.batches_prompts:
         inputs = chat.prompt_batch(pictures, questions)
@@ -266,6 +265,8 @@ def export_onnx(personal, out_dir: str | os.PathLike, *, merged: bool = False) -
         "base_fingerprint": personal.fingerprint,
         "model_class": type(base).__name__,
         "prefill_inputs": list(example),
+        # LLaVA-NeXT/OneVision: the one picture size the graphs answer at (pictures are resized).
+        "fixed_picture_size": family.fixed_picture_size,
         "lora": personal.lora.to_dict(),
         "lora_config_hash": personal.lora.config_hash(),
         "n_layers": n_layers,

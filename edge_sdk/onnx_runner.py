@@ -107,6 +107,7 @@ class OnnxVLM:
         takes one picture: their image code keeps Python lists per picture), and the rows are
         left-padded after: padding slots hold zeros, and the mask keeps every later token from
         attending to them."""
+        images = [self.family.picture(image) for image in images]
         if self.family.batches_prompts:
             inputs = self.prompt_format.prompt_batch(images, questions)
             outputs, positions = self._prefill(inputs)
