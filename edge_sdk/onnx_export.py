@@ -54,8 +54,6 @@ EXPORT_FORMAT = 2
 
 # Families whose forward torch.export cannot trace yet (``config.model_type`` -> why).
 NOT_EXPORTABLE = {
-    "llava_next": "torch.export cannot trace its any-resolution tiling by image_sizes",
-    "llava_onevision": "torch.export cannot trace its any-resolution tiling by image_sizes",
     "mllama": "torch's ONNX exporter cannot convert its cross-attention code",
 }
 
@@ -98,18 +96,26 @@ def check_exportable(model: torch.nn.Module) -> None:
 
 
 def _example_inputs(personal, positions: GenerationPositions, family: GraphFamily) -> dict[str, torch.Tensor]:
-    """One prompt with its picture, and its positions, for tracing the prefill.
+    """Prompts with their pictures, and their positions, for tracing the prefill.
 
-    The prefill takes one picture (batch 1): every family's image code keeps a Python list
-    per picture, which torch.export fixes at the traced length. The runner prefills a batch
-    row by row and decodes it together.
+    Most families' prefill takes one picture (batch 1): their image code keeps a Python list
+    per picture, which torch.export fixes at the traced length, so the runner prefills a
+    batch row by row and decodes it together. A family whose graph packs pictures
+    (``family.batches_prompts``) is traced on a left-padded batch of two pictures of different
+    sizes, so its batch axis stays free.
     """
     from PIL import Image
 
     from fedvlm.edge.chat_format import ChatFormat
 
     chat = ChatFormat.for_model(personal.processor, personal.model)
-    inputs = chat.encode_prompt(Image.new("RGB", (48, 24), (40, 100, 200)), "what colour is it?")
+    pictures = [family.picture(Image.new("RGB", size, colour)) for size, colour in
+                [((48, 24), (40, 100, 200)), ((30, 70), (200, 60, 20))]]  # fmt: skip
+    questions = ["what colour is it?", "what shape is this?"]
+    if family.batches_prompts:
+        inputs = chat.prompt_batch(pictures, questions)
+    else:
+        inputs = chat.encode_prompt(pictures[0], questions[0])
     return family.graph_feeds({**inputs, POSITION_IDS: positions.prefill(inputs)})
 
 
@@ -259,6 +265,8 @@ def export_onnx(personal, out_dir: str | os.PathLike, *, merged: bool = False) -
         "base_fingerprint": personal.fingerprint,
         "model_class": type(base).__name__,
         "prefill_inputs": list(example),
+        # LLaVA-NeXT/OneVision: the one picture size the graphs answer at (pictures are resized).
+        "fixed_picture_size": family.fixed_picture_size,
         "lora": personal.lora.to_dict(),
         "lora_config_hash": personal.lora.config_hash(),
         "n_layers": n_layers,

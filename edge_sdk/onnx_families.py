@@ -5,6 +5,9 @@ family whose image code reads sizes out of its inputs as Python numbers (which
 ``torch.export`` cannot trace) gets a :class:`GraphFamily` here that moves that
 bookkeeping out of the graph, computed at run time by the model's own helper functions.
 
+LLaVA-NeXT and LLaVA-OneVision (:class:`AnyResolutionAtOneSize`): their tiling follows each
+picture's exact size, so the export answers at one picture size (pictures are resized to it).
+
 Qwen2-VL and Qwen2.5-VL (:class:`QwenPackedVision`): the vision tower packs a picture's
 patches into one sequence and splits its attention by lengths read from ``image_grid_thw``
 (``cu_seqlens``, ``torch.split`` with data-dependent sizes; Qwen2.5-VL also reorders the
@@ -32,7 +35,21 @@ PACKED_ATTENTION = "fedvlm_flash_packed_mask"
 
 
 class GraphFamily:
-    """The default: the processor's tensors are the graph's inputs and the forward's."""
+    """The default: the processor's tensors are the graph's inputs and the forward's.
+
+    ``batches_prompts``: whether the prefill graph takes a left-padded batch of prompts. Most
+    families' image code keeps a Python list per picture, which a trace fixes at one picture,
+    so their prompts are prefilled one at a time (and decoded together).
+    """
+
+    batches_prompts = False
+
+    # The one picture size the export answers at (height, width); None: any size.
+    fixed_picture_size: tuple[int, int] | None = None
+
+    def picture(self, image):
+        """A picture as the graph takes it, before the processor (the default: as it is)."""
+        return image
 
     def graph_feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The processor's tensors (and positions) -> what the prefill graph takes."""
@@ -69,7 +86,12 @@ def _register_packed_attention() -> None:
 
 
 class QwenPackedVision(GraphFamily):
-    """Qwen2-VL / Qwen2.5-VL: the vision tower's packing computed outside the graph (module doc)."""
+    """Qwen2-VL / Qwen2.5-VL: the vision tower's packing computed outside the graph (module doc).
+
+    A batch's pictures are one packed sequence already (one segment each), so the prefill
+    takes the whole left-padded batch at once."""
+
+    batches_prompts = True
 
     GRID = "image_grid_thw"
     # The names the families' ``get_image_features`` accept precomputed tensors under.
@@ -111,8 +133,8 @@ class QwenPackedVision(GraphFamily):
         # The tower's own forward; the maximum segment lengths only size flash kernels, which
         # the packed-mask attention does not use (computing them would read tensor values).
         features = tower(pixel_values, grid_thw=None, max_seqlen=0, max_window_seqlen=0, **packing).pooler_output
-        # One picture per prefill: its features are the whole output (``get_image_features``
-        # would split it per picture by the grid), merged by the forward as usual.
+        # The forward concatenates the per-picture pieces ``get_image_features`` splits the
+        # output into (by the grid) before merging them: one piece is the same, with no split.
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
         return inputs
 
@@ -128,8 +150,44 @@ class QwenPackedVision(GraphFamily):
             config._attn_implementation = previous
 
 
+class AnyResolutionAtOneSize(GraphFamily):
+    """LLaVA-NeXT / LLaVA-OneVision at one picture size, fixed per export.
+
+    Their ``get_image_features`` plans the tiling and the unpadding of the tile features from
+    each picture's ``image_sizes`` (and OneVision's ``batch_num_images``) in Python, so the
+    number of tiles and of image tokens follows the picture's exact size and a trace cannot
+    take the size as an input. The export therefore answers at one size: every picture is
+    resized to the checkpoint's 2x2-tile pinpoint (its largest pinpoint if it has none)
+    before the processor, and the graph runs the family's own image code with that size as a
+    constant. A picture of another aspect ratio is stretched, so answers can differ from the
+    PyTorch model's on the original picture; ``export.json`` records the size.
+    """
+
+    def __init__(self, config) -> None:
+        tile = config.vision_config.image_size
+        pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
+        square = (2 * tile, 2 * tile)
+        self.fixed_picture_size = square if square in pinpoints else max(pinpoints, key=lambda p: p[0] * p[1])
+        # Read as Python numbers by the family's image code: constants in the graph.
+        self._constants = {"image_sizes": [list(self.fixed_picture_size)]}
+        if config.model_type == "llava_onevision":
+            self._constants["batch_num_images"] = [1]  # one picture per prompt
+
+    def picture(self, image):
+        height, width = self.fixed_picture_size
+        return image if image.size == (width, height) else image.resize((width, height))
+
+    def graph_feeds(self, inputs):
+        return {k: v for k, v in inputs.items() if k not in self._constants}
+
+    def forward_inputs(self, model, inputs):
+        return {**inputs, **self._constants}
+
+
 def graph_family(config) -> GraphFamily:
     """The family hooks for a model's config (the default for most families)."""
     if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
         return QwenPackedVision(config.vision_config)
+    if config.model_type in ("llava_next", "llava_onevision"):
+        return AnyResolutionAtOneSize(config)
     return GraphFamily()

@@ -91,20 +91,30 @@ class OnnxVLM:
         run_options.add_active_adapter(adapter)
         self._adapter, self._run_options, self.adapter_path = adapter, run_options, path
 
-    def _prefill_row(self, image, question) -> tuple[list[np.ndarray], np.ndarray]:
-        """One prompt through the prefill graph: its outputs and its positions."""
-        inputs = self.prompt_format.encode_prompt(image, question)
+    def _prefill(self, inputs: dict) -> tuple[list[np.ndarray], np.ndarray]:
+        """Prompts (the processor's tensors) through the prefill graph: its outputs and their positions."""
         positions = self.positions.prefill(inputs)
         feeds = self.family.graph_feeds({**inputs, POSITION_IDS: positions})
         feeds = {k: np.ascontiguousarray(feeds[k].numpy()) for k in self.manifest["prefill_inputs"]}
         return self.prefill.run(None, feeds, self._run_options), positions.numpy()
 
     def prefill_batch(self, images: Sequence, questions: Sequence[str]):
-        """The prompts through the prefill graph one at a time (the graph takes one picture: the
-        families' image code keeps Python lists per picture), then left-padded into one batch as
-        ``generate()`` holds it: ``(outputs [logits, present_key_0, ...], attention mask, positions)``.
-        Padding slots hold zeros, and the mask keeps every later token from attending to them."""
-        rows = [self._prefill_row(image, question) for image, question in zip(images, questions)]
+        """The prompts through the prefill graph, left-padded into one batch as ``generate()``
+        holds it: ``(outputs [logits, present_key_0, ...], attention mask, positions)``.
+
+        A family whose graph takes a batch (:attr:`GraphFamily.batches_prompts`) runs once on
+        the processor's left-padded batch. The others run one prompt at a time (their graph
+        takes one picture: their image code keeps Python lists per picture), and the rows are
+        left-padded after: padding slots hold zeros, and the mask keeps every later token from
+        attending to them."""
+        images = [self.family.picture(image) for image in images]
+        if self.family.batches_prompts:
+            inputs = self.prompt_format.prompt_batch(images, questions)
+            outputs, positions = self._prefill(inputs)
+            # Positions only carry on from each row's last one: [batch, 1] (or [axes, batch, 1]).
+            return outputs, inputs["attention_mask"].numpy(), positions[..., -1:]
+        rows = [self._prefill(self.prompt_format.encode_prompt(image, question))
+                for image, question in zip(images, questions)]  # fmt: skip
         length = max(out[0].shape[1] for out, _ in rows)
 
         def left_pad(array: np.ndarray, axis: int) -> np.ndarray:
@@ -116,7 +126,7 @@ class OnnxVLM:
                    for i in range(len(rows[0][0]))]  # fmt: skip
         mask = np.concatenate([left_pad(np.ones((1, out[0].shape[1]), dtype=np.int64), 1) for out, _ in rows])
         # Positions only carry on from each row's last one: [batch, 1] (or [axes, batch, 1]).
-        positions = np.concatenate([self.positions.next(p) - 1 for _, p in rows], axis=-2)
+        positions = np.concatenate([p[..., -1:] for _, p in rows], axis=-2)
         return outputs, mask, positions
 
     def generate(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 8) -> np.ndarray:
