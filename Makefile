@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedvlm-installed
 WORK ?= work
 
-.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation bench-data-memory bench-rlaifv bench-hub-scale fuzz clean
+.PHONY: help venv demo test bench-edge bench-inference bench-transport bench-personalisation bench-data-memory bench-rlaifv bench-hub-scale bench-hub-kill fuzz clean
 
 help:
 	@echo "make demo        run the main job (see README)"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-data-memory  peak RSS of reading RLAIF-V shards at 500 vs 5,000 rows (ratio near 1)"
 	@echo "make bench-personalisation  federation vs training alone: few-shot, concept shift, examples sweep (~37 min + base)"
 	@echo "make bench-hub-scale  N simulated devices vs a real hub and mosquitto (HUB_SCALE_SETTINGS; ~10-15 min)"
+	@echo "make bench-hub-kill   the hub, then a hub worker, SIGKILLed with half of 1,000 updates acknowledged (~2 min)"
 	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
 
@@ -62,6 +63,10 @@ HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1
 
 bench-hub-scale: $(STAMP)
 	$(PY) benchmarks/hub_scale.py --settings $(HUB_SCALE_SETTINGS) --out $(WORK)/bench/hub-scale
+
+# The hub, then worker 0 of 2, SIGKILLed when half the round is acknowledged; devices never re-send.
+bench-hub-kill: $(STAMP)
+	$(PY) benchmarks/hub_kill.py --devices 1000 --kill both --out $(WORK)/bench/hub-kill
 
 FUZZ_MESSAGES ?= 10000
 FUZZ_SEED ?= 7

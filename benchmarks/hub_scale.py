@@ -235,7 +235,7 @@ class SettingResult:
     error: str | None = None
 
 
-def _hub_command(setting: Setting, broker_url: str, state_dir: Path) -> list[str]:
+def hub_command(setting: Setting, broker_url: str, state_dir: Path) -> list[str]:
     return [sys.executable, "-m", "fedvlm.hub.cli", "start", "--federation", FEDERATION, "--state-dir", str(state_dir),
             "--broker", broker_url, "--mqtt-protocol", "5", "--rounds", "1", "--min-clients", str(setting.devices),
             "--quorum", str(setting.devices), "--round-timeout", "3600", "--quiet",
@@ -243,7 +243,7 @@ def _hub_command(setting: Setting, broker_url: str, state_dir: Path) -> list[str
             "--workers", str(setting.workers)]  # fmt: skip
 
 
-def _worker_command(setting: Setting, broker_url: str, state_dir: Path, index: int) -> list[str]:
+def worker_command(setting: Setting, broker_url: str, state_dir: Path, index: int) -> list[str]:
     return [sys.executable, "-m", "fedvlm.hub.cli", "worker", "--federation", FEDERATION, "--state-dir",
             str(state_dir), "--broker", broker_url, "--index", str(index), "--workers", str(setting.workers),
             "--quiet"]  # fmt: skip
@@ -313,8 +313,8 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
         result.connect_s = time.monotonic() - started
         result.carry_s = _carry_time(swarm, broker, result.signed_update_bytes, work, timeout)
         spawned = time.monotonic()
-        hub = MeasuredProcess.spawn(_hub_command(setting, broker.broker.url, state_dir), work / "hub.log")
-        workers = [MeasuredProcess.spawn(_worker_command(setting, broker.broker.url, state_dir, index),
+        hub = MeasuredProcess.spawn(hub_command(setting, broker.broker.url, state_dir), work / "hub.log")
+        workers = [MeasuredProcess.spawn(worker_command(setting, broker.broker.url, state_dir, index),
                                    work / f"worker-{index}.log") for index in range(setting.workers)]  # fmt: skip
         if not observer.opened.wait(timeout):
             raise TimeoutError(f"round 1 did not open within {timeout:.0f} s; see {hub.log_path}")
@@ -378,12 +378,15 @@ def _check_exactly_once(result: SettingResult, state_dir: Path, recipe: UpdateRe
     except Exception as error:
         result.error = result.error or f"reading the hub's state: {error}"
         return
-    expected = recipe.expected_mean(accepted)
-    result.global_max_rel_error = max(
-        float(np.max(np.abs(tensors[key].astype(np.float64) - value)) / max(float(np.max(np.abs(value))), 1e-30))
-        for key, value in expected.items())  # fmt: skip
+    result.global_max_rel_error = max_relative_error(tensors, recipe.expected_mean(accepted))
     result.exactly_once = (result.accepted_devices == result.devices == result.receipts
                            and result.accepted_acks == result.devices and result.global_max_rel_error < 1e-6)
+
+
+def max_relative_error(tensors: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
+    """The largest error of the published global against the exact mean, relative to each tensor's scale."""
+    return max(float(np.max(np.abs(tensors[key].astype(np.float64) - value))) / max(float(np.max(np.abs(value))), 1e-30)
+               for key, value in expected.items())  # fmt: skip
 
 
 # ====================================================================== reports

@@ -44,3 +44,27 @@ def test_a_bad_setting_is_a_one_line_error(tmp_path: Path) -> None:
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2
     assert "setting '20by16': write DEVICESxSIZE[:Kw]" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_kill_benchmark_restarts_a_killed_worker_and_checks_the_round(tmp_path: Path) -> None:
+    """benchmarks/hub_kill.py at a small size, so it cannot rot: worker 0 of 2 SIGKILLed once half
+    the devices are acknowledged, started again; at this size the kill may come after the last
+    commit, so only the round's checks are asserted here (``make bench-hub-kill`` runs 1,000)."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_kill.py"), "--devices", "30",
+                          "--update-size", "16KiB", "--kill", "worker", "--out", str(out), "--timeout", "60"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode in (0, 1), run.stdout[-3000:] + run.stderr[-3000:]
+    (result,) = json.loads((out / "hub_kill.json").read_text())["results"]
+    assert result["error"] is None and result["killed"] == "worker 0" and result["workers"] == 2
+    assert result["acknowledged_at_kill"] >= 15
+    assert result["devices_accepted"] == result["receipts"] == result["distinct_receipts"] == 30
+    assert result["duplicate_refusals"] == 0 and result["global_max_rel_error"] < 1e-6
+    assert "| worker 0 | 30 | 16 KiB | 2 |" in (out / "hub_kill.md").read_text()
+
+
+def test_the_kill_benchmark_refuses_a_bad_size_in_one_line(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_kill.py"), "--update-size", "64kb",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    assert "--update-size '64kb': write a size in B, KiB or MiB" in run.stderr and "Traceback" not in run.stderr
