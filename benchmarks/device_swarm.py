@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,8 @@ _SDK_VERSION = "bench"
 _RETRYABLE = frozenset({ReasonCode.OVERLOADED, ReasonCode.HUB_ERROR, ReasonCode.EXPIRED})
 _DEFAULT_RETRY_S = 1.0
 _MISC_EVERY_S = 5.0
+# What a carry run signs its updates for (no hub is running then): the same sizes and work.
+_CARRY_STATE = SimpleNamespace(round=1, round_config={"strategy": "plora", "lora_config_hash": "0" * 64})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +175,6 @@ class Swarm:
         self._in_flight = 0
         self._last_state: tuple[bytes, HubState, frozenset[str]] | None = None
         self._carry_prefix = "bench/carry"
-        self._carry_payload = b""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="device-swarm", daemon=True)
         self._thread.start()
@@ -202,13 +204,21 @@ class Swarm:
             time.sleep(0.1)
         return predicate(self.counts)
 
-    def carry(self, topic_prefix: str, payload: bytes) -> None:
-        """Every device publishes ``payload`` once on ``<topic_prefix>/<client id>`` (QoS 1)."""
+    def carry(self, topic_prefix: str) -> None:
+        """Every device publishes its signed update once, chunk by chunk (QoS 1), on
+        ``<topic_prefix>/<client id>/<chunk index>``: built, signed and chunked exactly as for
+        a round (``_build_upload``, when the device's turn in the window comes), so the swarm
+        does the same work as in a round and only the receiver differs."""
         def start() -> None:
-            self._carry_prefix, self._carry_payload = topic_prefix, payload
+            self._carry_prefix = topic_prefix
             self._to_send.extend((device, "carry") for device in self.devices)
             self._pump()
         self.call(start)
+
+    def upload_shape(self) -> tuple[int, int]:
+        """(bytes, chunks) of one signed update as the devices send it."""
+        chunks = [chunk for _, chunk in self._build_upload(self.devices[0], _CARRY_STATE, keep_id=False)]
+        return sum(len(chunk) for chunk in chunks), len(chunks)
 
     def accepted_indices(self) -> list[int]:
         return [device.index for device in self.devices if device.accepted]
@@ -409,7 +419,7 @@ class Swarm:
         self._pump()
 
     # ---- uploads
-    def _build_upload(self, device: _Device, state: HubState) -> list[tuple[str, bytes]]:
+    def _build_upload(self, device: _Device, state: Any, *, keep_id: bool = True) -> list[tuple[str, bytes]]:
         """The device's signed update for ``state.round``, chunked by the protocol's own code."""
         config = state.round_config
         metadata = EnvelopeMetadata(federation=self.federation, round=state.round, client_id=device.client_id,
@@ -420,7 +430,8 @@ class Swarm:
         scale = np.float32(self.recipe.scale(device.index))
         body = tensor_codec.encode({key: value * scale for key, value in self._pattern.items()}, body_metadata)
         upload = SignedUpload(body, metadata, device.client_id, device.secret, chunk_size=self.chunk_size)
-        device.message_id = upload.message_id
+        if keep_id:
+            device.message_id = upload.message_id
         topic = self.topics.update(device.client_id, upload.message_id)
         return [(topic, chunk) for chunk in upload.chunks()]
 
@@ -432,7 +443,9 @@ class Swarm:
             if client is None or device.pending_mids:
                 continue
             if kind == "carry":
-                messages = [(f"{self._carry_prefix}/{device.client_id}", self._carry_payload)]
+                built = self._build_upload(device, _CARRY_STATE, keep_id=False)
+                messages = [(f"{self._carry_prefix}/{device.client_id}/{index}", chunk)
+                            for index, (_, chunk) in enumerate(built)]  # fmt: skip
             else:
                 messages = device.upload or []
                 self.counts.uploads_started += 1

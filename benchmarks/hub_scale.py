@@ -7,9 +7,10 @@ Per setting (devices x update size x hub workers) one run:
 2. registers N clients in a fresh hub state directory (their secrets go to the devices);
 3. connects N devices from this process, each on its own MQTT connection
    (``device_swarm.Swarm``), and waits until every one has announced itself online;
-4. measures what mosquitto alone needs to carry the same bytes: every device publishes
-   one message of the update's size (QoS 1) to a subscriber process that counts them
-   (the "carry" time: first publish to last delivery);
+4. measures what mosquitto alone needs to carry the same bytes: every device builds,
+   signs and chunks its update exactly as in a round and publishes the chunks (QoS 1) to
+   a subscriber process that only counts them (the "carry" time: first publish to last
+   delivery). Same generator, same work on its side; only the receiver differs;
 5. starts ``fedvlm-hub start --rounds 1`` (and ``fedvlm-hub worker`` processes when the
    setting has workers) and times: round open (hub started -> round collecting, seen by
    an observer connection), round (open -> global version 1's manifest published);
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import signal
 import subprocess
@@ -249,24 +249,19 @@ def worker_command(setting: Setting, broker_url: str, state_dir: Path, index: in
             "--quiet"]  # fmt: skip
 
 
-def _signed_size(recipe: UpdateRecipe) -> int:
-    """Bytes of one signed update as the devices send it (envelope around the safetensors body)."""
-    body = tensor_codec.encode(recipe.pattern(), {"federation": FEDERATION, "round": "1", "client_id": "d000000",
-                                                  "sample_count": "10", "strategy": "plora"})  # fmt: skip
-    return len(body) + 512  # envelope header, metadata and MAC: a few hundred bytes
-
-
-def _carry_time(swarm: Swarm, broker: BenchMosquitto, size: int, work: Path, timeout: float) -> float:
-    """Seconds mosquitto needs to carry one ``size``-byte message from every device to one subscriber."""
+def _carry_time(swarm: Swarm, broker: BenchMosquitto, work: Path, timeout: float) -> float:
+    """Seconds mosquitto needs to carry every device's signed update (the same chunks a round
+    sends, built by the same swarm) to one subscriber that only counts them."""
+    _, chunks = swarm.upload_shape()
     subscriber = subprocess.Popen([sys.executable, __file__, "--carry-subscriber", str(broker.port),
-                                   str(len(swarm.devices))], stdout=subprocess.PIPE, stderr=(work / "carry.log").open("wb"),
-                                  stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+                                   str(len(swarm.devices) * chunks)], stdout=subprocess.PIPE,
+                                  stderr=(work / "carry.log").open("wb"), stdin=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
         assert subscriber.stdout is not None
         if subscriber.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the carry subscriber did not start; see {work / 'carry.log'}")
         started = time.monotonic()
-        swarm.carry(_CARRY_PREFIX, os.urandom(size))
+        swarm.carry(_CARRY_PREFIX)
         line = _readline(subscriber, timeout)
         return json.loads(line)["last"] - started
     finally:
@@ -293,7 +288,6 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
     work.mkdir(parents=True, exist_ok=True)
     state_dir = Path(tempfile.mkdtemp(prefix="hub-", dir=work))
     recipe = UpdateRecipe(setting.update_bytes)
-    result.signed_update_bytes = _signed_size(recipe)
     ids = [f"d{index:06d}" for index in range(setting.devices)]
     secrets = register_clients(state_dir, ids)
     broker = BenchMosquitto(work / "mosquitto").start()
@@ -311,7 +305,8 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
         if not swarm.wait(lambda c: c.announced >= setting.devices, timeout):
             raise TimeoutError(f"only {swarm.counts.announced} of {setting.devices} devices connected and announced")
         result.connect_s = time.monotonic() - started
-        result.carry_s = _carry_time(swarm, broker, result.signed_update_bytes, work, timeout)
+        result.signed_update_bytes = swarm.upload_shape()[0]
+        result.carry_s = _carry_time(swarm, broker, work, timeout)
         spawned = time.monotonic()
         hub = MeasuredProcess.spawn(hub_command(setting, broker.broker.url, state_dir), work / "hub.log")
         workers = [MeasuredProcess.spawn(worker_command(setting, broker.broker.url, state_dir, index),

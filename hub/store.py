@@ -509,7 +509,7 @@ class HubStore:
         includes exactly them, with any pins, in one transaction (one fsync for the batch)."""
         with self._lock, self._conn:
             self._conn.executemany(f"INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES ({', '.join('?' * 10)})",
-                                   [dataclasses.astuple(receipt) for receipt in receipts])  # fmt: skip
+                                   [_receipt_row(receipt) for receipt in receipts])  # fmt: skip
             self._conn.execute("INSERT OR REPLACE INTO round_aggregates (round, state, count, updated_at) "
                                "VALUES (?, ?, ?, ?)", (round_number, aggregate, count, now))  # fmt: skip
             if pins:
@@ -655,6 +655,11 @@ _ROUND_COLUMNS = "round, attempt, selected, quorum, deadline, opened_at, closed_
 _RECEIPT_COLUMNS = ("round, client_id, attempt, message_id, payload_sha256, body_sha256, sample_count, file_path, "
                     "accepted_at, metrics")  # fmt: skip
 _GLOBAL_COLUMNS = "version, round, sha256, file_path, total_size, chunk_count, chunk_size, manifest, created_at, published"
+
+
+def _receipt_row(receipt: Receipt) -> tuple:
+    """A receipt's fields in column order (``dataclasses.astuple`` deep-copies: slow at scale)."""
+    return tuple(getattr(receipt, field.name) for field in dataclasses.fields(receipt))
 
 
 def _round_record(row: sqlite3.Row) -> RoundRecord:

@@ -31,6 +31,7 @@ __all__ = [
     "check_addressing",
     "check_compatibility",
     "decode_update",
+    "LayoutVerdicts",
     "PIN_BASE_FINGERPRINT",
     "PIN_TENSOR_SPEC",
 ]
@@ -124,8 +125,43 @@ def check_compatibility(metadata: EnvelopeMetadata, rules: UpdateRules, pins: Fe
                              f"{pins.base_fingerprint}: load the same base model as the other clients")  # fmt: skip
 
 
-def decode_update(envelope: VerifiedEnvelope, rules: UpdateRules, pins: FederationPins) -> DecodedUpdate:
-    """Decode the body's tensors and check them against the strategy and the pinned layout."""
+class LayoutVerdicts:
+    """Layouts (tensor names, shapes, dtypes) already found acceptable, so the layout checks
+    run once per layout rather than once per update: every device of a federation sends the
+    same layout, and those checks (key parsing, spec building, comparison) cost more than
+    the update's arithmetic. Bounded; an intake keeps one (``decode_update(layouts=...)``).
+    Only acceptances are kept: a refused layout is checked again, with the same message.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        # (layout, pinned spec JSON or None) -> the layout's pin JSON (what a first update pins)
+        self._accepted: dict[tuple, str] = {}
+        self._pinned: tuple[TensorSpec | None, str | None] = (None, None)
+
+    def pinned_json(self, spec: TensorSpec | None) -> str | None:
+        """``spec.to_json()``, remembered for the spec object last asked about (pins change rarely)."""
+        if spec is None:
+            return None
+        if self._pinned[0] is not spec:
+            self._pinned = (spec, spec.to_json())
+        return self._pinned[1]
+
+    def get(self, key: tuple) -> str | None:
+        return self._accepted.get(key)
+
+    def remember(self, key: tuple, layout_json: str) -> None:
+        if len(self._accepted) >= self.capacity:
+            self._accepted.clear()
+        self._accepted[key] = layout_json
+
+
+def decode_update(envelope: VerifiedEnvelope, rules: UpdateRules, pins: FederationPins,
+                  layouts: LayoutVerdicts | None = None) -> DecodedUpdate:  # fmt: skip
+    """Decode the body's tensors and check them against the strategy and the pinned layout.
+
+    ``layouts``: layouts accepted before, whose checks need not run again (values are
+    checked for every update)."""
     metadata = envelope.metadata
     if len(envelope.body) > rules.max_update_bytes:
         raise UpdateRejected(ReasonCode.TOO_LARGE, f"update body is {len(envelope.body)} bytes, over the hub's "
@@ -135,16 +171,39 @@ def decode_update(envelope: VerifiedEnvelope, rules: UpdateRules, pins: Federati
     except CodecError as error:
         raise UpdateRejected(ReasonCode.INVALID_UPDATE, f"update body is not valid safetensors: {error}") from None
     _check_body_metadata(metadata, body_metadata)
-    _check_shared_factors(tensors, rules.strategy)
+    pinned = layouts.pinned_json(pins.tensor_spec) if layouts is not None else (
+        pins.tensor_spec.to_json() if pins.tensor_spec is not None else None)
+    key = (tuple((name, array.shape, array.dtype.str) for name, array in tensors.items()), pinned)
+    layout_json = layouts.get(key) if layouts is not None else None
+    if layout_json is None:
+        layout_json = _check_layout(tensors, rules.strategy, pins)
+        if layouts is not None:
+            layouts.remember(key, layout_json)
     new_pins: dict[str, str] = {}
+    if pinned is None:
+        new_pins[PIN_TENSOR_SPEC] = layout_json  # the first update sets the layout
+    for name, array in tensors.items():
+        if not tensor_codec.all_finite(array):
+            raise UpdateRejected(ReasonCode.INVALID_UPDATE,
+                                 f"update tensor {name!r} contains NaN or Inf; it is refused (did training diverge?); "
+                                 "every update of this federation must match its tensor layout")  # fmt: skip
+    if pins.base_fingerprint is None:
+        new_pins[PIN_BASE_FINGERPRINT] = metadata.base_fingerprint
+    metrics = body_metadata.get("metrics")
+    if metrics is not None and len(metrics) > _MAX_METRICS_CHARS:
+        metrics = None  # informational only: too big to keep, not worth refusing the update
+    return DecodedUpdate(tensors=tensors, metrics=metrics, new_pins=new_pins)
+
+
+def _check_layout(tensors: Mapping[str, np.ndarray], strategy: Strategy, pins: FederationPins) -> str:
+    """Refuse tensors this strategy's devices could not send, or that do not match the pinned
+    layout; returns the layout as the pin JSON."""
+    _check_shared_factors(tensors, strategy)
     try:
         # The strategy's layout: names, shapes, dtypes (without the rank where devices differ in it).
-        layout = rules.strategy.layout_spec(tensors)
+        layout = strategy.layout_spec(tensors)
         if pins.tensor_spec is not None:
             tensor_codec.check_layout(layout, pins.tensor_spec, what="update")
-        else:
-            new_pins[PIN_TENSOR_SPEC] = layout.to_json()  # the first update sets the layout
-        tensor_codec.validate(tensors, TensorSpec.of(tensors), what="update")  # only finite values
     except TensorMismatchError as error:
         raise UpdateRejected(ReasonCode.INVALID_UPDATE,
                              f"{error}; every update of this federation must match its tensor layout") from None
@@ -152,12 +211,7 @@ def decode_update(envelope: VerifiedEnvelope, rules: UpdateRules, pins: Federati
         if array.dtype.kind != "f":
             raise UpdateRejected(ReasonCode.INVALID_UPDATE,
                                  f"update tensor {name!r} has dtype {array.dtype}; LoRA factors are floating point")
-    if pins.base_fingerprint is None:
-        new_pins[PIN_BASE_FINGERPRINT] = metadata.base_fingerprint
-    metrics = body_metadata.get("metrics")
-    if metrics is not None and len(metrics) > _MAX_METRICS_CHARS:
-        metrics = None  # informational only: too big to keep, not worth refusing the update
-    return DecodedUpdate(tensors=tensors, metrics=metrics, new_pins=new_pins)
+    return layout.to_json()
 
 
 def _check_body_metadata(metadata: EnvelopeMetadata, body_metadata: Mapping[str, str]) -> None:

@@ -15,6 +15,7 @@ Anything else (``modules_to_save`` copies, DoRA magnitudes, ...) is not a LoRA f
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Literal, TypeVar
@@ -32,6 +33,7 @@ _EMBEDDING_FACTOR = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<factor>[AB]
 V = TypeVar("V")
 
 
+@functools.lru_cache(maxsize=4096)  # every update of a federation names the same keys
 def _match(key: str) -> re.Match[str] | None:
     return _LINEAR_FACTOR.match(key) or _EMBEDDING_FACTOR.match(key)
 

@@ -190,7 +190,7 @@ class MqttLink:
                   "protocol": version}
         if version == mqtt.MQTTv311:
             kwargs["clean_session"] = not self.persistent_session
-        client = mqtt.Client(manual_ack=True, **kwargs)
+        client = _fair_client_class()(manual_ack=True, **kwargs)
         if self.address.username:
             client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
@@ -479,6 +479,42 @@ class MqttLink:
 
 def _reason(error: OSError | ssl.SSLError) -> str:
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+# Packets paho's network thread reads before it writes what is waiting.
+_READS_BEFORE_WRITING = 8
+_FAIR_CLIENT: type | None = None
+
+
+def _fair_client_class() -> type:
+    """paho's Client, reading at most ``_READS_BEFORE_WRITING`` packets per pass of its loop.
+
+    paho reads as many packets in one pass as it has messages in flight, and writes only
+    after. A hub under load has thousands in flight (acks to devices), and the broker always
+    has more chunks to deliver, so it read for seconds at a time while its PUBACKs and acks
+    waited unsent, piling up in memory (and more in flight meant longer reads). With a
+    small bound, writes go out between reads.
+    """
+    global _FAIR_CLIENT
+    if _FAIR_CLIENT is None:
+        import paho.mqtt.client as mqtt
+
+        class FairClient(mqtt.Client):
+            def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+                if not hasattr(self, "_packet_read") or not hasattr(self, "_loop_rc_handle"):
+                    return super().loop_read(max_packets)  # another paho: its own behaviour
+                for _ in range(_READS_BEFORE_WRITING):
+                    if self._sock is None:
+                        return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+                    rc = self._packet_read()
+                    if rc > 0:
+                        return self._loop_rc_handle(rc)
+                    if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
+                        break
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+        _FAIR_CLIENT = FairClient
+    return _FAIR_CLIENT
 
 
 def _plain_filter(topic_filter: str) -> str:

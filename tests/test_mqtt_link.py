@@ -128,3 +128,44 @@ def test_falling_back_to_mqtt311_is_quiet_and_a_later_loss_is_not(embedded_broke
         assert [r for r in caplog.records if "lost the broker" in r.getMessage()]
     finally:
         link.close()
+
+
+def test_one_read_pass_takes_a_few_packets_whatever_is_in_flight(mosquitto_broker):
+    """paho reads as many packets per pass as it has messages in flight before writing
+    anything; a hub with thousands of acks in flight then sent no PUBACK or ack for seconds.
+    The link's client reads a few, so writes go out between reads."""
+    import paho.mqtt.client as mqtt
+
+    from fedvlm.shared.mqtt_link import _READS_BEFORE_WRITING, _fair_client_class
+
+    address = mosquitto_broker.address
+    received = []
+    client = _fair_client_class()(mqtt.CallbackAPIVersion.VERSION2, client_id="reader")
+    client.on_message = lambda c, u, message: received.append(message.topic)
+    subscribed, confirmed = [], []
+    client.on_publish = lambda *args: confirmed.append(True)
+    client.on_subscribe = lambda *args: subscribed.append(True)
+    client.connect(address.host, address.port)
+    deadline = time.monotonic() + 10
+    while not client.is_connected() and time.monotonic() < deadline:
+        client.loop(0.1)
+    client.subscribe("fair/#", qos=0)
+    while not subscribed and time.monotonic() < deadline:
+        client.loop(0.1)
+    for index in range(50):  # 50 QoS 1 messages in flight: stock paho would read 50 packets a pass
+        client.publish(f"elsewhere/{index}", b"x", qos=1)
+    sender = MqttLink(address, "sender", persistent_session=False).connect(10)
+    try:
+        sender.publish_many([(f"fair/{index}", b"y") for index in range(40)], qos=1)
+        client.loop_write()
+        time.sleep(0.5)  # let the broker deliver them into the reader's socket
+        client.loop_read()
+        first_pass = len(received) + len(confirmed)  # the broker's PUBACKs are packets too
+        assert first_pass == _READS_BEFORE_WRITING
+        deadline = time.monotonic() + 10
+        while len(received) < 40 and time.monotonic() < deadline:
+            client.loop(0.1)
+        assert len(received) == 40
+    finally:
+        sender.close()
+        client.disconnect()

@@ -129,6 +129,9 @@ class MeanAggregator(Aggregator):
         self._update_problem = update_problem
         self._mean = mean if mean is not None else StreamingWeightedMean()
         self._check(self._mean.shapes())
+        # The last names and shapes found acceptable: a round's updates all share them, so
+        # the strategy's check (parsing every key) runs once, not once per update.
+        self._accepted_shapes: dict | None = None
 
     def _check(self, shapes: Shapes) -> None:
         problem = self._update_problem(shapes)
@@ -144,7 +147,10 @@ class MeanAggregator(Aggregator):
         return self._mean.total_weight
 
     def add(self, shared_tensors: Mapping[str, np.ndarray], weight: float) -> None:
-        self._check({key: np.shape(value) for key, value in shared_tensors.items()})
+        shapes = {key: np.shape(value) for key, value in shared_tensors.items()}
+        if shapes != self._accepted_shapes:
+            self._check(shapes)
+            self._accepted_shapes = shapes
         self._mean.add(shared_tensors, weight)
 
     def result(self, previous_global: Mapping[str, np.ndarray] | None) -> TensorDict:

@@ -9,6 +9,7 @@ from fedvlm.hub.updates import (
     PIN_BASE_FINGERPRINT,
     PIN_TENSOR_SPEC,
     FederationPins,
+    LayoutVerdicts,
     UpdateRejected,
     UpdateRules,
     check_compatibility,
@@ -42,6 +43,26 @@ def test_the_first_update_pins_layout_and_base_model_and_later_ones_must_match()
     assert caught.value.reason is ReasonCode.INVALID_UPDATE and "shape" in caught.value.text
     with pytest.raises(UpdateRejected, match="base model base-2"):
         check_compatibility(envelope(b_factors(2), base="base-2").metadata, rules(), pins)
+
+
+def test_a_remembered_layout_skips_only_the_layout_checks():
+    """With the layouts an intake remembers, later updates of that layout still have their
+    values checked, and another layout, or the same one against new pins, is checked afresh."""
+    layouts = LayoutVerdicts()
+    first = decode_update(envelope(b_factors(1)), rules(), FederationPins(), layouts)
+    again = decode_update(envelope(b_factors(2)), rules(), FederationPins(), layouts)
+    assert again.new_pins[PIN_TENSOR_SPEC] == first.new_pins[PIN_TENSOR_SPEC]
+    poisoned = {name: np.full_like(value, np.nan) for name, value in b_factors(3).items()}
+    with pytest.raises(UpdateRejected, match="NaN or Inf"):
+        decode_update(envelope(poisoned), rules(), FederationPins(), layouts)
+    pins = FederationPins().updated(first.new_pins)
+    with pytest.raises(UpdateRejected, match="shape"):
+        decode_update(envelope(b_factors(2, rank=8)), rules(), pins, layouts)
+    with pytest.raises(UpdateRejected, match="lora_A"):  # A is personal under pLoRA, remembered or not
+        decode_update(envelope({**b_factors(1), **a_factors(1)}), rules(), FederationPins(), layouts)
+    other_pins = FederationPins().updated({PIN_TENSOR_SPEC: tensor_codec.TensorSpec.of(b_factors(1, rank=8)).to_json()})
+    with pytest.raises(UpdateRejected, match="shape"):  # the remembered layout, against other pins
+        decode_update(envelope(b_factors(4)), rules(), other_pins, layouts)
 
 
 @pytest.mark.parametrize("strategy, tensors, accepted", [
