@@ -324,10 +324,15 @@ def _export(args: argparse.Namespace) -> int:
                                f"{args.model!r} is base {model.fingerprint}")
     model.restore(state)
     out = export_onnx(model, args.out, merged=args.merged)
+    manifest = read_manifest(out)
+    if manifest["fixed_picture_size"]:  # LLaVA-NeXT/OneVision: their tiling does not trace for any size
+        height, width = manifest["fixed_picture_size"]
+        print(f"note: this family's export answers at one picture size, {width}x{height}: "
+              "`fedvlm-edge ask` resizes every picture to it")
     if args.merged:
         print(f"merged ONNX model of client {state.client_id} (round {state.round}) written to {out}")
         return 0
-    adapter = write_adapter(out / f"{state.client_id}{ADAPTER_SUFFIX}", model.adapter_state(), read_manifest(out))
+    adapter = write_adapter(out / f"{state.client_id}{ADAPTER_SUFFIX}", model.adapter_state(), manifest)
     print(f"ONNX base written to {out}; adapter of client {state.client_id} (round {state.round}): {adapter} "
           f"({adapter.stat().st_size:,} bytes)")
     return 0

@@ -11,6 +11,9 @@ does not trace are refused in one line.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -53,7 +56,12 @@ def exported(request, tmp_path_factory):
     state = model.device_state(federation="zoo", client_id="carol", round=1, global_version=1,
                                global_state=model.shared_update())  # fmt: skip
     save_state(root / "state", state)
-    assert main(["export", "--state-dir", str(root / "state"), "--model", str(model_dir), "--out", str(root / "onnx")]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", "--state-dir", str(root / "state"), "--model", str(model_dir),
+                     "--out", str(root / "onnx")]) == 0  # fmt: skip
+    # LLaVA-NeXT/OneVision's export answers at one picture size, and says so.
+    assert ("answers at one picture size, 64x64" in printed.getvalue()) == (arch in ("llava_next", "llava_onevision"))
     model.model.eval()
     return {"arch": arch, "root": root, "model": model, "onnx": root / "onnx",
             "adapter": root / "onnx" / "carol.onnx_adapter", "vlm": OnnxVLM.load(root / "onnx")}  # fmt: skip
