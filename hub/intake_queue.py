@@ -14,7 +14,9 @@ holds memory, it does not speed anything up. A few megabytes keep the hub thread
 Blocking paho's thread has one hazard: the hub thread itself waiting for the broker (a
 publish confirmed by PUBACKs, which paho's thread must read). While it does, it holds
 ``unbounded()`` and the inbox takes everything; ``close()`` releases a blocked producer
-for good when the hub stops.
+for good when the hub stops. A hub thread stuck for longer than the MQTT keepalive with
+a full inbox sends no PINGREQ meanwhile, so the broker drops the connection; paho
+reconnects and the broker re-delivers what was not acknowledged (nothing is lost).
 """
 
 from __future__ import annotations
