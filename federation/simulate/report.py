@@ -226,20 +226,30 @@ def save_accuracy_figure(figure, axis, path: Path, *, ncol: int = 1, legend_size
 
 def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[Path]:
     """``personal_accuracy_per_round.png`` and ``accuracy_vs_bytes.png`` (the headline score:
-    exact match for short answers, else preference accuracy or ROUGE-L) and ``scores.png`` (every
-    score that applies, per strategy, ± std over seeds); none without matplotlib."""
+    exact match for short answers, else preference accuracy or ROUGE-L; only when every round
+    was scored) and ``scores.png`` (every score that applies, per strategy, ± std over seeds);
+    none without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError:
         return []
     strategies = results["strategies"]
     headline = next(iter(strategies.values()))["headline"]
-    label = METRIC_LABELS[headline]
     bounded = headline not in ("loss", "perplexity", "bleu", "reward_margin")
+    every_round = all(v is not None for e in strategies.values() for v in e["personal_per_round"][headline])
+    return ([*_round_plots(strategies, runs, out, headline, bounded)] if every_round else []) + [
+        _scores_plot(strategies, out)]
+
+
+def _round_plots(strategies: Mapping[str, dict], runs: Mapping[str, Sequence[dict]], out: Path, headline: str,
+                 bounded: bool) -> list[Path]:
+    """Per round (only when every round was scored): the headline score, and against bytes sent."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    label = METRIC_LABELS[headline]
     figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, entry in strategies.items():
         series = entry["personal_per_round"][headline]
@@ -261,6 +271,11 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
     axis.set_xlabel("kB sent by one client, cumulative over rounds (symlog)")
     axis.set_ylabel(f"personal {label}")
     versus_bytes = save_accuracy_figure(figure, axis, out / "accuracy_vs_bytes.png", bounded=bounded)
+    return [per_round, versus_bytes]
+
+
+def _scores_plot(strategies: Mapping[str, dict], out: Path) -> Path:
+    import matplotlib.pyplot as plt
 
     shown = [m for m in METRICS if any(m in e["metrics"] for e in strategies.values())]
     figure, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown) + 1, 3.6), dpi=120, squeeze=False)
@@ -278,7 +293,7 @@ def plots(results: dict, runs: Mapping[str, Sequence[dict]], out: Path) -> list[
     scores = out / "scores.png"
     figure.savefig(scores)
     plt.close(figure)
-    return [per_round, versus_bytes, scores]
+    return scores
 
 
 def write_reports(settings: SimulationSettings, runs: Mapping[str, Sequence[dict]], version: str) -> dict:
