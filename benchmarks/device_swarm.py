@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from fedvlm.shared import tensor_codec
+from fedvlm.shared.mqtt_link import Will, connect_options, paho_client
 from fedvlm.shared.protocol import (
     DEFAULT_CHUNK_SIZE,
     Ack,
@@ -269,13 +268,11 @@ class Swarm:
                         device.client.loop_misc()
 
     def _connect_devices(self, devices: Sequence[_Device]) -> None:
+        protocol = "5" if self.protocol == mqtt.MQTTv5 else "3.1.1"
         for device in devices:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{device.client_id}",
-                                 protocol=self.protocol, userdata=device)  # fmt: skip
-            client.will_set(self.topics.client_announce(device.client_id), self._announcement(device, Presence.OFFLINE),
-                            qos=1, retain=True)  # fmt: skip
-            client.max_inflight_messages_set(32)
-            client.max_queued_messages_set(0)
+            # Set up as the edge client's connection is (a persistent session, the last will).
+            will = Will(self.topics.client_announce(device.client_id), self._announcement(device, Presence.OFFLINE))
+            client = paho_client(f"bench-{device.client_id}", protocol, will=will, max_inflight=32, userdata=device)
             client.on_socket_open = self._on_socket_open
             client.on_socket_close = self._on_socket_close
             client.on_socket_register_write = self._on_register_write
@@ -284,9 +281,7 @@ class Swarm:
             client.on_message = self._on_message
             client.on_publish = self._on_publish
             device.client = client
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = 3600  # a persistent session, like the edge client's
-            client.connect(self.host, self.port, keepalive=600, clean_start=False, properties=properties)
+            client.connect(self.host, self.port, **connect_options(protocol, keepalive=600))
 
     def _disconnect_all(self) -> None:
         for device in self.devices:

@@ -54,6 +54,7 @@ from .checkpoints import CheckpointStore
 from .config import HubConfig
 from .console import Console
 from .errors import HubConfigError, StateDirMismatch
+from .event_loop import serve_events
 from .intake import UpdateIntake
 from .intake_queue import IntakeQueue
 from .norm_bound import MEDIANS_META_KEY, NormBoundedAggregator, NormBoundedStrategy, NormHistory
@@ -160,7 +161,6 @@ class HubService:
         self._next_publish_attempt = 0.0
         self._last_progress = 0.0
         self._last_worker_poll = 0.0
-        self._last_tick = 0.0
         self._last_presence_flush = 0.0
         self._last_full_online_check = 0.0
         self._told_workers_missing = False
@@ -392,19 +392,9 @@ class HubService:
         self._events.put(("update", topic, payload, ack), size=len(payload))
 
     def _run(self) -> None:
-        while not self._stop_requested.is_set():
-            event = self._events.get(timeout=_TICK_S)
-            try:
-                if event is not None:
-                    self._dispatch(event)
-                    if self._events.empty():
-                        self._require_intake().flush()  # group commit: whatever came in together
-                now = time.monotonic()
-                if event is None or now - self._last_tick >= _TICK_S:
-                    self._last_tick = now
-                    self._tick()
-            except Exception:  # a bug must cost one event, never the federation
-                log.exception("the hub failed while handling %s", event[0] if event else "a tick")
+        serve_events(self._events, self._stop_requested, handle=self._dispatch,
+                     burst_taken=lambda: self._require_intake().flush(), tick=lambda _: self._tick(), tick_s=_TICK_S,
+                     owner="hub")  # fmt: skip
 
     def _dispatch(self, event: tuple[Any, ...]) -> None:
         kind = event[0]

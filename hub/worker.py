@@ -44,6 +44,7 @@ from .checkpoints import CheckpointStore
 from .config import HubConfig
 from .console import Console
 from .errors import HubConfigError, HubError
+from .event_loop import serve_events
 from .intake import UpdateIntake
 from .norm_bound import MEDIANS_META_KEY, NormBoundedStrategy, NormHistory
 from .rounds import RoundPolicy
@@ -186,23 +187,9 @@ class HubWorker:
 
     # ================================================================== the worker thread
     def _run(self) -> None:
-        last_tick = 0.0
-        while not self._stop_requested.is_set():
-            try:
-                event = self._events.get(timeout=_TICK_S)
-            except queue.Empty:
-                event = None
-            try:
-                if event is not None:
-                    self._on_chunk(*event)
-                if self._events.empty():
-                    self._require_intake().flush()  # group commit once the burst is taken
-                now = time.monotonic()
-                if event is None or now - last_tick >= _TICK_S:
-                    last_tick = now
-                    self._tick(now)
-            except Exception:  # a bug must cost one event, never the worker
-                log.exception("the worker failed while handling %s", event[0] if event else "a tick")
+        serve_events(self._events, self._stop_requested, handle=lambda event: self._on_chunk(*event),
+                     burst_taken=lambda: self._require_intake().flush(), tick=self._tick, tick_s=_TICK_S,
+                     owner=f"worker {self.index}")  # fmt: skip
         try:
             self._require_intake().flush()
         except Exception:

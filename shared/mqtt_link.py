@@ -124,6 +124,46 @@ class Mqtt5Extras:
         return properties
 
 
+def paho_client(client_id: str, protocol: str, *, persistent_session: bool = True, will: Will | None = None,
+                manual_ack: bool = False, max_inflight: int = 100, userdata: object = None):  # fmt: skip
+    """A paho 2 client as this project's connections use it (``protocol`` "5" or "3.1.1"):
+    a persistent session unless told otherwise, ``will`` as last will, at most
+    ``max_inflight`` QoS 1 publishes in flight and no cap on those queued behind them.
+    Callbacks, login and TLS are the caller's; connect with ``connect_options``."""
+    import paho.mqtt.client as mqtt
+
+    version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+    kwargs: dict = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": client_id,
+                    "protocol": version, "manual_ack": manual_ack, "userdata": userdata}  # fmt: skip
+    if version == mqtt.MQTTv311:
+        kwargs["clean_session"] = not persistent_session
+    client = _fair_client_class()(**kwargs)  # writes go out between reads, see there
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+    # Large retained sets (global chunks) arrive in bursts: don't cap in-flight messages low.
+    client.max_inflight_messages_set(max_inflight)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def connect_options(protocol: str, *, keepalive: int = 30, persistent_session: bool = True,
+                    receive_maximum: int | None = None) -> dict:  # fmt: skip
+    """Keyword arguments for a ``paho_client``'s ``connect``: on MQTT 5 the session's expiry
+    (kept an hour: subscriptions and queued QoS 1 messages outlive a disconnect) and the
+    receive maximum (at most that many unacknowledged QoS 1 messages from the broker)."""
+    options: dict = {"keepalive": keepalive}
+    if protocol == "5":
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600 if persistent_session else 0
+        if receive_maximum is not None:
+            properties.ReceiveMaximum = receive_maximum
+        options.update(clean_start=not persistent_session, properties=properties)
+    return options
+
+
 class MqttLink:
     """A persistent MQTT session with automatic reconnection.
 
@@ -183,24 +223,13 @@ class MqttLink:
     # ---- connection -------------------------------------------------------------------------------
 
     def _make_client(self, protocol: str):
-        import paho.mqtt.client as mqtt
-
-        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        kwargs = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": self.client_id,
-                  "protocol": version}
-        if version == mqtt.MQTTv311:
-            kwargs["clean_session"] = not self.persistent_session
-        client = _fair_client_class()(manual_ack=True, **kwargs)
+        client = paho_client(self.client_id, protocol, persistent_session=self.persistent_session, will=self.will,
+                             manual_ack=True)  # fmt: skip
         if self.address.username:
             client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
             client.tls_set_context(self._tls_context())
-        if self.will is not None:
-            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
         client.reconnect_delay_set(min_delay=max(1, int(self._reconnect[0])), max_delay=int(self._reconnect[1]))
-        # Large retained sets (global chunks) arrive in bursts: don't cap in-flight messages low.
-        client.max_inflight_messages_set(100)
-        client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -214,17 +243,9 @@ class MqttLink:
         for protocol in self._protocols:
             client = self._make_client(protocol)
             self._connect_error = None
-            connect_kwargs = {"keepalive": self.keepalive}
-            if protocol == "5":
-                from paho.mqtt.properties import Properties
-                from paho.mqtt.packettypes import PacketTypes
-
-                properties = Properties(PacketTypes.CONNECT)
-                # Keep the session (subscriptions, queued QoS 1 messages) across disconnects.
-                properties.SessionExpiryInterval = 3600 if self.persistent_session else 0
-                if self.receive_maximum is not None:
-                    properties.ReceiveMaximum = self.receive_maximum
-                connect_kwargs.update(clean_start=not self.persistent_session, properties=properties)
+            connect_kwargs = connect_options(protocol, keepalive=self.keepalive,
+                                             persistent_session=self.persistent_session,
+                                             receive_maximum=self.receive_maximum)  # fmt: skip
             try:
                 # Synchronous TCP connect: a refused or unresolvable address fails now, clearly.
                 client.connect(self.address.host, self.address.port, **connect_kwargs)
@@ -363,9 +384,10 @@ class MqttLink:
 
     def _update_subscribed(self) -> None:
         with self._lock:
-            done = not self._unacked_subscriptions and self.connected.is_set()
-        if done:
-            self.subscribed.set()
+            if not self._unacked_subscriptions and self.connected.is_set():
+                self.subscribed.set()
+            else:
+                self.subscribed.clear()
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:

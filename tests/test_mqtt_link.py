@@ -75,6 +75,23 @@ def test_publish_many_delivers_in_order(any_broker):  # noqa: F811
         receiver.close()
 
 
+def test_once_wait_subscribed_returns_the_broker_routes_what_others_publish(any_broker):  # noqa: F811
+    """A hub worker relies on it: a round opens only once its subscription is acknowledged,
+    and a message published before that on another connection would be dropped."""
+    receiver = MqttLink(any_broker.address, "receiver", protocol=any_broker.protocol).connect()
+    sender = MqttLink(any_broker.address, "sender", protocol=any_broker.protocol).connect()
+    try:
+        assert receiver.wait_subscribed(5)  # nothing to wait for
+        for index in range(20):
+            _, done = _collector(receiver, f"s/{index}")
+            assert receiver.wait_subscribed(5) and not receiver.refused_subscriptions
+            sender.publish(f"s/{index}", b"x")
+            assert done.wait(5), f"message {index} published after the SUBACK was not delivered"
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_mqtt5_extras_reach_an_mqtt5_subscriber(mosquitto_broker):  # noqa: F811
     import paho.mqtt.client as mqtt
 
