@@ -28,7 +28,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["IntakeQueue"]
+__all__ = ["INBOX_BYTES", "IntakeQueue"]
+
+# A few megabytes keep a judging thread busy; more only holds memory (see the module doc).
+INBOX_BYTES = 8 * 1024 * 1024
 
 
 class IntakeQueue:

@@ -56,7 +56,7 @@ from .console import Console
 from .errors import HubConfigError, StateDirMismatch
 from .event_loop import serve_events
 from .intake import UpdateIntake
-from .intake_queue import IntakeQueue
+from .intake_queue import INBOX_BYTES, IntakeQueue
 from .norm_bound import MEDIANS_META_KEY, NormBoundedAggregator, NormBoundedStrategy, NormHistory
 from .presence import PresenceTracker
 from .publisher import GlobalPublisher, global_payload
@@ -83,7 +83,6 @@ _PRESENCE_FLUSH_S = 0.2
 _FULL_ONLINE_CHECK_S = 0.5
 # Update chunks (bytes) waiting for the hub thread at most: a few megabytes keep it busy,
 # more only holds memory (intake_queue.py).
-_INBOX_BYTES = 8 * 1024 * 1024
 # Console lines per batch of announcements before one summary line replaces them.
 _ANNOUNCEMENT_LINES = 10
 # Client ids listed on the console when a round opens.
@@ -270,7 +269,7 @@ class HubService:
         self._release()
 
     def _new_inbox(self) -> IntakeQueue:
-        return IntakeQueue(max_chunks=self.config.inflight_window, max_bytes=_INBOX_BYTES)
+        return IntakeQueue(max_chunks=self.config.inflight_window, max_bytes=INBOX_BYTES)
 
     def __enter__(self) -> HubService:
         return self.start()

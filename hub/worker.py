@@ -31,7 +31,6 @@ has no shared subscriptions: workers need mosquitto 2, EMQX or another MQTT 5 br
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from .config import HubConfig
 from .console import Console
 from .errors import HubConfigError, HubError
 from .event_loop import serve_events
+from .intake_queue import INBOX_BYTES, IntakeQueue
 from .intake import UpdateIntake
 from .norm_bound import MEDIANS_META_KEY, NormBoundedStrategy, NormHistory
 from .rounds import RoundPolicy
@@ -100,7 +100,8 @@ class HubWorker:
         self._intake: UpdateIntake | None = None
         self._mirror: RoundMirror | None = None
         self._link: MqttLink | None = None
-        self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        # Bounded like the hub's inbox: the broker, not this process, holds the backlog.
+        self._events = IntakeQueue(max_chunks=config.inflight_window, max_bytes=INBOX_BYTES)
         self._stop_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self._aggregate_round: int | None = None
@@ -137,20 +138,25 @@ class HubWorker:
                               receive_maximum=config.inflight_window)  # fmt: skip
         # Handlers before connect: a resumed session delivers what it held at once.
         self._link.subscribe(self.topics.shared_updates_filter(self.group),
-                             lambda topic, payload, retained, ack: self._events.put(("chunk", topic, payload, ack)),
+                             lambda topic, payload, retained, ack: self._events.put(("chunk", topic, payload, ack),
+                                                                                     size=len(payload)),
                              manual_ack=True)  # fmt: skip
         self._link.subscribe(self.topics.worker_relay_filter(self.index),
-                             lambda topic, payload, retained, ack: self._events.put(("relayed", topic, payload, ack)),
+                             lambda topic, payload, retained, ack: self._events.put(("relayed", topic, payload, ack),
+                                                                                     size=len(payload)),
                              manual_ack=True)  # fmt: skip
-        try:
-            self._link.connect(connect_timeout)
-        except BrokerUnavailable as error:
-            self._release()
-            raise BrokerUnavailable(f"{error} Hub workers need MQTT 5 (shared subscriptions): mosquitto 2, EMQX or "
-                                    "HiveMQ; the embedded broker (MQTT 3.1.1) cannot serve them.") from None
-        if not self._link.wait_subscribed(connect_timeout):
-            log.warning("the broker has not acknowledged the shared subscription yet; the coordinator opens no "
-                        "round until it does")  # fmt: skip
+        # Until this thread's loop runs nothing drains the inbox, and a resumed session's backlog
+        # would fill it and stop paho's thread before it reads the SUBACKs awaited here.
+        with self._events.unbounded():
+            try:
+                self._link.connect(connect_timeout)
+            except BrokerUnavailable as error:
+                self._release()
+                raise BrokerUnavailable(f"{error} Hub workers need MQTT 5 (shared subscriptions): mosquitto 2, EMQX "
+                                        "or HiveMQ; the embedded broker (MQTT 3.1.1) cannot serve them.") from None
+            if not self._link.wait_subscribed(connect_timeout):
+                log.warning("the broker has not acknowledged the shared subscription yet; the coordinator opens no "
+                            "round until it does")  # fmt: skip
         if self._link.refused_subscriptions:
             refused = "; ".join(f"{f}: {reason}" for f, reason in self._link.refused_subscriptions.items())
             self._release()
@@ -264,8 +270,10 @@ class HubWorker:
             return False
         link = self._link
         assert link is not None
-        link.publish(self.topics.worker_relay(owner, client_id, message_id), payload, qos=1,
-                     timeout=_PUBLISH_TIMEOUT_S)  # fmt: skip
+        # The broker's confirmation is awaited here, and paho's thread must be free to read it.
+        with self._events.unbounded():
+            link.publish(self.topics.worker_relay(owner, client_id, message_id), payload, qos=1,
+                         timeout=_PUBLISH_TIMEOUT_S)  # fmt: skip
         self.relayed += 1
         return True
 
@@ -300,6 +308,7 @@ class HubWorker:
         return tensors
 
     def _release(self) -> None:
+        self._events.close()  # paho's thread may wait for room that nobody will make any more
         if self._link is not None:
             self._link.close()
             self._link = None
