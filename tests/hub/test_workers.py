@@ -189,3 +189,40 @@ def test_the_coordinator_opens_no_round_before_every_worker_holds_its_subscripti
             worker.stop()
         hub.stop()
         mosquitto.stop()
+
+
+def test_a_worker_holds_at_most_its_window_of_chunks_while_the_broker_keeps_the_rest(tmp_path: Path):
+    """Sixteen devices send at once to one worker whose window is 4 chunks: a full inbox stops
+    paho's thread, never the round (every update is accepted), and the inbox never held more
+    than 4 chunks (the bound itself is tested in test_intake_queue.py)."""
+    from fedvlm.hub.config import HubConfig
+    from fedvlm.hub.console import Console
+    from fedvlm.hub.service import HubService
+    from fedvlm.hub.worker import HubWorker
+
+    state_dir = tmp_path / "state"
+    updates = _updates(16)
+    secrets = {client: register_client(state_dir, client) for client in updates}
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    broker = mosquitto.broker
+    config = HubConfig(federation=FEDERATION, state_dir=state_dir, broker=broker.url, mqtt_protocol="5", rounds=1,
+                       min_clients=16, round_timeout_s=120, workers=1, inflight_window=4)  # fmt: skip
+    hub = HubService(config, console=Console(enabled=False)).start()
+    worker = HubWorker(config, index=0, workers=1, console=Console(enabled=False)).start()
+    clients: list[FakeClient] = []
+    try:
+        clients = [FakeClient(broker, FEDERATION, client, secret).connect() for client, secret in secrets.items()]
+        clients[0].wait_collecting(1, timeout=30)
+        sent = {}
+        for client in clients:
+            tensors, samples = updates[client.client_id]
+            sent[client.client_id] = client.send(tensors, 1, samples)
+        _wait_accepted(clients, sent)
+        assert hub.wait_finished(60)
+        assert 1 <= worker._events.peak_chunks <= 4
+    finally:
+        for client in clients:
+            client.close(announce_offline=False)
+        worker.stop()
+        hub.stop()
+        mosquitto.stop()
