@@ -110,8 +110,9 @@ class DpoObjective:
 
     def check(self, examples: Sequence) -> None:
         """A ``UsageError`` naming the first example without a rejected answer (before any slow work)."""
-        for index in unpaired_examples(examples)[:1]:
-            where = getattr(examples[index], "source", "") or f"example {index}"
+        unpaired = unpaired_examples(examples)
+        if unpaired:
+            where = getattr(examples[unpaired[0]], "source", "") or f"example {unpaired[0]}"
             raise UsageError(f"--objective dpo needs a rejected answer for every example; {where} has none: "
                              "drop such records (--skip-bad) or train with --objective sft")
 

@@ -144,24 +144,42 @@ def test_a_worker_on_the_embedded_broker_is_a_one_line_error(tmp_path: Path):
     assert len(lines) == 1 and "mosquitto" in lines[0] and "EMQX" in lines[0] and "Traceback" not in run.stderr
 
 
+def _in_process_federation(tmp_path: Path, devices: int, **settings):
+    """Registered devices' updates and secrets, a fresh mosquitto, and the config of a one-round
+    federation that needs every device, for a hub and its workers run in this process."""
+    from fedvlm.hub.config import HubConfig
+
+    state_dir = tmp_path / "state"
+    updates = _updates(devices)
+    secrets = {client: register_client(state_dir, client) for client in updates}
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    config = HubConfig(federation=FEDERATION, state_dir=state_dir, broker=mosquitto.broker.url, mqtt_protocol="5",
+                       rounds=1, min_clients=devices, round_timeout_s=120, **settings)  # fmt: skip
+    return updates, secrets, mosquitto, config
+
+
+def _send_at_once(clients: list[FakeClient], updates: dict[str, tuple[dict, int]]) -> None:
+    """Every device sends its round-1 update at once (nothing waits for the hub side to read
+    the round), then waits for its ack."""
+    sent = {}
+    for client in clients:
+        tensors, samples = updates[client.client_id]
+        sent[client.client_id] = client.send(tensors, 1, samples)
+    _wait_accepted(clients, sent)
+
+
 def test_the_coordinator_opens_no_round_before_every_worker_holds_its_subscription(tmp_path: Path):
     """Devices send as soon as a round opens, and a broker drops what no subscription matches:
     a round opened before the workers subscribed had its updates lost (0 of 20 accepted in
     about half the 2-worker benchmark runs)."""
     import io
 
-    from fedvlm.hub.config import HubConfig
     from fedvlm.hub.console import Console
     from fedvlm.hub.service import HubService
     from fedvlm.hub.worker import HubWorker
 
-    state_dir = tmp_path / "state"
-    updates = _updates(2)
-    secrets = {client: register_client(state_dir, client) for client in updates}
-    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
-    broker = mosquitto.broker
-    config = HubConfig(federation=FEDERATION, state_dir=state_dir, broker=broker.url, mqtt_protocol="5", rounds=1,
-                       min_clients=2, round_timeout_s=120, workers=2)  # fmt: skip
+    updates, secrets, mosquitto, config = _in_process_federation(tmp_path, 2, workers=2)
+    broker, state_dir = mosquitto.broker, config.state_dir
     console = io.StringIO()
     hub = HubService(config, console=Console(console)).start()
     workers = [HubWorker(config, index=0, workers=2, console=Console(enabled=False)).start()]
@@ -176,11 +194,7 @@ def test_the_coordinator_opens_no_round_before_every_worker_holds_its_subscripti
             assert store.latest_round() is None  # both devices online, worker 1 not subscribed: no round
         workers.append(HubWorker(config, index=1, workers=2, console=Console(enabled=False)).start())
         clients[0].wait_collecting(1, timeout=30)
-        sent = {}
-        for client in clients:  # at once: nothing waits for the workers to read the round
-            tensors, samples = updates[client.client_id]
-            sent[client.client_id] = client.send(tensors, 1, samples)
-        _wait_accepted(clients, sent)
+        _send_at_once(clients, updates)
         assert hub.wait_finished(60)
     finally:
         for client in clients:
@@ -195,29 +209,19 @@ def test_a_worker_holds_at_most_its_window_of_chunks_while_the_broker_keeps_the_
     """Sixteen devices send at once to one worker whose window is 4 chunks: a full inbox stops
     paho's thread, never the round (every update is accepted), and the inbox never held more
     than 4 chunks (the bound itself is tested in test_intake_queue.py)."""
-    from fedvlm.hub.config import HubConfig
     from fedvlm.hub.console import Console
     from fedvlm.hub.service import HubService
     from fedvlm.hub.worker import HubWorker
 
-    state_dir = tmp_path / "state"
-    updates = _updates(16)
-    secrets = {client: register_client(state_dir, client) for client in updates}
-    mosquitto = MosquittoProcess(tmp_path / "mosquitto").start()
+    updates, secrets, mosquitto, config = _in_process_federation(tmp_path, 16, workers=1, inflight_window=4)
     broker = mosquitto.broker
-    config = HubConfig(federation=FEDERATION, state_dir=state_dir, broker=broker.url, mqtt_protocol="5", rounds=1,
-                       min_clients=16, round_timeout_s=120, workers=1, inflight_window=4)  # fmt: skip
     hub = HubService(config, console=Console(enabled=False)).start()
     worker = HubWorker(config, index=0, workers=1, console=Console(enabled=False)).start()
     clients: list[FakeClient] = []
     try:
         clients = [FakeClient(broker, FEDERATION, client, secret).connect() for client, secret in secrets.items()]
         clients[0].wait_collecting(1, timeout=30)
-        sent = {}
-        for client in clients:
-            tensors, samples = updates[client.client_id]
-            sent[client.client_id] = client.send(tensors, 1, samples)
-        _wait_accepted(clients, sent)
+        _send_at_once(clients, updates)
         assert hub.wait_finished(60)
         assert 1 <= worker._events.peak_chunks <= 4
     finally:
