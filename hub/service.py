@@ -262,6 +262,9 @@ class HubService:
             self._thread.join(timeout)
             self._thread = None
         if self._started and self._link is not None:
+            # Nobody takes chunks any more, and closing delivers the acks still waiting, whose
+            # PUBACKs paho's thread must be free to read.
+            self._events.close()
             final = self._hub_state(status=Presence.OFFLINE)
             self._link.close(final=(self.topics.hub_state(), final.to_json()))
             self._remember_state(final)

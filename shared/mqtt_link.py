@@ -238,6 +238,7 @@ class MqttLink:
         self._in_paho: dict[int, object] = {}
         self._handing = 0
         self._window_lock = threading.Lock()
+        self._window_changed = threading.Condition(self._window_lock)
 
     # ---- connection -------------------------------------------------------------------------------
 
@@ -298,6 +299,10 @@ class MqttLink:
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
+            if not self._ever_connected:
+                # connect() gives this attempt up: without this, paho's thread would first sit
+                # out a reconnect delay (a second) that connect()'s loop_stop() waits for.
+                client.disconnect()
             return
         with self._lock:
             self._generation += 1
@@ -471,6 +476,7 @@ class MqttLink:
                         del self._in_paho[mid]
                     room = self.publish_window - len(self._in_paho) - self._handing
                 batch = []
+                self._window_changed.notify_all()  # room was made, or the backlog emptied
                 while room > 0 and self._backlog:
                     item = self._backlog[0]
                     if len(item) == 5:
@@ -509,11 +515,14 @@ class MqttLink:
         Waiting for each acknowledgement before the next chunk would cost one round trip per
         chunk; a window keeps the link busy while bounding memory (window x chunk size).
         Returns once the broker acknowledged every message; QoS 1 messages still in flight
-        at a disconnect are re-sent by paho after the reconnect.
+        at a disconnect are re-sent by paho after the reconnect. Nowait messages published
+        before go first (they are handed to paho before these): the link publishes in order.
         """
         if self._client is None:
             raise BrokerUnavailable("not connected: call connect() first")
         deadline = time.monotonic() + timeout
+        self._wait_window(lambda: not self._backlog, deadline,
+                          f"the messages published before could not be handed over within {timeout:.0f} s")
         properties = extras.to_properties() if extras is not None and self.protocol == "5" else None
         in_flight: collections.deque = collections.deque()
         for topic, payload in messages:
@@ -522,6 +531,28 @@ class MqttLink:
             in_flight.append((topic, self._enqueue(topic, payload, qos, retain, deadline, properties)))
         while in_flight:
             self._await_ack(in_flight.popleft(), deadline, timeout)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every nowait message is handed to paho and confirmed by the broker; True
+        if that happened within ``timeout`` seconds."""
+        try:
+            self._wait_window(lambda: not self._backlog and not self._in_paho and not self._handing,
+                              time.monotonic() + timeout, "")  # fmt: skip
+        except BrokerUnavailable:
+            return False
+        return True
+
+    def _wait_window(self, done: Callable[[], bool], deadline: float, failure: str) -> None:
+        with self._window_changed:
+            while not done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnavailable(failure)
+                # Short waits: a PUBACK that came before its packet id was recorded notifies nobody.
+                self._window_changed.wait(min(remaining, 0.1))
+                if self._in_paho:
+                    for mid in [mid for mid, info in self._in_paho.items() if info._published]:
+                        del self._in_paho[mid]
 
     def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, deadline: float, properties=None):
         import paho.mqtt.client as mqtt
@@ -580,11 +611,15 @@ class MqttLink:
                                  "a readable PEM certificate and its matching private key") from None
         return context
 
-    def close(self, final: tuple[str, bytes] | None = None) -> None:
-        """Publish ``final`` (topic, payload; retained) if connected, then disconnect cleanly."""
+    def close(self, final: tuple[str, bytes] | None = None, *, drain_s: float = 10.0) -> None:
+        """Deliver what waits in the publish window (up to ``drain_s`` seconds: a hub's last
+        acks), publish ``final`` (topic, payload; retained) if connected, then disconnect."""
         self._closing = True
         if self._client is None:
             return
+        if self.connected.is_set() and not self.flush(drain_s):
+            log.warning("closing with %d message(s) not yet confirmed by the broker at %s",
+                        len(self._backlog) + len(self._in_paho), self.address.url())  # fmt: skip
         if final is not None and self.connected.is_set():
             try:
                 self.publish(final[0], final[1], retain=True, timeout=5)
