@@ -10,6 +10,10 @@ Written into one folder:
 - ``mosquitto.conf``: a TLS listener, no anonymous access, the two files above, and
   ``use_username_as_clientid`` so no account can take over another's MQTT session;
 - ``hub.password``: the hub's broker password, for ``fedvlm-hub start --password-file``;
+- with ``workers``: one account per hub worker (``<hub username>-worker-<index>``, its
+  password in ``worker-<index>.password``), allowed only what a worker does. Each worker
+  needs its own: under ``use_username_as_clientid`` two connections of one account have one
+  client id, and each would knock the other off (a worker on the hub's account, the hub);
 - ``README.txt``: what to do with them.
 
 Nothing here can sign an update: the password file holds one-way hashes of one-way
@@ -43,17 +47,19 @@ __all__ = [
     "BrokerConfigFiles",
     "mosquitto_password_hash",
     "acl_text",
+    "worker_username",
     "write_broker_config",
 ]
 
 DEFAULT_HUB_USERNAME = "fedvlm-hub"
 DEFAULT_TLS_PORT = 8883
 _HUB_PASSWORD_META = "broker_hub_password"
+_WORKER_PASSWORD_META = "broker_worker_password_{index}"
 # Where broker-config last wrote and with which options, so `clients add`/`revoke` can
 # remind the operator to refresh it and a re-run needs no options repeated.
 BROKER_CONFIG_DIR_META = "broker_config_dir"
 _OPTIONS_META = "broker_config_options"
-_REMEMBERED = ("federation", "hub_username", "port", "bind", "cafile", "certfile", "keyfile")
+_REMEMBERED = ("federation", "hub_username", "port", "bind", "cafile", "certfile", "keyfile", "workers")
 # mosquitto_passwd's own defaults (mosquitto 2.x): 12-byte salt, 101 PBKDF2 iterations.
 # Every password here is 256 random bits (or derived from them), so key stretching adds
 # nothing against guessing; it would only cost the broker CPU on every connection.
@@ -80,6 +86,8 @@ class BrokerConfigFiles:
     hub_username: str
     clients: tuple[str, ...]
     readme: str
+    worker_usernames: tuple[str, ...] = ()
+    worker_password_files: tuple[Path, ...] = ()
 
 
 def previous_options(state_dir: str | Path) -> dict:
@@ -103,7 +111,12 @@ def mosquitto_password_hash(password: str) -> str:
     return f"$7${_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME) -> str:
+def worker_username(hub_username: str, index: int) -> str:
+    """Hub worker ``index``'s broker account."""
+    return f"{hub_username}-worker-{index}"
+
+
+def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME, workers: int = 0) -> str:
     """A mosquitto ``acl_file`` confining each client (username = client id) to its own topics."""
     topics = Topics(federation)
     client = topics.client_permissions(_USERNAME_STANDIN)
@@ -123,6 +136,15 @@ def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME) -> str:
         f"user {hub_username}",
         *(f"topic readwrite {topic}" for topic in sorted(set(hub.publish) | set(hub.subscribe))),
         "",
+    ]
+    for index in range(workers):
+        worker = topics.worker_permissions(index)
+        # mosquitto checks a $share/GROUP/... subscription against the topic after the group.
+        lines += [f"# hub worker {index}: its share of the updates, chunks relayed to it; relays and acks",
+                  f"user {worker_username(hub_username, index)}",
+                  *(f"topic read {topic}" for topic in worker.subscribe),
+                  *(f"topic write {topic}" for topic in worker.publish), ""]  # fmt: skip
+    lines += [
         "# every device (%u = its username = its client id). The hub's broadcasts are patterns",
         "# without %u on purpose: patterns apply to every account, plain 'topic' lines here would",
         "# apply to anonymous clients only. mosquitto warns about them at start; that is expected.",
@@ -185,7 +207,7 @@ Files in {out}:
   acl             each device publishes only its own updates/announcements and reads only the
                   hub's topics and its own acks; the hub reads and writes its federation
   hub.password    the hub's broker password (keep it on the hub machine only)
-
+{_worker_files_text(files)}
 1. On the broker machine: copy mosquitto.conf, passwords and acl (e.g. to /etc/mosquitto/conf.d/)
    and fix the password_file and acl_file paths in mosquitto.conf if you moved them. Make
    passwords and acl readable by the mosquitto user only: chown mosquitto passwords acl;
@@ -194,7 +216,7 @@ Files in {out}:
 3. Start the hub against it (the password comes from a file, so it never shows in `ps`):
      fedvlm-hub start --broker mqtts://BROKER_HOST:{port} --username {files.hub_username} \\
          --password-file {files.hub_password_file} --ca-file CA.crt --state-dir STATE_DIR ...
-4. Each device logs in as its client id with the password derived from its secret:
+{_worker_step_text(files, port)}4. Each device logs in as its client id with the password derived from its secret:
      fedvlm-edge join --hub mqtts://BROKER_HOST:{port} --federation {files.federation} --client-id NAME \\
          --secret-file NAME.secret --broker-login --ca-file CA.crt ...
 5. After every `fedvlm-hub clients add` or `clients revoke`, run broker-config again and
@@ -211,12 +233,33 @@ refuses every update whose HMAC does not verify under the device's secret.
 """
 
 
+def _worker_files_text(files: BrokerConfigFiles) -> str:
+    if not files.worker_usernames:
+        return ""
+    return (f"  worker-I.password  the broker passwords of the {len(files.worker_usernames)} hub worker account(s) "
+            f"({', '.join(files.worker_usernames)})\n")
+
+
+def _worker_step_text(files: BrokerConfigFiles, port: int) -> str:
+    if not files.worker_usernames:
+        return ""
+    last = len(files.worker_usernames) - 1
+    return (f"   Hub workers (start the hub with --workers {last + 1}), each on its own account:\n"
+            f"     fedvlm-hub worker --broker mqtts://BROKER_HOST:{port} --index I --workers {last + 1} \\\n"
+            f"         --username {files.hub_username}-worker-I --password-file {files.out_dir}/worker-I.password "
+            "--ca-file CA.crt --state-dir STATE_DIR   # I = 0"
+            f"{f' .. {last}' if last else ''}\n")
+
+
 def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federation: str | None = None,
                         hub_username: str = DEFAULT_HUB_USERNAME, port: int = DEFAULT_TLS_PORT,
                         bind: str | None = None, cafile: str | None = None, certfile: str | None = None,
-                        keyfile: str | None = None,
+                        keyfile: str | None = None, workers: int = 0,
                         secrets_key_file: str | Path | None = None) -> BrokerConfigFiles:  # fmt: skip
-    """Write the broker's password file, ACL and config for the clients registered in ``state_dir``."""
+    """Write the broker's password file, ACL and config for the clients registered in ``state_dir``
+    (and accounts for ``workers`` hub workers)."""
+    if workers < 0:
+        raise HubError(f"--workers must be 0 or more, got {workers}")
     try:
         validate_client_id(hub_username)  # same alphabet: safe in the ACL and password file
     except ProtocolError as error:
@@ -245,9 +288,19 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
             raise HubError(f"federation: {error}") from None
         store.protect_secrets()
         client_secrets = store.active_secrets()
-        if hub_username in {record.client_id for record in store.list_clients()}:
-            raise HubError(f"a client is registered as {hub_username!r}, the hub's broker username; choose "
-                           "another with --hub-username")  # fmt: skip
+        worker_names = tuple(worker_username(hub_username, index) for index in range(workers))
+        taken = {record.client_id for record in store.list_clients()} & {hub_username, *worker_names}
+        if taken:
+            raise HubError(f"a client is registered as {sorted(taken)[0]!r}, a hub broker username (the hub's, or "
+                           f"a worker's: {hub_username}-worker-I); choose another with --hub-username")  # fmt: skip
+        worker_passwords = []
+        for index in range(workers):
+            key = _WORKER_PASSWORD_META.format(index=index)
+            password = store.private_meta(key)
+            if password is None:  # kept like the hub's, so a re-run keeps running workers' logins valid
+                password = secrets.token_urlsafe(32)
+                store.set_private_meta(key, password)
+            worker_passwords.append(password)
         hub_password = store.private_meta(_HUB_PASSWORD_META)
         if hub_password is None:
             # Kept (encrypted) in the state, so re-running after a `clients add` keeps the
@@ -255,22 +308,28 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
             hub_password = secrets.token_urlsafe(32)
             store.set_private_meta(_HUB_PASSWORD_META, hub_password)
         out = _output_folder(Path(out_dir))
-        options = {"federation": federation, "hub_username": hub_username, "port": port, "bind": bind, **tls}
+        options = {"federation": federation, "hub_username": hub_username, "port": port, "bind": bind, **tls,
+                   "workers": workers}
         if placeholders:
             options.update(cafile=None, certfile=None, keyfile=None)
         store.set_meta({BROKER_CONFIG_DIR_META: str(out), _OPTIONS_META: json.dumps(options)})
     password_lines = [f"{hub_username}:{mosquitto_password_hash(hub_password)}"]
+    password_lines += [f"{name}:{mosquitto_password_hash(password)}" for name, password in zip(worker_names,
+                                                                                                worker_passwords)]
     password_lines += [f"{client_id}:{mosquitto_password_hash(broker_password(secret))}"
                        for client_id, secret in client_secrets.items()]  # fmt: skip
     files = BrokerConfigFiles(
         out_dir=out, password_file=out / "passwords", acl_file=out / "acl", conf_file=out / "mosquitto.conf",
         hub_password_file=out / "hub.password", readme_file=out / "README.txt", federation=federation,
-        hub_username=hub_username, clients=tuple(client_secrets), readme="",
+        hub_username=hub_username, clients=tuple(client_secrets), readme="", worker_usernames=worker_names,
+        worker_password_files=tuple(out / f"worker-{index}.password" for index in range(workers)),
     )  # fmt: skip
     # 0600, replaced atomically: the password and ACL files hold credentials.
     write_durably(files.password_file, ("\n".join(password_lines) + "\n").encode())
-    write_durably(files.acl_file, acl_text(federation, hub_username).encode())
+    write_durably(files.acl_file, acl_text(federation, hub_username, workers).encode())
     write_durably(files.hub_password_file, (hub_password + "\n").encode())
+    for path, password in zip(files.worker_password_files, worker_passwords):
+        write_durably(path, (password + "\n").encode())
     write_durably(files.conf_file, _conf_text(federation=federation, port=port, bind=bind, tls=tls,
                                               placeholders=placeholders, password_file=files.password_file,
                                               acl_file=files.acl_file).encode())  # fmt: skip

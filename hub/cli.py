@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a placeholder path to fill in)")
     broker.add_argument("--tls-certfile", metavar="FILE", help="the broker's certificate (PEM)")
     broker.add_argument("--tls-keyfile", metavar="FILE", help="the broker's private key (PEM)")
+    broker.add_argument("--workers", type=int, metavar="N", help="also write N hub worker accounts "
+                        "(HUB_USERNAME-worker-I, password in worker-I.password), each allowed only what a worker "
+                        "does; every worker needs its own, since the broker makes the username the client id "
+                        "(default: the previous run's, else 0)")
     broker.add_argument("--secrets-key-file", help=_SECRETS_KEY_HELP)
     _add_worker_parser(commands)
     return parser
@@ -402,7 +406,8 @@ def _run_broker_config(args: argparse.Namespace) -> int:
 
     state_dir = _state_dir(args)
     given = {"federation": args.federation, "hub_username": args.hub_username, "port": args.port, "bind": args.bind,
-             "cafile": args.tls_cafile, "certfile": args.tls_certfile, "keyfile": args.tls_keyfile}
+             "cafile": args.tls_cafile, "certfile": args.tls_certfile, "keyfile": args.tls_keyfile,
+             "workers": args.workers}
     # A re-run after `clients add`/`revoke` needs no options again: the previous run's fill the gaps
     # (TLS files as a set: giving any of them replaces all three).
     previous = previous_options(state_dir)

@@ -224,7 +224,9 @@ class NormBoundedAggregator(Aggregator):
     def to_state(self) -> dict[str, Any]:
         """The wrapped aggregator's state plus the norms and clip count (a resumed round
         records the same median as one that never stopped)."""
-        return {**self.inner.to_state(), _NORMS_KEY: list(self.norms), _CLIPPED_KEY: self.clipped}
+        # An array, not a list: committed with every batch, it is stored as tensor bytes (partial_sums.py).
+        return {**self.inner.to_state(), _NORMS_KEY: np.asarray(self.norms, dtype=np.float64),
+                _CLIPPED_KEY: self.clipped}
 
 
 class NormBoundedStrategy:

@@ -5,8 +5,9 @@ on a bounded queue; announcements into the presence tracker's inbox, the latest 
 client); one hub thread takes events off the queue and owns everything else (reassembly,
 verification, aggregation, SQLite, publishing), so none of that needs locks, and events
 are handled in the order they arrived. The hub thread never waits for the broker while
-it works through updates: acks, selections and the state are published without waiting
-(pipelined); only a new global version's chunks are confirmed before its manifest.
+it works through updates: acks, selections and the state are published without waiting,
+through the link's bounded publish window (selections made lazily as the window has room);
+only a new global version's chunks are confirmed before its manifest.
 
 Update chunks are acknowledged to the broker manually, once their update is committed or
 refused (intake.py), and the hub asks the broker (MQTT 5 receive maximum) for at most
@@ -261,6 +262,9 @@ class HubService:
             self._thread.join(timeout)
             self._thread = None
         if self._started and self._link is not None:
+            # Nobody takes chunks any more, and closing delivers the acks still waiting, whose
+            # PUBACKs paho's thread must be free to read.
+            self._events.close()
             final = self._hub_state(status=Presence.OFFLINE)
             self._link.close(final=(self.topics.hub_state(), final.to_json()))
             self._remember_state(final)
@@ -346,9 +350,14 @@ class HubService:
             self._publish_global(latest)
         self._publish_state()
         current = self._lifecycle.current
-        if current is not None:
-            for receipt in store.receipts(current.number):
-                self._send_ack(Ack.accept(receipt.client_id, receipt.round, bytes.fromhex(receipt.message_id)))
+        if current is not None and self._link is not None:
+            acks = ((self.topics.client_ack(receipt.client_id),
+                     Ack.accept(receipt.client_id, receipt.round, bytes.fromhex(receipt.message_id)).to_json())
+                    for receipt in store.receipts(current.number))  # fmt: skip
+            try:
+                self._link.publish_stream(acks, qos=1)
+            except BrokerUnavailable as error:
+                log.warning("could not acknowledge round %d's receipts again (%s)", current.number, error)
             # Retained already, unless the broker lost its retained messages: cheap to repeat.
             self._publish_selections(current)
 
@@ -516,18 +525,28 @@ class HubService:
         self._report_progress()
 
     def _publish_selections(self, opened: OpenRound) -> None:
-        """Tell each selected client that has not answered yet, with its own retained message
-        (pipelined: the hub does not wait for the broker)."""
+        """Tell each selected client that has not answered yet, with its own retained message.
+
+        Streamed through the link's publish window: each Selection is made when the broker
+        has confirmed enough of those before it, so a round of 10,000 costs a generator, not
+        10,000 messages waiting in paho. Made on whichever thread has room (paho's, mostly):
+        it reads only ``opened``'s fixed fields, and ``answered`` for membership.
+        """
         if self._link is None:
             return
-        try:
+
+        def selections():
             for client_id in opened.selected:
+                if self._lifecycle.current is not opened:
+                    return  # a later attempt (or none) replaced it: its own selections follow
                 if client_id in opened.answered:
                     continue
                 selection = Selection(federation=self.config.federation, client_id=client_id, round=opened.number,
                                       attempt=opened.attempt, deadline=opened.deadline)  # fmt: skip
-                self._link.publish_nowait(self.topics.client_selection(client_id), selection.to_json(), qos=1,
-                                          retain=True)  # fmt: skip
+                yield self.topics.client_selection(client_id), selection.to_json()
+
+        try:
+            self._link.publish_stream(selections(), qos=1, retain=True)
         except BrokerUnavailable as error:
             log.warning("could not publish the selections of round %d (%s); they go out on reconnect",
                         opened.number, error)  # fmt: skip

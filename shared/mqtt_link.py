@@ -3,8 +3,16 @@
 What it adds to paho: broker URLs (``mqtt://user:pass@host:port``, ``mqtts://`` for TLS),
 a blocking ``connect`` with an error a person can act on, publishes that wait for the
 broker's acknowledgement (``publish``, ``publish_many``) or do not (``publish_nowait``,
-pipelined: many in flight at once), subscriptions that come back after a reconnect,
-reconnection with exponential back-off, and a last will.
+``publish_stream``: pipelined through a bounded window, see below), subscriptions that
+come back after a reconnect, reconnection with exponential back-off, and a last will.
+
+Publishes nobody waits on go through a window: at most ``publish_window`` of them are in
+paho at once (each costs paho ~2 KB until the broker's PUBACK); the rest wait in order in
+the link's backlog, in their compact form (topic and payload, or a generator that makes
+them when their turn comes: ``publish_stream``), and each PUBACK lets the next one in, on
+paho's thread. Nobody waits, and the memory they take does not grow with how slowly the
+broker confirms: a hub whose PUBACKs queue behind a backlog of chunks at the broker had
+~8,000 acks in paho at once, and 10,000 selections at round open.
 
 Acknowledgements to the broker are manual: a message is acknowledged once its handler
 returned, or, for a subscription made with ``manual_ack=True``, when the handler's
@@ -182,6 +190,7 @@ class MqttLink:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         receive_maximum: int | None = None,
+        publish_window: int = 256,
     ) -> None:
         try:
             import paho.mqtt.client  # noqa: F401
@@ -189,6 +198,8 @@ class MqttLink:
             raise ImportError("MQTT needs paho-mqtt: pip install 'fedvlm[edge]' or 'fedvlm[hub]'") from exc
         if protocol not in ("auto", "5", "3.1.1"):
             raise UsageError(f"MQTT protocol {protocol!r}: choose auto, 5 or 3.1.1")
+        if publish_window < 1:
+            raise ValueError(f"publish_window must be at least 1, got {publish_window}")
         self.address = address
         self.client_id = client_id
         self.will = will
@@ -219,6 +230,15 @@ class MqttLink:
         # (the broker re-sends that message on the resumed session, and its packet id may
         # already name another message).
         self._generation = 0
+        # The window of publishes nobody waits on (see the module doc): what waits its turn
+        # (messages and generators of messages, in order), what is in paho (packet id:
+        # paho's info, until the PUBACK) and how many are being handed over right now.
+        self.publish_window = publish_window
+        self._backlog: collections.deque = collections.deque()
+        self._in_paho: dict[int, object] = {}
+        self._handing = 0
+        self._window_lock = threading.Lock()
+        self._window_changed = threading.Condition(self._window_lock)
 
     # ---- connection -------------------------------------------------------------------------------
 
@@ -279,6 +299,10 @@ class MqttLink:
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
+            if not self._ever_connected:
+                # connect() gives this attempt up: without this, paho's thread would first sit
+                # out a reconnect delay (a second) that connect()'s loop_stop() waits for.
+                client.disconnect()
             return
         with self._lock:
             self._generation += 1
@@ -402,12 +426,84 @@ class MqttLink:
 
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                        extras: "Mqtt5Extras | None" = None) -> None:
-        """Hand a message to paho and return at once (pipelined: paho keeps QoS 1 messages and
-        sends them again after a reconnect). For messages nobody waits on, e.g. acks."""
+        """Publish without waiting, e.g. acks: the message goes through the window (module doc)
+        after every nowait message before it. paho keeps a QoS 1 message it was handed and
+        sends it again after a reconnect; the backlog keeps the rest."""
+        properties = extras.to_properties() if extras is not None and self.protocol == "5" else None
+        self._queue_nowait((topic, payload, qos, retain, properties))
+
+    def publish_stream(self, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, retain: bool = False) -> None:
+        """Publish ``(topic, payload)`` messages without waiting, made lazily: ``messages`` is
+        pulled (on whichever thread has room in the window) only as the broker confirms the
+        ones before, so 10,000 selections cost one generator, not 10,000 messages in memory.
+        Keep what the generator reads unchanged until it is done."""
+        self._queue_nowait((iter(messages), qos, retain))
+
+    @property
+    def backlog_length(self) -> int:
+        """Nowait publishes (and generators of them) waiting for room in the window."""
+        with self._window_lock:
+            return len(self._backlog)
+
+    def _queue_nowait(self, item: tuple) -> None:
         if self._client is None:
             raise BrokerUnavailable("not connected: call connect() first")
-        properties = extras.to_properties() if extras is not None and self.protocol == "5" else None
-        self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        with self._window_lock:
+            self._backlog.append(item)
+        self._fill_window()
+
+    def _fill_window(self, confirmed_mid: int | None = None) -> None:
+        """Hand waiting messages to paho while fewer than ``publish_window`` are there.
+
+        Runs on the publishing thread and on paho's (``_on_publish``). paho's own lock is
+        taken inside ``client.publish``, and paho's thread holds it while it reports a
+        PUBACK, so the window's lock is never held across ``client.publish``: room is
+        reserved under it (``_handing``), the messages are handed over outside it.
+        """
+        client = self._client
+        if client is None:
+            return
+        while True:
+            with self._window_lock:
+                if confirmed_mid is not None:
+                    self._in_paho.pop(confirmed_mid, None)
+                    confirmed_mid = None
+                room = self.publish_window - len(self._in_paho) - self._handing
+                if room <= 0 and self._in_paho:
+                    # A PUBACK may have come before its packet id was recorded here: paho
+                    # marks the message published right after reporting it.
+                    for mid in [mid for mid, info in self._in_paho.items() if info._published]:
+                        del self._in_paho[mid]
+                    room = self.publish_window - len(self._in_paho) - self._handing
+                batch = []
+                self._window_changed.notify_all()  # room was made, or the backlog emptied
+                while room > 0 and self._backlog:
+                    item = self._backlog[0]
+                    if len(item) == 5:
+                        batch.append(self._backlog.popleft())
+                    else:  # a generator: pull one message from it
+                        messages, qos, retain = item
+                        message = next(messages, None)
+                        if message is None:
+                            self._backlog.popleft()
+                            continue
+                        batch.append((message[0], message[1], qos, retain, None))
+                    room -= 1
+                if not batch:
+                    return
+                self._handing += len(batch)
+            infos = []
+            try:
+                for topic, payload, qos, retain, properties in batch:
+                    infos.append(client.publish(topic, payload, qos=qos, retain=retain, properties=properties))
+            finally:
+                with self._window_lock:
+                    self._handing -= len(batch)
+                    # QoS 0 leaves paho once written. A QoS 1 message handed over while
+                    # disconnected is queued by paho and confirmed after the reconnect.
+                    for (_, _, qos, _, _), info in zip(batch, infos):
+                        if qos > 0 and not info._published:
+                            self._in_paho[info.mid] = info
 
     def publish_many(self, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
                      timeout: float = 60.0, window: int = 32, extras: "Mqtt5Extras | None" = None) -> None:
@@ -419,11 +515,14 @@ class MqttLink:
         Waiting for each acknowledgement before the next chunk would cost one round trip per
         chunk; a window keeps the link busy while bounding memory (window x chunk size).
         Returns once the broker acknowledged every message; QoS 1 messages still in flight
-        at a disconnect are re-sent by paho after the reconnect.
+        at a disconnect are re-sent by paho after the reconnect. Nowait messages published
+        before go first (they are handed to paho before these): the link publishes in order.
         """
         if self._client is None:
             raise BrokerUnavailable("not connected: call connect() first")
         deadline = time.monotonic() + timeout
+        self._wait_window(lambda: not self._backlog, deadline,
+                          f"the messages published before could not be handed over within {timeout:.0f} s")
         properties = extras.to_properties() if extras is not None and self.protocol == "5" else None
         in_flight: collections.deque = collections.deque()
         for topic, payload in messages:
@@ -432,6 +531,28 @@ class MqttLink:
             in_flight.append((topic, self._enqueue(topic, payload, qos, retain, deadline, properties)))
         while in_flight:
             self._await_ack(in_flight.popleft(), deadline, timeout)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every nowait message is handed to paho and confirmed by the broker; True
+        if that happened within ``timeout`` seconds."""
+        try:
+            self._wait_window(lambda: not self._backlog and not self._in_paho and not self._handing,
+                              time.monotonic() + timeout, "")  # fmt: skip
+        except BrokerUnavailable:
+            return False
+        return True
+
+    def _wait_window(self, done: Callable[[], bool], deadline: float, failure: str) -> None:
+        with self._window_changed:
+            while not done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnavailable(failure)
+                # Short waits: a PUBACK that came before its packet id was recorded notifies nobody.
+                self._window_changed.wait(min(remaining, 0.1))
+                if self._in_paho:
+                    for mid in [mid for mid, info in self._in_paho.items() if info._published]:
+                        del self._in_paho[mid]
 
     def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, deadline: float, properties=None):
         import paho.mqtt.client as mqtt
@@ -464,7 +585,14 @@ class MqttLink:
                 info._condition.wait(min(remaining, 0.5))
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
-        pass  # paho marks the message's info as published right after this callback
+        # paho marks the message's info as published right after this callback. A PUBACK
+        # makes room in the window for the next nowait message (any publish's PUBACK may
+        # land here: popping a packet id the window does not hold does nothing).
+        if self._backlog or self._in_paho:
+            try:
+                self._fill_window(confirmed_mid=mid)
+            except Exception:  # a bad message or generator must not kill the network thread
+                log.exception("could not publish a waiting message")
 
     def _tls_context(self) -> ssl.SSLContext:
         """TLS settings from the address; a file that is missing or not PEM is named in a UsageError."""
@@ -483,11 +611,15 @@ class MqttLink:
                                  "a readable PEM certificate and its matching private key") from None
         return context
 
-    def close(self, final: tuple[str, bytes] | None = None) -> None:
-        """Publish ``final`` (topic, payload; retained) if connected, then disconnect cleanly."""
+    def close(self, final: tuple[str, bytes] | None = None, *, drain_s: float = 10.0) -> None:
+        """Deliver what waits in the publish window (up to ``drain_s`` seconds: a hub's last
+        acks), publish ``final`` (topic, payload; retained) if connected, then disconnect."""
         self._closing = True
         if self._client is None:
             return
+        if self.connected.is_set() and not self.flush(drain_s):
+            log.warning("closing with %d message(s) not yet confirmed by the broker at %s",
+                        len(self._backlog) + len(self._in_paho), self.address.url())  # fmt: skip
         if final is not None and self.connected.is_set():
             try:
                 self.publish(final[0], final[1], retain=True, timeout=5)

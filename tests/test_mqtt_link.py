@@ -75,6 +75,40 @@ def test_publish_many_delivers_in_order(any_broker):  # noqa: F811
         receiver.close()
 
 
+def test_nowait_publishes_go_through_a_bounded_window_in_order(mosquitto_broker):  # noqa: F811
+    """A stream is pulled only as PUBACKs make room: never more than the window in paho at
+    once (the hub's 10,000 selections and acks used to sit in paho together), nothing lost,
+    everything in the order it was published, waited or not, and close() delivers what waits."""
+    receiver = MqttLink(mosquitto_broker.address, "receiver").connect()
+    sender = MqttLink(mosquitto_broker.address, "sender", publish_window=3).connect()
+    try:
+        received, _ = _collector(receiver, "w/#")
+        assert receiver.wait_subscribed(5)
+        in_paho_at_pull = []
+
+        def stream():
+            for index in range(60):
+                in_paho_at_pull.append(len(sender._client._out_messages))
+                yield "w/stream", index.to_bytes(2, "big")
+
+        sender.publish_stream(stream(), qos=1)
+        for index in range(60, 80):
+            sender.publish_nowait("w/nowait", index.to_bytes(2, "big"))
+        sender.publish("w/waited", (80).to_bytes(2, "big"))  # after everything published before it
+        sender.publish_stream(("w/at-close", index.to_bytes(2, "big")) for index in range(81, 100))
+        sender.close()  # delivers what still waits (a hub's last acks) before it disconnects
+        deadline = time.monotonic() + 10
+        while len(received) < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [int.from_bytes(payload, "big") for _, payload in received] == list(range(100))
+        # (pulled from a PUBACK: paho still holds the confirmed message while it reports it)
+        assert len(in_paho_at_pull) == 60 and max(in_paho_at_pull) <= 3
+        assert sender.backlog_length == 0 and not sender._in_paho
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_once_wait_subscribed_returns_the_broker_routes_what_others_publish(any_broker):  # noqa: F811
     """A hub worker relies on it: a round opens only once its subscription is acknowledged,
     and a message published before that on another connection would be dropped."""

@@ -202,6 +202,13 @@ class Topics:
                        self.client_ack(client_id), self.client_selection(client_id)),  # fmt: skip
         )
 
+    def worker_permissions(self, worker: int) -> ClientPermissions:
+        """What hub worker ``worker`` needs: read updates (its share, through ``$share/...``) and
+        the chunks relayed to it, relay chunks to the other workers, acknowledge devices."""
+        _check_uint(worker, "worker index")
+        return ClientPermissions(publish=(f"{self.prefix}/clients/+/ack", f"{self.prefix}/hub/workers/+/+/+"),
+                                 subscribe=(self.updates_filter(), self.worker_relay_filter(worker)))
+
     def hub_permissions(self) -> ClientPermissions:
         """The hub publishes and subscribes anywhere in its federation."""
         everything = (f"{self.prefix}/#",)

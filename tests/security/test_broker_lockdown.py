@@ -30,8 +30,9 @@ HUB_USER = "fedvlm-hub"
 class Lockdown:
     """A hub state with registered clients, the files broker-config wrote, and mosquitto running them."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, workers: int = 0) -> None:
         self.root = root
+        self.workers = workers
         self.state = root / "hub"
         self.out = root / "broker"
         self.pki = make_pki(root / "pki")
@@ -51,7 +52,7 @@ class Lockdown:
         assert hub_main(["broker-config", "--state-dir", str(self.state), "--out", str(self.out), "--federation",
                          FEDERATION, "--port", str(self.port), "--bind", "127.0.0.1",
                          "--tls-cafile", str(self.pki.ca_cert), "--tls-certfile", str(self.pki.server_cert),
-                         "--tls-keyfile", str(self.pki.server_key)]) == 0  # fmt: skip
+                         "--tls-keyfile", str(self.pki.server_key), "--workers", str(self.workers)]) == 0  # fmt: skip
 
     def login(self, name: str, password: str | None = None) -> Login:
         password = password if password is not None else broker_password(self.secrets[name])
@@ -67,7 +68,7 @@ class Lockdown:
 
 @pytest.fixture(scope="module")
 def lockdown(tmp_path_factory):
-    setup = Lockdown(tmp_path_factory.mktemp("lockdown"))
+    setup = Lockdown(tmp_path_factory.mktemp("lockdown"), workers=1)
     yield setup
     setup.mosquitto.stop()
 
@@ -84,15 +85,18 @@ def test_the_written_files_hold_hashes_and_patterns_not_secrets(lockdown: Lockdo
     for name in ("passwords", "acl", "mosquitto.conf", "hub.password", "README.txt"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
     accounts = dict(line.split(":", 1) for line in (out / "passwords").read_text().splitlines())
-    assert set(accounts) == {HUB_USER, "alice", "bob", "dave"}  # carol is revoked: no account
+    assert set(accounts) == {HUB_USER, f"{HUB_USER}-worker-0", "alice", "bob", "dave"}  # carol is revoked: no account
     assert _verify_mosquitto_hash(accounts[HUB_USER], lockdown.hub_password)
+    worker_password = (out / "worker-0.password").read_text().strip()
+    assert stat.S_IMODE((out / "worker-0.password").stat().st_mode) == 0o600
+    assert _verify_mosquitto_hash(accounts[f"{HUB_USER}-worker-0"], worker_password)
     for name in ("alice", "bob", "dave"):
         assert _verify_mosquitto_hash(accounts[name], broker_password(lockdown.secrets[name]))
         assert not _verify_mosquitto_hash(accounts[name], lockdown.secrets[name])  # the secret is not the password
     everything = "".join((out / name).read_text() for name in ("passwords", "acl", "mosquitto.conf", "README.txt"))
     for secret in lockdown.secrets.values():
         assert secret not in everything and broker_password(secret) not in everything
-    assert lockdown.hub_password not in everything
+    assert lockdown.hub_password not in everything and worker_password not in everything
     conf = (out / "mosquitto.conf").read_text()
     for line in ("allow_anonymous false", f"password_file {out / 'passwords'}", f"acl_file {out / 'acl'}",
                  "use_username_as_clientid true", f"listener {lockdown.port} 127.0.0.1",
@@ -104,6 +108,7 @@ def test_the_written_files_hold_hashes_and_patterns_not_secrets(lockdown: Lockdo
     # Re-running (after a clients add) keeps the hub's broker password, so a running setup stays valid.
     lockdown.write_config()
     assert (out / "hub.password").read_text().strip() == lockdown.hub_password
+    assert (out / "worker-0.password").read_text().strip() == worker_password
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -207,3 +212,63 @@ def test_a_client_can_neither_read_nor_impersonate_another(lockdown: Lockdown, t
         alice.close(announce_offline=False)
         bob.close(announce_offline=False)
         hub.stop()
+
+
+def test_hub_workers_on_their_own_accounts_share_a_round_and_may_do_no_more(tmp_path: Path):
+    """broker-config's use_username_as_clientid makes the username the client id: workers on
+    the hub's account would knock the coordinator (and each other) off. With the accounts
+    broker-config writes for them, a coordinator and 2 workers take a round of multi-chunk
+    updates (relayed between the workers) through the locked-down mosquitto; a worker's
+    account can neither read announcements nor write the hub's state."""
+    import dataclasses
+
+    from fedvlm.hub.worker import HubWorker
+
+    setup = Lockdown(tmp_path, workers=2)
+    config = HubConfig(federation=FEDERATION, state_dir=setup.state, broker=f"mqtts://127.0.0.1:{setup.port}",
+                       username=HUB_USER, password=setup.hub_password, ca_file=str(setup.pki.ca_cert),
+                       mqtt_protocol="5", min_clients=2, round_timeout_s=30.0, rounds=1, done_linger_s=0.0,
+                       workers=2)  # fmt: skip
+    hub = HubService(config, console=Console(enabled=False)).start()
+    workers, clients = [], []
+    probe = None
+    try:
+        for index in range(2):
+            login = dataclasses.replace(config, username=f"{HUB_USER}-worker-{index}",
+                                        password=(setup.out / f"worker-{index}.password").read_text().strip())
+            workers.append(HubWorker(login, index=index, workers=2, console=Console(enabled=False)).start())
+        clients = [FakeClient(setup.login(name), FEDERATION, name, setup.secrets[name]).connect()
+                   for name in ("alice", "bob")]  # fmt: skip
+        clients[0].wait_collecting(1, timeout=20)
+        sent = {client.client_id: client.send(b_factors(seed, rank=4, out_features=300), 1)
+                for seed, client in enumerate(clients)}  # several chunks each: relayed to their owner
+        for client in clients:
+            assert client.wait_ack(sent[client.client_id], timeout=20).accepted
+        assert hub.wait_finished(20)
+        assert hub._link is not None and hub._link.connected.is_set()  # never knocked off
+
+        # After the round: on a worker's account the probe takes that worker's client id.
+        topics = Topics(FEDERATION)
+        probe = setup.connect(f"{HUB_USER}-worker-0", (setup.out / "worker-0.password").read_text().strip())
+        probe.publish_nowait(topics.hub_state(), b"forged", retain=True)
+        seen: list[str] = []
+        probe.subscribe(topics.client_announcements_filter(), lambda topic, *rest: seen.append(topic))
+        states: list[bytes] = []
+        reader = setup.connect(HUB_USER, setup.hub_password)
+        time.sleep(0.5)  # the forged state would be retained by now, and the retained announcements delivered
+        reader.subscribe(topics.hub_state(), lambda topic, payload, retained: states.append(payload))
+        deadline = time.monotonic() + 5
+        while not states and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reader.close()
+        assert seen == [], "a worker's account read the devices' announcements"
+        assert states and states[-1] != b"forged", "a worker's account wrote the hub's state"
+    finally:
+        if probe is not None:
+            probe.close()
+        for client in clients:
+            client.close(announce_offline=False)
+        for worker in workers:
+            worker.stop()
+        hub.stop()
+        setup.mosquitto.stop()
