@@ -127,7 +127,7 @@ class SwarmCounts:
 
 class _Device:
     __slots__ = ("index", "client_id", "secret", "client", "sock", "round_sent", "message_id", "upload",
-                 "pending_mids", "pending_kind", "accepted", "announce_mid", "final_reason", "selection")
+                 "pending_mids", "pending_kind", "accepted", "announce_mid", "final_reason", "selection", "upload_state")
 
     def __init__(self, index: int, client_id: str, secret: str) -> None:
         self.index = index
@@ -138,6 +138,7 @@ class _Device:
         self.round_sent: int | None = None
         self.message_id: bytes | None = None
         self.upload: list[tuple[str, bytes]] | None = None
+        self.upload_state: Any = None  # the state of the round whose update is yet to be built
         self.pending_mids: set[int] = set()
         self.pending_kind = ""  # "update" or "carry": what the pending PUBACKs are for
         self.accepted = 0
@@ -384,7 +385,11 @@ class Swarm:
             chosen = device.client_id in selected
         if chosen:
             device.round_sent = state.round
-            device.upload = self._build_upload(device, state)
+            # Built when its turn to send comes (_pump), as in the carry run: built here, the
+            # 10,000 selections of a round arriving together made this one thread sign every
+            # update (seconds) before it sent more than the first window's worth, a stall of
+            # the load generator that real devices, each signing its own, never have.
+            device.upload, device.upload_state = None, state
             self._to_send.append((device, "update"))
             self._pump()
 
@@ -442,6 +447,8 @@ class Swarm:
                 messages = [(f"{self._carry_prefix}/{device.client_id}/{index}", chunk)
                             for index, (_, chunk) in enumerate(built)]  # fmt: skip
             else:
+                if device.upload is None and device.upload_state is not None:
+                    device.upload = self._build_upload(device, device.upload_state)  # re-sends reuse it
                 messages = device.upload or []
                 self.counts.uploads_started += 1
             self._in_flight += 1

@@ -493,17 +493,18 @@ class MqttLink:
                     return
                 self._handing += len(batch)
             infos = []
-            try:
-                for topic, payload, qos, retain, properties in batch:
-                    infos.append(client.publish(topic, payload, qos=qos, retain=retain, properties=properties))
-            finally:
-                with self._window_lock:
-                    self._handing -= len(batch)
-                    # QoS 0 leaves paho once written. A QoS 1 message handed over while
-                    # disconnected is queued by paho and confirmed after the reconnect.
-                    for (_, _, qos, _, _), info in zip(batch, infos):
-                        if qos > 0 and not info._published:
-                            self._in_paho[info.mid] = info
+            for topic, payload, qos, retain, properties in batch:
+                try:
+                    infos.append((qos, client.publish(topic, payload, qos=qos, retain=retain, properties=properties)))
+                except Exception:  # one bad message (paho refuses it) must not take the others with it
+                    log.exception("could not publish a message to %s", topic)
+            with self._window_lock:
+                self._handing -= len(batch)
+                # QoS 0 leaves paho once written. A QoS 1 message handed over while
+                # disconnected is queued by paho and confirmed after the reconnect.
+                for qos, info in infos:
+                    if qos > 0 and not info._published:
+                        self._in_paho[info.mid] = info
 
     def publish_many(self, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, retain: bool = False,
                      timeout: float = 60.0, window: int = 32, extras: "Mqtt5Extras | None" = None) -> None:
