@@ -11,11 +11,15 @@ accuracy per question kind is printed first), then:
    >= +10 % relative personal accuracy over ``local``, and >= FedSA. Accuracy per question kind
    is reported beside the mean.
 2. ``concept-shift`` (8 clients, 3 seeds): pLoRA against FedIT (the paper's +24.5 %).
-3. Examples per client 16 -> 256 on ``few-shot`` (seed 0): where federation stops paying
-   (``examples_per_client.png``).
+3. Examples per client 16 -> 256 on ``few-shot`` (seed 0) for every strategy: pLoRA, FedIT,
+   FedSA, the rank split, the dual adapter (FedDPA), heterogeneous ranks (FlexLoRA, clients at
+   ranks 2, 4, 8 in turn), vision-shared (on LoRA that also adapts the vision tower and the
+   projector) and ``local``: where federation stops paying (``examples_per_client.png``). Every
+   size takes the same rounds and local steps.
 
 Clients are scored after the last round only (``score_every_round`` off: scoring every client
-every round was half of each run's time).
+every round was half of each run's time). ``--jobs N`` runs the simulations in N processes
+(one CPU thread each; every run is seeded, so results do not depend on N).
 
 Each part's results.json / results.md / plots are under ``--out/<part>``; ``summary.json``
 and ``summary.md`` hold the verdicts. An interrupted benchmark resumes.
@@ -26,10 +30,15 @@ and ``summary.md`` hold the verdicts. An interrupted benchmark resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from fedvlm.simulate import SimulationSettings, simulate
 from fedvlm.simulate.report import kind_table, save_accuracy_figure
@@ -38,12 +47,47 @@ from fedvlm.simulate.settings import REFERENCES, parse_seeds, parse_strategies
 
 PAPER_RELATIVE_GAIN = 0.245  # pLoRA over FedIT (the paper's claim)
 FEW_SHOT_TARGET = 0.10  # best federated over `local` (issue 15)
-# Chosen to keep the default run under 30 minutes on 2 cores: the run in benchmarks/README.md
-# (with rank-split on few-shot, fedsa on concept shift and fedit in the sweep as well) took 36 min,
-# its runs 60-80 s per 16-client run and 35 s per 8-client run; without those three, about 28.
 FEW_SHOT_STRATEGIES = ("plora", "fedsa", "fedit", "local", "base")
 CONCEPT_SHIFT_STRATEGIES = ("plora", "fedit", "local")
-SWEEP_STRATEGIES = ("plora", "fedsa", "local")
+SWEEP_STRATEGIES = ("plora", "fedit", "fedsa", "rank-split", "feddpa", "flexlora", "vision-shared", "local")
+# Devices of three capabilities in turn under flexlora (the only strategy the setting changes).
+CLIENT_RANKS = (2, 4, 8)
+# vision-shared shares the vision side's factors, so its runs adapt the vision tower and the
+# projector too (a setting of the whole simulation: its own part).
+VISION_STRATEGIES = ("vision-shared",)
+VISION_LORA_PARTS = ("language", "vision", "projector")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One simulation of the benchmark: its name (the folder under --out) and settings."""
+
+    name: str
+    settings: SimulationSettings
+
+
+def _run_seed(settings: SimulationSettings) -> float:
+    """A worker's task: one part's runs of one seed, no reports (the parent writes them)."""
+    started = time.perf_counter()
+    simulate(settings, reports=False)
+    return time.perf_counter() - started
+
+
+def run_parts(parts: list[Part], jobs: int) -> None:
+    """Every run of every part, in ``jobs`` processes, a (part, seed) per task so each task
+    encodes its seed's data once; the longest tasks (most strategies, most examples) first."""
+    tasks = [dataclasses.replace(part.settings, seeds=(seed,), progress=False)
+             for part in parts for seed in part.settings.seeds]
+    tasks.sort(key=lambda t: -len(t.strategies) * t.clients * (1 + t.examples_per_client / 256))
+    if jobs <= 1:
+        for task in tasks:
+            _run_seed(task)
+        return
+    # spawn: a fresh interpreter per worker, no forked torch thread pools.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for task, seconds in zip(tasks, pool.map(_run_seed, tasks)):
+            print(f"   {task.out.name} seed {task.seeds[0]}: {', '.join(task.strategies)} ({seconds:.0f} s)",
+                  flush=True)
 
 
 def best_federated(results: dict) -> tuple[str, dict]:
@@ -61,6 +105,12 @@ def relative(a: float, b: float) -> float:
 def base_card(model_dir: Path) -> dict:
     report = json.loads((model_dir / "fedvlm_pretraining.json").read_text())
     return report["result"]
+
+
+def sweep_accuracy(entry: dict, seeds: tuple[int, ...]) -> float:
+    """A strategy's personal accuracy at one size: the mean over the sweep's seeds."""
+    per_seed = entry["personal_accuracy_per_seed"]
+    return float(np.mean([per_seed[str(seed)] for seed in seeds]))
 
 
 def sweep_plot(sweep: dict[int, dict], out: Path) -> Path | None:
@@ -103,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept-shift-strategies", default=",".join(CONCEPT_SHIFT_STRATEGIES))
     parser.add_argument("--sweep-strategies", default=",".join(SWEEP_STRATEGIES))
     parser.add_argument("--model", type=Path, default=None, help="a base other than the default pre-trained one")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="simulations run in this many processes, one CPU thread each (default 2: the "
+                             "benchmark machine's cores; results do not depend on it)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     try:
         seeds, sweep_seeds = parse_seeds(args.seeds), parse_seeds(args.sweep_seeds)
         strategies = {part: parse_strategies(getattr(args, f"{part}_strategies"))
@@ -125,28 +180,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"base model, accuracy per question kind on held-out pictures ({phrasing.replace('_', ' ')}): "
               + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
-    def part(name: str, **settings) -> dict:
-        values = {**common, "model": model_dir, **settings}
-        simulation = SimulationSettings(out=args.out / name, **values)
-        print(f"== {name}: {simulation.clients} clients x {simulation.examples_per_client} examples, "
+    def part_of(name: str, **values) -> Part:
+        return Part(name, SimulationSettings(out=args.out / name, **{**common, "model": model_dir, **values}))
+
+    # The few-shot scenario as every part of it runs: late joiners everywhere (they are drawn
+    # after the federated clients, so the federated clients are the same ones at every size)
+    # and flexlora's client ranks (no other strategy reads them).
+    few_shot_values = dict(scenario="few-shot", clients=args.few_shot_clients, late_joiners=args.late_joiners,
+                           late_joiner_steps=2 * args.local_steps, client_ranks=CLIENT_RANKS)
+    parts = [part_of("few-shot", examples_per_client=args.examples_per_client, strategies=strategies["few_shot"],
+                      seeds=seeds, **few_shot_values),
+             part_of("concept-shift", scenario="concept-shift", clients=args.concept_shift_clients,
+                      examples_per_client=args.examples_per_client, strategies=strategies["concept_shift"],
+                      seeds=seeds)]
+    sweep_parts: dict[int, list[Part]] = {}
+    for size in sorted({args.examples_per_client, *sweep_sizes}) if sweep_sizes else []:
+        # At the few-shot part's size, its runs of the sweep's seeds are the sweep's.
+        todo = [n for n in strategies["sweep"]
+                if size != args.examples_per_client or n not in strategies["few_shot"] or set(sweep_seeds) - set(seeds)]
+        plain = tuple(n for n in todo if n not in VISION_STRATEGIES)
+        vision = tuple(n for n in todo if n in VISION_STRATEGIES)
+        sweep_parts[size] = ([part_of(f"few-shot-{size}-examples", examples_per_client=size, strategies=plain,
+                                       seeds=sweep_seeds, **few_shot_values)] if plain else []) + \
+            ([part_of(f"few-shot-{size}-examples-vision-lora", examples_per_client=size, strategies=vision,
+                       seeds=sweep_seeds, lora_parts=VISION_LORA_PARTS, **few_shot_values)] if vision else [])
+    every_part = parts + [part for size_parts in sweep_parts.values() for part in size_parts]
+    print(f"== {len(every_part)} simulations in {args.jobs} process(es): "
+          + ", ".join(part.name for part in every_part), flush=True)
+    run_parts(every_part, args.jobs)
+
+    def report(part: Part) -> dict:
+        simulation = part.settings
+        print(f"== {part.name}: {simulation.clients} clients x {simulation.examples_per_client} examples, "
               f"seeds {','.join(map(str, simulation.seeds))}", flush=True)
-        results = simulate(simulation)
+        results = simulate(simulation)  # every run is done: the reports
         print((simulation.out / "results.md").read_text(), flush=True)
         return results
 
-    few_shot = part("few-shot", scenario="few-shot", clients=args.few_shot_clients,
-                    examples_per_client=args.examples_per_client, strategies=strategies["few_shot"], seeds=seeds,
-                    late_joiners=args.late_joiners, late_joiner_steps=2 * args.local_steps)
-    concept = part("concept-shift", scenario="concept-shift", clients=args.concept_shift_clients,
-                   examples_per_client=args.examples_per_client, strategies=strategies["concept_shift"], seeds=seeds)
-    sweep = {args.examples_per_client: {"strategies": {n: few_shot["strategies"][n] for n in strategies["sweep"]
-                                                       if n in few_shot["strategies"]}}}
-    for size in sweep_sizes:
-        sweep[size] = part(f"few-shot-{size}-examples", scenario="few-shot", clients=args.few_shot_clients,
-                           examples_per_client=size, strategies=strategies["sweep"], seeds=sweep_seeds)
-    common_names = set.intersection(*(set(s["strategies"]) for s in sweep.values()))
-    sweep = {size: {"strategies": {n: e for n, e in s["strategies"].items() if n in common_names}}
-             for size, s in sweep.items()}
+    few_shot, concept = report(parts[0]), report(parts[1])
+    sweep: dict[int, dict] = {}
+    for size, size_parts in sweep_parts.items():
+        entries = {n: e for part in size_parts for n, e in report(part)["strategies"].items()}
+        if size == args.examples_per_client:
+            entries = {**{n: e for n, e in few_shot["strategies"].items() if n in strategies["sweep"]}, **entries}
+        sweep[size] = {"strategies": {n: {**entries[n], "personal_accuracy": sweep_accuracy(entries[n], sweep_seeds)}
+                                      for n in strategies["sweep"] if n in entries}}
     plot = sweep_plot(sweep, args.out) if len(sweep) > 1 else None
 
     local, fedsa = few_shot["strategies"]["local"], few_shot["strategies"]["fedsa"]
@@ -215,7 +293,7 @@ def summary_markdown(verdict: dict, few_shot: dict, concept: dict, plot: Path | 
               f"Concept shift: pLoRA {cs['plora_personal_accuracy']:.3f} ± {cs['plora_std']:.3f} vs FedIT "
               f"{cs['fedit_personal_accuracy']:.3f} ± {cs['fedit_std']:.3f}: {cs['relative_gain']:+.1%} relative "
               f"(paper +{cs['paper_relative_gain']:.1%}: {'met' if cs['meets_paper'] else 'NOT met'}).", "",
-              "Personal accuracy against examples per client (few-shot, 16 clients):", "",
+              "Personal accuracy against examples per client (few-shot, 16 clients, the sweep's seeds):", "",
               "| strategy | " + " | ".join(verdict["examples_per_client"]) + " |",
               "| --- |" + " ---: |" * len(verdict["examples_per_client"])]
     names = next(iter(verdict["examples_per_client"].values()))

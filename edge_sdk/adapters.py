@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -120,13 +121,34 @@ def _initialise_factors(peft_model: PeftModel, seed: int, federation_rank: int) 
 
 def adapter_state(peft_model: PeftModel) -> dict[str, np.ndarray]:
     """All LoRA factors as fp32 numpy arrays, keyed by PEFT's state-dict names."""
-    state = get_peft_model_state_dict(peft_model)
+    state = _factor_views(peft_model) or get_peft_model_state_dict(peft_model)
     return {name: tensor.detach().to("cpu", torch.float32).numpy().copy() for name, tensor in state.items()}
+
+
+# PEFT's state dict of a model, when every tensor in it is a view of one of the model's
+# parameters: then loading a state is a copy into those views. PEFT rebuilds the dict and
+# re-keys it on every call (~40 ms on the small model), and a simulation swaps adapter states
+# a hundred times per run. Keyed weakly by the model; rebuilt when its parameters change.
+_VIEWS: "weakref.WeakKeyDictionary[PeftModel, tuple[tuple[int, ...], dict[str, torch.Tensor]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _factor_views(peft_model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """PEFT's state-dict names -> views of the parameters they are (None when they are not views)."""
+    pointers = tuple(p.data_ptr() for p in peft_model.parameters())
+    cached = _VIEWS.get(peft_model)
+    if cached is None or cached[0] != pointers:
+        state = get_peft_model_state_dict(peft_model)
+        owned = set(pointers)
+        views = state if all(t.data_ptr() in owned for t in state.values()) else None
+        _VIEWS[peft_model] = cached = (pointers, views)
+    return cached[1]
 
 
 def load_adapter_state(peft_model: PeftModel, tensors: Mapping[str, np.ndarray]) -> None:
     """Load some or all LoRA factors; names and shapes must match the model's exactly."""
-    current = get_peft_model_state_dict(peft_model)
+    views = _factor_views(peft_model)
+    current = views or get_peft_model_state_dict(peft_model)
     for name, array in tensors.items():
         if name not in current:
             raise KeyError(f"adapter tensor {name!r} does not exist in this model's LoRA layout")
@@ -135,6 +157,11 @@ def load_adapter_state(peft_model: PeftModel, tensors: Mapping[str, np.ndarray])
                 f"adapter tensor {name!r} has shape {tuple(array.shape)}, the model expects "
                 f"{tuple(current[name].shape)}"
             )
+    if views is not None:
+        with torch.no_grad():
+            for name, array in tensors.items():
+                views[name].copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+        return
     device = next(peft_model.parameters()).device
     as_torch = {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device) for name, a in tensors.items()}
     result = set_peft_model_state_dict(peft_model, as_torch)

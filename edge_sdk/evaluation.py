@@ -71,8 +71,14 @@ def generate_answers(
     """Greedy answers to ``questions`` about ``images`` (one batch), stopping at the
     template's end-of-turn token as the model was trained to."""
     chat = chat or ChatFormat.for_model(processor, model)
+    return _generate(model, processor, chat.prompt_batch(images, questions), max_new_tokens, chat)
+
+
+def _generate(model: torch.nn.Module, processor, prompts: dict[str, torch.Tensor], max_new_tokens: int,
+              chat: ChatFormat) -> list[str]:
+    """Greedy answers from a batch of prompts (``ChatFormat.prompt_batch``)."""
     device = next(model.parameters()).device
-    inputs = to_device(chat.prompt_batch(images, questions), device)
+    inputs = to_device(prompts, device)
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs,
@@ -83,6 +89,34 @@ def generate_answers(
     )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalInputs:
+    """A test set encoded once for :func:`evaluate`: the chosen answers as the likelihood pass
+    reads them and the prompt batches generation starts from. Encoding (the processor on every
+    picture) costs as much as a small model's scoring, and a simulation scores the same test
+    set with many adapter states."""
+
+    examples: Sequence[QAExample]
+    batch_size: int
+    chosen: list
+    prompts: list[dict[str, torch.Tensor]]  # one left-padded batch per ``batch_size`` examples
+    rejected: list | None  # when every example has a rejected answer
+
+
+def prepare_evaluation(model: torch.nn.Module, processor, examples: Sequence[QAExample], *,
+                       batch_size: int = 32) -> EvalInputs:
+    """Encode ``examples`` for :func:`evaluate` (its ``prepared``), once for any adapter state."""
+    if len(examples) == 0:
+        raise UsageError("no evaluation examples")
+    chat = ChatFormat.for_model(processor, model)
+    chosen = encode_examples(processor, examples, model, SftObjective())
+    prompts = [chat.prompt_batch([e.image for e in examples[start : start + batch_size]],
+                                 [e.question for e in examples[start : start + batch_size]])
+               for start in range(0, len(examples), batch_size)]
+    rejected = [chat.encode(e.image, e.question, e.rejected) for e in examples] if has_rejected(examples) else None
+    return EvalInputs(examples, batch_size, chosen, prompts, rejected)
 
 
 def has_rejected(examples: Sequence[QAExample]) -> bool:
@@ -113,26 +147,28 @@ def evaluate(
     description: str = "evaluate",
     reference: LikelihoodScores | None = None,
     beta: float = DEFAULT_DPO_BETA,
+    prepared: EvalInputs | None = None,
 ) -> EvalMetrics:
     """Greedy answers and answer likelihoods of ``examples`` (see the module doc).
 
     ``max_new_tokens``: the length of greedy answers; None picks it from the answers
     (:func:`new_tokens_for`). ``reference``: the likelihood scores (``EvalMetrics.scores``) of
     the model the reward margin is measured against; ``beta`` scales the margin.
+    ``prepared``: ``examples`` already encoded (:func:`prepare_evaluation`, its batch size wins).
     """
-    if len(examples) == 0:
-        raise UsageError("no evaluation examples")
+    if prepared is None:
+        prepared = prepare_evaluation(model, processor, examples, batch_size=batch_size)
+    elif prepared.examples is not examples:
+        raise ValueError("prepared evaluation inputs belong to another test set")
     was_training = model.training
     model.eval()
     chat = ChatFormat.for_model(processor, model)
-    chosen = encode_examples(processor, examples, model, SftObjective())
-    new_tokens = new_tokens_for(examples, chosen, max_new_tokens)
+    new_tokens = new_tokens_for(examples, prepared.chosen, max_new_tokens)
     predictions: list[str] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=description, disable=not progress, leave=False):
-        chunk = examples[start : start + batch_size]
-        predictions += generate_answers(model, processor, [e.image for e in chunk], [e.question for e in chunk],
-                                        max_new_tokens=new_tokens, chat=chat)
-    scores = likelihood_scores(model, processor, examples, batch_size=batch_size, chosen=chosen, chat=chat)
+    for prompts in tqdm(prepared.prompts, desc=description, disable=not progress, leave=False):
+        predictions += _generate(model, processor, prompts, new_tokens, chat)
+    scores = likelihood_scores(model, processor, examples, batch_size=prepared.batch_size, chosen=prepared.chosen,
+                               chat=chat, rejected=prepared.rejected)
     if was_training:
         model.train()
     references = [e.chosen for e in examples]
@@ -158,16 +194,19 @@ def evaluate(
 
 @torch.no_grad()
 def likelihood_scores(model: torch.nn.Module, processor, examples: Sequence[QAExample], *, batch_size: int = 32,
-                      chosen: Sequence | None = None, chat: ChatFormat | None = None) -> LikelihoodScores:
+                      chosen: Sequence | None = None, chat: ChatFormat | None = None,
+                      rejected: Sequence | None = None) -> LikelihoodScores:
     """Answer log-probabilities of ``chosen`` and, when every example has one, of ``rejected``
-    (no generation: what a reward margin's reference needs)."""
+    (no generation: what a reward margin's reference needs). ``chosen`` and ``rejected``:
+    the answers already encoded."""
     chat = chat or ChatFormat.for_model(processor, model)
     pad_id = processor.tokenizer.pad_token_id
     chosen = chosen if chosen is not None else [chat.encode(e.image, e.question, e.chosen) for e in examples]
     chosen_sum, chosen_count = score_answers(model, chosen, pad_id, batch_size)
     if not has_rejected(examples):
         return LikelihoodScores(chosen_sum.numpy(), chosen_count.numpy())
-    rejected = [chat.encode(e.image, e.question, e.rejected) for e in examples]
+    if rejected is None:
+        rejected = [chat.encode(e.image, e.question, e.rejected) for e in examples]
     rejected_sum, rejected_count = score_answers(model, rejected, pad_id, batch_size)
     return LikelihoodScores(chosen_sum.numpy(), chosen_count.numpy(), rejected_sum.numpy(), rejected_count.numpy())
 

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fedvlm.edge.answer_metrics import LikelihoodScores
-from fedvlm.edge.evaluation import evaluate, likelihood_scores, mean_or_none
+from fedvlm.edge.chat_format import forward_input_names
+from fedvlm.edge.evaluation import EvalInputs, evaluate, has_rejected, likelihood_scores, mean_or_none, prepare_evaluation
 from fedvlm.edge.objectives import build_objective
 from fedvlm.edge.personal_model import PersonalVLM
 from fedvlm.edge.training import TrainingConfig, encode_examples, train
@@ -74,38 +75,75 @@ def _digest(state: dict[str, np.ndarray]) -> str:
 METRICS: tuple[str, ...] = ("accuracy", "loss", "perplexity", "preference_accuracy", "reward_margin", "rouge_l", "bleu")
 
 
+class EncodedData:
+    """A seed's training and test sets encoded once for every strategy's run of that seed (the
+    processor on every picture took about a tenth of a run, and more at 256 examples per client).
+
+    Encodings depend on the data, the processor and the inputs the model's forward takes,
+    which every strategy of a simulation shares; they are keyed by the data set itself.
+    """
+
+    def __init__(self) -> None:
+        self._sets: dict[tuple, tuple[Sequence, object]] = {}
+
+    def training(self, model: PersonalVLM, examples: Sequence, objective) -> list:
+        """``examples`` as ``objective`` trains on them (``encode_examples``)."""
+        return self._get(("train", objective.name), examples,
+                         lambda: encode_examples(model.processor, examples, objective=objective))
+
+    def evaluation(self, model: PersonalVLM, examples: Sequence) -> EvalInputs:
+        """``examples`` as ``evaluate`` scores them."""
+        return self._get(("eval", forward_input_names(model.model)), examples,
+                         lambda: prepare_evaluation(model.model, model.processor, examples))
+
+    def _get(self, kind: tuple, examples: Sequence, encode: Callable[[], object]):
+        key = (*kind, id(examples))
+        # The data set is held with its encoding, so its id cannot be reused by another one.
+        if key not in self._sets or self._sets[key][0] is not examples:
+            self._sets[key] = (examples, encode())
+        return self._sets[key][1]
+
+
 class Scorer:
     """The scores of an adapter state on a test set; identical states are scored once (under
     fedit, ffa and fedex every client holds the same global model).
 
     The reward margin is measured against ``reference_state``, the federation's shared LoRA
-    initialisation (the same for every strategy of a seed), scored once per test set.
+    initialisation (the same for every strategy of a seed), scored once per test set that has
+    rejected answers (without them there is no margin to measure).
     """
 
-    def __init__(self, model: PersonalVLM, settings: SimulationSettings, reference_state: dict[str, np.ndarray]):
+    def __init__(self, model: PersonalVLM, settings: SimulationSettings, reference_state: dict[str, np.ndarray],
+                 encoded: EncodedData | None = None):
         self.model = model
         self.settings = settings
         self.reference_state = reference_state
+        self.encoded = encoded or EncodedData()
         self._cache: dict[tuple[str, int], dict] = {}
-        self._reference: dict[int, LikelihoodScores] = {}
+        self._reference: dict[int, LikelihoodScores | None] = {}
 
     def metrics(self, state: dict[str, np.ndarray], examples: Sequence) -> dict[str, float | None]:
         key = (_digest(state), id(examples))
         if key not in self._cache:
-            reference = self._reference_scores(examples)
+            prepared = self.encoded.evaluation(self.model, examples)
+            reference = self._reference_scores(examples, prepared)
             self.model.load_adapter_state(state)
             result = evaluate(self.model.model, self.model.processor, examples,
                               max_new_tokens=self.settings.max_new_tokens, reference=reference,
-                              beta=self.settings.dpo_beta)
+                              beta=self.settings.dpo_beta, prepared=prepared)
             self._cache[key] = {name: getattr(result, name) for name in METRICS}
             if result.accuracy is not None:
                 self._cache[key]["accuracy_by_kind"] = kind_counts(examples, result.predictions)
         return self._cache[key]
 
-    def _reference_scores(self, examples: Sequence) -> LikelihoodScores:
+    def _reference_scores(self, examples: Sequence, prepared: EvalInputs) -> LikelihoodScores | None:
         if id(examples) not in self._reference:
-            self.model.load_adapter_state(self.reference_state)
-            self._reference[id(examples)] = likelihood_scores(self.model.model, self.model.processor, examples)
+            reference = None
+            if has_rejected(examples):  # ``evaluate`` uses a reference for the reward margin only
+                self.model.load_adapter_state(self.reference_state)
+                reference = likelihood_scores(self.model.model, self.model.processor, examples,
+                                              chosen=prepared.chosen, rejected=prepared.rejected)
+            self._reference[id(examples)] = reference
         return self._reference[id(examples)]
 
 
@@ -173,10 +211,12 @@ class RunResult:
 
 def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
         pooled: Sequence, on_round: OnRound = lambda done: None,
-        late_joiners: Sequence[SimulatedClient] = ()) -> RunResult:
+        late_joiners: Sequence[SimulatedClient] = (), encoded: EncodedData | None = None) -> RunResult:
     """Run strategy ``name`` (a ``--strategies`` label: a strategy with options, a variant or a
-    reference) for one seed; then adapt and score ``late_joiners``."""
+    reference) for one seed; then adapt and score ``late_joiners``. ``encoded``: the seed's data
+    sets already encoded by earlier runs (shared by every strategy of the seed)."""
     started = time.perf_counter()
+    encoded = encoded or EncodedData()
     lora = lora_settings(settings, seed)
     # References train both factors and share nothing; labels name a strategy and its options.
     strategy_name, options = ("fedit", {}) if name in (CENTRALISED, BASE) else strategy_spec(name, settings.refit_steps)
@@ -185,46 +225,48 @@ def run(name: str, model_dir: Path, settings: SimulationSettings, seed: int, cli
     model.reset_adapters()
     start = model.adapter_state()
     if name in (CENTRALISED, BASE):
-        rounds, per_client = _reference(name, model, settings, seed, clients, pooled, on_round)
+        rounds, per_client = _reference(name, model, settings, seed, clients, pooled, on_round, encoded)
         shared = {"tensors": 0, "values": 0, "factors": []}
         final, adapt = model.adapter_state(), False  # one model for every client, late ones too
     else:
-        rounds, per_client, shared, final_global = _federation(model, settings, seed, clients, pooled, on_round)
+        rounds, per_client, shared, final_global = _federation(model, settings, seed, clients, pooled, on_round,
+                                                               encoded)
         final = model.strategy.absorb(start, final_global) if final_global is not None else start
         adapt = True
-    late = [_late_joiner(model, settings, seed, index, client, final, adapt) for index, client in enumerate(late_joiners)]
+    late = [_late_joiner(model, settings, seed, index, client, final, adapt, encoded)
+            for index, client in enumerate(late_joiners)]
     return RunResult(name, seed, rounds, per_client, shared, time.perf_counter() - started, late)
 
 
 def _late_joiner(model: PersonalVLM, settings: SimulationSettings, seed: int, index: int, client: SimulatedClient,
-                 state: dict[str, np.ndarray], adapt: bool) -> dict:
+                 state: dict[str, np.ndarray], adapt: bool, encoded: EncodedData) -> dict:
     """A client that never took part: from ``state`` (the shared initialisation with the final
     global version absorbed), its personal part trained on its own data, scored on its own test set."""
     model.load_adapter_state(state)
     steps = 0
     if adapt and model.has_trainable_personal_part():
         config = training_config(settings, settings.late_joiner_steps, seed, settings.rounds + 1, 800 + index)
-        model.train_personal(encode_examples(model.processor, client.train, objective=config.objective), config)
+        model.train_personal(encoded.training(model, client.train, config.objective), config)
         steps = settings.late_joiner_steps
-    result = evaluate(model.model, model.processor, client.test)
+    result = evaluate(model.model, model.processor, client.test, prepared=encoded.evaluation(model, client.test))
     return {"client_id": client.client_id, "description": client.description, "train_examples": len(client.train),
             "test_examples": len(client.test), "adaptation_steps": steps, "personal_accuracy": result.accuracy,
             "accuracy_by_kind": kind_counts(client.test, result.predictions) if result.accuracy is not None else {}}
 
 
 def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, clients: Sequence[SimulatedClient],
-                pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict], dict, dict | None]:
+                pooled: Sequence, on_round: OnRound, encoded: EncodedData) -> tuple[list[dict], list[dict], dict, dict | None]:
     """The rounds; returns per-round and per-client results, what is shared, and the last global
     version (None when nothing is shared)."""
     model.reset_adapters()
-    strategy, scorer = model.strategy, Scorer(model, settings, model.adapter_state())
+    strategy, scorer = model.strategy, Scorer(model, settings, model.adapter_state(), encoded)
     # A client of lower rank is simulated on the federation-rank model with its components
     # beyond its rank zero (they stay zero in training); it sends and absorbs at its own rank.
     full, ranks = model.lora.r, client_ranks(settings, model, len(clients))
     own_rank = at_rank if strategy.heterogeneous_ranks else lambda tensors, rank: dict(tensors)
     states = [own_rank(own_rank(model.adapter_state(), rank), full) for rank in ranks]
     objective = build_objective(settings.objective, settings.dpo_beta)
-    encoded = [encode_examples(model.processor, client.train, objective=objective) for client in clients]
+    training_sets = [encoded.training(model, client.train, objective) for client in clients]
     bytes_up, bytes_down = [0] * len(clients), [0] * len(clients)
     shared_template, _ = strategy.split(states[0])
     previous_global = None
@@ -235,7 +277,7 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
         sent = []
         for index in selected:
             model.load_adapter_state(states[index])
-            model.train_encoded(encoded[index], training_config(settings, settings.local_steps, seed, round_number,
+            model.train_encoded(training_sets[index], training_config(settings, settings.local_steps, seed, round_number,
                                                                 index))  # fmt: skip
             states[index] = model.adapter_state()
             shared = own_rank(model.shared_update(), ranks[index])
@@ -260,7 +302,7 @@ def _federation(model: PersonalVLM, settings: SimulationSettings, seed: int, cli
                 # round, so a refit costs what the strategy without it costs with any --fraction.
                 if model.strategy.refit_steps and index in selected:
                     model.load_adapter_state(states[index])
-                    model.refit_personal(encoded[index],
+                    model.refit_personal(training_sets[index],
                                          training_config(settings, settings.local_steps, seed, round_number, 500 + index))
                     states[index] = model.adapter_state()
             previous_global = new_global
@@ -287,13 +329,15 @@ def client_ranks(settings: SimulationSettings, model: PersonalVLM, n_clients: in
 
 
 def _reference(name: str, model: PersonalVLM, settings: SimulationSettings, seed: int,
-               clients: Sequence[SimulatedClient], pooled: Sequence, on_round: OnRound) -> tuple[list[dict], list[dict]]:
+               clients: Sequence[SimulatedClient], pooled: Sequence, on_round: OnRound,
+               encoded: EncodedData) -> tuple[list[dict], list[dict]]:
     """``centralised``: one LoRA on the union of the clients' training data, with as many optimiser
     steps per round as the federation's selected clients take together; ``base``: no training."""
     model.reset_adapters()
-    scorer = Scorer(model, settings, model.adapter_state())
+    scorer = Scorer(model, settings, model.adapter_state(), encoded)
     union = encode_examples(model.processor, [record for client in clients for record in client.train],
-                            objective=build_objective(settings.objective, settings.dpo_beta))
+                            objective=build_objective(settings.objective, settings.dpo_beta)) \
+        if name == CENTRALISED else []  # ``base`` trains on nothing
     rounds = []
     for round_number in range(1, settings.rounds + 1):
         if name == CENTRALISED:

@@ -17,7 +17,7 @@ from fedvlm.shared.durable_files import write_durably
 from fedvlm.shared.usage_error import UsageError
 from fedvlm.simulate import data_report, report
 from fedvlm.simulate.clients import data_clients, image_size_of, pooled_test, scenario_clients
-from fedvlm.simulate.engine import run
+from fedvlm.simulate.engine import EncodedData, run
 from fedvlm.simulate.settings import DEFAULT_MODEL_DIR, SimulationSettings
 
 
@@ -75,19 +75,21 @@ def _previous_settings(marker: Path) -> dict:
     return previous
 
 
-def simulate(settings: SimulationSettings) -> dict:
-    """Run every (strategy, seed) not already in ``settings.out``, then write the reports; returns results.json."""
+def simulate(settings: SimulationSettings, *, reports: bool = True) -> dict | None:
+    """Run every (strategy, seed) not already in ``settings.out``, then write the reports; returns
+    results.json. ``reports=False``: only the runs (None), for processes that share an ``out``
+    (each run writes its own file; a last call writes the reports of them all)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _simulate(settings)
+        return _simulate(settings, reports)
     finally:
         torch.set_num_threads(threads)  # the caller's process as it was
 
 
-def _simulate(settings: SimulationSettings) -> dict:
+def _simulate(settings: SimulationSettings, reports: bool = True) -> dict | None:
     import transformers
 
     from fedvlm import __version__
@@ -120,12 +122,16 @@ def _simulate(settings: SimulationSettings) -> dict:
                 tqdm.write(data_report.console_text(seed, split.table.markdown(), split.summary))
             # Late joiners (scenarios only) are drawn after the federated clients.
             clients, late = drawn[:settings.clients], drawn[settings.clients:]
-            data_by_seed = {seed: (clients, late, pooled_test(clients, settings.global_test_size, seed))}
-        clients, late, pooled = data_by_seed[seed]
+            # One seed's data at a time, encoded once for all its strategies.
+            data_by_seed = {seed: (clients, late, pooled_test(clients, settings.global_test_size, seed), EncodedData())}
+        clients, late, pooled, encoded = data_by_seed[seed]
         bar.set_postfix_str(f"{name} seed {seed}")
-        result = run(name, model_dir, settings, seed, clients, pooled, on_round=bar.update, late_joiners=late)
+        result = run(name, model_dir, settings, seed, clients, pooled, on_round=bar.update, late_joiners=late,
+                     encoded=encoded)
         write_durably(run_file(settings.out, name, seed), json.dumps(result.to_dict(), indent=2).encode())
     bar.close()
+    if not reports:
+        return None
     runs = {name: [json.loads(run_file(settings.out, name, seed).read_text()) for seed in settings.seeds]
             for name in settings.strategies}
     results = report.write_reports(settings, runs, __version__)

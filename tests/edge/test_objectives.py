@@ -148,3 +148,29 @@ def test_objectives_encode_what_they_train_on(tiny_model_dir):
         DpoObjective(beta=0)
     with pytest.raises(UsageError, match="choose one of sft, dpo"):
         build_objective("ppo")
+
+
+def test_a_test_set_encoded_once_scores_every_adapter_state_as_a_fresh_evaluation(tiny_model_dir):
+    # The simulator encodes each test set once and swaps adapter states in between scorings
+    # (fedvlm.edge.adapters copies into PEFT's parameters directly): both must be invisible.
+    from fedvlm.edge.evaluation import evaluate, prepare_evaluation
+
+    model = _model(tiny_model_dir)
+    pairs = colour_pairs(1)
+    prepared = prepare_evaluation(model.model, model.processor, pairs)
+    start = model.adapter_state()
+    model.train(pairs, TrainingConfig(steps=4, batch_size=4, learning_rate=2e-2, progress=False))
+    trained = model.adapter_state()
+    losses = []
+    for state in (start, trained, start):
+        model.load_adapter_state(state)
+        assert all(np.array_equal(v, state[k]) for k, v in model.adapter_state().items())
+        fresh = model.evaluate(pairs)
+        once = evaluate(model.model, model.processor, pairs, prepared=prepared)
+        assert once.predictions == fresh.predictions
+        assert once.loss == pytest.approx(fresh.loss, abs=1e-6)
+        assert once.preference_accuracy == fresh.preference_accuracy
+        losses.append(once.loss)
+    assert losses[0] == pytest.approx(losses[2], abs=1e-6) and losses[1] < losses[0]  # the state loaded is scored
+    with pytest.raises(ValueError, match="another test set"):
+        evaluate(model.model, model.processor, pairs[:2], prepared=prepared)
