@@ -16,10 +16,10 @@ Three kinds of heterogeneity, each off by default and freely combined:
 The few-shot preset is where clients need each other: 16 clients with 32 examples each, every
 one's camera mounted its own way (the personal part: side, height and relation answers flip),
 asked only what the base was never taught or does not read in the clients' wording (the common
-part): the side and the height of a shape, whether one shape is left or right of another
-(``relation``) and how many shapes there are past four (``many``; see
-:data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`). No client has enough data to learn those
-skills alone. ``few-shot-cameras`` is the earlier mix (shape, count, side, height), half of
+part): the side and the height of a shape, and how many shapes there are past four (``many``;
+see :data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`). No client has enough data to learn
+those skills alone. ``relation`` (is one shape left or right of another) is left out of the
+preset: in 4 rounds of 8 steps no strategy learnt it (every one at chance, 0.49-0.53). ``few-shot-cameras`` is the earlier mix (shape, count, side, height), half of
 which the seeing base already reads.
 
 A client's held-out test set follows the client's own distribution and convention (that
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "task-skew": {"task_skew": 0.8},
     "mixed": {"concept_shift": True, "label_skew_alpha": 0.5, "task_skew": 0.5},
     "few-shot": {"camera_shift": True, "n_clients": 16, "examples_per_client": 32,
-                 "question_kinds": ("position", "vertical", "relation", "many")},
+                 "question_kinds": ("position", "vertical", "many")},
     # The few-shot preset before relation and many: half its questions (shape, count) ask what
     # the seeing base already reads, so there is less for clients to share.
     "few-shot-cameras": {"camera_shift": True, "n_clients": 16, "examples_per_client": 32,

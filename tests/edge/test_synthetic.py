@@ -323,7 +323,7 @@ def _drawn_side_of_first(record) -> str:
 def test_few_shot_preset_asks_novel_kinds_through_each_clients_camera():
     config = ScenarioConfig.preset("few-shot", n_clients=4, examples_per_client=64, test_examples_per_client=0,
                                    common_test_examples=0, image_size=32)
-    assert config.question_kinds == ("position", "vertical", "relation", "many")
+    assert config.question_kinds == ("position", "vertical", "many")
     federation = generate_federation(config)
     # English words; the camera mounted one of four ways (the personal part).
     assert [c.convention.name for c in federation.clients] == [
