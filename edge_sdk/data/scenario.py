@@ -19,7 +19,8 @@ asked only what the base was never taught or does not read in the clients' wordi
 part): the side and the height of a shape, and how many shapes there are past four (``many``;
 see :data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`). No client has enough data to learn
 those skills alone. ``relation`` (is one shape left or right of another) is left out of the
-preset: in 4 rounds of 8 steps no strategy learnt it (every one at chance, 0.49-0.53). ``few-shot-cameras`` is the earlier mix (shape, count, side, height), half of
+preset: on the previous base (one seed) no strategy learnt it in 4 rounds of 8 steps (every
+one at chance, 0.49-0.53). ``few-shot-cameras`` is the earlier mix (shape, count, side, height), half of
 which the seeing base already reads.
 
 A client's held-out test set follows the client's own distribution and convention (that
