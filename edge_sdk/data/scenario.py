@@ -20,8 +20,8 @@ part): the side and the height of a shape, and how many shapes there are past fo
 see :data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`). No client has enough data to learn
 those skills alone. ``relation`` (is one shape left or right of another) is left out of the
 preset: on the previous base (one seed) no strategy learnt it in 4 rounds of 8 steps (every
-one at chance, 0.49-0.53). ``few-shot-cameras`` is the earlier mix (shape, count, side, height), half of
-which the seeing base already reads.
+one at chance, 0.49-0.53). ``few-shot-cameras`` is the earlier mix (shape, count, side,
+height), half of which the seeing base already reads.
 
 A client's held-out test set follows the client's own distribution and convention (that
 is where personalised models are scored). The common test set is uniform over kinds and

@@ -205,7 +205,8 @@ def _pair(rng: np.random.Generator, order: int, size: int, radius_range: tuple[f
     while True:  # sizes too are redrawn: two large shapes may not fit side by side in one half
         radii = [min(rng.uniform(*radius_range) * size * 0.8, quarter - 1) for _ in range(2)]
         gap = max(size * 3 / 16, radii[0] + radii[1] + 2)
-        x0 = rng.uniform(max(first_half * size / 2, radii[0] + 1), min((first_half + 1) * size / 2, size - radii[0] - 1))
+        x0 = rng.uniform(max(first_half * size / 2, radii[0] + 1),
+                         min((first_half + 1) * size / 2, size - radii[0] - 1))
         x1 = rng.uniform(radii[1] + 1, size - radii[1] - 1)
         if (x0 < x1) == (order == 0) and abs(x0 - x1) >= gap:
             break
