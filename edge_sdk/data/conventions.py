@@ -21,9 +21,11 @@ from fedvlm.shared.usage_error import UsageError
 
 # What the pre-trained base is taught to read, and what every scenario asks by default.
 PRETRAINED_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
-# Held out of pre-training: a skill the base lacks, which the few-shot scenario's clients must
-# all learn (is the shape in the top or the bottom half?). Only its words are known to the base.
-NOVEL_KINDS: tuple[str, ...] = ("vertical",)
+# Held out of pre-training: skills the base lacks, which the few-shot scenarios' clients must
+# all learn: is the shape in the top or the bottom half (vertical), is one shape left or right
+# of another (relation: a relation between two objects, not a place in the picture), how many
+# shapes past four (many). Only their words are known to the base.
+NOVEL_KINDS: tuple[str, ...] = ("vertical", "relation", "many")
 QUESTION_KINDS: tuple[str, ...] = PRETRAINED_KINDS + NOVEL_KINDS
 
 # The classes of each question kind, named in English; a class index points into these and
@@ -34,6 +36,8 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "count": ("one", "two", "three", "four"),
     "position": ("left", "right"),
     "vertical": ("top", "bottom"),
+    "relation": ("left", "right"),
+    "many": ("five", "six", "seven", "eight"),
 }
 
 LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -44,6 +48,8 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "count": ("un", "deux", "trois", "quatre"),
         "position": ("gauche", "droite"),
         "vertical": ("haut", "bas"),
+        "relation": ("gauche", "droite"),
+        "many": ("cinq", "six", "sept", "huit"),
     },
     "german": {
         "colour": ("rot", "gruen", "blau", "gelb", "lila", "weiss"),
@@ -51,6 +57,8 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "count": ("eins", "zwei", "drei", "vier"),
         "position": ("links", "rechts"),
         "vertical": ("oben", "unten"),
+        "relation": ("links", "rechts"),
+        "many": ("fuenf", "sechs", "sieben", "acht"),
     },
     "spanish": {
         "colour": ("rojo", "verde", "azul", "amarillo", "morado", "blanco"),
@@ -58,6 +66,8 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "count": ("uno", "dos", "tres", "cuatro"),
         "position": ("izquierda", "derecha"),
         "vertical": ("arriba", "abajo"),
+        "relation": ("izquierda", "derecha"),
+        "many": ("cinco", "seis", "siete", "ocho"),
     },
     "italian": {
         "colour": ("rosso", "verde", "blu", "giallo", "viola", "bianco"),
@@ -65,6 +75,8 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "count": ("uno", "due", "tre", "quattro"),
         "position": ("sinistra", "destra"),
         "vertical": ("sopra", "sotto"),
+        "relation": ("sinistra", "destra"),
+        "many": ("cinque", "sei", "sette", "otto"),
     },
     "dutch": {
         "colour": ("rood", "groen", "blauw", "geel", "paars", "wit"),
@@ -72,6 +84,8 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "count": ("een", "twee", "drie", "vier"),
         "position": ("links", "rechts"),
         "vertical": ("boven", "onder"),
+        "relation": ("links", "rechts"),
+        "many": ("vijf", "zes", "zeven", "acht"),
     },
     "portuguese": {
         "colour": ("vermelho", "verde", "azul", "amarelo", "roxo", "branco"),
@@ -79,6 +93,8 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "count": ("um", "dois", "tres", "quatro"),
         "position": ("esquerda", "direita"),
         "vertical": ("cima", "baixo"),
+        "relation": ("esquerda", "direita"),
+        "many": ("cinco", "seis", "sete", "oito"),
     },
     "indonesian": {
         "colour": ("merah", "hijau", "biru", "kuning", "ungu", "putih"),
@@ -86,6 +102,8 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
         "count": ("satu", "dua", "tiga", "empat"),
         "position": ("kiri", "kanan"),
         "vertical": ("atas", "bawah"),
+        "relation": ("kiri", "kanan"),
+        "many": ("lima", "enam", "tujuh", "delapan"),
     },
 }
 
@@ -101,7 +119,8 @@ class Convention:
     Attributes:
         language: one of :data:`LANGUAGES`; every answer word is in it.
         mirrored: the client's camera mirrors the picture, so position answers name the
-            opposite side of the one the shape is drawn on.
+            opposite side of the one the shape is drawn on, and relation answers the opposite
+            of the shapes' order as drawn.
         upside_down: the client's camera is mounted upside down, so height (vertical)
             answers name the opposite half of the one the shape is drawn in.
     """
@@ -130,7 +149,7 @@ class Convention:
 
     def answer(self, kind: str, class_index: int) -> str:
         """The answer this client gives when the picture shows class ``class_index``."""
-        if (kind == "position" and self.mirrored) or (kind == "vertical" and self.upside_down):
+        if (kind in ("position", "relation") and self.mirrored) or (kind == "vertical" and self.upside_down):
             class_index = len(CLASSES[kind]) - 1 - class_index
         return self.words(kind)[class_index]
 
@@ -172,10 +191,10 @@ def convention_vocabulary_lines() -> list[str]:
     languages ("red rouge rot rojo rosso rood vermelho merah").
     """
     kind_plurals = {"colour": "colours", "shape": "shapes", "count": "numbers", "position": "sides",
-                    "vertical": "heights"}
+                    "vertical": "heights", "relation": "sides", "many": "numbers"}
     lines = [f"{language} {kind_plurals[kind]}: {' '.join(words[kind])}"
              for language, words in LANGUAGES.items() for kind in QUESTION_KINDS]
     for kind in QUESTION_KINDS:
         for class_index in range(len(CLASSES[kind])):
             lines.append(" ".join(words[kind][class_index] for words in LANGUAGES.values()))
-    return lines
+    return list(dict.fromkeys(lines))  # relation words are the sides' words: each line once

@@ -14,10 +14,14 @@ Three kinds of heterogeneity, each off by default and freely combined:
   ``(1 - task_skew) / n_kinds``. 0 is uniform, 1 only the main kind.
 
 The few-shot preset is where clients need each other: 16 clients with 32 examples each, every
-one answering in its own convention (the personal part), and half of all questions asking a
-kind the base was never taught (``vertical``, the common skill; see
-:data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`). No client has enough data to learn that
-skill alone.
+one's camera mounted its own way (the personal part: side, height and relation answers flip),
+asked only what the base was never taught or does not read in the clients' wording (the common
+part): the side and the height of a shape, and how many shapes there are past four (``many``;
+see :data:`~fedvlm.edge.data.conventions.NOVEL_KINDS`). No client has enough data to learn
+those skills alone. ``relation`` (is one shape left or right of another) is left out of the
+preset: on the previous base (one seed) no strategy learnt it in 4 rounds of 8 steps (every
+one at chance, 0.49-0.53). ``few-shot-cameras`` is the earlier mix (shape, count, side,
+height), half of which the seeing base already reads.
 
 A client's held-out test set follows the client's own distribution and convention (that
 is where personalised models are scored). The common test set is uniform over kinds and
@@ -43,7 +47,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "task-skew": {"task_skew": 0.8},
     "mixed": {"concept_shift": True, "label_skew_alpha": 0.5, "task_skew": 0.5},
     "few-shot": {"camera_shift": True, "n_clients": 16, "examples_per_client": 32,
-                 "question_kinds": ("shape", "count", "position", "vertical")},
+                 "question_kinds": ("position", "vertical", "many")},
+    # The few-shot preset before relation and many: half its questions (shape, count) ask what
+    # the seeing base already reads, so there is less for clients to share.
+    "few-shot-cameras": {"camera_shift": True, "n_clients": 16, "examples_per_client": 32,
+                         "question_kinds": ("shape", "count", "position", "vertical")},
     "few-shot-languages": {"concept_shift": True, "n_clients": 16, "examples_per_client": 32,
                            "question_kinds": PRETRAINED_KINDS + ("vertical",), "question_weights": (1, 1, 1, 1, 4)},
 }

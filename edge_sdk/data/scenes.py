@@ -4,7 +4,9 @@ A :class:`Scene` is sampled first (which shapes, colours, sizes, places) and dra
 so the answer to every question kind is read off the scene, never guessed from pixels.
 Scenes with one shape answer colour, shape, side (position) and height (vertical) questions; scenes for counting
 hold one to four shapes, one per quadrant, so shapes never overlap and every one is
-countable even at 32x32 pixels.
+countable even at 32x32 pixels. Scenes past four (many) hold five to eight smaller shapes,
+one per cell of a 4 x 4 grid; relation scenes hold two shapes of different colours, apart
+from left to right, and ask whether the first is left or right of the second.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class Scene:
             return 0 if first.centre[0] < self.size / 2 else 1
         if kind == "vertical":
             return 0 if first.centre[1] < self.size / 2 else 1
+        if kind == "relation":  # is the first shape left (0) or right (1) of the second?
+            return 0 if first.centre[0] < self.shapes[1].centre[0] else 1
+        if kind == "many":
+            return len(self.shapes) - 5
         raise ValueError(f"unknown question kind {kind!r}; choose one of {', '.join(CLASSES)}")
 
     def draw(self) -> Image.Image:
@@ -117,8 +123,16 @@ def sample_scene(
         weights = class_weights[attribute]
         return int(rng.choice(len(weights), p=weights))
 
-    def colour() -> tuple[int, tuple[int, int, int]]:
-        index = pick("colour")
+    def colour(avoid: int | None = None) -> tuple[int, tuple[int, int, int]]:
+        if avoid is None:
+            index = pick("colour")
+        else:  # another colour than ``avoid``, by the remaining weights (uniform if they are all zero)
+            weights = np.array(class_weights["colour"], dtype=float)
+            weights[avoid] = 0.0
+            if not weights.sum() > 0:
+                weights = np.ones(len(weights))
+                weights[avoid] = 0.0
+            index = int(rng.choice(len(weights), p=weights / weights.sum()))
         base = np.array(COLOUR_RGB[CLASSES["colour"][index]])
         jittered = np.clip(base + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3), 0, 255)
         return index, (int(jittered[0]), int(jittered[1]), int(jittered[2]))
@@ -140,6 +154,11 @@ def sample_scene(
             shapes.append(Shape(pick("shape"), colour_index, rgb, (x, y), radius))
         return Scene(size, background, tuple(shapes))
 
+    if kind == "many":
+        return _crowd(rng, pick("many") + 5, size, radius_range, colour, background, lambda: pick("shape"))
+    if kind == "relation":
+        return _pair(rng, pick("relation"), size, radius_range, colour, background, lambda: pick("shape"))
+
     radius = rng.uniform(*radius_range) * size
     if kind == "position":
         # The whole shape stays inside its half, so the side is never ambiguous.
@@ -157,3 +176,42 @@ def sample_scene(
         y = rng.uniform(radius + 1, size - radius - 1)
     colour_index, rgb = colour()
     return Scene(size, background, (Shape(pick("shape"), colour_index, rgb, (x, y), radius),))
+
+
+def _crowd(rng: np.random.Generator, count: int, size: int, radius_range: tuple[float, float], colour, background,
+           shape) -> Scene:
+    """``count`` shapes, one per cell of a 4 x 4 grid (cells of a quarter of the picture's side),
+    each inside its cell with a pixel to spare, so none overlap and each is countable."""
+    cell_size = size / 4
+    shapes = []
+    for cell in rng.permutation(16)[:count]:
+        radius = min(rng.uniform(*radius_range) * size * 0.6, cell_size / 2 - 1)
+        left, top = (cell % 4) * cell_size, (cell // 4) * cell_size
+        x = rng.uniform(left + radius + 1, left + cell_size - radius - 1)
+        y = rng.uniform(top + radius + 1, top + cell_size - radius - 1)
+        colour_index, rgb = colour()
+        shapes.append(Shape(shape(), colour_index, rgb, (x, y), radius))
+    return Scene(size, background, tuple(shapes))
+
+
+def _pair(rng: np.random.Generator, order: int, size: int, radius_range: tuple[float, float], colour, background,
+          shape) -> Scene:
+    """Two shapes of different colours, the first left (``order`` 0) or right (1) of the second,
+    their centres at least 3/16 of the picture apart from left to right (never a close call),
+    anywhere from top to bottom. The first shape's half of the picture is drawn independently
+    of the answer, so where it sits does not give the answer away: a relation, not a place."""
+    quarter = size / 4
+    first_half = int(rng.integers(2))
+    while True:  # sizes too are redrawn: two large shapes may not fit side by side in one half
+        radii = [min(rng.uniform(*radius_range) * size * 0.8, quarter - 1) for _ in range(2)]
+        gap = max(size * 3 / 16, radii[0] + radii[1] + 2)
+        x0 = rng.uniform(max(first_half * size / 2, radii[0] + 1),
+                         min((first_half + 1) * size / 2, size - radii[0] - 1))
+        x1 = rng.uniform(radii[1] + 1, size - radii[1] - 1)
+        if (x0 < x1) == (order == 0) and abs(x0 - x1) >= gap:
+            break
+    first_colour = colour()
+    second_colour = colour(avoid=first_colour[0])
+    shapes = tuple(Shape(shape(), c_index, rgb, (x, rng.uniform(r + 1, size - r - 1)), r)
+                   for (c_index, rgb), x, r in zip((first_colour, second_colour), (x0, x1), radii))
+    return Scene(size, background, shapes)

@@ -68,6 +68,10 @@ CLIENT_QUESTIONS: dict[str, tuple[str, ...]] = {
     "count": ("how many shapes are there?", "how many shapes are in the picture?"),
     "position": ("is the shape on the left or the right?", "is the shape on the left or right side?"),
     "vertical": ("is the shape at the top or the bottom?", "is the shape in the top or bottom half?"),
+    # {first} and {second}: the colours of the scene's two shapes (relation questions name them).
+    "relation": ("is the {first} shape left or right of the {second} shape?",
+                 "is the {first} shape on the left or the right of the {second} shape?"),
+    "many": ("how many shapes are there?", "how many shapes are in the picture?"),
 }
 # Pre-training asks about the same facts in words no client uses, so the base learns to
 # see without learning any client's task verbatim.
@@ -205,7 +209,9 @@ def question_kind(record: Record) -> str | None:
 
 def all_words() -> list[str]:
     """Every word a synthetic question, answer or vocabulary line can contain, sorted."""
-    texts = [q for questions in (CLIENT_QUESTIONS, PRETRAINING_QUESTIONS) for qs in questions.values() for q in qs]
+    texts = [re.sub(r"\{\w+\}", "", q)  # placeholders are not words
+             for questions in (CLIENT_QUESTIONS, PRETRAINING_QUESTIONS) for qs in questions.values() for q in qs]
+    texts += list(CLASSES["colour"])  # what relation questions fill their {first} and {second} with
     texts += [word for language in LANGUAGES.values() for words in language.values() for word in words]
     texts += convention_vocabulary_lines()
     return sorted({word for text in texts for word in re.findall(r"[a-z]+", text.lower())})
@@ -235,13 +241,21 @@ def _records(
         wrong = int(rng.choice([c for c in range(len(CLASSES[kind])) if c != truth]))
         records.append(Record(
             scene.draw(),
-            question=questions[kind][int(rng.integers(len(questions[kind])))],
+            question=_question(questions[kind][int(rng.integers(len(questions[kind])))], scene),
             chosen=profile.convention.answer(kind, truth),
             rejected=profile.convention.answer(kind, wrong),
             origin_dataset=ORIGIN_PREFIX + kind,
             source=f"{source_prefix}:row {row}",
         ))
     return records
+
+
+def _question(template: str, scene) -> str:
+    """A question with the colours of the scene's shapes filled in where it names them."""
+    if "{" not in template:
+        return template
+    first, second = (CLASSES["colour"][shape.colour] for shape in scene.shapes[:2])
+    return template.format(first=first, second=second)
 
 
 def _counts(values: Iterable[object]) -> dict[str, int]:

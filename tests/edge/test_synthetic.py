@@ -262,10 +262,68 @@ def test_vertical_questions_describe_the_half_the_shape_is_drawn_in():
     assert all(r.question in CLIENT_QUESTIONS["vertical"] for r in records)
 
 
-def test_few_shot_preset_asks_weak_and_novel_kinds_through_each_clients_camera():
+def _blobs(image) -> list[tuple[float, float, str]]:
+    """The shapes drawn in a picture: (x, y) of each connected bright region's centre, and its colour."""
+    bright = np.asarray(image).max(axis=2) > 110
+    seen = np.zeros_like(bright)
+    blobs = []
+    for start in map(tuple, np.argwhere(bright)):
+        if seen[start]:
+            continue
+        seen[start], stack, region = True, [start], []
+        while stack:  # flood fill, 4-connected
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < bright.shape[0] and 0 <= nx < bright.shape[1] and bright[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        ys, xs = np.array(region).T
+        colour = _drawn_colour(image.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
+        blobs.append((float(xs.mean()), float(ys.mean()), colour))
+    return blobs
+
+
+def test_many_questions_count_five_to_eight_separate_shapes():
+    config = ScenarioConfig(n_clients=1, examples_per_client=40, test_examples_per_client=0, common_test_examples=0,
+                            image_size=64, question_kinds=("many",), seed=4)
+    records = generate_federation(config).clients[0].train
+    assert {r.chosen for r in records} == set(CLASSES["many"])
+    numbers = dict(zip(CLASSES["many"], range(5, 9)))
+    assert all(len(_blobs(r.image)) == numbers[r.chosen] for r in records)
+    assert all(r.question in CLIENT_QUESTIONS["many"] for r in records)
+
+
+def test_relation_questions_name_two_colours_and_flip_with_a_mirrored_camera():
+    config = ScenarioConfig.preset("few-shot", n_clients=2, examples_per_client=48, test_examples_per_client=0,
+                                   common_test_examples=0, image_size=64, question_kinds=("relation",),
+                                   question_weights=None, seed=6)
+    plain, mirrored = generate_federation(config).clients
+    assert mirrored.convention.mirrored and not plain.convention.mirrored
+    for client in (plain, mirrored):
+        for record in client.train:
+            first, second = re.fullmatch(r"is the (\w+) shape (?:on the )?left or (?:the )?right of the (\w+) "
+                                         r"shape\?", record.question).groups()
+            blobs = {colour: x for x, _, colour in _blobs(record.image)}
+            assert first != second and set(blobs) == {first, second}, record.source
+            drawn = "left" if blobs[first] < blobs[second] else "right"
+            # The mirrored camera's label names the order opposite to the one drawn.
+            assert (record.chosen != drawn) == client.convention.mirrored, record.source
+    # Where the first shape sits in the picture does not give the answer away.
+    agree = sum(_drawn_side_of_first(r) == r.chosen for r in plain.train)
+    assert 0.3 < agree / len(plain.train) < 0.7
+
+
+def _drawn_side_of_first(record) -> str:
+    first = record.question.split()[2]
+    x = next(x for x, _, colour in _blobs(record.image) if colour == first)
+    return "left" if x < record.image.width / 2 else "right"
+
+
+def test_few_shot_preset_asks_novel_kinds_through_each_clients_camera():
     config = ScenarioConfig.preset("few-shot", n_clients=4, examples_per_client=64, test_examples_per_client=0,
                                    common_test_examples=0, image_size=32)
-    assert config.question_kinds == ("shape", "count", "position", "vertical")
+    assert config.question_kinds == ("position", "vertical", "many")
     federation = generate_federation(config)
     # English words; the camera mounted one of four ways (the personal part).
     assert [c.convention.name for c in federation.clients] == [
@@ -287,7 +345,7 @@ def test_few_shot_languages_preset_mixes_the_novel_kind_with_personal_convention
     for client in federation.clients:
         kinds = Counter(question_kind(r) for r in client.train + client.test)
         assert 0.3 < kinds["vertical"] / 96 < 0.7  # weight 4 of 8: half the questions
-        assert set(kinds) == set(QUESTION_KINDS)
+        assert set(kinds) == set(config.question_kinds)
         for record in client.train:  # answers in the client's own words, novel kind included
             kind = question_kind(record)
             assert record.chosen in client.convention.words(kind)
