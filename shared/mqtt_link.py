@@ -470,10 +470,7 @@ class MqttLink:
                     confirmed_mid = None
                 room = self.publish_window - len(self._in_paho) - self._handing
                 if room <= 0 and self._in_paho:
-                    # A PUBACK may have come before its packet id was recorded here: paho
-                    # marks the message published right after reporting it.
-                    for mid in [mid for mid, info in self._in_paho.items() if info._published]:
-                        del self._in_paho[mid]
+                    self._forget_confirmed()
                     room = self.publish_window - len(self._in_paho) - self._handing
                 batch = []
                 self._window_changed.notify_all()  # room was made, or the backlog emptied
@@ -551,9 +548,16 @@ class MqttLink:
                     raise BrokerUnavailable(failure)
                 # Short waits: a PUBACK that came before its packet id was recorded notifies nobody.
                 self._window_changed.wait(min(remaining, 0.1))
-                if self._in_paho:
-                    for mid in [mid for mid, info in self._in_paho.items() if info._published]:
-                        del self._in_paho[mid]
+                self._forget_confirmed()
+
+    def _forget_confirmed(self) -> None:
+        """Drop from the window the messages paho already marks published (window lock held).
+
+        A PUBACK may come before its packet id was recorded in the window: paho marks the
+        message published right after reporting it, so ``_on_publish`` found nothing to pop.
+        """
+        for mid in [mid for mid, info in self._in_paho.items() if info._published]:
+            del self._in_paho[mid]
 
     def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool, deadline: float, properties=None):
         import paho.mqtt.client as mqtt

@@ -209,7 +209,7 @@ def question_kind(record: Record) -> str | None:
 
 def all_words() -> list[str]:
     """Every word a synthetic question, answer or vocabulary line can contain, sorted."""
-    texts = [re.sub(r"\{\w+\}", "", q)  # placeholders are not words
+    texts = [re.sub(r"\{\w+\}", "", q)  # format fields ({first}, {second}) are not words
              for questions in (CLIENT_QUESTIONS, PRETRAINING_QUESTIONS) for qs in questions.values() for q in qs]
     texts += list(CLASSES["colour"])  # what relation questions fill their {first} and {second} with
     texts += [word for language in LANGUAGES.values() for words in language.values() for word in words]
