@@ -30,20 +30,12 @@ def prepare_model(settings: SimulationSettings) -> Path:
         return check_model_dir(settings.model)
     from fedvlm.edge.pretraining import is_built, make_pretrained_tiny_model, seeing_base_recipe
 
-    import torch
-
     recipe = seeing_base_recipe(progress=settings.progress)
     if not is_built(DEFAULT_MODEL_DIR, "small", **recipe):
         print(f"building the pre-trained small model in {DEFAULT_MODEL_DIR} (once; about 9 minutes)", flush=True)
-    threads = torch.get_num_threads()
-    # As the simulation itself: on a CPU shared with other work, two contending threads spend
-    # much of their time waiting at OpenMP barriers (the default base took 26 minutes to build
-    # with torch's default two threads on the shared 2-core machine, 9 on one).
-    torch.set_num_threads(settings.threads)
-    try:
-        return make_pretrained_tiny_model(DEFAULT_MODEL_DIR, "small", **recipe)
-    finally:
-        torch.set_num_threads(threads)
+    # The build pins its own thread count (one), whatever settings.threads says: the same recipe
+    # must give the same base (fedvlm.edge.pretraining.deterministic_cpu_build).
+    return make_pretrained_tiny_model(DEFAULT_MODEL_DIR, "small", **recipe)
 
 
 def run_file(out: Path, strategy: str, seed: int) -> Path:
