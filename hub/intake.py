@@ -156,7 +156,8 @@ class UpdateIntake:
             trailer_size=MAC_SIZE,
         )  # fmt: skip
         # (client, message id) -> (verdict, the round context it holds in; None: for good).
-        self._recent_acks: collections.OrderedDict[tuple[str, bytes], tuple[Ack, tuple | None]] = (
+        # An accepted verdict is held as its round number alone (``_remember_verdict``).
+        self._recent_acks: collections.OrderedDict[tuple[str, bytes], int | tuple[Ack, tuple | None]] = (
             collections.OrderedDict())
         # (client, message id, reason) of messages refused chunk by chunk, each answered once.
         self._told_once: collections.OrderedDict[tuple[str, bytes, ReasonCode], None] = collections.OrderedDict()
@@ -241,7 +242,8 @@ class UpdateIntake:
         key = (client_id, header.message_id)
         earlier = self._recent_acks.get(key)
         if earlier is not None:
-            ack, context = earlier
+            ack, context = (Ack.accept(client_id, earlier, header.message_id), None) if isinstance(earlier, int) \
+                else earlier  # fmt: skip
             if context is None or context == self._round_context():
                 # A re-send of a message already answered (QoS 1 redelivery, or the client
                 # lost the ack): answer again once its last chunk is in; never judge it twice.
@@ -443,7 +445,10 @@ class UpdateIntake:
         # A message id gets one answer while it holds: a re-send of the same id is answered
         # the same way without being judged again.
         context = self._round_context() if ack.reason_code in _TIMING_REASONS else None
-        self._recent_acks[(client_id, message_id)] = (ack, context)
+        # An acceptance (nearly every verdict at scale) is kept as its round number and made
+        # again when needed: ~0.3 KB less per remembered verdict than the Ack itself.
+        accepted = ack.accepted and ack.round is not None and ack.retry_after_s is None
+        self._recent_acks[(client_id, message_id)] = ack.round if accepted else (ack, context)
         while len(self._recent_acks) > _RECENT_ACKS_KEPT:
             self._recent_acks.popitem(last=False)
 
