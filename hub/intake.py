@@ -418,9 +418,11 @@ class UpdateIntake:
         round_number: int | None = None
         ack: Ack | None
         try:
-            envelope = open_envelope(message.payload,
-                                     lambda signer: standing.secret if signer == client_id else self.store.secret_of(signer),
-                                     expected_client_id=client_id, signed_sha256=message.head_sha256)  # fmt: skip
+            def secret_of(signer: str) -> str | None:  # another's only for an envelope signed by another (refused)
+                return standing.secret if signer == client_id else self.store.secret_of(signer)
+
+            envelope = open_envelope(message.payload, secret_of, expected_client_id=client_id,
+                                     signed_sha256=message.head_sha256)  # fmt: skip
             round_number = envelope.metadata.round
             verdict = self._admit(envelope, message, standing)
             if isinstance(verdict, _Accepted):

@@ -293,8 +293,9 @@ class HubService:
         if self.config.uses_embedded_broker:
             return self._link  # a loopback broker for small federations: one connection does
         address = publisher_address(self.address)
-        link = MqttLink(address, f"fedvlm-hub-{self.config.federation}-publisher", protocol=self._link.protocol or "auto",
-                        persistent_session=False)  # fmt: skip
+        # No session to keep: it subscribes to nothing, and paho re-sends its unconfirmed messages.
+        link = MqttLink(address, f"fedvlm-hub-{self.config.federation}-publisher",
+                        protocol=self._link.protocol or "auto", persistent_session=False)  # fmt: skip
         try:
             link.connect(timeout)
         except BrokerUnavailable as error:

@@ -202,7 +202,8 @@ def test_a_client_can_neither_read_nor_impersonate_another(lockdown: Lockdown, t
         assert bob.wait_ack(bob_message).accepted
         assert hub.wait_finished(20)
         # The hub's acks, selections and state went out on its second connection, its own account.
-        assert hub._out is not None and hub._out is not hub._link and hub._out.address.username == f"{HUB_USER}-publisher"
+        assert hub._out is not None and hub._out is not hub._link
+        assert hub._out.address.username == f"{HUB_USER}-publisher"
         time.sleep(0.5)  # room for any stray delivery
 
         with HubStore.in_state_dir(lockdown.state, create=False) as store:
