@@ -175,10 +175,10 @@ class Swarm:
         self._to_send: collections.deque[tuple[_Device, str]] = collections.deque()
         self._retry_at: list[tuple[float, _Device]] = []
         self._in_flight = 0
-        # Between the reads of one pass (see _serve_uploads): devices with bytes waiting to be
-        # written (paho asked for EVENT_WRITE), and the sockets of the uploads on their way
-        # (a second epoll set, for their PUBACKs).
-        self._writers: dict[_Device, None] = {}
+        # Between the reads of one pass (see _serve_uploads): devices that have had bytes to
+        # write since the last such break (paho asked for EVENT_WRITE), and the sockets of the
+        # uploads on their way (a second epoll set, for their PUBACKs).
+        self._fresh_writers: list[_Device] = []
         self._uploading = selectors.DefaultSelector()
         self._last_state: tuple[bytes, HubState, frozenset[str]] | None = None
         self._carry_prefix = "bench/carry"
@@ -316,7 +316,6 @@ class Swarm:
         self._selector.register(sock, selectors.EVENT_READ, device)
 
     def _on_socket_close(self, client, device: _Device, sock) -> None:
-        self._writers.pop(device, None)
         self._track_upload(device, False)
         try:
             self._selector.unregister(sock)
@@ -334,7 +333,8 @@ class Swarm:
             device = key.data
             if device.client is not None:
                 device.client.loop_read()
-        for device in list(self._writers):
+        fresh, self._fresh_writers = self._fresh_writers, []
+        for device in fresh:  # once each: a socket that is full waits for EVENT_WRITE as before
             if device.client is not None:
                 device.client.loop_write()
 
@@ -348,14 +348,13 @@ class Swarm:
             pass
 
     def _on_register_write(self, client, device: _Device, sock) -> None:
-        self._writers[device] = None
+        self._fresh_writers.append(device)
         try:
             self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
         except (KeyError, ValueError):
             pass
 
     def _on_unregister_write(self, client, device: _Device, sock) -> None:
-        self._writers.pop(device, None)
         try:
             self._selector.modify(sock, selectors.EVENT_READ, device)
         except (KeyError, ValueError):
