@@ -62,7 +62,7 @@ from fedvlm.shared.protocol import GlobalManifest, HubState, RoundPhase, Topics 
 from tests.brokers import LOOPBACK, MosquittoProcess  # noqa: E402
 
 FEDERATION = "scale"
-DEFAULT_SETTINGS = "100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w"
+DEFAULT_SETTINGS = "100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:2w"
 _SIZE = re.compile(r"(\d+)(B|KiB|MiB)")
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024}
 _CARRY_PREFIX = "bench/carry"
@@ -430,10 +430,13 @@ def targets(results: list[SettingResult]) -> list[str]:
         check("round of 10,000 x 64 KiB within 2.5x of mosquitto's carry time", big.round_over_carry <= 2.5,
               f"{big.round_s:.1f} s vs {big.carry_s:.2f} s, x{big.round_over_carry:.1f}")
     for base in {r.setting.split(":")[0] for r in results if r.workers}:
-        one, two = by.get(f"{base}:1w"), by.get(f"{base}:2w")
+        one, two, alone = by.get(f"{base}:1w"), by.get(f"{base}:2w"), by.get(base)
         if one and two and one.round_s and two.round_s:
             check(f"{base}: 2 workers not slower than 1", two.round_s <= one.round_s,
                   f"{two.round_s:.1f} s vs {one.round_s:.1f} s")
+        elif alone and two and alone.round_s and two.round_s:  # no 1-worker run: the hub alone is one process
+            check(f"{base}: 2 workers not slower than the hub alone", two.round_s <= alone.round_s,
+                  f"{two.round_s:.1f} s vs {alone.round_s:.1f} s")
     return lines
 
 

@@ -10,6 +10,11 @@ Written into one folder:
 - ``mosquitto.conf``: a TLS listener, no anonymous access, the two files above, and
   ``use_username_as_clientid`` so no account can take over another's MQTT session;
 - ``hub.password``: the hub's broker password, for ``fedvlm-hub start --password-file``;
+- the hub's publisher account (``<hub username>-publisher``): the hub's second connection,
+  for its own publishes (state, global versions, selections, acks), so that they do not
+  queue at the broker behind the update chunks it delivers to the hub's first connection.
+  Its password is derived from the hub's (``publisher_password``), so the hub needs nothing
+  more than ``--password-file hub.password``; it writes only what the hub publishes;
 - with ``workers``: one account per hub worker (``<hub username>-worker-<index>``, its
   password in ``worker-<index>.password``), allowed only what a worker does. Each worker
   needs its own: under ``use_username_as_clientid`` two connections of one account have one
@@ -27,6 +32,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -34,6 +40,7 @@ from pathlib import Path
 
 from fedvlm.shared.broker_credentials import broker_password
 from fedvlm.shared.durable_files import write_durably
+from fedvlm.shared.mqtt_link import BrokerAddress
 from fedvlm.shared.protocol import ProtocolError, Topics, validate_client_id, validate_federation_id
 
 from .errors import HubError
@@ -48,6 +55,9 @@ __all__ = [
     "mosquitto_password_hash",
     "acl_text",
     "worker_username",
+    "publisher_username",
+    "publisher_password",
+    "publisher_address",
     "write_broker_config",
 ]
 
@@ -116,6 +126,26 @@ def worker_username(hub_username: str, index: int) -> str:
     return f"{hub_username}-worker-{index}"
 
 
+def publisher_username(hub_username: str) -> str:
+    """The broker account of the hub's second connection (its own publishes)."""
+    return f"{hub_username}-publisher"
+
+
+def publisher_password(hub_password: str) -> str:
+    """The publisher account's password, derived one way from the hub's: whoever has the hub's
+    login has more than this one, and the hub needs no second password file."""
+    digest = hmac.new(hub_password.encode("utf-8"), b"fedvlm-hub-publisher/v1", hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def publisher_address(address: BrokerAddress) -> BrokerAddress:
+    """The hub's login as its publisher connection uses it (the same without a login)."""
+    if not address.username:
+        return address
+    return dataclasses.replace(address, username=publisher_username(address.username),
+                               password=publisher_password(address.password or ""))  # fmt: skip
+
+
 def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME, workers: int = 0) -> str:
     """A mosquitto ``acl_file`` confining each client (username = client id) to its own topics."""
     topics = Topics(federation)
@@ -135,6 +165,10 @@ def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME, workers:
         "# the hub: reads announcements and updates, writes state, global versions and acks",
         f"user {hub_username}",
         *(f"topic readwrite {topic}" for topic in sorted(set(hub.publish) | set(hub.subscribe))),
+        "",
+        "# the hub's second connection: its own publishes (state, global versions, selections, acks)",
+        f"user {publisher_username(hub_username)}",
+        *(f"topic write {topic}" for topic in topics.hub_publisher_permissions().publish),
         "",
     ]
     for index in range(workers):
@@ -203,7 +237,8 @@ FedVLM broker configuration for federation {files.federation!r}
 
 Files in {out}:
   mosquitto.conf  TLS listener on port {port}, no anonymous access, password_file, acl_file
-  passwords       mosquitto password file: {len(files.clients)} device account(s) + the hub ({files.hub_username})
+  passwords       mosquitto password file: {len(files.clients)} device account(s) + the hub ({files.hub_username},
+                  and {files.hub_username}-publisher for its own publishes, password derived from the hub's)
   acl             each device publishes only its own updates/announcements and reads only the
                   hub's topics and its own acks; the hub reads and writes its federation
   hub.password    the hub's broker password (keep it on the hub machine only)
@@ -289,10 +324,12 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
         store.protect_secrets()
         client_secrets = store.active_secrets()
         worker_names = tuple(worker_username(hub_username, index) for index in range(workers))
-        taken = {record.client_id for record in store.list_clients()} & {hub_username, *worker_names}
+        hub_names = {hub_username, publisher_username(hub_username), *worker_names}
+        taken = {record.client_id for record in store.list_clients()} & hub_names
         if taken:
-            raise HubError(f"a client is registered as {sorted(taken)[0]!r}, a hub broker username (the hub's, or "
-                           f"a worker's: {hub_username}-worker-I); choose another with --hub-username")  # fmt: skip
+            raise HubError(f"a client is registered as {sorted(taken)[0]!r}, a hub broker username (the hub's, its "
+                           f"publisher's: {hub_username}-publisher, or a worker's: {hub_username}-worker-I); choose "
+                           "another with --hub-username")  # fmt: skip
         worker_passwords = []
         for index in range(workers):
             key = _WORKER_PASSWORD_META.format(index=index)
@@ -313,7 +350,8 @@ def write_broker_config(state_dir: str | Path, out_dir: str | Path, *, federatio
         if placeholders:
             options.update(cafile=None, certfile=None, keyfile=None)
         store.set_meta({BROKER_CONFIG_DIR_META: str(out), _OPTIONS_META: json.dumps(options)})
-    password_lines = [f"{hub_username}:{mosquitto_password_hash(hub_password)}"]
+    password_lines = [f"{hub_username}:{mosquitto_password_hash(hub_password)}",
+                      f"{publisher_username(hub_username)}:{mosquitto_password_hash(publisher_password(hub_password))}"]
     password_lines += [f"{name}:{mosquitto_password_hash(password)}" for name, password in zip(worker_names,
                                                                                                 worker_passwords)]
     password_lines += [f"{client_id}:{mosquitto_password_hash(broker_password(secret))}"

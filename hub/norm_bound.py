@@ -35,11 +35,12 @@ rebuild after a restart) goes through it.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,7 +117,7 @@ class NormHistory:
         earlier = {r: m for r, m in self.medians().items() if r < round_number}
         return earlier[max(earlier)] if earlier else None
 
-    def record(self, round_number: int, norms: list[float]) -> None:
+    def record(self, round_number: int, norms: Sequence[float]) -> None:
         if not norms:
             return
         medians = self.medians()
@@ -170,7 +171,7 @@ class NormBoundedAggregator(Aggregator):
         self.rule = rule
         self.bound = bound
         self._reference = reference
-        self.norms: list[float] = []
+        self.norms: array.array[float] = array.array("d")  # 8 bytes a norm, not a float object's 24 + a slot
         self.clipped = 0
 
     @property
@@ -266,6 +267,6 @@ class NormBoundedStrategy:
         inner_state = {key: value for key, value in state.items() if key not in (_NORMS_KEY, _CLIPPED_KEY)}
         aggregator = NormBoundedAggregator(self.wrapped.aggregator_from_state(inner_state), self.rule,
                                            self.current_bound, self._reference, self.wrapped.starting_point)
-        aggregator.norms = [float(norm) for norm in state.get(_NORMS_KEY, [])]
+        aggregator.norms = array.array("d", (float(norm) for norm in state.get(_NORMS_KEY, [])))
         aggregator.clipped = int(state.get(_CLIPPED_KEY, 0))
         return aggregator

@@ -16,6 +16,7 @@ and publishes it (HubState); this module only decides.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import math
@@ -97,22 +98,34 @@ class OpenRound:
     opened_at: float
     deadline: float
     answered: set[str] = dataclasses.field(default_factory=set)
-    # ``selected`` as a set: membership is checked for every update (O(1), not O(selected)).
-    _selected_set: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+    # ``selected`` sorted, for membership by bisection: checked for every update, O(log N)
+    # with no set beside the tuple (a set of 10,000 ids is 0.5 MiB of the hub's memory).
+    _sorted: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._selected_set = frozenset(self.selected)
+        ordered = all(a < b for a, b in zip(self.selected, self.selected[1:]))
+        self._sorted = self.selected if ordered else tuple(sorted(set(self.selected)))
+
+    def _canonical(self, client_id: str) -> str | None:
+        """The selected list's own string for ``client_id`` (None if not selected)."""
+        index = bisect.bisect_left(self._sorted, client_id)
+        if index < len(self._sorted) and self._sorted[index] == client_id:
+            return self._sorted[index]
+        return None
 
     def is_selected(self, client_id: str) -> bool:
-        return client_id in self._selected_set
+        return self._canonical(client_id) is not None
 
     def record(self, client_id: str) -> None:
-        if client_id not in self._selected_set:
+        canonical = self._canonical(client_id)
+        if canonical is None:
             raise ValueError(f"client {client_id!r} is not selected in round {self.number}")
-        self.answered.add(client_id)
+        # The selected list's string, not the caller's copy (one per message): answered then
+        # costs a set slot per device, not a second copy of every id.
+        self.answered.add(canonical)
 
     def all_answered(self) -> bool:
-        return len(self.answered) >= len(self._selected_set)  # answered only ever holds selected clients
+        return len(self.answered) >= len(self._sorted)  # answered only ever holds selected clients
 
     def outcome(self, now: float) -> Outcome:
         if self.all_answered():

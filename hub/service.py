@@ -51,6 +51,7 @@ from fedvlm.shared.protocol import (
 )
 
 from .broker import EmbeddedBroker
+from .broker_config import publisher_address
 from .checkpoints import CheckpointStore
 from .config import HubConfig
 from .console import Console
@@ -146,6 +147,11 @@ class HubService:
         self._intake: UpdateIntake | None = None
         self._presence: PresenceTracker | None = None
         self._link: MqttLink | None = None
+        # What the hub publishes goes out on its own connection (``_out``), where the broker
+        # has one: on ``_link`` its acks waited for their PUBACKs behind the update chunks the
+        # broker had queued for the hub (8,741 acks at once at 10,000 devices). ``_link`` when
+        # there is no second connection (the embedded broker, or a broker that refuses it).
+        self._out: MqttLink | None = None
         self._publisher: GlobalPublisher | None = None
         # Update chunks and control events. Bounded in chunks (the broker's window) and bytes
         # whether or not the broker keeps its window: a full inbox stops paho's thread
@@ -213,10 +219,11 @@ class HubService:
             if not self.config.workers:  # else the workers take them (shared subscription)
                 self._link.subscribe(self.topics.updates_filter(), self._receive_update_chunk, manual_ack=True)
             self._link.connect(connect_timeout)
+            self._out = self._connect_publisher(connect_timeout)
         except BaseException:
             self._release()
             raise
-        self._publisher = GlobalPublisher(self._link, self.topics)
+        self._publisher = GlobalPublisher(self._out, self.topics)
         self.console.event(f"connected to {'the embedded broker at ' if self.broker else ''}{self.broker_url} "
                            f"(MQTT {self._link.protocol}); {len(self.store.active_client_ids())} client(s) "
                            f"registered, rounds need {self._policy.clients_needed()} online")  # fmt: skip
@@ -265,12 +272,45 @@ class HubService:
             # Nobody takes chunks any more, and closing delivers the acks still waiting, whose
             # PUBACKs paho's thread must be free to read.
             self._events.close()
+            self._close_publisher()  # its last acks and states first: the final state must come after them
             final = self._hub_state(status=Presence.OFFLINE)
             self._link.close(final=(self.topics.hub_state(), final.to_json()))
             self._remember_state(final)
             self.console.event("hub stopped")
         self._started = False
         self._release()
+
+    def _connect_publisher(self, timeout: float) -> MqttLink:
+        """The hub's second connection, for what it publishes; the first one if there is none.
+
+        On its own account where the broker has logins (``broker_config.publisher_address``:
+        derived from the hub's, written by ``fedvlm-hub broker-config``), because a broker that
+        makes the username the client id would let two connections of one account knock each
+        other off. A broker that refuses it (set up before the publisher account existed) gets
+        everything on the one connection, as before, and the console says how to change that.
+        """
+        assert self._link is not None
+        if self.config.uses_embedded_broker:
+            return self._link  # a loopback broker for small federations: one connection does
+        address = publisher_address(self.address)
+        # No session to keep: it subscribes to nothing, and paho re-sends its unconfirmed messages.
+        link = MqttLink(address, f"fedvlm-hub-{self.config.federation}-publisher",
+                        protocol=self._link.protocol or "auto", persistent_session=False)  # fmt: skip
+        try:
+            link.connect(timeout)
+        except BrokerUnavailable as error:
+            self.console.event(f"publishing on the hub's one connection: the broker refused a second one for the hub's "
+                               f"own publishes ({error}). Under load acks then wait behind the updates; to give "
+                               f"them their own, run `fedvlm-hub broker-config` again and reload the broker (it adds "
+                               f"the account {address.username or 'of the hub publisher'})")  # fmt: skip
+            return self._link
+        return link
+
+    def _close_publisher(self) -> None:
+        """Deliver what waits on the second connection, then close it."""
+        out, self._out = self._out, None
+        if out is not None and out is not self._link:
+            out.close()
 
     def _new_inbox(self) -> IntakeQueue:
         return IntakeQueue(max_chunks=self.config.inflight_window, max_bytes=INBOX_BYTES)
@@ -350,12 +390,12 @@ class HubService:
             self._publish_global(latest)
         self._publish_state()
         current = self._lifecycle.current
-        if current is not None and self._link is not None:
+        if current is not None and self._out is not None:
             acks = ((self.topics.client_ack(receipt.client_id),
                      Ack.accept(receipt.client_id, receipt.round, bytes.fromhex(receipt.message_id)).to_json())
                     for receipt in store.receipts(current.number))  # fmt: skip
             try:
-                self._link.publish_stream(acks, qos=1)
+                self._out.publish_stream(acks, qos=1)
             except BrokerUnavailable as error:
                 log.warning("could not acknowledge round %d's receipts again (%s)", current.number, error)
             # Retained already, unless the broker lost its retained messages: cheap to repeat.
@@ -363,6 +403,7 @@ class HubService:
 
     def _release(self) -> None:
         self._events.close()  # paho's thread may wait for room that nobody will make any more
+        self._close_publisher()
         if self._link is not None:
             self._link.close()
             self._link = None
@@ -532,7 +573,7 @@ class HubService:
         10,000 messages waiting in paho. Made on whichever thread has room (paho's, mostly):
         it reads only ``opened``'s fixed fields, and ``answered`` for membership.
         """
-        if self._link is None:
+        if self._out is None:
             return
 
         def selections():
@@ -546,7 +587,7 @@ class HubService:
                 yield self.topics.client_selection(client_id), selection.to_json()
 
         try:
-            self._link.publish_stream(selections(), qos=1, retain=True)
+            self._out.publish_stream(selections(), qos=1, retain=True)
         except BrokerUnavailable as error:
             log.warning("could not publish the selections of round %d (%s); they go out on reconnect",
                         opened.number, error)  # fmt: skip
@@ -635,7 +676,12 @@ class HubService:
         self._state_dirty = True
 
     def _collecting_round(self) -> int:
-        """The round updates are being collected for (the one after the last aggregated round)."""
+        """The round updates are being collected for (the one after the last aggregated round).
+
+        The open round's number while one is open (asked for every update the norm bound
+        takes in: no database read); read back only while none is, e.g. while resuming."""
+        if self._lifecycle.current is not None:
+            return self._lifecycle.current.number
         latest = self._require_store().latest_round_outcome()
         if latest is None:
             return 1
@@ -727,12 +773,12 @@ class HubService:
 
     def _publish_state(self, phase: RoundPhase | None = None) -> None:
         """Publish the retained state; ``phase`` overrides it for a transient phase."""
-        if self._link is None:
+        if self._out is None:
             return
         state = self._hub_state(phase=phase)
         try:
             # Pipelined: paho keeps it (QoS 1) and sends it again after a reconnect.
-            self._link.publish_nowait(self.topics.hub_state(), state.to_json(), qos=1, retain=True)
+            self._out.publish_nowait(self.topics.hub_state(), state.to_json(), qos=1, retain=True)
         except BrokerUnavailable as error:
             log.warning("could not publish the hub state (%s); will retry", error)
             self._state_dirty = True
@@ -749,10 +795,10 @@ class HubService:
                              "hub_host": socket.gethostname(), "hub_state_at": repr(self._clock())})  # fmt: skip
 
     def _send_ack(self, ack: Ack) -> None:
-        if self._link is None:
+        if self._out is None:
             return
         try:
-            self._link.publish_nowait(self.topics.client_ack(ack.client_id), ack.to_json(), qos=1, retain=False)
+            self._out.publish_nowait(self.topics.client_ack(ack.client_id), ack.to_json(), qos=1, retain=False)
         except BrokerUnavailable as error:
             # The verdict stands either way; a client without an ack re-sends and is answered then.
             log.warning("could not acknowledge %s's message %s: %s", ack.client_id, ack.message_id, error)

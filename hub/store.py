@@ -186,6 +186,25 @@ class Receipt:
     metrics: str | None = None
 
 
+class ClientStanding:
+    """One client as ``HubStore.standing`` read it: active, its secret (decrypted on first
+    use), and its receipt for one round (or None)."""
+
+    __slots__ = ("_store", "client_id", "_stored", "_secret", "round", "receipt")
+
+    def __init__(self, store: HubStore, client_id: str, stored: str, round_number: int,
+                 receipt: Receipt | None) -> None:  # fmt: skip
+        self._store, self.client_id, self._stored, self._secret = store, client_id, stored, None
+        self.round, self.receipt = round_number, receipt
+
+    @property
+    def secret(self) -> str | None:
+        """The plain secret (None where ``HubStore.secret_of`` would refuse the stored one)."""
+        if self._secret is None and self._stored is not None:
+            self._secret, self._stored = self._store._plain_secret(self.client_id, self._stored), None
+        return self._secret
+
+
 @dataclasses.dataclass(frozen=True)
 class GlobalVersionRecord:
     version: int
@@ -415,7 +434,29 @@ class HubStore:
         rows = self._query("SELECT secret FROM clients WHERE client_id = ? AND revoked_at IS NULL", (client_id,))
         if not rows or rows[0][0] is None:
             return None
-        stored = rows[0][0]
+        return self._plain_secret(client_id, rows[0][0])
+
+    def standing(self, client_id: str, round_number: int) -> ClientStanding | None:
+        """What judging one update of ``client_id`` needs from the database, in one read: its
+        stored secret (decrypted only when asked: ``ClientStanding.secret``) and its receipt
+        for ``round_number``, if any. None for an unknown or revoked client.
+
+        One query instead of three (is it active, its secret, its receipt): each query lets go
+        of the GIL, and under load the hub thread waits to get it back (py-spy: ~20 % of the
+        hub thread's samples were in these reads at 10,000 devices). Still read for every
+        update, so a ``clients revoke`` by another process applies to the very next one.
+        """
+        rows = self._query(f"SELECT c.secret, {_JOINED_RECEIPT_COLUMNS} FROM clients AS c LEFT JOIN receipts AS r "
+                           "ON r.round = ? AND r.client_id = c.client_id "
+                           "WHERE c.client_id = ? AND c.revoked_at IS NULL AND c.secret IS NOT NULL",
+                           (round_number, client_id))  # fmt: skip
+        if not rows:
+            return None
+        row = rows[0]
+        receipt = Receipt(*row[1:]) if row[1] is not None else None
+        return ClientStanding(self, client_id, row[0], round_number, receipt)
+
+    def _plain_secret(self, client_id: str, stored: str) -> str | None:
         if not is_encrypted(stored):
             # Written by an older hub and not migrated yet: only a read-only opener of a
             # database never migrated sees that. Anywhere else a plain-text secret was put
@@ -654,6 +695,7 @@ class HubStore:
 _ROUND_COLUMNS = "round, attempt, selected, quorum, deadline, opened_at, closed_at, outcome, global_version"
 _RECEIPT_COLUMNS = ("round, client_id, attempt, message_id, payload_sha256, body_sha256, sample_count, file_path, "
                     "accepted_at, metrics")  # fmt: skip
+_JOINED_RECEIPT_COLUMNS = ", ".join(f"r.{column.strip()}" for column in _RECEIPT_COLUMNS.split(","))
 _GLOBAL_COLUMNS = "version, round, sha256, file_path, total_size, chunk_count, chunk_size, manifest, created_at, published"
 
 

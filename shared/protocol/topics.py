@@ -209,6 +209,12 @@ class Topics:
         return ClientPermissions(publish=(f"{self.prefix}/clients/+/ack", f"{self.prefix}/hub/workers/+/+/+"),
                                  subscribe=(self.updates_filter(), self.worker_relay_filter(worker)))
 
+    def hub_publisher_permissions(self) -> ClientPermissions:
+        """What the hub's second connection (its own publishes) needs: the state, global
+        versions, and each device's selection and acks. It reads nothing."""
+        return ClientPermissions(publish=(self.hub_state(), f"{self.prefix}/global/#", f"{self.prefix}/clients/+/ack",
+                                          f"{self.prefix}/clients/+/selection"), subscribe=())  # fmt: skip
+
     def hub_permissions(self) -> ClientPermissions:
         """The hub publishes and subscribes anywhere in its federation."""
         everything = (f"{self.prefix}/#",)

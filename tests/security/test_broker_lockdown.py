@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import stat
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedvlm.hub.broker_config import publisher_password
 from fedvlm.hub.cli import main as hub_main
 from fedvlm.hub.config import HubConfig
 from fedvlm.hub.console import Console
@@ -85,8 +87,10 @@ def test_the_written_files_hold_hashes_and_patterns_not_secrets(lockdown: Lockdo
     for name in ("passwords", "acl", "mosquitto.conf", "hub.password", "README.txt"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
     accounts = dict(line.split(":", 1) for line in (out / "passwords").read_text().splitlines())
-    assert set(accounts) == {HUB_USER, f"{HUB_USER}-worker-0", "alice", "bob", "dave"}  # carol is revoked: no account
+    assert set(accounts) == {HUB_USER, f"{HUB_USER}-publisher", f"{HUB_USER}-worker-0", "alice", "bob",
+                             "dave"}  # carol is revoked: no account  # fmt: skip
     assert _verify_mosquitto_hash(accounts[HUB_USER], lockdown.hub_password)
+    assert _verify_mosquitto_hash(accounts[f"{HUB_USER}-publisher"], publisher_password(lockdown.hub_password))
     worker_password = (out / "worker-0.password").read_text().strip()
     assert stat.S_IMODE((out / "worker-0.password").stat().st_mode) == 0o600
     assert _verify_mosquitto_hash(accounts[f"{HUB_USER}-worker-0"], worker_password)
@@ -105,6 +109,11 @@ def test_the_written_files_hold_hashes_and_patterns_not_secrets(lockdown: Lockdo
     acl = (out / "acl").read_text().splitlines()
     assert "pattern write fedvlm/v1/fed/updates/%u/+" in acl and "pattern read fedvlm/v1/fed/clients/%u/ack" in acl
     assert not any(line.startswith("pattern") and "updates" in line and "read" in line for line in acl)
+    # The hub's publisher account writes what the hub publishes, and reads nothing.
+    publisher = acl[acl.index(f"user {HUB_USER}-publisher") + 1:]
+    publisher = publisher[:publisher.index("")]
+    assert "topic write fedvlm/v1/fed/clients/+/ack" in publisher and "topic write fedvlm/v1/fed/hub/state" in publisher
+    assert all(line.startswith("topic write ") and "updates" not in line for line in publisher)
     # Re-running (after a clients add) keeps the hub's broker password, so a running setup stays valid.
     lockdown.write_config()
     assert (out / "hub.password").read_text().strip() == lockdown.hub_password
@@ -192,6 +201,9 @@ def test_a_client_can_neither_read_nor_impersonate_another(lockdown: Lockdown, t
         bob_message = bob.send(b_factors(2), 1)
         assert bob.wait_ack(bob_message).accepted
         assert hub.wait_finished(20)
+        # The hub's acks, selections and state went out on its second connection, its own account.
+        assert hub._out is not None and hub._out is not hub._link
+        assert hub._out.address.username == f"{HUB_USER}-publisher"
         time.sleep(0.5)  # room for any stray delivery
 
         with HubStore.in_state_dir(lockdown.state, create=False) as store:
@@ -212,6 +224,40 @@ def test_a_client_can_neither_read_nor_impersonate_another(lockdown: Lockdown, t
         alice.close(announce_offline=False)
         bob.close(announce_offline=False)
         hub.stop()
+
+
+def test_a_broker_without_the_publisher_account_gets_every_publish_on_the_one_connection(lockdown: Lockdown):
+    """A broker set up by an older broker-config has no account for the hub's publisher: the hub
+    says so, and publishes on its one connection as before."""
+    passwords = lockdown.out / "passwords"
+    original = passwords.read_text()
+    passwords.write_text("".join(line for line in original.splitlines(keepends=True)
+                                 if not line.startswith(f"{HUB_USER}-publisher:")))  # fmt: skip
+    lockdown.mosquitto.reload()
+    publisher = publisher_password(lockdown.hub_password)
+    stream = io.StringIO()
+    hub = None
+    try:
+        deadline = time.monotonic() + 5
+        while True:  # SIGHUP is handled asynchronously
+            try:
+                lockdown.connect(f"{HUB_USER}-publisher", publisher).close()
+            except BrokerUnavailable:
+                break
+            assert time.monotonic() < deadline, "the publisher account still gets in after the reload"
+            time.sleep(0.1)
+        config = HubConfig(federation=FEDERATION, state_dir=lockdown.state, broker=f"mqtts://127.0.0.1:{lockdown.port}",
+                           username=HUB_USER, password=lockdown.hub_password, ca_file=str(lockdown.pki.ca_cert),
+                           mqtt_protocol="5", min_clients=2, rounds=1)  # fmt: skip
+        hub = HubService(config, console=Console(stream)).start()
+        assert hub._out is hub._link
+        assert "broker-config" in stream.getvalue() and f"{HUB_USER}-publisher" in stream.getvalue()
+        assert hub._out.flush(5)  # its state went out on the one connection
+    finally:
+        if hub is not None:
+            hub.stop()
+        passwords.write_text(original)
+        lockdown.mosquitto.reload()
 
 
 def test_hub_workers_on_their_own_accounts_share_a_round_and_may_do_no_more(tmp_path: Path):

@@ -83,8 +83,8 @@ def test_add_and_revoke_remind_to_refresh_the_broker_and_a_rerun_needs_no_option
     assert hub_main(["broker-config", "--state-dir", str(state_dir), "--out", str(out)]) == 0  # no options again
     conf = (out / "mosquitto.conf").read_text()
     assert "listener 18883\n" in conf and "certfile /pki/server.crt\n" in conf
-    assert {line.split(":")[0] for line in (out / "passwords").read_text().splitlines()} == {"fedvlm-hub", "dev-1",
-                                                                                              "dev-2"}
+    assert {line.split(":")[0] for line in (out / "passwords").read_text().splitlines()} == {
+        "fedvlm-hub", "fedvlm-hub-publisher", "dev-1", "dev-2"}
     capsys.readouterr()
     assert hub_main(["clients", "revoke", "dev-1", "--state-dir", str(state_dir)]) == 0
     assert "remove the broker account of 'dev-1'" in capsys.readouterr().out
