@@ -6,8 +6,8 @@ accuracy per question kind is printed first), then:
 
 1. ``few-shot`` (16 clients x 32 examples, 3 seeds, 4 late joiners): every client's camera is
    mounted its own way (mirrored and/or upside down: the personal part), and the questions ask
-   what the base never learnt, in the clients' own phrasing (side, height, whether one shape is
-   left or right of another, counts past four: the common part). Target: the best federated
+   what the base never learnt, in the clients' own phrasing (side, height, counts past four: the
+   common part; ``relation`` is not in the preset). Target: the best federated
    strategy >= +10 % relative personal accuracy over ``local``, and >= FedSA. Accuracy per
    question kind is reported beside the mean.
 2. ``concept-shift`` (8 clients, 3 seeds): pLoRA against FedIT (the paper's +24.5 %).
