@@ -6,8 +6,8 @@ accuracy per question kind is printed first), then:
 
 1. ``few-shot`` (16 clients x 32 examples, 3 seeds, 4 late joiners): every client's camera is
    mounted its own way (mirrored and/or upside down: the personal part), and the questions ask
-   what the base never learnt, in the clients' own phrasing (side, height, whether one shape is
-   left or right of another, counts past four: the common part). Target: the best federated
+   what the base never learnt, in the clients' own phrasing (side, height, counts past four: the
+   common part; ``relation`` is not in the preset). Target: the best federated
    strategy >= +10 % relative personal accuracy over ``local``, and >= FedSA. Accuracy per
    question kind is reported beside the mean.
 2. ``concept-shift`` (8 clients, 3 seeds): pLoRA against FedIT (the paper's +24.5 %).
@@ -113,7 +113,7 @@ def sweep_accuracy(entry: dict, seeds: tuple[int, ...]) -> float:
     return float(np.mean([per_seed[str(seed)] for seed in seeds]))
 
 
-def sweep_plot(sweep: dict[int, dict], out: Path) -> Path | None:
+def sweep_plot(sweep: dict[int, dict], out: Path, clients: int) -> Path | None:
     try:
         import matplotlib
 
@@ -129,7 +129,7 @@ def sweep_plot(sweep: dict[int, dict], out: Path) -> Path | None:
                   linewidth=2.2 if name == "local" else 1.4)
     axis.set_xscale("log", base=2)
     axis.set_xticks(sizes, [str(s) for s in sizes])
-    axis.set_xlabel("training examples per client (few-shot scenario, 16 clients)")
+    axis.set_xlabel(f"training examples per client (few-shot scenario, {clients} clients)")
     axis.set_ylabel("personal accuracy")
     return save_accuracy_figure(figure, axis, out / "examples_per_client.png", ncol=2, legend_size="x-small")
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             entries = {**{n: e for n, e in few_shot["strategies"].items() if n in strategies["sweep"]}, **entries}
         sweep[size] = {"strategies": {n: {**entries[n], "personal_accuracy": sweep_accuracy(entries[n], sweep_seeds)}
                                       for n in strategies["sweep"] if n in entries}}
-    plot = sweep_plot(sweep, args.out) if len(sweep) > 1 else None
+    plot = sweep_plot(sweep, args.out, args.few_shot_clients) if len(sweep) > 1 else None
 
     local, fedsa = few_shot["strategies"]["local"], few_shot["strategies"]["fedsa"]
     best_name, best = best_federated(few_shot)
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "paper_relative_gain": PAPER_RELATIVE_GAIN,
             "meets_paper": relative(plora["personal_accuracy"], fedit["personal_accuracy"]) >= PAPER_RELATIVE_GAIN,
         },
+        "few_shot_clients": args.few_shot_clients,
         "examples_per_client": {str(size): {n: e["personal_accuracy"] for n, e in s["strategies"].items()}
                                 for size, s in sorted(sweep.items())},
         "this_invocation_seconds": time.perf_counter() - started,
@@ -295,7 +296,8 @@ def summary_markdown(verdict: dict, few_shot: dict, concept: dict, plot: Path | 
               f"Concept shift: pLoRA {cs['plora_personal_accuracy']:.3f} ± {cs['plora_std']:.3f} vs FedIT "
               f"{cs['fedit_personal_accuracy']:.3f} ± {cs['fedit_std']:.3f}: {cs['relative_gain']:+.1%} relative "
               f"(paper +{cs['paper_relative_gain']:.1%}: {'met' if cs['meets_paper'] else 'NOT met'}).", "",
-              "Personal accuracy against examples per client (few-shot, 16 clients, the sweep's seeds):", "",
+              f"Personal accuracy against examples per client (few-shot, {verdict['few_shot_clients']} clients, the "
+              "sweep's seeds):", "",
               "| strategy | " + " | ".join(verdict["examples_per_client"]) + " |",
               "| --- |" + " ---: |" * len(verdict["examples_per_client"])]
     names = next(iter(verdict["examples_per_client"].values()))

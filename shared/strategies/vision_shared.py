@@ -40,22 +40,36 @@ class VisionShared(Strategy):
     Parameters:
         shared_parts: the model parts whose LoRA factors are shared, a subset of
             ``vision`` and ``projector`` (default both); every other part is personal.
+        language_factors: factors of the language model's LoRA that are shared too, ``"A"``
+            or nothing (default). ``"A"`` is FedSA's split on the language side (A, what to
+            read, averaged; B, what to write, personal): for federations whose common skill
+            is also in how the language model reads the picture (a new wording of a
+            question), while the clients' conventions stay in B. ``"B"`` is refused: it is the
+            side where the conventions are.
         ``new_aggregator(scaling)`` takes LoRA's lora_alpha / r (only checked).
     """
 
     name: ClassVar[str] = "vision-shared"
     shared_factors: ClassVar[frozenset[str]] = frozenset({"A", "B"})
 
-    def __init__(self, shared_parts: tuple[str, ...] | list[str] | str = _VISION_SIDE) -> None:
+    def __init__(self, shared_parts: tuple[str, ...] | list[str] | str = _VISION_SIDE,
+                 language_factors: tuple[str, ...] | list[str] | str = ()) -> None:
         parts = (shared_parts,) if isinstance(shared_parts, str) else tuple(shared_parts)
         unknown = [part for part in parts if part not in _VISION_SIDE]
         if not parts or unknown:
             raise UsageError(f"{self.name} option shared_parts must name some of {', '.join(_VISION_SIDE)}, got "
                              f"{shared_parts!r} (the language model's factors are always personal)")  # fmt: skip
         self.shared_parts = tuple(part for part in _VISION_SIDE if part in parts)
+        factors = (language_factors,) if isinstance(language_factors, str) else tuple(language_factors)
+        if any(factor != "A" for factor in factors):
+            raise UsageError(f"{self.name} option language_factors must be A or empty, got {language_factors!r} "
+                             "(the language model's B is where each client's answers are written: it stays personal)")
+        self.language_factors = tuple(sorted(set(factors)))
 
     def options(self) -> dict[str, Any]:
-        return {"shared_parts": list(self.shared_parts)}
+        # language_factors only when set, so the layout hash of the plain split stays what it was.
+        return {"shared_parts": list(self.shared_parts),
+                **({"language_factors": list(self.language_factors)} if self.language_factors else {})}
 
     def layout_options(self) -> dict[str, Any]:
         return self.options()
@@ -71,9 +85,14 @@ class VisionShared(Strategy):
         return dict(options)
 
     def shared_description(self) -> str:
-        return f"the lora_A and lora_B tensors of the {' and '.join(self.shared_parts)}"
+        language = " and the language model's lora_A tensors" if self.language_factors else ""
+        return f"the lora_A and lora_B tensors of the {' and '.join(self.shared_parts)}{language}"
 
     def shared_rank(self, key: str, rank: int) -> int:
-        if lora_keys.factor_of(key) is None:
+        factor = lora_keys.factor_of(key)
+        if factor is None:
             return 0
-        return rank if module_part(lora_keys.module_of(key)) in self.shared_parts else 0
+        part = module_part(lora_keys.module_of(key))
+        if part in self.shared_parts:
+            return rank
+        return rank if part == "language" and factor in self.language_factors else 0

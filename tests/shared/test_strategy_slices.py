@@ -136,3 +136,11 @@ def test_vision_shared_splits_by_model_part_and_needs_the_vision_side_adapted():
         build_strategy("vision-shared", {}, LoraSettings(r=RANK))
     with pytest.raises(UsageError, match="shared_parts must name some of vision, projector"):
         get_strategy("vision-shared", shared_parts=["language"])
+    # FedSA's split on the language side too: its A travels, its B (the clients' answers) stays.
+    with_language_a = build_strategy("vision-shared", {"language_factors": "A"}, lora)
+    shared_a = set(with_language_a.split(adapter)[0])
+    assert shared_a == set(shared) | {k for k in adapter if k.endswith("lora_A.weight") and ".language_model." in k}
+    assert any(".language_model." in k for k in shared_a - set(shared))
+    assert with_language_a.layout_hash(lora) != build_strategy("vision-shared", {}, lora).layout_hash(lora)
+    with pytest.raises(UsageError, match="language_factors must be A or empty"):
+        get_strategy("vision-shared", language_factors="B")
