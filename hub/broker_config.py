@@ -134,6 +134,9 @@ def publisher_username(hub_username: str) -> str:
 def publisher_password(hub_password: str) -> str:
     """The publisher account's password, derived one way from the hub's: whoever has the hub's
     login has more than this one, and the hub needs no second password file."""
+    if not hub_password:
+        raise HubError("the hub has no broker password to derive its publisher's from; give it one "
+                       "(fedvlm-hub broker-config writes hub.password)")
     digest = hmac.new(hub_password.encode("utf-8"), b"fedvlm-hub-publisher/v1", hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 

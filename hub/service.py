@@ -28,6 +28,7 @@ bytes), its state and the selections, and carries on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -292,15 +293,25 @@ class HubService:
         assert self._link is not None
         if self.config.uses_embedded_broker:
             return self._link  # a loopback broker for small federations: one connection does
+        if self.address.username and not self.address.password:
+            # The publisher's password is derived from the hub's: from an empty one anybody
+            # could derive it, so broker-config never makes that account.
+            return self._link
         address = publisher_address(self.address)
-        # No session to keep: it subscribes to nothing, and paho re-sends its unconfirmed messages.
+        # No session to keep: it subscribes to nothing, and paho re-sends its unconfirmed
+        # messages. The same last will as the first connection: the hub's state goes out on
+        # this one, so only its own will comes after its last state if the hub dies.
+        offline = self._hub_state(status=Presence.OFFLINE)
         link = MqttLink(address, f"fedvlm-hub-{self.config.federation}-publisher",
-                        protocol=self._link.protocol or "auto", persistent_session=False)  # fmt: skip
+                        protocol=self._link.protocol or "auto", persistent_session=False,
+                        will=Will(self.topics.hub_state(), offline.to_json()))  # fmt: skip
+        # Back after a drop (its will said offline meanwhile): the state, global and acks again.
+        link.on_reconnect.append(lambda: self._events.put(("reconnected",)))
         try:
             link.connect(timeout)
         except BrokerUnavailable as error:
-            self.console.event(f"publishing on the hub's one connection: the broker refused a second one for the hub's "
-                               f"own publishes ({error}). Under load acks then wait behind the updates; to give "
+            self.console.event(f"publishing on the hub's one connection: a second one for the hub's own publishes "
+                               f"could not connect ({error}). Under load acks then wait behind the updates; to give "
                                f"them their own, run `fedvlm-hub broker-config` again and reload the broker (it adds "
                                f"the account {address.username or 'of the hub publisher'})")  # fmt: skip
             return self._link
@@ -389,13 +400,13 @@ class HubService:
         if latest is not None:
             self._publish_global(latest)
         self._publish_state()
-        current = self._lifecycle.current
-        if current is not None and self._out is not None:
+        current, out = self._lifecycle.current, self._out
+        if current is not None and out is not None:
             acks = ((self.topics.client_ack(receipt.client_id),
                      Ack.accept(receipt.client_id, receipt.round, bytes.fromhex(receipt.message_id)).to_json())
                     for receipt in store.receipts(current.number))  # fmt: skip
             try:
-                self._out.publish_stream(acks, qos=1)
+                out.publish_stream(acks, qos=1)
             except BrokerUnavailable as error:
                 log.warning("could not acknowledge round %d's receipts again (%s)", current.number, error)
             # Retained already, unless the broker lost its retained messages: cheap to repeat.
@@ -573,7 +584,8 @@ class HubService:
         10,000 messages waiting in paho. Made on whichever thread has room (paho's, mostly):
         it reads only ``opened``'s fixed fields, and ``answered`` for membership.
         """
-        if self._out is None:
+        out = self._out  # read once: stop() may clear it from another thread
+        if out is None:
             return
 
         def selections():
@@ -587,7 +599,7 @@ class HubService:
                 yield self.topics.client_selection(client_id), selection.to_json()
 
         try:
-            self._out.publish_stream(selections(), qos=1, retain=True)
+            out.publish_stream(selections(), qos=1, retain=True)
         except BrokerUnavailable as error:
             log.warning("could not publish the selections of round %d (%s); they go out on reconnect",
                         opened.number, error)  # fmt: skip
@@ -702,9 +714,12 @@ class HubService:
         assert self._publisher is not None
         store = self._require_store()
         try:
-            # The broker's confirmations are awaited here, and paho's thread must be free to
-            # read them: meanwhile the inbox takes every chunk without waiting for room.
-            with self._events.unbounded():
+            # The broker's confirmations are awaited here. On the one connection paho's thread
+            # must be free to read them, so meanwhile the inbox takes every chunk without
+            # waiting for room; the publisher connection reads its own, and the inbox stays
+            # bounded (a publisher reconnecting after the first must not let chunks pile up).
+            one_connection = self._out is self._link
+            with self._events.unbounded() if one_connection else contextlib.nullcontext():
                 if not record.published:
                     self._publish_state(phase=RoundPhase.PUBLISHING)
                 self._publisher.publish(self._files.read(record.file_path), GlobalManifest.from_json(record.manifest))
@@ -773,12 +788,13 @@ class HubService:
 
     def _publish_state(self, phase: RoundPhase | None = None) -> None:
         """Publish the retained state; ``phase`` overrides it for a transient phase."""
-        if self._out is None:
+        out = self._out  # read once: stop() may clear it from another thread
+        if out is None:
             return
         state = self._hub_state(phase=phase)
         try:
             # Pipelined: paho keeps it (QoS 1) and sends it again after a reconnect.
-            self._out.publish_nowait(self.topics.hub_state(), state.to_json(), qos=1, retain=True)
+            out.publish_nowait(self.topics.hub_state(), state.to_json(), qos=1, retain=True)
         except BrokerUnavailable as error:
             log.warning("could not publish the hub state (%s); will retry", error)
             self._state_dirty = True
@@ -795,10 +811,11 @@ class HubService:
                              "hub_host": socket.gethostname(), "hub_state_at": repr(self._clock())})  # fmt: skip
 
     def _send_ack(self, ack: Ack) -> None:
-        if self._out is None:
+        out = self._out  # read once: stop() may clear it from another thread
+        if out is None:
             return
         try:
-            self._out.publish_nowait(self.topics.client_ack(ack.client_id), ack.to_json(), qos=1, retain=False)
+            out.publish_nowait(self.topics.client_ack(ack.client_id), ack.to_json(), qos=1, retain=False)
         except BrokerUnavailable as error:
             # The verdict stands either way; a client without an ack re-sends and is answered then.
             log.warning("could not acknowledge %s's message %s: %s", ack.client_id, ack.message_id, error)

@@ -593,6 +593,11 @@ class MqttLink:
         # paho marks the message's info as published right after this callback. A PUBACK
         # makes room in the window for the next nowait message (any publish's PUBACK may
         # land here: popping a packet id the window does not hold does nothing).
+        if getattr(reason_code, "is_failure", False):
+            # An MQTT 5 broker that does not allow the topic says so here and drops the
+            # message: say it, or an account set up without its ACL loses every publish silently.
+            log.warning("the broker refused message %s from %s: %s (check this account's ACL)",
+                        mid, self.address.username or self.client_id, reason_code)  # fmt: skip
         if self._backlog or self._in_paho:
             try:
                 self._fill_window(confirmed_mid=mid)

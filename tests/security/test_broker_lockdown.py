@@ -20,7 +20,7 @@ from fedvlm.hub.service import HubService
 from fedvlm.hub.store import HubStore
 from fedvlm.shared.broker_credentials import broker_password
 from fedvlm.shared.mqtt_link import BrokerUnavailable, MqttLink
-from fedvlm.shared.protocol import Announcement, Presence, Topics, new_message_id
+from fedvlm.shared.protocol import Announcement, HubState, Presence, Topics, new_message_id
 from tests.brokers import free_port
 from tests.hub.fake_clients import FakeClient, b_factors
 from tests.security.locked_broker import LockedMosquitto, Login, make_pki
@@ -258,6 +258,40 @@ def test_a_broker_without_the_publisher_account_gets_every_publish_on_the_one_co
             hub.stop()
         passwords.write_text(original)
         lockdown.mosquitto.reload()
+
+
+def test_when_the_publisher_connection_drops_its_will_says_offline_and_the_hub_says_online_again(lockdown: Lockdown):
+    """The hub's state goes out on its second connection, so that connection carries the last
+    will too; once it is back the hub publishes its state again (not only when the first
+    connection reconnects). The drop: another login on the publisher account, which
+    use_username_as_clientid makes the same MQTT client, knocks the hub's off."""
+    config = HubConfig(federation=FEDERATION, state_dir=lockdown.state, broker=f"mqtts://127.0.0.1:{lockdown.port}",
+                       username=HUB_USER, password=lockdown.hub_password, ca_file=str(lockdown.pki.ca_cert),
+                       mqtt_protocol="5", min_clients=2, rounds=1)  # fmt: skip
+    hub = HubService(config, console=Console(io.StringIO())).start()
+    reader = None
+    try:
+        assert hub._out is not hub._link
+        statuses: list[Presence] = []
+        reader = lockdown.connect("alice", broker_password(lockdown.secrets["alice"]))
+        reader.subscribe(Topics(FEDERATION).hub_state(),
+                         lambda topic, payload, retained: statuses.append(HubState.from_json(payload).status))
+        _wait_for(lambda: statuses and statuses[-1] is Presence.ONLINE, "the hub's state online")
+        intruder = lockdown.connect(f"{HUB_USER}-publisher", publisher_password(lockdown.hub_password))
+        intruder.close()
+        _wait_for(lambda: Presence.OFFLINE in statuses, "the publisher connection's will")
+        _wait_for(lambda: statuses[-1] is Presence.ONLINE, "the state published again once it is back")
+    finally:
+        if reader is not None:
+            reader.close()
+        hub.stop()
+
+
+def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.05)
 
 
 def test_hub_workers_on_their_own_accounts_share_a_round_and_may_do_no_more(tmp_path: Path):
