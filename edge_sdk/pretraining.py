@@ -225,11 +225,11 @@ def deterministic_cpu_build(seed: int):
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    # Cheap on the CPU (few ops have a nondeterministic kernel there); warn_only, so an op without
-    # a deterministic version on some backend warns instead of failing the build.
-    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
+        torch.set_num_threads(1)
+        # Cheap on the CPU (few ops have a nondeterministic kernel there); warn_only, so an op without
+        # a deterministic version on some backend warns instead of failing the build.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             yield
