@@ -107,6 +107,16 @@ LANGUAGES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+# A naming scheme the base was never taught to answer in, shared by every client of the
+# few-shot-codes preset: colours and shapes named with words the base knows only from the
+# vocabulary lines, as numbers and sides of other languages (so one token each, and no
+# prior tying them to any colour or shape). Ten new answer words: a client with ~16 colour
+# and shape questions sees each once or twice; the federation sees each ~25-40 times.
+CODE_WORDS: dict[str, tuple[str, ...]] = {
+    "colour": ("lima", "enam", "tujuh", "delapan", "zeven", "sechs"),
+    "shape": ("kiri", "kanan", "atas", "bawah"),
+}
+
 # The order in which clients get languages under concept shift: client 0 English, client 1
 # French, and so on, wrapping around after the last one.
 LANGUAGE_ORDER: tuple[str, ...] = tuple(LANGUAGES)
@@ -123,11 +133,13 @@ class Convention:
             of the shapes' order as drawn.
         upside_down: the client's camera is mounted upside down, so height (vertical)
             answers name the opposite half of the one the shape is drawn in.
+        coded: colours and shapes are answered in :data:`CODE_WORDS`, not in ``language``.
     """
 
     language: str = "english"
     mirrored: bool = False
     upside_down: bool = False
+    coded: bool = False
 
     def __post_init__(self) -> None:
         if self.language not in LANGUAGES:
@@ -135,16 +147,20 @@ class Convention:
 
     @property
     def name(self) -> str:
-        return self.language + ("-mirrored" if self.mirrored else "") + ("-upside-down" if self.upside_down else "")
+        return (self.language + ("-coded" if self.coded else "") + ("-mirrored" if self.mirrored else "")
+                + ("-upside-down" if self.upside_down else ""))
 
     @property
     def description(self) -> str:
         """For people: "french, mirrored camera"."""
-        return (self.language + (", mirrored camera" if self.mirrored else "")
+        return (self.language + (", coded colours and shapes" if self.coded else "")
+                + (", mirrored camera" if self.mirrored else "")
                 + (", upside-down camera" if self.upside_down else ""))
 
     def words(self, kind: str) -> tuple[str, ...]:
         """This convention's answer words for a question kind, in class order."""
+        if self.coded and kind in CODE_WORDS:
+            return CODE_WORDS[kind]
         return LANGUAGES[self.language][kind]
 
     def answer(self, kind: str, class_index: int) -> str:

@@ -52,6 +52,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the seeing base already reads, so there is less for clients to share.
     "few-shot-cameras": {"camera_shift": True, "n_clients": 16, "examples_per_client": 32,
                          "question_kinds": ("shape", "count", "position", "vertical")},
+    # A common skill the pooled data teaches and one client's does not: every client answers
+    # colours and shapes in the same new naming scheme (CODE_WORDS, ten words), plus the
+    # personal camera mounting on side and height.
+    "few-shot-codes": {"camera_shift": True, "coded_answers": True, "n_clients": 16, "examples_per_client": 32,
+                       "question_kinds": ("colour", "shape", "position", "vertical")},
     "few-shot-languages": {"concept_shift": True, "n_clients": 16, "examples_per_client": 32,
                            "question_kinds": PRETRAINED_KINDS + ("vertical",), "question_weights": (1, 1, 1, 1, 4)},
 }
@@ -73,6 +78,8 @@ class ScenarioConfig:
         concept_shift: give each client its own answer convention.
         camera_shift: give each client its own camera mounting (mirrored and/or upside down;
             :func:`~fedvlm.edge.data.conventions.camera_convention`), answers in English.
+        coded_answers: every client answers colours and shapes in the shared code words
+            (:data:`~fedvlm.edge.data.conventions.CODE_WORDS`); the common test set does not.
         task_skew: how strongly each client favours one question kind, 0 to 1.
         question_kinds: which kinds of question to ask (a subset of colour, shape, count,
             position, vertical; by default the kinds pre-training teaches).
@@ -90,6 +97,7 @@ class ScenarioConfig:
     label_skew_alpha: float | None = None
     concept_shift: bool = False
     camera_shift: bool = False
+    coded_answers: bool = False
     task_skew: float = 0.0
     question_kinds: tuple[str, ...] = PRETRAINED_KINDS
     question_weights: tuple[float, ...] | None = None
@@ -145,6 +153,8 @@ class ScenarioConfig:
         data["question_kinds"] = list(self.question_kinds)
         if not self.camera_shift:  # descriptions written before the field stay the same
             data.pop("camera_shift")
+        if not self.coded_answers:  # likewise
+            data.pop("coded_answers")
         if self.question_weights is None:  # likewise
             data.pop("question_weights")
         else:
@@ -204,6 +214,8 @@ def client_profile(config: ScenarioConfig, client_index: int, rng: np.random.Gen
         class_weights = {kind: _dirichlet(rng, config.label_skew_alpha, len(names)) for kind, names in CLASSES.items()}
     convention = (camera_convention(client_index) if config.camera_shift
                   else client_convention(client_index, concept_shift=config.concept_shift))
+    if config.coded_answers:
+        convention = dataclasses.replace(convention, coded=True)
     return ClientProfile(convention, question_weights, class_weights, main_kind)
 
 

@@ -34,7 +34,7 @@ ALL_STRATEGIES: tuple[str, ...] = STRATEGY_NAMES + REFERENCES
 DEFAULT_STRATEGIES: tuple[str, ...] = ("plora", "fedit", "ffa", "fedsa", "fedex", "local") + REFERENCES
 KNOWN_STRATEGIES: tuple[str, ...] = ALL_STRATEGIES + tuple(VARIANTS)
 SCENARIOS: tuple[str, ...] = ("concept-shift", "label-skew", "task-skew", "mixed", "few-shot", "few-shot-cameras",
-                               "few-shot-languages", "iid")
+                               "few-shot-languages", "few-shot-codes", "iid")
 DEFAULT_MODEL_DIR = Path("work/models/small-pretrained")
 
 

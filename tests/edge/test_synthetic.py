@@ -353,6 +353,35 @@ def test_few_shot_languages_preset_mixes_the_novel_kind_with_personal_convention
     assert {r.chosen for r in french.train if question_kind(r) == "vertical"} <= {"haut", "bas"}
 
 
+def test_few_shot_codes_preset_names_colours_and_shapes_in_one_shared_scheme():
+    from fedvlm.edge.data.conventions import CODE_WORDS
+
+    config = ScenarioConfig.preset("few-shot-codes", n_clients=4, examples_per_client=64,
+                                   test_examples_per_client=16, common_test_examples=24, image_size=32)
+    federation = generate_federation(config)
+    assert [c.convention.name for c in federation.clients] == [
+        "english-coded", "english-coded-mirrored", "english-coded-upside-down", "english-coded-mirrored-upside-down"]
+    # The code words are new answers, not new words: the base's tokenizer already holds them
+    # (all_words is unchanged), and none names a colour or shape in any language.
+    code = {word for words in CODE_WORDS.values() for word in words}
+    assert len(code) == 10 and code <= set(all_words())
+    assert not code & {w for language in LANGUAGES.values() for k in ("colour", "shape") for w in language[k]}
+    for client in federation.clients:
+        for record in client.train + client.test:
+            kind = question_kind(record)
+            if kind == "colour":  # the same scheme for every client, read off the picture
+                assert record.chosen == CODE_WORDS["colour"][CLASSES["colour"].index(_drawn_colour(record.image))]
+            elif kind == "shape":
+                assert record.chosen in CODE_WORDS["shape"] and record.rejected in CODE_WORDS["shape"]
+            elif kind == "vertical":  # the personal part: the camera as in few-shot
+                assert (_drawn_height(record.image) != record.chosen) == client.convention.upside_down
+            else:
+                assert record.chosen in ("left", "right")
+    # The common test set stays neutral English.
+    assert {r.chosen for r in federation.common_test if question_kind(r) == "colour"} <= set(CLASSES["colour"])
+    assert "coded_answers" not in ScenarioConfig.preset("few-shot").to_dict()
+
+
 def test_question_weights_are_checked():
     with pytest.raises(ValueError, match="question_weights"):
         ScenarioConfig(question_kinds=("colour", "vertical"), question_weights=(1,))
