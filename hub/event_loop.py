@@ -1,8 +1,9 @@
-"""The loop of the hub's thread and of a hub worker's: events in arrival order, group commits, a clock.
+"""The loop of the hub's thread and of a hub worker's: events in arrival order, group commits
+that wait a bounded time, a clock.
 
 Both take events off a queue that paho's network thread fills, one at a time, on one
-thread that owns everything else (so none of it needs locks), and both must commit a burst
-of updates together once it is taken and look at the clock a few times a second even
+thread that owns everything else (so none of it needs locks), and both must commit accepted
+updates in batches that wait a bounded time and look at the clock a few times a second even
 while a backlog drains. A bug costs one event or one tick, never the thread: the broker
 re-sends whatever was not acknowledged.
 """
@@ -22,23 +23,33 @@ log = logging.getLogger(__name__)
 
 
 def serve_events(events: queue.Queue[tuple[Any, ...]], stop: threading.Event, *, handle: Callable[[tuple[Any, ...]], None],
-                 burst_taken: Callable[[], None], tick: Callable[[float], None], tick_s: float, owner: str) -> None:  # fmt: skip
-    """Until ``stop`` is set: ``handle`` each event (its first item names it), ``burst_taken``
-    once the queue is empty after one, and ``tick(time.monotonic())`` at least every
-    ``tick_s``. ``owner`` names the thread in the log ("hub", "worker 1")."""
+                 commit: Callable[[], object], commit_due: Callable[[], float | None], tick: Callable[[float], None],
+                 tick_s: float, owner: str) -> None:  # fmt: skip
+    """Until ``stop`` is set: ``handle`` each event (its first item names it), ``commit()``
+    once the time ``commit_due()`` gives (``time.monotonic()``; None: nothing waits) has
+    passed, and ``tick(time.monotonic())`` every ``tick_s``. The wait for the next event
+    ends at whichever comes first, so a batch never waits longer than its bound, busy inbox
+    or idle. ``owner`` names the thread in the log ("hub", "worker 1")."""
     last_tick = 0.0
     while not stop.is_set():
+        now = time.monotonic()
+        wait = last_tick + tick_s - now
+        due = commit_due()
+        if due is not None:
+            wait = min(wait, due - now)
+        event = None
         try:
-            event = events.get(timeout=tick_s)
+            event = events.get(timeout=max(0.0, wait))
         except queue.Empty:
-            event = None
+            pass
         try:
             if event is not None:
                 handle(event)
-                if events.empty():
-                    burst_taken()  # group commit: whatever came in together
             now = time.monotonic()
-            if event is None or now - last_tick >= tick_s:
+            due = commit_due()
+            if due is not None and now >= due:
+                commit()  # group commit: the batch's oldest update has waited its bound
+            if now - last_tick >= tick_s:
                 last_tick = now
                 tick(now)
         except Exception:  # a bug must cost one event, never the thread

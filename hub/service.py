@@ -453,7 +453,8 @@ class HubService:
 
     def _run(self) -> None:
         serve_events(self._events, self._stop_requested, handle=self._dispatch,
-                     burst_taken=lambda: self._require_intake().flush(), tick=lambda _: self._tick(), tick_s=_TICK_S,
+                     commit=lambda: self._require_intake().flush(),
+                     commit_due=lambda: self._require_intake().commit_due(), tick=lambda _: self._tick(), tick_s=_TICK_S,
                      owner="hub")  # fmt: skip
 
     def _dispatch(self, event: tuple[Any, ...]) -> None:

@@ -194,7 +194,8 @@ class HubWorker:
     # ================================================================== the worker thread
     def _run(self) -> None:
         serve_events(self._events, self._stop_requested, handle=lambda event: self._on_chunk(*event),
-                     burst_taken=lambda: self._require_intake().flush(), tick=self._tick, tick_s=_TICK_S,
+                     commit=lambda: self._require_intake().flush(),
+                     commit_due=lambda: self._require_intake().commit_due(), tick=self._tick, tick_s=_TICK_S,
                      owner=f"worker {self.index}")  # fmt: skip
         try:
             self._require_intake().flush()

@@ -1,0 +1,61 @@
+"""The event loop's group commit waits a bounded time: not before, not (much) after."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from fedvlm.hub.event_loop import serve_events
+
+DELAY_S = 0.05
+
+
+class _Batch:
+    """What the loop sees of an intake: events join a batch; a commit empties it."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.size = 0
+        self.commits: list[tuple[int, float]] = []  # (size, how long its oldest event waited)
+
+    def add(self, _event: object) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+        self.size += 1
+
+    def due(self) -> float | None:
+        return None if self.since is None else self.since + DELAY_S
+
+    def commit(self) -> None:
+        assert self.since is not None
+        self.commits.append((self.size, time.monotonic() - self.since))
+        self.since, self.size = None, 0
+
+
+def _serve(events: queue.Queue, batch: _Batch, stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=serve_events, args=(events, stop), daemon=True,
+                              kwargs=dict(handle=batch.add, commit=batch.commit, commit_due=batch.due,
+                                          tick=lambda _: None, tick_s=1.0, owner="test"))  # fmt: skip
+    thread.start()
+    return thread
+
+
+def test_a_batch_commits_once_its_oldest_event_waited_the_bound_even_while_events_keep_coming() -> None:
+    events: queue.Queue = queue.Queue()
+    batch, stop = _Batch(), threading.Event()
+    thread = _serve(events, batch, stop)
+    end = time.monotonic() + 4 * DELAY_S
+    sent = 0
+    while time.monotonic() < end:  # an inbox that is never empty for long: one event every ms
+        events.put(("update",))
+        sent += 1
+        time.sleep(0.001)
+    time.sleep(2 * DELAY_S)
+    stop.set()
+    thread.join(2.0)
+    assert sum(size for size, _ in batch.commits) == sent  # nothing left waiting
+    # Batches of many events, not one commit per moment the inbox was empty.
+    assert len(batch.commits) <= 8 and max(size for size, _ in batch.commits) > 10
+    for _, waited in batch.commits:
+        assert DELAY_S <= waited < DELAY_S + 0.1
