@@ -93,6 +93,8 @@ _RECENT_ACKS_KEPT = 1024
 # delay costs a device at most 100 ms on its ack and the broker's window at most the 64
 # updates' chunks a full batch always held, never safety. The round's end does not wait
 # for it: the round counts an update when it is judged and commits before aggregating.
+# A lone update does not wait for it either: the event loop commits once the inbox has been
+# quiet for 5 ms (``serve_events``).
 COMMIT_DELAY_S = 0.1
 # Verdicts that say "not now" rather than "not this update": they hold only while the round
 # stays where it was, so the same message sent again after the round moved on (it opened,

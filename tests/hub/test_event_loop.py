@@ -33,10 +33,11 @@ class _Batch:
         self.since, self.size = None, 0
 
 
-def _serve(events: queue.Queue, batch: _Batch, stop: threading.Event) -> threading.Thread:
+def _serve(events: queue.Queue, batch: _Batch, stop: threading.Event, quiet_commit_s: float = 0.005) -> threading.Thread:
     thread = threading.Thread(target=serve_events, args=(events, stop), daemon=True,
                               kwargs=dict(handle=batch.add, commit=batch.commit, commit_due=batch.due,
-                                          tick=lambda _: None, tick_s=1.0, owner="test"))  # fmt: skip
+                                          tick=lambda _: None, tick_s=1.0, owner="test",
+                                          quiet_commit_s=quiet_commit_s))  # fmt: skip
     thread.start()
     return thread
 
@@ -44,7 +45,8 @@ def _serve(events: queue.Queue, batch: _Batch, stop: threading.Event) -> threadi
 def test_a_batch_commits_once_its_oldest_event_waited_the_bound_even_while_events_keep_coming() -> None:
     events: queue.Queue = queue.Queue()
     batch, stop = _Batch(), threading.Event()
-    thread = _serve(events, batch, stop)
+    # No quiet commits here: a loaded machine may stretch a 1 ms sleep past 5 ms.
+    thread = _serve(events, batch, stop, quiet_commit_s=1.0)
     end = time.monotonic() + 4 * DELAY_S
     sent = 0
     while time.monotonic() < end:  # an inbox that is never empty for long: one event every ms
@@ -59,3 +61,15 @@ def test_a_batch_commits_once_its_oldest_event_waited_the_bound_even_while_event
     assert len(batch.commits) <= 8 and max(size for size, _ in batch.commits) > 10
     for _, waited in batch.commits:
         assert DELAY_S <= waited < DELAY_S + 0.1
+
+
+def test_a_lone_event_is_committed_as_soon_as_the_inbox_stays_quiet_not_after_the_whole_bound() -> None:
+    events: queue.Queue = queue.Queue()
+    batch, stop = _Batch(), threading.Event()
+    thread = _serve(events, batch, stop)
+    events.put(("update",))
+    time.sleep(2 * DELAY_S)
+    stop.set()
+    thread.join(2.0)
+    assert len(batch.commits) == 1 and batch.commits[0][0] == 1
+    assert batch.commits[0][1] < DELAY_S / 2  # quiet for 5 ms, not the 50 ms bound
