@@ -316,7 +316,7 @@ class Swarm:
         self._selector.register(sock, selectors.EVENT_READ, device)
 
     def _on_socket_close(self, client, device: _Device, sock) -> None:
-        self._track_upload(device, False)
+        self._track_upload(device, False, sock)
         try:
             self._selector.unregister(sock)
         except (KeyError, ValueError):
@@ -338,12 +338,13 @@ class Swarm:
             if device.client is not None:
                 device.client.loop_write()
 
-    def _track_upload(self, device: _Device, on_its_way: bool) -> None:
+    def _track_upload(self, device: _Device, on_its_way: bool, sock=None) -> None:
+        sock = sock if sock is not None else device.sock  # paho names the socket it closes
         try:
             if on_its_way:
-                self._uploading.register(device.sock, selectors.EVENT_READ, device)
+                self._uploading.register(sock, selectors.EVENT_READ, device)
             else:
-                self._uploading.unregister(device.sock)
+                self._uploading.unregister(sock)
         except (KeyError, ValueError, OSError):
             pass
 
