@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from fedvlm.edge.device_inbox import DeviceInbox
 from fedvlm.edge.device_state import DeviceState, check_compatible, load_state, save_state
 from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.privacy import DPConfig, PrivacySpent, UpdatePrivatizer
@@ -213,7 +214,7 @@ class EdgeClient:
         self.manifest: GlobalManifest | None = None
         self.selection: Selection | None = None  # the latest the hub sent this device
         self.reports: list[RoundReport] = []
-        self._events: queue.Queue = queue.Queue()
+        self._events = DeviceInbox()
         self._reassembler = Reassembler(timeout_s=120)
         self._fetching_version: int | None = None
         self._refetches: dict[int, int] = {}  # global version -> failed fetches
@@ -339,7 +340,9 @@ class EdgeClient:
             return self._maybe_take_part()
         if kind == "manifest":
             manifest = GlobalManifest.from_json(payload)
-            if manifest.federation == self.federation:
+            # Never back to an older version: the device would wait for chunks long cleared.
+            newer = self.manifest is None or manifest.version >= self.manifest.version
+            if manifest.federation == self.federation and newer:
                 self.manifest = manifest
                 self._fetch_global_if_newer()
             return self._maybe_take_part()
@@ -692,8 +695,7 @@ class EdgeClient:
                         next_resend = time.monotonic() + resend_every
                 deferred.append((kind, payload))
         finally:
-            for event in deferred:  # handled after the round, in order
-                self._events.put(event)
+            self._events.put_back(deferred)  # handled after the round, before anything newer
         return None
 
     # ---- the update kept until acknowledged -------------------------------------------------------

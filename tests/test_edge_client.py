@@ -375,7 +375,31 @@ def test_an_unanswered_update_is_sent_again_as_soon_as_the_hub_is_back_online(tm
     started = time.monotonic()
     ack = client._wait_for_ack(message_id, hub, resend=resend)
     assert ack.accepted and len(resent) == 1 and resent[0] - started < 2.0  # not the 15 s timer
-    assert [kind for kind, _ in list(client._events.queue)] == ["hub_state", "hub_state"]  # handled after
+    client._events.put(("manifest", b"arrived after the ack"))
+    # What the wait read past is handled after the round, and before anything newer.
+    assert [kind for kind, _ in client._events.pending()] == ["hub_state", "hub_state", "manifest"]
+
+
+def test_a_device_never_goes_back_to_an_older_global_manifest(tmp_path, tiny_model_dir, tiny_federation):
+    """An old retained manifest re-delivered after a reconnect must not replace a newer one:
+    the device would wait for chunks the hub has already cleared (the broker-restart stall)."""
+    import time
+
+    from fedvlm.shared.protocol import GlobalManifest
+
+    client = EdgeClient(tiny_model_dir, tiny_federation.clients[0].train, "mqtt://127.0.0.1:1", "fed", "a", "s" * 43,
+                        tmp_path / "device", training=QUICK, quantization="none")  # fmt: skip
+
+    def manifest(version: int) -> bytes:
+        return GlobalManifest(federation="fed", version=version, round=version, strategy="plora",
+                              payload_sha256="0" * 64, total_size=1, chunk_count=1, chunk_size=65536,
+                              base_fingerprint="base", lora_config_hash="lora", created_at=time.time()).to_json()  # fmt: skip
+
+    client._handle("manifest", manifest(2))
+    client._handle("manifest", manifest(1))
+    assert client.manifest.version == 2
+    client._handle("manifest", manifest(3))
+    assert client.manifest.version == 3
 
 
 def _without_rejected(examples):
