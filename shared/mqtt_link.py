@@ -230,6 +230,7 @@ class MqttLink:
         # (the broker re-sends that message on the resumed session, and its packet id may
         # already name another message).
         self._generation = 0
+        self._session_open = False  # CONNACK handled and not disconnected since (under _lock)
         # The window of publishes nobody waits on (see the module doc): what waits its turn
         # (messages and generators of messages, in order), what is in paho (packet id:
         # paho's info, until the PUBACK) and how many are being handed over right now.
@@ -306,6 +307,9 @@ class MqttLink:
             return
         with self._lock:
             self._generation += 1
+            # From here on subscribe() sends its own SUBSCRIBE: one added after this snapshot
+            # but before ``connected`` is set would otherwise wait for the next reconnect.
+            self._session_open = True
             subscriptions = list(self._subscriptions.items())
             self._unacked_subscriptions.clear()
             self._early_subacks.clear()
@@ -325,6 +329,8 @@ class MqttLink:
         if not self._ever_connected and self._connect_error is None:
             # Closed before CONNACK: typically a broker that does not speak this MQTT version.
             self._connect_error = f"the broker closed the connection ({reason_code})"
+        with self._lock:
+            self._session_open = False
         self.connected.clear()
         self.subscribed.clear()
         # Before the first CONNACK a disconnect is part of connect()'s attempts (a refused
@@ -373,7 +379,8 @@ class MqttLink:
         """
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler, manual_ack)
-        if self._client is not None and self.connected.is_set():
+            send_now = self._session_open  # else the next CONNACK's snapshot includes it
+        if self._client is not None and send_now:
             self._send_subscribe(self._client, topic_filter, qos)
             self._update_subscribed()
 

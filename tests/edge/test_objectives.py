@@ -95,9 +95,9 @@ def test_dpo_teaches_the_model_to_prefer_chosen(tiny_model_dir):
     model = _model(tiny_model_dir)
     pairs = colour_pairs()
     before = model.evaluate(pairs)
-    # 40 steps: at 25 the margin was 0.2 from one starting point and above 0.5 from another (the
-    # suite's order decides), too near the line; at 40 it is 0.87 from the one that was short.
-    model.train(pairs, TrainingConfig(steps=40, batch_size=6, learning_rate=2e-2, progress=False,
+    # Learning rate 1e-2: at 2e-2 DPO overshoots on these 3 pairs, and whether one pair ends the
+    # wrong way round depended on the run (2/3 or 3/3 at 40 steps). At 1e-2 the margin is 2.0.
+    model.train(pairs, TrainingConfig(steps=40, batch_size=6, learning_rate=1e-2, progress=False,
                                       objective=DpoObjective(beta=0.5)))
     after = model.evaluate(pairs, reference=before.scores, beta=0.5)
     assert after.preference_accuracy == 1.0
