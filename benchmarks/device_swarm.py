@@ -251,6 +251,10 @@ class Swarm:
         next_misc = time.monotonic() + _MISC_EVERY_S
         while not self._stop.is_set():
             reads = 0
+            # Writers noted in the last pass and not served by a break within it (a pass of
+            # fewer than _READS_BEFORE_WRITING reads has none): the selector's EVENT_WRITE
+            # serves them, so the list starts empty and never grows across passes.
+            self._fresh_writers.clear()
             for key, mask in self._selector.select(timeout=0.05):
                 device = key.data
                 if device is None:

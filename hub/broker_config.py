@@ -58,6 +58,8 @@ __all__ = [
     "publisher_username",
     "publisher_password",
     "publisher_address",
+    "is_hub_account",
+    "hub_username_of",
     "write_broker_config",
 ]
 
@@ -131,6 +133,26 @@ def publisher_username(hub_username: str) -> str:
     return f"{hub_username}-publisher"
 
 
+def is_hub_account(name: str, hub_username: str = DEFAULT_HUB_USERNAME) -> bool:
+    """Whether ``name`` is (or would be) one of the hub's broker accounts: the hub's, its
+    publisher's, or a worker's (any index). A device of that name could not get a broker
+    account of its own, so ``clients add`` refuses it."""
+    if name in (hub_username, publisher_username(hub_username)):
+        return True
+    prefix = worker_username(hub_username, 0)[:-1]
+    return name.startswith(prefix) and name[len(prefix):].isdigit() and name[len(prefix):].isascii()
+
+
+def hub_username_of(store: HubStore) -> str:
+    """The hub's broker username as broker-config was last run with (the default if never)."""
+    try:
+        options = json.loads(store.get_meta(_OPTIONS_META) or "{}")
+    except ValueError:
+        options = {}
+    name = options.get("hub_username") if isinstance(options, dict) else None
+    return name if isinstance(name, str) and name else DEFAULT_HUB_USERNAME
+
+
 def publisher_password(hub_password: str) -> str:
     """The publisher account's password, derived one way from the hub's: whoever has the hub's
     login has more than this one, and the hub needs no second password file."""
@@ -158,6 +180,15 @@ def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME, workers:
     def pattern(topic: str) -> str:
         return topic.replace(_USERNAME_STANDIN, "%u")
 
+    # The device patterns below apply to every account, the hub's own included. The hub's
+    # account reads and writes its whole tree anyway; its publisher and workers must not
+    # act as a device of their own name (announce, send updates, read acks as one): mosquitto
+    # checks a user's ``deny`` lines before any grant, patterns included.
+    own_topics = sorted({topic for topic in (*client.publish, *client.subscribe) if _USERNAME_STANDIN in topic})
+
+    def not_a_device(username: str) -> list[str]:
+        return [f"topic deny {topic.replace(_USERNAME_STANDIN, username)}" for topic in own_topics]
+
     lines = [
         f"# FedVLM federation {federation!r}: written by fedvlm-hub broker-config.",
         "# Devices log in with their client id as username (use_username_as_clientid in mosquitto.conf).",
@@ -172,6 +203,7 @@ def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME, workers:
         "# the hub's second connection: its own publishes (state, global versions, selections, acks)",
         f"user {publisher_username(hub_username)}",
         *(f"topic write {topic}" for topic in topics.hub_publisher_permissions().publish),
+        *not_a_device(publisher_username(hub_username)),
         "",
     ]
     for index in range(workers):
@@ -180,7 +212,8 @@ def acl_text(federation: str, hub_username: str = DEFAULT_HUB_USERNAME, workers:
         lines += [f"# hub worker {index}: its share of the updates, chunks relayed to it; relays and acks",
                   f"user {worker_username(hub_username, index)}",
                   *(f"topic read {topic}" for topic in worker.subscribe),
-                  *(f"topic write {topic}" for topic in worker.publish), ""]  # fmt: skip
+                  *(f"topic write {topic}" for topic in worker.publish),
+                  *not_a_device(worker_username(hub_username, index)), ""]  # fmt: skip
     lines += [
         "# every device (%u = its username = its client id). The hub's broadcasts are patterns",
         "# without %u on purpose: patterns apply to every account, plain 'topic' lines here would",

@@ -31,6 +31,7 @@ def register_client(state_dir: str | Path, client_id: str, *, secrets_key_file: 
         raise ClientRegistryError(f"cannot register {client_id!r}: {error}") from None
     secret = new_client_secret()
     with HubStore.in_state_dir(state_dir, secrets_key_file=secrets_key_file) as store:
+        _refuse_hub_accounts(store, [client_id])
         store.add_client(client_id, secret, time.time())
     return secret
 
@@ -45,8 +46,23 @@ def register_clients(state_dir: str | Path, client_ids: list[str], *,
             raise ClientRegistryError(f"cannot register {client_id!r}: {error}") from None
     secrets = {client_id: new_client_secret() for client_id in client_ids}
     with HubStore.in_state_dir(state_dir, secrets_key_file=secrets_key_file) as store:
+        _refuse_hub_accounts(store, client_ids)
         store.add_clients(secrets, time.time())
     return secrets
+
+
+def _refuse_hub_accounts(store: HubStore, client_ids: list[str]) -> None:
+    """A device named like one of the hub's broker accounts could never log in to the broker
+    as itself (the account is the hub's, its publisher's or a worker's): refused now, not
+    when broker-config runs."""
+    from .broker_config import hub_username_of, is_hub_account
+
+    hub_username = hub_username_of(store)
+    for client_id in client_ids:
+        if is_hub_account(client_id, hub_username):
+            raise ClientRegistryError(f"cannot register {client_id!r}: it is the name of one of the hub's broker "
+                                      f"accounts (the hub's {hub_username!r}, its publisher's or a worker's); "
+                                      "choose another name")  # fmt: skip
 
 
 def revoke_client(state_dir: str | Path, client_id: str) -> None:

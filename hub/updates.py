@@ -182,11 +182,11 @@ def decode_update(envelope: VerifiedEnvelope, rules: UpdateRules, pins: Federati
     new_pins: dict[str, str] = {}
     if pinned is None:
         new_pins[PIN_TENSOR_SPEC] = layout_json  # the first update sets the layout
-    for name, array in tensors.items():
-        if not tensor_codec.all_finite(array):
-            raise UpdateRejected(ReasonCode.INVALID_UPDATE,
-                                 f"update tensor {name!r} contains NaN or Inf; it is refused (did training diverge?); "
-                                 "every update of this federation must match its tensor layout")  # fmt: skip
+    name = tensor_codec.first_non_finite(tensors)
+    if name is not None:
+        raise UpdateRejected(ReasonCode.INVALID_UPDATE,
+                             f"update tensor {name!r} contains NaN or Inf; it is refused (did training diverge?); "
+                             "every update of this federation must match its tensor layout")  # fmt: skip
     if pins.base_fingerprint is None:
         new_pins[PIN_BASE_FINGERPRINT] = metadata.base_fingerprint
     metrics = body_metadata.get("metrics")

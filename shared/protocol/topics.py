@@ -212,8 +212,8 @@ class Topics:
     def hub_publisher_permissions(self) -> ClientPermissions:
         """What the hub's second connection (its own publishes) needs: the state, global
         versions, and each device's selection and acks; it subscribes to nothing. (A broker's
-        per-client pattern rules still apply to it, as to every account: it could publish
-        under its own name as a device would, which the hub never registers.)"""
+        per-client pattern rules apply to every account: broker-config denies this one, and
+        the workers', the device topics of their own names.)"""
         return ClientPermissions(publish=(self.hub_state(), f"{self.prefix}/global/#", f"{self.prefix}/clients/+/ack",
                                           f"{self.prefix}/clients/+/selection"), subscribe=())  # fmt: skip
 

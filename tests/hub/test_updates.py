@@ -55,6 +55,15 @@ def test_a_remembered_layout_skips_only_the_layout_checks():
     poisoned = {name: np.full_like(value, np.nan) for name, value in b_factors(3).items()}
     with pytest.raises(UpdateRejected, match="NaN or Inf"):
         decode_update(envelope(poisoned), rules(), FederationPins(), layouts)
+    last = list(b_factors(3))[-1]  # only the last tensor is poisoned: every tensor is checked, and named
+    for bad in (np.inf, -np.inf, np.nan):
+        partly = {name: value.copy() for name, value in b_factors(3).items()}
+        partly[last][1, 2] = bad
+        with pytest.raises(UpdateRejected, match=f"{last!r} contains NaN or Inf"):
+            decode_update(envelope(partly), rules(), FederationPins(), layouts)
+    # Finite values whose float32 sum overflows are finite: accepted (the exact check decides).
+    huge = {name: np.full_like(value, 3e38) for name, value in b_factors(3).items()}
+    decode_update(envelope(huge), rules(), FederationPins(), layouts)
     pins = FederationPins().updated(first.new_pins)
     with pytest.raises(UpdateRejected, match="shape"):
         decode_update(envelope(b_factors(2, rank=8)), rules(), pins, layouts)

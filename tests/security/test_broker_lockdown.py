@@ -113,7 +113,11 @@ def test_the_written_files_hold_hashes_and_patterns_not_secrets(lockdown: Lockdo
     publisher = acl[acl.index(f"user {HUB_USER}-publisher") + 1:]
     publisher = publisher[:publisher.index("")]
     assert "topic write fedvlm/v1/fed/clients/+/ack" in publisher and "topic write fedvlm/v1/fed/hub/state" in publisher
-    assert all(line.startswith("topic write ") and "updates" not in line for line in publisher)
+    assert all(line.startswith("topic write ") and "updates" not in line for line in publisher
+               if not line.startswith("topic deny "))  # fmt: skip
+    # Nor may it act as a device of its own name (the device patterns apply to every account).
+    assert f"topic deny fedvlm/v1/fed/updates/{HUB_USER}-publisher/+" in publisher
+    assert f"topic deny fedvlm/v1/fed/clients/{HUB_USER}-publisher/announce" in publisher
     # Re-running (after a clients add) keeps the hub's broker password, so a running setup stays valid.
     lockdown.write_config()
     assert (out / "hub.password").read_text().strip() == lockdown.hub_password
@@ -335,7 +339,16 @@ def test_hub_workers_on_their_own_accounts_share_a_round_and_may_do_no_more(tmp_
         probe.subscribe(topics.client_announcements_filter(), lambda topic, *rest: seen.append(topic))
         states: list[bytes] = []
         reader = setup.connect(HUB_USER, setup.hub_password)
+        as_device: list[str] = []
+        reader.subscribe(topics.client_announcements_filter(), lambda topic, *rest: as_device.append(topic))
+        reader.subscribe("fedvlm/v1/fed/updates/#", lambda topic, *rest: as_device.append(topic))
+        time.sleep(0.3)
+        as_device.clear()  # the devices' retained announcements
+        # Nor may a worker act as a device of its own name (the device patterns apply to it too).
+        probe.publish_nowait(topics.client_announce(f"{HUB_USER}-worker-0"), b"{}", retain=True)
+        probe.publish_nowait(f"fedvlm/v1/fed/updates/{HUB_USER}-worker-0/00", b"forged")
         time.sleep(0.5)  # the forged state would be retained by now, and the retained announcements delivered
+        assert as_device == [], "a worker's account published as a device of its own name"
         reader.subscribe(topics.hub_state(), lambda topic, payload, retained: states.append(payload))
         deadline = time.monotonic() + 5
         while not states and time.monotonic() < deadline:

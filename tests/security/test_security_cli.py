@@ -39,6 +39,19 @@ def test_broker_config_mistakes(state_dir: Path, tmp_path: Path, capsys):
     assert not Path(out).exists()  # nothing half-written
 
 
+def test_a_device_may_not_take_the_name_of_a_hub_broker_account(state_dir: Path, tmp_path: Path, capsys):
+    for name in ("fedvlm-hub", "fedvlm-hub-publisher", "fedvlm-hub-worker-3"):
+        err = _error(capsys, hub_main(["clients", "add", name, "--state-dir", str(state_dir)]))
+        assert "one of the hub's broker accounts" in err, name
+    assert hub_main(["clients", "add", "fedvlm-hub-worker-x", "--state-dir", str(state_dir)]) == 0
+    # Once broker-config ran with another hub username, that one's accounts are refused.
+    assert hub_main(["broker-config", "--state-dir", str(state_dir), "--out", str(tmp_path / "out"),
+                     "--federation", "f", "--hub-username", "hubx"]) == 0  # fmt: skip
+    capsys.readouterr()
+    err = _error(capsys, hub_main(["clients", "add", "hubx-publisher", "--state-dir", str(state_dir)]))
+    assert "'hubx'" in err
+
+
 def test_placeholders_when_no_tls_files_are_given(state_dir: Path, tmp_path: Path, capsys):
     assert hub_main(["broker-config", "--state-dir", str(state_dir), "--out", str(tmp_path / "out"),
                      "--federation", "f"]) == 0  # fmt: skip
