@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 def _few_shot_line(name: str, fs: dict) -> str:
     return (f"{name}: best federated `{fs['best_federated']}` {fs['best_personal_accuracy']:.3f} ± {fs['best_std']:.3f} "
             f"vs `local` {fs['local_personal_accuracy']:.3f} ± {fs['local_std']:.3f}: "
-            f"{fs['relative_gain_over_local']:+.1%} relative (target +{fs['target']:.0%} and ≥ FedSA "
+            f"{fs['relative_gain_over_local']:+.2%} relative (target +{fs['target']:.0%} and ≥ FedSA "
             f"{fs['fedsa_personal_accuracy']:.3f}: {'met' if fs['meets_target'] else 'NOT met'}).")
 
 
@@ -332,7 +332,7 @@ def summary_markdown(verdict: dict, parts: dict[str, dict], plot: Path | None) -
             late = entry.get("late_joiner_accuracy")
             per_seed = " / ".join(f"{v:.3f}" for v in entry["personal_accuracy_per_seed"].values())
             lines.append(f"| {part} | {name} | {entry['personal_accuracy']:.3f} | {entry['personal_accuracy_std']:.3f} "
-                         f"| {per_seed} | {relative(entry['personal_accuracy'], local):+.1%} "
+                         f"| {per_seed} | {relative(entry['personal_accuracy'], local):+.2%} "
                          f"| {'—' if late is None else f'{late:.3f}'} |")
     lines += ["", _few_shot_line("Few-shot-codes", verdict["few_shot_codes"]), "",
               _few_shot_line("Few-shot", verdict["few_shot"]),
