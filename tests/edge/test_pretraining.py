@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fedvlm.edge.model_loading import load_vlm
-from fedvlm.edge.pretraining import PretrainingConfig, is_built, make_pretrained_tiny_model
+from fedvlm.edge.pretraining import PretrainingConfig, is_built, make_pretrained_tiny_model, score_card
 
 
 def test_pretrained_tiny_model_is_built_once_per_recipe(tmp_path):
@@ -66,13 +66,23 @@ def test_vision_stage_then_language_stage_with_the_tower_frozen(tmp_path):
 
     vision = VisionPretrainingConfig(steps=3, batch_size=4)
     config = PretrainingConfig(steps=3, batch_size=4, progress=False, train_vision=False)
-    out = make_pretrained_tiny_model(tmp_path / "m", "tiny", examples=16, config=config, vision=vision)
+    out = make_pretrained_tiny_model(tmp_path / "m", "tiny", examples=16, config=config, vision=vision,
+                                     card_examples_per_kind=4)
     report = json.loads((out / "fedvlm_pretraining.json").read_text())
     assert report["vision_pretraining"]["steps"] == 3
+    assert report["result"]["card_examples_per_kind"] == 4
     for phrasing in ("client_questions", "pretraining_questions"):
         assert set(report["result"]["accuracy"][phrasing]) == set(QUESTION_KINDS)
     assert is_built(out, "tiny", examples=16, config=config, vision=vision)
     assert not is_built(out, "tiny", examples=16, config=config)  # the vision stage is part of the recipe
+
+    # A cached base's card is re-measured at another size without a rebuild; the old card is kept.
+    weights = (out / "model.safetensors").read_bytes()
+    card = score_card(out, examples_per_kind=6)
+    assert card["card_examples_per_kind"] == 6 and card["earlier_cards"]["4"] == report["result"]["accuracy"]
+    assert json.loads((out / "fedvlm_pretraining.json").read_text())["result"] == card
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert is_built(out, "tiny", examples=16, config=config, vision=vision)
 
 
 def test_the_same_recipe_builds_bit_identical_weights_whatever_the_callers_threads(tmp_path):
