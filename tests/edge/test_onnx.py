@@ -59,7 +59,7 @@ def setup(tiny_model_dir, colour_examples, tmp_path_factory):
                  "--out", str(out / "export")]) == 0  # fmt: skip
     export_dir = out / "export"
     manifest = read_manifest(export_dir)
-    adapters = {client: write_adapter(out / f"{client}.onnx_adapter", state, manifest) for client, state in states.items()}
+    adapters = {client: write_adapter(out / f"{client}.onnx_adapter", states[client], manifest) for client in states}
     model.model.eval()
     return {"model": model, "base": base_state, "states": states, "adapters": adapters, "dir": export_dir,
             "manifest": manifest, "out": out, "vlm": OnnxVLM.load(export_dir)}

@@ -90,8 +90,9 @@ class _Devices:
         self.helper = None
         if self.elsewhere:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            self.helper = subprocess.Popen([sys.executable, "-c", _HELPER, *(str(self.roots[a]) for a in self.elsewhere)],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            roots = [str(self.roots[arch]) for arch in self.elsewhere]
+            self.helper = subprocess.Popen([sys.executable, "-c", _HELPER, *roots], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.STDOUT, env=env)  # fmt: skip
 
     def export(self, arch: str) -> str:
         """Exports ``arch`` (or waits for the helper's export of it); returns what the CLI printed."""
