@@ -9,8 +9,8 @@ resized to it). LLaVA's export is tested in depth in test_onnx.py. Families whos
 does not trace are refused in one line.
 
 An export is ~19 s of torch.export tracing in one Python thread; a second process exports
-every other family meanwhile (see :class:`_Devices`), so on two free cores the nine exports
-take about half as long.
+families meanwhile (see :class:`_Devices`), so on two free cores the nine exports take about
+half as long.
 """
 
 from __future__ import annotations
@@ -53,18 +53,32 @@ def _personalise(model: PersonalVLM) -> dict[str, np.ndarray]:
     return state
 
 
-# What a second process runs: `fedvlm-edge export` for each family root it is given, its output
-# and exit status written beside. One process (one ~6 s import) exports several families.
+# A second process runs `fedvlm-edge export` for the families from the last one backwards,
+# each it claims first (a file created once), and writes its output and exit status beside;
+# it stops at the first family this process claimed. One process (one ~6 s import) exports
+# several families.
 _HELPER = """
-import contextlib, sys
+import contextlib, os, sys
 from pathlib import Path
 from fedvlm.edge.cli import main
-for root in map(Path, sys.argv[1:]):
+for root in map(Path, reversed(sys.argv[1:])):
+    try:
+        os.close(os.open(root / "claimed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        break
     with open(root / "export.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         code = main(["export", "--state-dir", str(root / "state"), "--model", str(root / "model"),
                      "--out", str(root / "onnx")])
     (root / "export.rc").write_text(str(code))
 """
+
+
+def _claim(root) -> bool:
+    try:
+        os.close(os.open(root / "claimed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _device(arch: str, root) -> PersonalVLM:
@@ -81,23 +95,23 @@ def _device(arch: str, root) -> PersonalVLM:
 class _Devices:
     """Every selected family's device, and their exports. An export is ~19 s of torch.export
     tracing in one Python thread while the machine's other core idles, so a second process
-    exports every other family while this one exports the rest and compares answers."""
+    exports families from the last one backwards while this one exports from the first one on
+    (and compares answers) until they meet."""
 
     def __init__(self, archs: list[str], tmp_path_factory):
         self.roots = {arch: tmp_path_factory.mktemp(f"onnx_{arch}") for arch in archs}
         self.models = {arch: _device(arch, root) for arch, root in self.roots.items()}
-        self.elsewhere = archs[1::2]
         self.helper = None
-        if self.elsewhere:
+        if len(archs) > 1:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            roots = [str(self.roots[arch]) for arch in self.elsewhere]
+            roots = [str(root) for root in self.roots.values()]
             self.helper = subprocess.Popen([sys.executable, "-c", _HELPER, *roots], stdout=subprocess.DEVNULL,
                                            stderr=subprocess.STDOUT, env=env)  # fmt: skip
 
     def export(self, arch: str) -> str:
         """Exports ``arch`` (or waits for the helper's export of it); returns what the CLI printed."""
         root = self.roots[arch]
-        if arch not in self.elsewhere:
+        if _claim(root):
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
                 assert main(["export", "--state-dir", str(root / "state"), "--model", str(root / "model"),
