@@ -105,8 +105,10 @@ class _Devices:
         if len(archs) > 1:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             roots = [str(root) for root in self.roots.values()]
-            self.helper = subprocess.Popen([sys.executable, "-c", _HELPER, *roots], stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            self.helper_log = tmp_path_factory.mktemp("onnx_helper") / "helper.log"
+            with open(self.helper_log, "w") as log:
+                self.helper = subprocess.Popen([sys.executable, "-c", _HELPER, *roots], stdout=log,
+                                               stderr=subprocess.STDOUT, env=env)  # fmt: skip
 
     def export(self, arch: str) -> str:
         """Exports ``arch`` (or waits for the helper's export of it); returns what the CLI printed."""
@@ -119,7 +121,9 @@ class _Devices:
             return printed.getvalue()
         deadline = time.monotonic() + 600
         while not (root / "export.rc").exists():
-            assert self.helper.poll() is None, f"the export process died:\n{(root / 'export.log').read_text()[-3000:]}"
+            if self.helper.poll() is not None and not (root / "export.rc").exists():  # it may just have finished
+                logs = [path.read_text()[-3000:] for path in (root / "export.log", self.helper_log) if path.exists()]
+                raise AssertionError("the export process died:\n" + "\n".join(logs))
             assert time.monotonic() < deadline, "the export process took over 10 minutes"
             time.sleep(0.2)
         output = (root / "export.log").read_text()
