@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from fedvlm.edge.adapters import LoraSettings
+from fedvlm.edge.cli import main
+from fedvlm.edge.device_state import save_state
 from fedvlm.edge.errors import EdgeError
 from fedvlm.edge.evaluation import generate_answers
 from fedvlm.edge.onnx_adapter import OnnxAdapterError, read_adapter_tensors, sidecar_path, write_adapter
@@ -35,12 +37,12 @@ class _Example:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, colour_examples, tmp_path_factory):
+    """Two clients' trained adapters, and one export made the way a device makes it: `fedvlm-edge
+    export` from alice's device state (one torch.onnx export is ~15 s, so the tests share it)."""
     model = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, quantization="none", device="cpu")
     base_state = model.adapter_state()
     out = tmp_path_factory.mktemp("onnx")
-    export_dir = export_onnx(model, out / "export")
-    manifest = read_manifest(export_dir)
-    states, adapters = {}, {}
+    states = {}
     french = {"red": "rouge", "green": "vert", "blue": "bleu"}
     data = {
         "alice": colour_examples,
@@ -50,7 +52,14 @@ def setup(tiny_model_dir, colour_examples, tmp_path_factory):
         model.reset_adapters()
         model.train(examples, QUICK)
         states[client] = model.adapter_state()
-        adapters[client] = write_adapter(out / f"{client}.onnx_adapter", states[client], manifest)
+    model.load_adapter_state(states["alice"])
+    save_state(out / "state", model.device_state(federation="demo", client_id="alice", round=3, global_version=3,
+                                                 global_state=model.shared_update()))  # fmt: skip
+    assert main(["export", "--state-dir", str(out / "state"), "--model", str(tiny_model_dir),
+                 "--out", str(out / "export")]) == 0  # fmt: skip
+    export_dir = out / "export"
+    manifest = read_manifest(export_dir)
+    adapters = {client: write_adapter(out / f"{client}.onnx_adapter", states[client], manifest) for client in states}
     model.model.eval()
     return {"model": model, "base": base_state, "states": states, "adapters": adapters, "dir": export_dir,
             "manifest": manifest, "out": out, "vlm": OnnxVLM.load(export_dir)}
@@ -183,18 +192,11 @@ def test_merged_export_equals_adapter_export(setup):
     assert merged.answers(IMAGES, QUESTIONS) == vlm.answers(IMAGES, QUESTIONS)
 
 
-def test_cli_export_and_ask(setup, tiny_model_dir, capsys):
-    from fedvlm.edge.cli import main
-    from fedvlm.edge.device_state import save_state
-
-    model, out = setup["model"], setup["out"]
-    model.load_adapter_state(setup["states"]["alice"])
-    state = model.device_state(federation="demo", client_id="alice", round=3, global_version=3,
-                               global_state=model.shared_update())
-    save_state(out / "state", state)
-    assert main(["export", "--state-dir", str(out / "state"), "--model", str(tiny_model_dir),
-                 "--out", str(out / "cli")]) == 0
-    stored = read_adapter_tensors(out / "cli" / "alice.onnx_adapter")
+def test_cli_export_and_ask(setup, capsys):
+    # The shared export is the CLI's, from alice's device state: its adapter holds what
+    # write_adapter writes for her trained factors.
+    out, cli_dir = setup["out"], setup["dir"]
+    stored = read_adapter_tensors(cli_dir / "alice.onnx_adapter")
     expected = read_adapter_tensors(setup["adapters"]["alice"])
     assert set(stored) == set(expected)
     for name in stored:
@@ -203,13 +205,13 @@ def test_cli_export_and_ask(setup, tiny_model_dir, capsys):
     image = out / "red.png"
     IMAGES[0].save(image)
     capsys.readouterr()
-    assert main(["ask", "--onnx", str(out / "cli"), "--adapter", str(out / "cli" / "alice.onnx_adapter"),
+    assert main(["ask", "--onnx", str(cli_dir), "--adapter", str(cli_dir / "alice.onnx_adapter"),
                  "--image", str(image), "--question", QUESTIONS[0]]) == 0
     setup["vlm"].activate(setup["adapters"]["alice"])
     assert capsys.readouterr().out.strip() == setup["vlm"].answer(IMAGES[0], QUESTIONS[0])
 
     other = write_adapter(out / "elsewhere.onnx_adapter", setup["states"]["alice"],
                           {**setup["manifest"], "base_fingerprint": "fedcba9876543210"})
-    assert main(["ask", "--onnx", str(out / "cli"), "--adapter", str(other), "--image", str(image),
+    assert main(["ask", "--onnx", str(cli_dir), "--adapter", str(other), "--image", str(image),
                  "--question", QUESTIONS[0]]) == 2
     assert "made for base model fedcba9876543210" in capsys.readouterr().err
