@@ -18,8 +18,8 @@ normalised training representations, the reference, which is a personal tensor o
 adapter state (``REFERENCE_KEY``) and never leaves the device. Weighing an input costs one
 more pass of the language model over the prompt, at inference only.
 
-Local training follows FedDPA-T: the round's steps are split between the global adapter
-(personal one frozen) and then the personal adapter (global one frozen), both mixed at the
+Local training follows FedDPA-T: the global adapter for the round's local steps (personal one
+frozen), then the personal adapter for as many (global one frozen), both mixed at the
 training weight; then the reference is recomputed on the training prompts.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -193,15 +192,18 @@ class InstanceMixing:
     # ---- FedDPA-T local training -----------------------------------------------------------------
 
     def train_in_turn(self, processor, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics:
-        """The global adapter for the first half of the steps (personal frozen), then the personal
-        adapter (global frozen); then the reference is recomputed."""
-        global_steps = math.ceil(config.steps / 2)
-        phases = [(global_steps, "personal"), (config.steps - global_steps, "global")]  # (steps, held part)
+        """The global adapter for the round's ``config.steps`` (personal frozen), then the personal
+        adapter for as many (global frozen); then the reference is recomputed.
+
+        Each adapter gets the whole round, as each of the paper's clients trains each adapter for
+        the local epochs: a round costs twice the optimiser steps of a single adapter. Splitting
+        the round's steps between the two instead left each half of them (and a one-step round
+        none for the personal adapter): on few-shot-codes (6 clients, 4 rounds of 8 steps) FedDPA
+        scored 0.28 where training alone scored 0.56."""
+        phases = ("personal", "global")  # the part held while the other trains
         results = []
-        for index, (steps, frozen) in enumerate(phases):
-            if steps < 1:
-                continue
-            phase = TrainingConfig(**{**config.__dict__, "steps": steps, "seed": config.seed + 7919 * index})
+        for index, frozen in enumerate(phases):
+            phase = TrainingConfig(**{**config.__dict__, "seed": config.seed + 7919 * index})
             with self._frozen(frozen):
                 results.append(train(self.model, processor, encoded, phase, **kwargs))
         self.refresh_reference(encoded, processor.tokenizer.pad_token_id)

@@ -30,9 +30,10 @@ class FedDPA(RankSplit):
       input like the device's own data leans on the personal adapter and an unfamiliar one on
       the global adapter (``fedvlm.edge.dual_adapter``: rep is the language model's last
       hidden state under the personal adapter, see ``representation``);
-    - local training is FedDPA-T's: the round's steps are split between the global adapter
-      (personal one frozen) and then the personal adapter (global one frozen), both weighted
-      by ``training_personal_weight``.
+    - local training is FedDPA-T's: the global adapter for the round's local steps (personal
+      one frozen), then the personal adapter for as many (global one frozen), both weighted by
+      ``training_personal_weight``; so a round costs a device twice the optimiser steps of the
+      single-adapter strategies (the paper's clients train each adapter for the local epochs).
 
     How it differs from ``rank-split``: a rank split adds its two parts with fixed weight 1
     and trains them together; FedDPA trains them in turn and weighs them per input, which no

@@ -40,7 +40,7 @@ def test_training_in_turn_reference_and_instance_weights(tiny_model_dir, tiny_fe
     assert any(not np.array_equal(v, _components(before, "global")[k]) for k, v in _components(after, "global").items())
 
     metrics = model.train(own.train, TrainingConfig(steps=3, batch_size=4, learning_rate=1e-2, progress=False))
-    assert metrics.steps == 3  # 2 on the global adapter, then 1 on the personal one
+    assert metrics.steps == 6  # 3 on the global adapter, then 3 on the personal one
     # The reference is personal: it is kept with the personal tensors and never travels.
     assert REFERENCE_KEY in model.personal_factors() and REFERENCE_KEY not in model.shared_update()
     assert all(value.shape[rank_axis(key)] == 2 for key, value in model.shared_update().items())  # the global rank
@@ -56,3 +56,19 @@ def test_training_in_turn_reference_and_instance_weights(tiny_model_dir, tiny_fe
     assert model.mixing.reference is None
     model.load_adapter_state(state)
     np.testing.assert_array_equal(model.mixing.reference.numpy(), state[REFERENCE_KEY])
+
+
+def test_each_adapter_trains_for_the_whole_round(tiny_model_dir, tiny_federation):
+    """FedDPA-T trains the global adapter for the round's local steps, then the personal one for
+    as many (the paper's clients train each for the local epochs). Splitting the round's steps
+    between the two left each adapter half of them, and a one-step round none for the personal one."""
+    model = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="feddpa", quantization="none")
+    model.reset_adapters()  # the federation's initialisation: every B at zero
+    metrics = model.train(tiny_federation.clients[0].train,
+                          TrainingConfig(steps=1, batch_size=4, learning_rate=1e-2, progress=False))
+    assert metrics.steps == 2
+    state = model.adapter_state()
+    b_factors = [key for key in state if key.endswith("lora_B.weight")]
+    for part in ("global", "personal"):
+        moved = _components({key: state[key] for key in b_factors}, part)
+        assert any(np.abs(value).max() > 0 for value in moved.values()), f"the {part} adapter did not train"
