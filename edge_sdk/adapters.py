@@ -160,10 +160,12 @@ def load_adapter_state(peft_model: PeftModel, tensors: Mapping[str, np.ndarray])
     if views is not None:
         with torch.no_grad():
             for name, array in tensors.items():
-                views[name].copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+                views[name].copy_(torch.from_numpy(np.array(array, dtype=np.float32)))
         return
     device = next(peft_model.parameters()).device
-    as_torch = {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device) for name, a in tensors.items()}
+    # Copies: decoded tensors are read-only views of the received bytes (tensor_codec.decode),
+    # which torch must not share (it warns, and could write into them).
+    as_torch = {name: torch.from_numpy(np.array(a, dtype=np.float32)).to(device) for name, a in tensors.items()}
     result = set_peft_model_state_dict(peft_model, as_torch)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
