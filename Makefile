@@ -37,8 +37,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedvlm demo --work-dir $(WORK)/demo
 
+# Two test processes on two cores (pytest-xdist), a test file to each at a time, so module
+# fixtures are built once; at most 4, so a big machine does not start one torch per core.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 bench-edge: $(STAMP)
 	$(PY) benchmarks/edge_train.py --out $(WORK)/bench
