@@ -39,6 +39,9 @@ _LENGTH_PREFIX_BYTES = 8
 _METADATA_KEY = "__metadata__"
 
 # safetensors dtype code -> numpy dtype (stored little-endian).
+_MAX_DIMENSIONS = 32  # numpy allows 64
+_MAX_DIMENSION_SIZE = 2**40
+
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -218,6 +221,12 @@ def _check_entry(name: str, entry: Any, data_length: int) -> tuple[int, int]:
         raise CodecError(f"tensor {name!r} has unsupported dtype {dtype_code!r}; supported: {sorted(_DTYPES)}")
     if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
         raise CodecError(f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers")
+    # The byte-size check below cannot bound an empty tensor's other dimensions, and numpy
+    # refuses shapes beyond these limits with a plain ValueError (a hub error, not a refusal).
+    if len(shape) > _MAX_DIMENSIONS or any(dim > _MAX_DIMENSION_SIZE for dim in shape):
+        raise CodecError(f"tensor {name!r} has shape {shape[:8]!r}{'...' if len(shape) > 8 else ''} of "
+                         f"{len(shape)} dimensions; at most {_MAX_DIMENSIONS}, each at most "
+                         f"{_MAX_DIMENSION_SIZE}")  # fmt: skip
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise CodecError(
             f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with non-negative integers"

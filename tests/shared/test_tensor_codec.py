@@ -98,6 +98,10 @@ def test_truncated_payload_raises_codec_error():
         ({"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}, b"\0" * 4, "BF16.*float32"),
         ({"dtype": "Q4", "shape": [2], "data_offsets": [0, 4]}, b"\0" * 4, "unsupported dtype"),
         ({"dtype": "F32", "shape": [2]}, b"\0" * 8, "exactly dtype, shape and data_offsets"),
+        # Shapes numpy cannot make (a plain ValueError would be a hub error, not a refusal).
+        ({"dtype": "F32", "shape": [1] * 70, "data_offsets": [0, 4]}, b"\0" * 4, "70 dimensions"),
+        ({"dtype": "F32", "shape": [0] * 70, "data_offsets": [0, 0]}, b"", "70 dimensions"),
+        ({"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}, b"", "each at most"),
     ],
 )
 def test_bad_header_entries_name_the_tensor(entry, data, message):
