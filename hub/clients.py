@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedvlm.shared.protocol import ProtocolError, new_client_secret, validate_client_id
 
+from .broker_config import hub_username_of, is_hub_account
 from .errors import ClientRegistryError
 from .store import ClientRecord, HubStore
 
@@ -55,8 +56,6 @@ def _refuse_hub_accounts(store: HubStore, client_ids: list[str]) -> None:
     """A device named like one of the hub's broker accounts could never log in to the broker
     as itself (the account is the hub's, its publisher's or a worker's): refused now, not
     when broker-config runs."""
-    from .broker_config import hub_username_of, is_hub_account
-
     hub_username = hub_username_of(store)
     for client_id in client_ids:
         if is_hub_account(client_id, hub_username):

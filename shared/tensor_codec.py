@@ -310,29 +310,25 @@ def all_finite(array: np.ndarray) -> bool:
     propagate, so one reduction (no temporary array) settles the common case. Only a
     non-finite sum pays for the exact element-wise test.
     """
-    if not np.issubdtype(array.dtype, np.floating):
-        return True
-    accumulator = np.float64 if array.dtype.itemsize > 4 else np.float32
     with np.errstate(over="ignore", invalid="ignore"):  # overflow just sends us to the exact path
-        total = float(np.add.reduce(array, axis=None, dtype=accumulator))
-    if math.isfinite(total):
-        return True
-    return bool(np.isfinite(array).all())
+        return _finite_in_errstate(array)
 
 
 def first_non_finite(tensors: Mapping[str, np.ndarray]) -> str | None:
     """The name of the first tensor holding NaN or Inf, or None: ``all_finite`` of each, with
     one ``errstate`` for all (entering it costs as much as a small tensor's sum)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        for name, array in tensors.items():
-            dtype = array.dtype
-            if dtype.kind != "f":  # integer and bool arrays always pass
-                continue
-            accumulator = np.float64 if dtype.itemsize > 4 else np.float32
-            if not math.isfinite(float(np.add.reduce(array, axis=None, dtype=accumulator))) and (
-                    not np.isfinite(array).all()):  # fmt: skip
-                return name
-    return None
+        return next((name for name, array in tensors.items() if not _finite_in_errstate(array)), None)
+
+
+def _finite_in_errstate(array: np.ndarray) -> bool:
+    """``all_finite``'s test; the caller holds ``np.errstate(over="ignore", invalid="ignore")``."""
+    if array.dtype.kind != "f":  # integer, bool (and complex, which decode never makes) pass
+        return True
+    accumulator = np.float64 if array.dtype.itemsize > 4 else np.float32
+    if math.isfinite(float(np.add.reduce(array, axis=None, dtype=accumulator))):
+        return True
+    return bool(np.isfinite(array).all())
 
 
 def validate(tensors: Mapping[str, np.ndarray], spec: Mapping[str, tuple[tuple[int, ...], str]], *,
