@@ -92,6 +92,12 @@ class FakeClient:
         self.link.connect(10)
         if announce:
             self.announce(Presence.ONLINE)
+            # Online again after a reconnect, as the edge client says (a restarted embedded
+            # broker has lost the retained announcement). Not waited on: this runs on paho's
+            # thread, which must stay free to read the PUBACK.
+            online = Announcement(self.client_id, Presence.ONLINE, "0.1.0").to_json()
+            self.link.on_reconnect.append(
+                lambda: self.link.publish_nowait(self.topics.client_announce(self.client_id), online, retain=True))
         return self
 
     def announce(self, status: Presence) -> None:
