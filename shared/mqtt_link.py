@@ -226,6 +226,10 @@ class MqttLink:
         self._unacked_subscriptions: dict[int, str] = {}
         self._early_subacks: dict[int, list] = {}
         self.refused_subscriptions: dict[str, str] = {}
+        # Filters dropped while no session was open: a persistent session keeps them at the
+        # broker, so they are unsubscribed at the next CONNACK (else the broker would go on
+        # sending what nobody here handles).
+        self._unsent_unsubscribes: set[str] = set()
         # Counts connections: an ack() from a delivery of an earlier connection is dropped
         # (the broker re-sends that message on the resumed session, and its packet id may
         # already name another message).
@@ -256,6 +260,7 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         return client
 
     def connect(self, timeout: float = 10.0) -> "MqttLink":
@@ -311,11 +316,18 @@ class MqttLink:
             # but before ``connected`` is set would otherwise wait for the next reconnect.
             self._session_open = True
             subscriptions = list(self._subscriptions.items())
+            dropped, self._unsent_unsubscribes = self._unsent_unsubscribes, set()
             self._unacked_subscriptions.clear()
             self._early_subacks.clear()
             self.subscribed.clear()
         for topic_filter, (qos, _, _) in subscriptions:
             self._send_subscribe(client, topic_filter, qos)
+        # Also what unsubscribe() dropped between the snapshot and the SUBSCRIBE above (its
+        # UNSUBSCRIBE went first); never what was subscribed again since.
+        with self._lock:
+            dropped = {f for f in dropped.union(f for f, _ in subscriptions) if f not in self._subscriptions}
+        for topic_filter in dropped:
+            self._send_unsubscribe(client, topic_filter)
         reconnected = self._ever_connected
         self._ever_connected = True
         self.connected.set()
@@ -379,14 +391,16 @@ class MqttLink:
         """
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler, manual_ack)
+            self._unsent_unsubscribes.discard(topic_filter)
             send_now = self._session_open  # else the next CONNACK's snapshot includes it
         if self._client is not None and send_now:
             self._send_subscribe(self._client, topic_filter, qos)
             self._update_subscribed()
 
     def wait_subscribed(self, timeout: float) -> bool:
-        """Wait until the broker acknowledged every subscription of this connection; True if
-        it did within ``timeout`` (see ``refused_subscriptions`` for any it refused)."""
+        """Wait until the broker acknowledged every subscription (and unsubscription) of this
+        connection; True if it did within ``timeout`` (see ``refused_subscriptions`` for any it
+        refused)."""
         return self.subscribed.wait(timeout)
 
     def _send_subscribe(self, client, topic_filter: str, qos: int) -> None:
@@ -421,10 +435,48 @@ class MqttLink:
                 self.subscribed.clear()
 
     def unsubscribe(self, topic_filter: str) -> None:
+        """Stop handling ``topic_filter`` now, and tell the broker now or, with no session
+        open, at the next CONNACK (a persistent session would keep the filter).
+        ``wait_subscribed`` waits for the broker's acknowledgement of this too."""
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
-        if self._client is not None:
-            self._client.unsubscribe(topic_filter)
+            send_now = self._session_open and self._client is not None
+            if not send_now:
+                self._unsent_unsubscribes.add(topic_filter)
+        # Two tries: the first can meet a connection just lost; if a new session opened since,
+        # its CONNACK's snapshot did not hold the filter either, so send on that one.
+        for _ in range(2):
+            if not send_now:
+                return
+            if self._send_unsubscribe(self._client, topic_filter):
+                self._update_subscribed()
+                return
+            with self._lock:
+                send_now = self._session_open
+                if not send_now:
+                    self._unsent_unsubscribes.add(topic_filter)
+        with self._lock:
+            self._unsent_unsubscribes.add(topic_filter)
+
+    def _send_unsubscribe(self, client, topic_filter: str) -> bool:
+        """Send an UNSUBSCRIBE; until its UNSUBACK, ``subscribed`` is clear (the broker may
+        still route the filter here). False if paho could not send it (no connection)."""
+        import paho.mqtt.client as mqtt
+
+        result, mid = client.unsubscribe(topic_filter)
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        with self._lock:
+            if self._early_subacks.pop(mid, None) is None:
+                self._unacked_subscriptions[mid] = topic_filter
+        return True
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        # Any reason code will do: "no subscription existed" is as good as "unsubscribed".
+        with self._lock:
+            if self._unacked_subscriptions.pop(mid, None) is None:
+                self._early_subacks[mid] = list(reason_codes)
+        self._update_subscribed()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 60.0,
                 extras: "Mqtt5Extras | None" = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -220,3 +221,98 @@ def test_one_read_pass_takes_a_few_packets_whatever_is_in_flight(mosquitto_broke
     finally:
         sender.close()
         client.disconnect()
+
+
+class _CuttableProxy:
+    """A TCP relay to the broker that can drop every connection and refuse new ones: the
+    client loses its broker while the broker keeps its persistent session."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target_port, self.port = target_port, free_port()
+        self._socket_module = socket
+        self._pairs: list = []
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = self._socket_module.socket()
+        listener.setsockopt(self._socket_module.SOL_SOCKET, self._socket_module.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = self._socket_module.create_connection(("127.0.0.1", self.target_port))
+            self._pairs.append((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.close()
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accepting thread (close alone would not free the port)
+            self._listener.shutdown(self._socket_module.SHUT_RDWR)
+        self._listener.close()
+        for pair in self._pairs:
+            for end in pair:
+                with contextlib.suppress(OSError):
+                    end.shutdown(self._socket_module.SHUT_RDWR)
+        self._pairs.clear()
+
+
+def test_a_filter_dropped_while_disconnected_is_unsubscribed_at_the_broker_on_reconnect(mosquitto_broker):  # noqa: F811
+    """A persistent session keeps its subscriptions at the broker across a reconnect: one the
+    link dropped while it had no connection must be unsubscribed there too, or the broker goes
+    on sending messages nobody here handles."""
+    proxy = _CuttableProxy(mosquitto_broker.address.port)
+    link = MqttLink(BrokerAddress("127.0.0.1", proxy.port), "dropper", protocol="5", reconnect_min_s=0.1,
+                    reconnect_max_s=0.2)
+    publisher = MqttLink(mosquitto_broker.address, "dropper-publisher", protocol="5").connect()
+    delivered_topics: list[str] = []
+    try:
+        kept, kept_arrived = _collector(link, "keep/#")
+        _collector(link, "drop/#")
+        link.connect()
+        paho_on_message = link._client.on_message  # every delivery to this connection, handled or not
+
+        def spy(client, userdata, message):
+            delivered_topics.append(message.topic)
+            paho_on_message(client, userdata, message)
+
+        link._client.on_message = spy
+        assert link.wait_subscribed(5)
+        proxy.cut()
+        deadline = time.monotonic() + 5
+        while link.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not link.connected.is_set(), "the link did not notice the cut"
+        link.unsubscribe("drop/#")
+        proxy.restore()
+        assert link.connected.wait(10) and link.wait_subscribed(5)
+        publisher.publish("drop/x", b"unwanted")
+        publisher.publish("keep/x", b"wanted")  # after drop/x on the same session: its arrival bounds the wait
+        assert kept_arrived.wait(5), "the kept subscription lost its messages after the reconnect"
+        time.sleep(0.2)
+        assert "drop/x" not in delivered_topics, "the broker still sends the dropped filter's messages"
+        assert kept == [("keep/x", b"wanted")]
+    finally:
+        publisher.close()
+        link.close()
+        proxy.cut()
