@@ -47,6 +47,12 @@ class PretrainingConfig:
     warmup_steps: linear warm-up of the learning rate before the cosine decay.
     kind_weights: relative frequency of each pre-trained question kind (colour, shape, count,
         position) among the image examples; ``None`` for equal.
+    labelled_logits_only: compute the output layer only where a token is labelled
+        (:func:`labelled_tokens_loss`: the same loss; the answer is a few tokens of each
+        sequence, so most of the output layer's work and the softmax over the vocabulary are saved).
+    fused_optimizer: AdamW's fused kernel (one pass over every parameter instead of a dozen
+        small operations per tensor: measured 13 ms against 6 ms a step for the small base's
+        language model, clipping included); the same update up to rounding.
     """
 
     steps: int = 300
@@ -58,6 +64,8 @@ class PretrainingConfig:
     train_vision: bool = True
     warmup_steps: int = 0
     kind_weights: tuple[float, ...] | None = None
+    labelled_logits_only: bool = False
+    fused_optimizer: bool = False
 
 
 def _text_batch(tokenizer, lines: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -85,7 +93,8 @@ def pretrain(
         for parameter in vision_tower_of(model).parameters():
             parameter.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0,
+                                  fused=True if config.fused_optimizer else None)
     schedule = _schedule(optimizer, config)
     order = batch_order(len(encoded), config.steps * config.batch_size, config.seed)
     text_order = batch_order(len(text_lines), config.steps * config.batch_size, config.seed + 1) if text_lines else []
@@ -99,7 +108,7 @@ def pretrain(
             batch = _text_batch(processor.tokenizer, [text_lines[i] for i in text_order[window]])
         else:
             batch = collate([encoded[i] for i in order[window]], pad)
-        loss = model(**batch).loss
+        loss = labelled_tokens_loss(model, batch) if config.labelled_logits_only else model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -110,6 +119,19 @@ def pretrain(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return losses
+
+
+def labelled_tokens_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal language-model loss of ``model(**batch).loss`` (mean cross-entropy of each
+    labelled token given those before it), with the output layer applied to the labelled
+    positions only. For models with a ``model`` body returning hidden states and an output
+    embedding (LLaVA and the other families' ``...ForConditionalGeneration``)."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    hidden = model.model(**inputs)[0]
+    targets = batch["labels"][:, 1:]
+    labelled = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][labelled])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[labelled])
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: PretrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -130,7 +152,8 @@ def _recipe(size: str, seed: int, examples: int, config: PretrainingConfig, arch
             vision: "VisionPretrainingConfig | None" = None) -> dict:
     settings = dataclasses.asdict(config)
     settings.pop("progress")
-    for name in ("train_vision", "warmup_steps", "kind_weights"):  # recipes written before these options stay valid
+    # Recipes written before these options stay valid.
+    for name in ("train_vision", "warmup_steps", "kind_weights", "labelled_logits_only", "fused_optimizer"):
         if settings[name] == getattr(PretrainingConfig, name):
             settings.pop(name)
     recipe = {"size": size, "seed": seed, "examples": examples, "pretraining": settings}
@@ -138,8 +161,9 @@ def _recipe(size: str, seed: int, examples: int, config: PretrainingConfig, arch
         recipe["arch"] = arch
     if vision is not None:
         recipe["vision_pretraining"] = dataclasses.asdict(vision)
-        if not vision.object_heads:  # recipes written before the option stay valid
-            recipe["vision_pretraining"].pop("object_heads")
+        for name in ("object_heads", "fused_optimizer"):  # recipes written before these options stay valid
+            if recipe["vision_pretraining"][name] == getattr(type(vision), name):
+                recipe["vision_pretraining"].pop(name)
     return recipe
 
 
@@ -307,7 +331,8 @@ def seeing_base_recipe(progress: bool = True) -> dict:
     from fedvlm.edge.vision_pretraining import VisionPretrainingConfig
 
     return dict(seed=0, examples=4096,
-                vision=VisionPretrainingConfig(steps=4000, learning_rate=3e-3, object_heads=True),
+                vision=VisionPretrainingConfig(steps=4600, learning_rate=3e-3, object_heads=True,
+                                               fused_optimizer=True),
                 config=PretrainingConfig(steps=1800, batch_size=16, learning_rate=1e-3, text_every=8,
                                          warmup_steps=100, train_vision=False, kind_weights=(1, 2, 2, 1), seed=0,
-                                         progress=progress))
+                                         labelled_logits_only=True, fused_optimizer=True, progress=progress))
