@@ -333,6 +333,6 @@ def seeing_base_recipe(progress: bool = True) -> dict:
     return dict(seed=0, examples=4096,
                 vision=VisionPretrainingConfig(steps=4600, learning_rate=3e-3, object_heads=True,
                                                fused_optimizer=True),
-                config=PretrainingConfig(steps=1800, batch_size=16, learning_rate=1e-3, text_every=8,
-                                         warmup_steps=100, train_vision=False, kind_weights=(1, 2, 2, 1), seed=0,
+                config=PretrainingConfig(steps=1650, batch_size=16, learning_rate=1e-3, text_every=8,
+                                         warmup_steps=100, train_vision=False, kind_weights=(1.2, 2, 2, 1.2), seed=0,
                                          labelled_logits_only=True, fused_optimizer=True, progress=progress))
