@@ -158,7 +158,8 @@ class PixelTable:
         fast = self.lookup(images)
         if self.checked is None:
             reference = self.image_processor(images, return_tensors="pt")["pixel_values"]
-            self.checked = reference.shape == fast.shape and reference.dtype == fast.dtype and torch.equal(reference, fast)
+            self.checked = (reference.shape == fast.shape and reference.dtype == fast.dtype
+                            and torch.equal(reference, fast))
             return fast if self.checked else reference
         return fast
 
