@@ -124,8 +124,8 @@ class PixelTable:
 
     For pictures already at the model's size, the LLaVA processors' work is per pixel (resize and
     crop are identities; rescale and normalise map each byte of each channel to one float), yet
-    they cost as much as the tower's own step here (measured in the vision stage: see
-    :func:`~fedvlm.edge.pretraining.seeing_base_recipe`). The table is read off the processor
+    they took 11 ms a batch of 32 small pictures against 3 ms for the lookup (a vision step is
+    ~55 ms; see :func:`~fedvlm.edge.pretraining.seeing_base_recipe`). The table is read off the processor
     itself, from one picture holding every byte value in every channel, and :meth:`pixel_values`
     falls back to the processor unless the first batch it is given comes out bit-identical: a
     processor that is not per pixel is never approximated.
