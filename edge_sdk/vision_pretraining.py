@@ -47,6 +47,8 @@ class VisionPretrainingConfig:
         shape's colour and shape (two linear heads read every patch in place), so each object's
         own patch says what it is: what the language model's attention can find and read,
         where a mean over all patches dilutes one small shape with background.
+    fused_optimizer: AdamW's fused kernel (measured 7 ms against 2.5 ms a step for the small
+        base's tower and heads, clipping included); the same update up to rounding.
     """
 
     steps: int = 1500
@@ -55,6 +57,7 @@ class VisionPretrainingConfig:
     count_share: float = 0.4
     seed: int = 0
     object_heads: bool = False
+    fused_optimizer: bool = False
 
 
 def vision_tower_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -116,6 +119,51 @@ def attribute_batch(rng: np.random.Generator, n: int, image_size: int, radius_ra
     return images, {kind: torch.tensor(values) for kind, values in {**labels, **objects}.items()}
 
 
+class PixelTable:
+    """Turns pictures into the image processor's ``pixel_values`` by a lookup per channel value.
+
+    For pictures already at the model's size, the LLaVA processors' work is per pixel (resize and
+    crop are identities; rescale and normalise map each byte of each channel to one float), yet
+    they took 11 ms a batch of 32 small pictures against 3 ms for the lookup (a vision step is
+    ~55 ms; see :func:`~fedvlm.edge.pretraining.seeing_base_recipe`). The table is read off the processor
+    itself, from one picture holding every byte value in every channel, and :meth:`pixel_values`
+    falls back to the processor unless the first batch it is given comes out bit-identical: a
+    processor that is not per pixel is never approximated.
+    """
+
+    def __init__(self, image_processor, image_size: int):
+        from PIL import Image
+
+        self.image_processor = image_processor
+        # Each channel runs through the 256 byte values with its own stride, so no channel's output
+        # could be mistaken for another's.
+        index = np.arange(image_size * image_size)
+        values = np.stack([(index * stride + offset) % 256 for stride, offset in ((1, 0), (7, 3), (13, 5))], -1)
+        probe = Image.fromarray(values.reshape(image_size, image_size, 3).astype(np.uint8))
+        out = np.asarray(image_processor([probe], return_tensors="np")["pixel_values"][0])  # C x H x W
+        self.table = np.zeros((3, 256), dtype=out.dtype)
+        for channel in range(3):
+            self.table[channel, values[:, channel]] = out[channel].reshape(-1)
+        self.checked: bool | None = None  # None until the first batch was compared with the processor
+
+    def lookup(self, images: list) -> torch.Tensor:
+        """The table's ``pixel_values`` (batch x channels x height x width) of RGB pictures."""
+        pixels = np.stack([np.asarray(image) for image in images]).astype(np.intp)  # batch x H x W x C
+        pixels += np.arange(3) * 256  # each channel's row of the flattened table
+        return torch.from_numpy(np.ascontiguousarray(self.table.reshape(-1).take(pixels).transpose(0, 3, 1, 2)))
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        if self.checked is False:
+            return self.image_processor(images, return_tensors="pt")["pixel_values"]
+        fast = self.lookup(images)
+        if self.checked is None:
+            reference = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            self.checked = (reference.shape == fast.shape and reference.dtype == fast.dtype
+                            and torch.equal(reference, fast))
+            return fast if self.checked else reference
+        return fast
+
+
 def patch_features(tower: torch.nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:
     """The last layer's patch features, as the LLaVA projector receives them."""
     hidden = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
@@ -138,16 +186,18 @@ def pretrain_vision(model: torch.nn.Module, processor, config: VisionPretraining
     parameters = [*tower.parameters(), *heads.parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0,
+                                  fused=True if config.fused_optimizer else None)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
                                                    total_steps=max(config.steps, 2), pct_start=0.1)
     correct = {kind: [0, 0] for kind in PRETRAINED_KINDS + tuple(heads.object_heads)}
+    pixels = PixelTable(processor.image_processor, vision_config.image_size)
     tower.train()
     for step in tqdm(range(config.steps), desc="pre-train vision", disable=not progress, leave=False):
         images, labels = attribute_batch(rng, config.batch_size, vision_config.image_size, radius_range,
                                          config.count_share,
                                          vision_config.patch_size if config.object_heads else None)
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        pixel_values = pixels.pixel_values(images)
         logits = heads(patch_features(tower, pixel_values, drop_cls))
         loss = sum(torch.nn.functional.cross_entropy(logits[k].flatten(0, -2), labels[k].flatten(),
                                                      ignore_index=_IGNORE) for k in logits)

@@ -52,15 +52,15 @@ def test_vision_stage_then_language_stage_with_the_tower_frozen(tmp_path):
     model, processor = build_tiny_vlm("tiny", extra_words=all_words())
     tower = vision_tower_of(model)
     before = {name: value.clone() for name, value in tower.state_dict().items()}
-    heads = pretrain_vision(model, processor, VisionPretrainingConfig(steps=25, batch_size=8, object_heads=True),
-                            progress=False)
+    heads = pretrain_vision(model, processor, VisionPretrainingConfig(steps=25, batch_size=8, object_heads=True,
+                                                                      fused_optimizer=True), progress=False)
     assert set(heads) == {"colour", "shape", "count", "position", "object_colour", "object_shape"}
     assert all(0 <= a <= 1 for a in heads.values())
     trained = {name: value.clone() for name, value in tower.state_dict().items()}
     assert any(not torch.equal(before[name], trained[name]) for name in before)
     losses = pretrain(model, processor, pretraining_records(32, image_size=32),
                       config=PretrainingConfig(steps=4, batch_size=4, progress=False, train_vision=False,
-                                               warmup_steps=2))
+                                               warmup_steps=2, labelled_logits_only=True, fused_optimizer=True))
     assert len(losses) == 4
     assert all(torch.equal(trained[name], value) for name, value in tower.state_dict().items())
 
@@ -105,3 +105,80 @@ def test_the_same_recipe_builds_bit_identical_weights_whatever_the_callers_threa
         torch.set_num_threads(threads)
     assert builds[0].keys() == builds[1].keys()
     assert all(torch.equal(builds[0][name], builds[1][name]) for name in builds[0])
+
+
+def test_pixel_table_gives_the_image_processors_pixel_values_bit_for_bit():
+    """The vision stage reads its pictures' pixel values off a table instead of running the image
+    processor each step; the tower must see exactly what the processor would have given it, and a
+    processor that is not per pixel (here: pictures it has to resize) is used as it is."""
+    import numpy as np
+    import torch
+
+    from fedvlm.edge.tiny_model import build_tiny_vlm
+    from fedvlm.edge.vision_pretraining import PixelTable, attribute_batch
+
+    for vision_tower in ("clip", "siglip"):
+        _, processor = build_tiny_vlm("tiny", vision_tower=vision_tower)
+        table = PixelTable(processor.image_processor, 32)
+        rng = np.random.default_rng(5)
+        for _ in range(3):
+            images, _ = attribute_batch(rng, 16, 32, (0.07, 0.24), 0.4)
+            expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            assert torch.equal(table.lookup(images), expected)
+            assert torch.equal(table.pixel_values(images), expected)
+        assert table.checked is True
+
+    resized = PixelTable(processor.image_processor, 32)
+    images, _ = attribute_batch(np.random.default_rng(6), 4, 48, (0.07, 0.24), 0.4)  # not the model's size
+    expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(resized.pixel_values(images), expected)
+    assert resized.checked is False
+    assert torch.equal(resized.pixel_values(images), expected)
+
+
+def test_labelled_tokens_loss_equals_the_full_forwards_loss_and_gradients():
+    """The language stage may apply the output layer to labelled positions only: the loss and every
+    gradient must be those of ``model(**batch).loss``, for image batches and text-only ones."""
+    import torch
+
+    from fedvlm.edge.batching import collate
+    from fedvlm.edge.data import all_words, pretraining_records
+    from fedvlm.edge.pretraining import _text_batch, labelled_tokens_loss
+    from fedvlm.edge.tiny_model import build_tiny_vlm
+    from fedvlm.edge.training import encode_examples
+
+    model, processor = build_tiny_vlm("tiny", extra_words=all_words())
+    model.train()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    encoded = encode_examples(processor, pretraining_records(6, image_size=32))
+    image_batch = collate(encoded, processor.tokenizer.pad_token_id)
+    assert (image_batch["labels"] == -100).sum() > 0  # prompts and padding are not labelled
+    text_batch = _text_batch(processor.tokenizer, ["red green blue", "one two three four five"])
+    for batch in (image_batch, text_batch):
+        losses, gradients = [], []
+        for loss_of in (lambda: model(**batch).loss, lambda: labelled_tokens_loss(model, batch)):
+            loss = loss_of()
+            loss.backward()
+            losses.append(loss.detach())
+            gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+            model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(losses[1], losses[0])
+        assert gradients[1].keys() == gradients[0].keys()
+        for name, gradient in gradients[0].items():
+            torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_recipes_written_before_the_cheaper_steps_stay_valid():
+    """The labelled-only logits and the fused optimizer change a build's last bits, so they are part
+    of the recipe when on, and absent when off: a base cached under an older recipe is still found."""
+    from fedvlm.edge.pretraining import _recipe
+    from fedvlm.edge.vision_pretraining import VisionPretrainingConfig
+
+    old = _recipe("small", 0, 64, PretrainingConfig(steps=5), vision=VisionPretrainingConfig(steps=5))
+    assert "labelled_logits_only" not in old["pretraining"] and "fused_optimizer" not in old["pretraining"]
+    assert "fused_optimizer" not in old["vision_pretraining"] and "object_heads" not in old["vision_pretraining"]
+    new = _recipe("small", 0, 64, PretrainingConfig(steps=5, labelled_logits_only=True, fused_optimizer=True),
+                  vision=VisionPretrainingConfig(steps=5, fused_optimizer=True))
+    assert new["pretraining"]["labelled_logits_only"] is True and new["pretraining"]["fused_optimizer"] is True
+    assert new["vision_pretraining"]["fused_optimizer"] is True
