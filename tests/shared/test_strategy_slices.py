@@ -35,11 +35,13 @@ def test_build_strategy_resolves_layout_dependent_defaults_and_checks_them():
         get_strategy("rank-split", rank=2)
     with pytest.raises(UsageError, match="'fedsa' has no option 'refit_steps'; it takes none"):
         get_strategy("fedsa", refit_steps=1)
-    assert option_names("plora") == ("refit_steps", "personal_lr_scale")
+    assert option_names("plora") == ("refit_steps", "personal_lr_scale", "shared_lr_scale")
     with pytest.raises(UsageError, match="refit_steps must be a whole number >= 0"):
         get_strategy("plora", refit_steps=-1)
     with pytest.raises(UsageError, match="personal_lr_scale must be a number > 0"):
         get_strategy("plora", personal_lr_scale=0)
+    with pytest.raises(UsageError, match="shared_lr_scale must be a number > 0"):
+        get_strategy("plora", shared_lr_scale=-1)
 
 
 def test_layout_hash_covers_what_travels_and_nothing_else():
