@@ -48,5 +48,9 @@ class PLoRA(Strategy):
         self.shared_lr_scale = option_number(self.name, "shared_lr_scale", shared_lr_scale)
 
     def options(self) -> dict[str, Any]:
-        return {"refit_steps": self.refit_steps, "personal_lr_scale": self.personal_lr_scale,
-                "shared_lr_scale": self.shared_lr_scale}
+        options: dict[str, Any] = {"refit_steps": self.refit_steps, "personal_lr_scale": self.personal_lr_scale}
+        # Announced only when set: a hub running the paper's pLoRA announces what it did before
+        # this option existed, so devices whose SDK predates it still join.
+        if self.shared_lr_scale != 1:
+            options["shared_lr_scale"] = self.shared_lr_scale
+        return options
