@@ -224,6 +224,8 @@ class PersonalVLM:
         if self.strategy.personal_lr_scale != 1:
             personal = FACTORS - self.strategy.shared_factors
             scales.update({factor: self.strategy.personal_lr_scale for factor in personal})
+        if self.strategy.shared_lr_scale != 1:
+            scales.update({factor: self.strategy.shared_lr_scale for factor in self.strategy.shared_factors})
         return dataclasses.replace(config, steps=steps, factor_lr_scales=scales)
 
     def evaluate(self, examples: Sequence[QAExample], **kwargs) -> EvalMetrics:

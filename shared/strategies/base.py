@@ -180,6 +180,9 @@ class Strategy:
             part in (0: none). Read by the edge; strategies with a personal factor may set it.
         personal_lr_scale: the personal factors' learning rate as a multiple of the round's
             (1: the same). Only for strategies whose personal part is whole factors.
+        shared_lr_scale: the shared factors' learning rate as a multiple of the round's (1: the
+            same; LoRA+'s faster B, for a strategy that shares B). Only for strategies whose
+            shared part is whole factors.
     """
 
     name: ClassVar[str]
@@ -188,6 +191,7 @@ class Strategy:
     heterogeneous_ranks: ClassVar[bool] = False
     refit_steps: int = 0
     personal_lr_scale: float = 1.0
+    shared_lr_scale: float = 1.0
 
     # ---- options ---------------------------------------------------------------------------------
 

@@ -187,3 +187,31 @@ def test_train_personal_holds_the_shared_part_whole_factors_or_rank_components(t
     assert all(np.array_equal(value, shared[key]) for key, value in model.shared_update().items())
     assert any(not np.array_equal(value, personal[key]) for key, value in model.personal_factors().items())
     assert all(p.requires_grad for name, p in model.model.named_parameters() if factor_of(name))  # restored
+
+
+def test_plora_learning_rate_scales_apply_to_their_own_factor_only(tiny_model_dir, colour_examples):
+    """pLoRA's per-factor learning rates: ``shared_lr_scale`` (LoRA+'s faster B) moves B that many
+    times as far in the same step and leaves A's step as it is; ``personal_lr_scale`` the mirror.
+    (AdamW's step, weight decay included, is linear in the learning rate from the same state.)"""
+    from fedvlm.shared.strategies import get_strategy
+
+    one_step = TrainingConfig(steps=1, learning_rate=1e-2, progress=False)
+    rng = np.random.default_rng(0)  # B at zero would give A no gradient
+    start = None
+    steps = {}
+    for label, options in [("paper", {}), ("B x4", {"shared_lr_scale": 4.0}), ("A x0.5", {"personal_lr_scale": 0.5})]:
+        model = _model(tiny_model_dir, get_strategy("plora", **options), quantization="none")
+        if start is None:
+            start = {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in model.adapter_state().items()}
+        model.load_adapter_state(start)
+        model.train(colour_examples, one_step)
+        steps[label] = {k: v - start[k] for k, v in model.adapter_state().items()}
+    for key, paper in steps["paper"].items():
+        assert np.abs(paper).max() > 0, key
+        faster_b, slower_a = steps["B x4"][key], steps["A x0.5"][key]
+        if factor_of(key) == "B":
+            np.testing.assert_allclose(faster_b, 4 * paper, rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(slower_a, paper, rtol=1e-4, atol=1e-7)
+        else:
+            np.testing.assert_allclose(faster_b, paper, rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(slower_a, 0.5 * paper, rtol=1e-4, atol=1e-7)

@@ -35,11 +35,19 @@ def test_build_strategy_resolves_layout_dependent_defaults_and_checks_them():
         get_strategy("rank-split", rank=2)
     with pytest.raises(UsageError, match="'fedsa' has no option 'refit_steps'; it takes none"):
         get_strategy("fedsa", refit_steps=1)
-    assert option_names("plora") == ("refit_steps", "personal_lr_scale")
+    assert option_names("plora") == ("refit_steps", "personal_lr_scale", "shared_lr_scale")
     with pytest.raises(UsageError, match="refit_steps must be a whole number >= 0"):
         get_strategy("plora", refit_steps=-1)
     with pytest.raises(UsageError, match="personal_lr_scale must be a number > 0"):
         get_strategy("plora", personal_lr_scale=0)
+    with pytest.raises(UsageError, match="shared_lr_scale must be a number > 0"):
+        get_strategy("plora", shared_lr_scale=-1)
+    # The paper's pLoRA announces what it did before shared_lr_scale existed (older devices join);
+    # a set scale is announced, and a device rebuilds the same strategy from the announcement.
+    assert get_strategy("plora").options() == {"refit_steps": 0, "personal_lr_scale": 1.0}
+    faster_b = get_strategy("plora", shared_lr_scale=2)
+    assert faster_b.options()["shared_lr_scale"] == 2.0
+    assert build_strategy("plora", faster_b.options(), LoraSettings(r=8)).shared_lr_scale == 2.0
 
 
 def test_layout_hash_covers_what_travels_and_nothing_else():
