@@ -18,7 +18,12 @@ Per setting (devices x update size x hub workers) one run:
    ``accepted`` ack, the hub's database holds N receipts, and the published global
    equals the sample-weighted mean of the N updates (max relative error);
 7. records peak RSS of the hub, the workers and mosquitto (the kernel's VmHWM of each,
-   read every 50 ms) and the update throughput (MB/s over the round).
+   read every 50 ms) and the update throughput (MB/s over the round);
+8. records CPU seconds (user + system, from ``/proc/PID/stat``) of the hub, each worker,
+   mosquitto and this process (the load generator) over the round (open -> published) and
+   over the carry run, and the hub's and workers' over their whole life, and reports them
+   per update (ms): unlike the times, a figure that does not depend on who else ran on
+   the machine's cores meanwhile.
 
     python benchmarks/hub_scale.py --out work/bench/hub-scale                # every setting
     python benchmarks/hub_scale.py --settings 1000x64KiB,1000x64KiB:2w --out DIR
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import signal
 import subprocess
@@ -101,8 +107,49 @@ def parse_settings(text: str) -> list[Setting]:
 
 
 # ====================================================================== processes
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | str = "self", *, children: bool = True) -> float | None:
+    """User + system CPU seconds of process ``pid`` (every thread; with ``children``, plus
+    the children it has reaped) from ``/proc/PID/stat``; None when it is not there. A
+    zombie (exited, not yet reaped) still shows its final times."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    fields = text[text.rindex(")") + 2:].split()
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    return (utime + stime + (cutime + cstime if children else 0)) / _CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU seconds of named processes, read together (``snapshot``), and the difference of two reads."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int | str] = {}
+
+    def add(self, name: str, pid: int | str) -> None:
+        self.pids[name] = pid
+
+    def snapshot(self) -> dict[str, float]:
+        # Without reaped children: this process reaps the hubs, brokers and subscribers it ran.
+        readings = {name: cpu_seconds(pid, children=False) for name, pid in list(self.pids.items())}
+        return {name: value for name, value in readings.items() if value is not None}
+
+    @staticmethod
+    def spent(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+        """CPU seconds each process spent between two snapshots (those in both)."""
+        if not before or not after:
+            return {}
+        return {name: round(after[name] - before[name], 3) for name in after if name in before}
+
+
 class MeasuredProcess:
-    """A child process and its peak RSS (the kernel's VmHWM, read every 50 ms until it exits).
+    """A child process, its peak RSS (the kernel's VmHWM, read every 50 ms until it exits)
+    and its CPU seconds (``cpu_s``: user + system of its whole life, read from its
+    ``/proc`` entry once it has exited and before it is reaped).
 
     Not ``wait4``'s ``ru_maxrss``: a child forked from this (large) process carries its
     parent's RSS until ``exec``, and ``ru_maxrss`` counts that.
@@ -112,6 +159,10 @@ class MeasuredProcess:
         self.process = process
         self.log_path = log_path
         self.peak_rss_mib: float | None = None
+        self.cpu_s: float | None = None
+        # Held while the process is looked at through its pid, so it is not reaped (and the
+        # pid reused) in between.
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -135,27 +186,51 @@ class MeasuredProcess:
             if line.startswith("VmHWM:"):
                 self.peak_rss_mib = max(self.peak_rss_mib or 0.0, int(line.split()[1]) / 1024)
 
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05) and self.process.poll() is None:
+    def exited(self) -> bool:
+        """True once the process has exited, without reaping it (its /proc entry stays)."""
+        if self.process.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
+        except ChildProcessError:  # reaped by someone else
+            return True
+
+    def _read(self) -> bool:
+        """Read peak RSS and CPU while the pid is still this process's; True once it has exited."""
+        with self._lock:
+            if self.process.returncode is not None:
+                return True
+            exited = self.exited()
             self._read_hwm()
+            cpu = cpu_seconds(self.process.pid)
+            if cpu is not None:
+                self.cpu_s = cpu
+            return exited
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            if self._read():
+                return
 
     def reap(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the process to exit; True once it has."""
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
+        """Wait up to ``timeout`` for the process to exit; True once it has (and is reaped)."""
+        deadline = time.monotonic() + timeout
+        while not self._read():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        with self._lock:  # its final CPU times are read: now it may go
+            self.process.wait()
         self._stop.set()
         return True
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, SIGKILL if it does not exit in ``timeout``."""
-        if self.process.poll() is None:
-            self._read_hwm()
+        if not self._read():
             self.process.send_signal(signal.SIGTERM)
-            if not self.reap(timeout):
-                self.process.kill()
-                self.reap(10)
+        if not self.reap(timeout):  # also reaps one that had exited already
+            self.process.kill()
+            self.reap(10)
         self._stop.set()
         return self.process.returncode
 
@@ -180,11 +255,15 @@ class BenchMosquitto(MosquittoProcess):
 
 
 class Observer:
-    """One extra connection that notes when round 1 opens and when version 1 is published."""
+    """One extra connection that notes when round 1 opens and when version 1 is published,
+    and the CPU seconds of ``meter``'s processes at both moments."""
 
-    def __init__(self, address: BrokerAddress, topics: Topics) -> None:
+    def __init__(self, address: BrokerAddress, topics: Topics, meter: CpuMeter | None = None) -> None:
         self.opened_at: float | None = None
         self.published_at: float | None = None
+        self.meter = meter if meter is not None else CpuMeter()
+        self.opened_cpu: dict[str, float] | None = None
+        self.published_cpu: dict[str, float] | None = None
         self.opened = threading.Event()
         self.published = threading.Event()
         self.link = MqttLink(address, "bench-observer", protocol="5", persistent_session=False).connect(15)
@@ -196,11 +275,13 @@ class Observer:
             state = HubState.from_json(payload)
             if state.round == 1 and state.phase is RoundPhase.COLLECTING:
                 self.opened_at = time.monotonic()
+                self.opened_cpu = self.meter.snapshot()
                 self.opened.set()
 
     def _on_manifest(self, topic: str, payload: bytes, retained: bool) -> None:
         if payload and not self.published.is_set() and GlobalManifest.from_json(payload).version >= 1:
             self.published_at = time.monotonic()
+            self.published_cpu = self.meter.snapshot()
             self.published.set()
 
     def close(self) -> None:
@@ -231,8 +312,22 @@ class SettingResult:
     broker_peak_rss_mib: float | None = None
     mb_per_s: float | None = None
     round_over_carry: float | None = None
+    # CPU seconds (user + system) over the round (open -> published) of "hub", "worker-K",
+    # "mosquitto" and "generator" (this process: the devices, the observer, the samplers),
+    # over the carry run of "mosquitto", "generator" and "subscriber", and over the whole
+    # life of the hub and of each worker (start-up, round open, shutdown included).
+    round_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    carry_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    hub_cpu_s: float | None = None
+    worker_cpu_s: list[float] = dataclasses.field(default_factory=list)
     hub_exit_status: int | None = None
     error: str | None = None
+
+    def cpu_ms_per_update(self, spent: dict[str, float], *names: str) -> float | None:
+        """CPU milliseconds per device's update of the processes ``names`` (a prefix such as
+        "worker-" takes every worker) together; None when none of them was measured."""
+        values = [value for name, value in spent.items() if any(name.startswith(prefix) for prefix in names)]
+        return 1000 * sum(values) / self.devices if values else None
 
 
 def hub_command(setting: Setting, broker_url: str, state_dir: Path) -> list[str]:
@@ -249,9 +344,11 @@ def worker_command(setting: Setting, broker_url: str, state_dir: Path, index: in
             "--quiet"]  # fmt: skip
 
 
-def _carry_time(swarm: Swarm, broker: BenchMosquitto, work: Path, timeout: float) -> float:
+def _carry_time(swarm: Swarm, broker: BenchMosquitto, work: Path, timeout: float,
+                meter: CpuMeter | None = None) -> tuple[float, dict[str, float]]:  # fmt: skip
     """Seconds mosquitto needs to carry every device's signed update (the same chunks a round
-    sends, built by the same swarm) to one subscriber that only counts them."""
+    sends, built by the same swarm) to one subscriber that only counts them, and the CPU
+    seconds ``meter``'s processes and the subscriber spent meanwhile."""
     _, chunks = swarm.upload_shape()
     subscriber = subprocess.Popen([sys.executable, __file__, "--carry-subscriber", str(broker.port),
                                    str(len(swarm.devices) * chunks)], stdout=subprocess.PIPE,
@@ -260,10 +357,16 @@ def _carry_time(swarm: Swarm, broker: BenchMosquitto, work: Path, timeout: float
         assert subscriber.stdout is not None
         if subscriber.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the carry subscriber did not start; see {work / 'carry.log'}")
-        started = time.monotonic()
-        swarm.carry(_CARRY_PREFIX)
-        line = _readline(subscriber, timeout)
-        return json.loads(line)["last"] - started
+        meter = CpuMeter() if meter is None else meter
+        meter.add("subscriber", subscriber.pid)
+        try:
+            before = meter.snapshot()
+            started = time.monotonic()
+            swarm.carry(_CARRY_PREFIX)
+            line = _readline(subscriber, timeout)
+            return json.loads(line)["last"] - started, CpuMeter.spent(before, meter.snapshot())
+        finally:
+            del meter.pids["subscriber"]
     finally:
         if subscriber.poll() is None:
             subscriber.kill()
@@ -292,13 +395,16 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
     secrets = register_clients(state_dir, ids)
     broker = BenchMosquitto(work / "mosquitto").start()
     broker_process = MeasuredProcess(broker.process)
+    meter = CpuMeter()
+    meter.add("mosquitto", broker.process.pid)
+    meter.add("generator", "self")
     topics = Topics(FEDERATION)
     swarm = observer = hub = None
     workers: list[MeasuredProcess] = []
     try:
         # Before the devices: paho's own network thread uses select(), which fails on file
         # descriptors above 1024, and the devices' sockets take the low numbers first.
-        observer = Observer(broker.broker.address, topics)
+        observer = Observer(broker.broker.address, topics, meter)
         swarm = Swarm(LOOPBACK, broker.port, FEDERATION, [(i, secrets[i]) for i in ids], recipe, window=window)
         started = time.monotonic()
         swarm.connect_all()
@@ -306,11 +412,14 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
             raise TimeoutError(f"only {swarm.counts.announced} of {setting.devices} devices connected and announced")
         result.connect_s = time.monotonic() - started
         result.signed_update_bytes = swarm.upload_shape()[0]
-        result.carry_s = _carry_time(swarm, broker, work, timeout)
+        result.carry_s, result.carry_cpu_s = _carry_time(swarm, broker, work, timeout, meter)
         spawned = time.monotonic()
         hub = MeasuredProcess.spawn(hub_command(setting, broker.broker.url, state_dir), work / "hub.log")
         workers = [MeasuredProcess.spawn(worker_command(setting, broker.broker.url, state_dir, index),
                                    work / f"worker-{index}.log") for index in range(setting.workers)]  # fmt: skip
+        meter.add("hub", hub.process.pid)
+        for index, worker in enumerate(workers):
+            meter.add(f"worker-{index}", worker.process.pid)
         if not observer.opened.wait(timeout):
             raise TimeoutError(f"round 1 did not open within {timeout:.0f} s; see {hub.log_path}")
         assert observer.opened_at is not None
@@ -324,11 +433,12 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
         bar.close()
         if observer.published_at is not None:
             result.round_s = observer.published_at - observer.opened_at
+            result.round_cpu_s = CpuMeter.spent(observer.opened_cpu, observer.published_cpu)
             result.mb_per_s = setting.devices * result.signed_update_bytes / result.round_s / 1e6
             if result.carry_s:
                 result.round_over_carry = result.round_s / result.carry_s
         for index, worker in enumerate(workers):  # a worker that died made the figures the hub's alone
-            if worker.process.poll() is not None:
+            if worker.exited():
                 raise RuntimeError(f"worker {index} exited with status {worker.process.returncode} during the round; "
                                    f"see {worker.log_path}")  # fmt: skip
         if not hub.reap(120):
@@ -341,6 +451,9 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
         for process in (*workers, *([hub] if hub is not None else [])):
             process.stop()
         result.worker_peak_rss_mib = [w.peak_rss_mib for w in workers if w.peak_rss_mib is not None]
+        result.worker_cpu_s = [w.cpu_s for w in workers if w.cpu_s is not None]
+        if hub is not None:
+            result.hub_cpu_s = hub.cpu_s
         if hub is not None and result.hub_peak_rss_mib is None:
             result.hub_peak_rss_mib = hub.peak_rss_mib
         if swarm is not None:
@@ -390,15 +503,23 @@ def markdown_table(results: list[SettingResult]) -> str:
         return "—" if value is None else f"{value:,.{digits}f}"
 
     lines = ["| setting | devices | update | workers | round open (s) | round (s) | accepted once | hub peak RSS (MiB) "
-             "| worker peak RSS (MiB) | mosquitto peak RSS (MiB) | MB/s | mosquitto carry (s) | round / carry |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| worker peak RSS (MiB) | mosquitto peak RSS (MiB) | MB/s | mosquitto carry (s) | round / carry "
+             "| round CPU ms/update: hub | workers | mosquitto | generator | all "
+             "| carry CPU ms/update: mosquitto | generator | subscriber | all |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in results:
         accepted = f"{r.accepted_devices:,}/{r.devices:,}" + (" ✓" if r.exactly_once else " ✗")
         workers = ", ".join(f"{v:.0f}" for v in r.worker_peak_rss_mib) or "—"
+        round_cpu = [r.cpu_ms_per_update(r.round_cpu_s, *names) for names in
+                     (("hub",), ("worker-",), ("mosquitto",), ("generator",), ("",))]  # fmt: skip
+        carry_cpu = [r.cpu_ms_per_update(r.carry_cpu_s, *names) for names in
+                     (("mosquitto",), ("generator",), ("subscriber",), ("",))]  # fmt: skip
         lines.append(f"| {r.setting} | {r.devices:,} | {r.update_bytes // 1024:,} KiB | {r.workers or 'hub alone'} | "
                      f"{number(r.round_open_s)} | {number(r.round_s)} | {accepted} | {number(r.hub_peak_rss_mib, 0)} | "
                      f"{workers} | {number(r.broker_peak_rss_mib, 0)} | {number(r.mb_per_s)} | {number(r.carry_s, 2)} | "
-                     f"{number(r.round_over_carry)} |")  # fmt: skip
+                     f"{number(r.round_over_carry)} | "
+                     + " | ".join(number(value, 2) for value in round_cpu + carry_cpu) + " |")  # fmt: skip
     errors = [f"- {r.setting}: {r.error}" for r in results if r.error]
     return "\n".join(lines + ([""] + errors if errors else []))
 
@@ -440,10 +561,19 @@ def targets(results: list[SettingResult]) -> list[str]:
     return lines
 
 
+def _as_json(result: SettingResult) -> dict[str, Any]:
+    """The result's fields, plus its CPU per update (ms) by process, round and carry."""
+    def per_update(spent: dict[str, float]) -> dict[str, float]:
+        return {name: round(1000 * value / result.devices, 3) for name, value in spent.items()}
+
+    return {**dataclasses.asdict(result), "round_cpu_ms_per_update": per_update(result.round_cpu_s),
+            "carry_cpu_ms_per_update": per_update(result.carry_cpu_s)}  # fmt: skip
+
+
 def write_reports(results: list[SettingResult], out: Path, command: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "hub_scale.json").write_text(json.dumps({"command": command, "results": [dataclasses.asdict(r)
-                                                    for r in results]}, indent=2) + "\n")  # fmt: skip
+    (out / "hub_scale.json").write_text(json.dumps({"command": command, "results": [_as_json(r) for r in results]},
+                                                   indent=2) + "\n")  # fmt: skip
     text = "\n".join([f"`{command}`", "", markdown_table(results), "", *targets(results)]) + "\n"
     (out / "hub_scale.md").write_text(text)
     return text

@@ -34,9 +34,23 @@ def test_twenty_devices_are_each_counted_once_and_reported(tmp_path: Path) -> No
         assert result["round_open_s"] > 0 and result["round_s"] > 0 and result["carry_s"] > 0
         assert result["hub_peak_rss_mib"] > 10 and result["broker_peak_rss_mib"] > 0
     assert len(workers["worker_peak_rss_mib"]) == 2 and min(workers["worker_peak_rss_mib"]) > 10
+    # CPU seconds by process: the round's of every process that took part, the carry's,
+    # and the whole life of the hub and the workers (they import numpy: never nothing).
+    assert set(alone["round_cpu_s"]) == {"hub", "mosquitto", "generator"}
+    assert set(workers["round_cpu_s"]) == {"hub", "worker-0", "worker-1", "mosquitto", "generator"}
+    for result in (alone, workers):
+        assert set(result["carry_cpu_s"]) == {"mosquitto", "generator", "subscriber"}
+        assert all(value >= 0 for value in (*result["round_cpu_s"].values(), *result["carry_cpu_s"].values()))
+        assert result["round_cpu_ms_per_update"]["hub"] == pytest.approx(1000 * result["round_cpu_s"]["hub"] / 20,
+                                                                           abs=1e-3)  # fmt: skip
+        assert result["hub_cpu_s"] > 0.1
+    assert len(workers["worker_cpu_s"]) == 2 and min(workers["worker_cpu_s"]) > 0.1
     table = (out / "hub_scale.md").read_text()
     assert "| 20x16KiB | 20 | 16 KiB | hub alone |" in table and "| 20x16KiB:2w | 20 | 16 KiB | 2 |" in table
     assert table.count("20/20 ✓") == 2
+    header, _, *rows = table.splitlines()[2:6]
+    assert "round CPU ms/update: hub" in header and "carry CPU ms/update: mosquitto" in header
+    assert all(row.count("|") == header.count("|") for row in rows)
 
 
 def test_a_bad_setting_is_a_one_line_error(tmp_path: Path) -> None:
@@ -68,3 +82,15 @@ def test_the_kill_benchmark_refuses_a_bad_size_in_one_line(tmp_path: Path) -> No
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2
     assert "--update-size '64kb': write a size in B, KiB or MiB" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_measured_process_keeps_the_cpu_time_it_had_when_it_exited() -> None:
+    """The CPU seconds are read from the child's /proc entry after it exited and before it is
+    reaped (a reaped pid has no entry, or another process's)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hub_scale import MeasuredProcess
+
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nwhile time.process_time() < 0.3: pass"])
+    measured = MeasuredProcess(burner)
+    assert measured.reap(60) and burner.returncode == 0
+    assert measured.cpu_s is not None and measured.cpu_s >= 0.28
