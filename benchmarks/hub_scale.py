@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,6 +265,9 @@ class Observer:
         self.meter = meter if meter is not None else CpuMeter()
         self.opened_cpu: dict[str, float] | None = None
         self.published_cpu: dict[str, float] | None = None
+        # Called (on the observer's thread) when the round opens and when it is published.
+        self.on_opened: list[Callable[[], None]] = []
+        self.on_published: list[Callable[[], None]] = []
         self.opened = threading.Event()
         self.published = threading.Event()
         self.link = MqttLink(address, "bench-observer", protocol="5", persistent_session=False).connect(15)
@@ -276,12 +280,16 @@ class Observer:
             if state.round == 1 and state.phase is RoundPhase.COLLECTING:
                 self.opened_at = time.monotonic()
                 self.opened_cpu = self.meter.snapshot()
+                for callback in self.on_opened:
+                    callback()
                 self.opened.set()
 
     def _on_manifest(self, topic: str, payload: bytes, retained: bool) -> None:
         if payload and not self.published.is_set() and GlobalManifest.from_json(payload).version >= 1:
             self.published_at = time.monotonic()
             self.published_cpu = self.meter.snapshot()
+            for callback in self.on_published:
+                callback()
             self.published.set()
 
     def close(self) -> None:
@@ -383,9 +391,38 @@ def _readline(process: subprocess.Popen, timeout: float) -> str:
     return result[0]
 
 
+class RoundProfiler:
+    """``py-spy record`` of processes from the round's opening to its global's publication
+    (diagnostics: where a process's CPU goes in the round, not in start-up or round open)."""
+
+    def __init__(self, py_spy: str, out: Path, rate: int = 200) -> None:
+        self.py_spy, self.out, self.rate = py_spy, out, rate
+        self.targets: dict[str, int] = {}
+        self._recorders: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        for name, pid in self.targets.items():
+            self._recorders.append(subprocess.Popen(
+                [self.py_spy, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw", "--threads",
+                 "--nonblocking", "--output", str(self.out / f"py-spy-{name}.txt")],
+                stdout=subprocess.DEVNULL, stderr=(self.out / f"py-spy-{name}.log").open("wb")))  # fmt: skip
+
+    def stop(self) -> None:
+        for recorder in self._recorders:  # SIGINT: py-spy writes what it recorded and exits
+            recorder.send_signal(signal.SIGINT)
+        for recorder in self._recorders:
+            try:
+                recorder.wait(30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+        self._recorders.clear()
+
+
 def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: int = 256,
-                show_progress: bool = True) -> SettingResult:  # fmt: skip
-    """Run one setting end to end; every process it starts is stopped before it returns."""
+                show_progress: bool = True, py_spy: str | None = None) -> SettingResult:  # fmt: skip
+    """Run one setting end to end; every process it starts is stopped before it returns.
+    ``py_spy``: the path of py-spy, to profile the hub, the workers and this process over
+    the round (``py-spy-NAME.txt`` in the setting's folder, collapsed stacks)."""
     result = SettingResult(setting.label, setting.devices, setting.update_bytes, setting.workers)
     work = out / setting.label.replace(":", "-")
     work.mkdir(parents=True, exist_ok=True)
@@ -420,6 +457,12 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
         meter.add("hub", hub.process.pid)
         for index, worker in enumerate(workers):
             meter.add(f"worker-{index}", worker.process.pid)
+        if py_spy is not None:
+            profiler = RoundProfiler(py_spy, work)
+            profiler.targets = {name: pid for name, pid in meter.pids.items() if isinstance(pid, int)
+                                and name != "mosquitto"} | {"generator": os.getpid()}  # fmt: skip
+            observer.on_opened.append(profiler.start)
+            observer.on_published.append(profiler.stop)
         if not observer.opened.wait(timeout):
             raise TimeoutError(f"round 1 did not open within {timeout:.0f} s; see {hub.log_path}")
         assert observer.opened_at is not None
@@ -618,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds each phase of a setting may take")
     parser.add_argument("--window", type=int, default=256, help="uploads on their way to the broker at once")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--py-spy", metavar="PATH", help="profile the hub, workers and generator over each round "
+                        "with this py-spy (collapsed stacks in each setting's folder; slows the round)")
     parser.add_argument("--carry-subscriber", nargs=2, type=int, metavar=("PORT", "COUNT"), help=argparse.SUPPRESS)
     return parser
 
@@ -637,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for setting in tqdm(args.settings, desc="settings", unit="setting", disable=args.no_progress):
         result = run_setting(setting, args.out, timeout=args.timeout, window=args.window,
-                             show_progress=not args.no_progress)  # fmt: skip
+                             show_progress=not args.no_progress, py_spy=args.py_spy)  # fmt: skip
         results.append(result)
         tqdm.write(f"{setting.label}: open {result.round_open_s}, round {result.round_s}, accepted "
                    f"{result.accepted_devices}/{setting.devices}, exactly once {result.exactly_once}"

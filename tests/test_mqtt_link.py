@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fedvlm.shared.mqtt_link import BrokerAddress, BrokerUnavailable, Mqtt5Extras, MqttLink
+from fedvlm.shared.mqtt_link import BrokerAddress, BrokerUnavailable, Mqtt5Extras, MqttLink, topic_matcher
 from tests.brokers import any_broker, embedded_broker, free_port, mosquitto_broker  # noqa: F401
 
 
@@ -23,6 +23,24 @@ def test_broker_urls():
     for bad in ("http://h:1883", "mqtt://", "mqtt://h:notaport"):
         with pytest.raises(ValueError, match="broker URL"):
             BrokerAddress.parse(bad)
+
+
+def test_topic_matching_answers_as_paho_does():
+    """``topic_matcher`` (made once per subscription) against paho's ``topic_matches_sub`` on
+    every pair of a grid of filters and topics: wildcards at each level, a trailing ``#`` and
+    its parent level, empty levels, ``$`` topics, shared subscriptions, malformed filters."""
+    import paho.mqtt.client as mqtt
+
+    filters = ["#", "+", "a", "a/b", "a/+", "a/#", "+/b", "+/+", "+/#", "a/+/c", "a/+/#", "$SYS/#", "$SYS/+",
+               "+/a/#", "/", "/+", "+/", "a//b", "a/+/+", "a/b/c/d", "$share/g/a/+", "$share/g/#", "a/#/b", "a+/b",
+               "a/b#"]  # fmt: skip
+    topics = ["a", "a/b", "a/c", "b/b", "a/b/c", "a/x/c", "a/b/c/d", "", "/", "/a", "a/", "a//b", "$SYS", "$SYS/x",
+              "$SYS/x/y", "$x/a", "b", "a/#/b", "a+/b", "fedvlm/v1/f/updates/d1/00ff"]  # fmt: skip
+    for topic_filter in filters:
+        matches = topic_matcher(topic_filter)
+        plain = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+        for topic in topics:
+            assert matches(topic) == mqtt.topic_matches_sub(plain, topic), (topic_filter, topic)
 
 
 def test_unreachable_broker_is_a_clear_error_at_once():
