@@ -183,9 +183,14 @@ class NormBoundedAggregator(Aggregator):
         return self.inner.total_weight
 
     def add(self, shared_tensors: Mapping[str, np.ndarray], weight: float) -> None:
-        # The plain checks first (floats, NaN/Inf, overflowing magnitudes): garbage is
-        # refused, never clipped into something acceptable.
-        StreamingWeightedMean().check(shared_tensors, weight)
+        """Bound the update, then add it to the wrapped aggregator.
+
+        The plain checks (floats, NaN/Inf, overflowing magnitudes: ``StreamingWeightedMean.check``)
+        run before anything is clipped or refused for the bound, so garbage is refused as
+        garbage, never clipped into something acceptable. An update within the bound reaches
+        the wrapped aggregator unchanged, and every aggregator's ``add`` runs those checks
+        itself (all or nothing): checking it here too cost a second pass over its values.
+        """
         reference, bound = self._reference(), self.bound()
         if reference and self._starting_point is not None:
             reference = self._starting_point(reference, {name: np.shape(array) for name, array in shared_tensors.items()})
@@ -193,10 +198,15 @@ class NormBoundedAggregator(Aggregator):
         if not measured:  # nothing with a known starting point (e.g. fedsa's A in round 1)
             self.inner.add(shared_tensors, weight)
             return
-        norm = update_displacement({name: shared_tensors[name] for name in measured}, reference)
+        try:
+            norm = update_displacement({name: shared_tensors[name] for name in measured}, reference)
+        except Exception:  # not measurable as sent (not arrays, shapes unlike the reference's)
+            StreamingWeightedMean().check(shared_tensors, weight)  # garbage: refused as such
+            raise
         tensors = shared_tensors
         clipped = False
-        if bound is not None and norm > bound:
+        if bound is not None and not norm <= bound:  # over the bound, or NaN
+            StreamingWeightedMean().check(shared_tensors, weight)
             if self.rule.action == "reject":
                 raise AggregationError(f"update moves the shared factors by {norm:.4g} (L2 norm of update - global), "
                                        f"over this round's bound of {bound:.4g}; the update is refused")

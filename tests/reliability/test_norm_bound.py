@@ -16,6 +16,7 @@ from fedvlm.hub.service import HubService
 from fedvlm.hub.status import read_status
 from fedvlm.shared import tensor_codec
 from fedvlm.shared.protocol import ReasonCode, RoundPhase
+from fedvlm.shared.aggregation import AggregationError
 from fedvlm.shared.strategies import get_strategy
 from tests.hub.fake_clients import b_factors, fetch_global, weighted_mean
 
@@ -132,6 +133,34 @@ def test_garbage_is_refused_not_clipped_into_something_acceptable():
         with pytest.raises(ValueError):
             bounded.add({k: np.full_like(v, poison) for k, v in b_factors(1).items()}, 10)
     assert bounded.count == 0
+
+
+@pytest.mark.parametrize("strategy", ["plora", "fedit", "fedex"])
+@pytest.mark.parametrize("bound", [None, 1.0, 1e12])
+@pytest.mark.parametrize("action", ["clip", "reject"])
+def test_garbage_is_refused_as_garbage_whatever_the_bound_and_the_strategy(strategy, bound, action):
+    """NaN, Inf and overflowing values are refused by the plain checks (their message, not the
+    bound's), within the bound or over it, and leave nothing behind: no update, no norm.
+    Within the bound the wrapped aggregator's own checks refuse them."""
+    from tests.hub.fake_clients import a_factors
+
+    rule = NormBoundRule(max_update_norm=1.0, action=action)
+    bounded = NormBoundedAggregator(get_strategy(strategy).new_aggregator(2.0), rule, lambda: bound,
+                                    lambda: None)  # fmt: skip
+    shared = get_strategy(strategy).shared_factors
+    honest = {name: array for name, array in {**a_factors(1), **b_factors(1)}.items()
+              if (".lora_A." in name and "A" in shared) or (".lora_B." in name and "B" in shared)}  # fmt: skip
+    for poison in (np.nan, np.inf, 1e35):
+        garbage = {name: (np.full_like(array, poison) if ".lora_B." in name else array)
+                   for name, array in honest.items()}  # fmt: skip
+        with pytest.raises(AggregationError, match="NaN or Inf|exceeds") as refused:
+            bounded.add(garbage, 10)
+        assert "bound" not in str(refused.value)
+    assert bounded.count == 0 and list(bounded.norms) == [] and bounded.clipped == 0
+    with pytest.raises(AggregationError, match="weight must be positive"):
+        bounded.add({name: array * 0.001 for name, array in honest.items()}, 0)
+    bounded.add({name: array * 0.001 for name, array in honest.items()}, 10)  # an honest one still goes in
+    assert bounded.count == 1 and len(bounded.norms) == 1
 
 
 def test_the_history_is_read_once_a_round_and_each_round_gets_its_own_bound():
