@@ -308,3 +308,21 @@ def test_fedex_result_checks_the_previous_deltas():
     without_deltas = aggregator.result({"unrelated": np.zeros(1, np.float32)})  # no deltas yet: delta_0 = 0
     key = base_delta_key(MODULES[0])
     np.testing.assert_array_equal(without_deltas[key], aggregator.result(None)[key])
+
+
+@pytest.mark.parametrize("size", [0, 1, 8191, 8192, 8193, 3 * 8192 + 5, 300_000])
+def test_sum_of_squares_is_the_dot_product_of_the_values_with_themselves(size):
+    """Computed in blocks (so BLAS keeps it on the calling thread) it is still the sum of the
+    squares: as np.dot in float64, to float32 rounding for float32; NaN and Inf come through."""
+    from fedvlm.shared.aggregation import sum_of_squares
+
+    values = np.random.default_rng(size).normal(size=size)
+    assert sum_of_squares(values) == pytest.approx(float(np.dot(values, values)), rel=1e-12, abs=0.0)
+    assert sum_of_squares(values.astype(np.float32).reshape(-1, 1)) == pytest.approx(float(np.dot(values, values)),
+                                                                                     rel=1e-5, abs=0.0)  # fmt: skip
+    if size:
+        for poison in (np.nan, np.inf):
+            poisoned = values.copy()
+            poisoned[size // 2] = poison
+            result = sum_of_squares(poisoned)
+            assert np.isnan(result) if np.isnan(poison) else result == np.inf
