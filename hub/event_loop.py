@@ -44,12 +44,13 @@ def serve_events(events: queue.Queue[tuple[Any, ...]], stop: threading.Event, *,
         due = commit_due()
         if due is not None:
             wait = min(wait, due - now, quiet_commit_s)
-        event = None
-        quiet = False
         try:
             event = events.get(timeout=max(0.0, wait))
         except queue.Empty:
-            quiet = True
+            event = None
+        # Nothing came within the wait: queue.Queue raises Empty, the hub's IntakeQueue returns
+        # None (with only the first seen as quiet, the quiet commit never ran in the hub).
+        quiet = event is None
         try:
             if event is not None:
                 handle(event)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
+
+import pytest
 
 from fedvlm.hub.event_loop import serve_events
+from fedvlm.hub.intake_queue import IntakeQueue
 
 DELAY_S = 0.05
 
@@ -33,7 +37,7 @@ class _Batch:
         self.since, self.size = None, 0
 
 
-def _serve(events: queue.Queue, batch: _Batch, stop: threading.Event, quiet_commit_s: float = 0.005) -> threading.Thread:
+def _serve(events: Any, batch: _Batch, stop: threading.Event, quiet_commit_s: float = 0.005) -> threading.Thread:
     thread = threading.Thread(target=serve_events, args=(events, stop), daemon=True,
                               kwargs=dict(handle=batch.add, commit=batch.commit, commit_due=batch.due,
                                           tick=lambda _: None, tick_s=1.0, owner="test",
@@ -63,8 +67,11 @@ def test_a_batch_commits_once_its_oldest_event_waited_the_bound_even_while_event
         assert DELAY_S <= waited < DELAY_S + 0.1
 
 
-def test_a_lone_event_is_committed_as_soon_as_the_inbox_stays_quiet_not_after_the_whole_bound() -> None:
-    events: queue.Queue = queue.Queue()
+@pytest.mark.parametrize("inbox", ["queue.Queue", "IntakeQueue"])
+def test_a_lone_event_is_committed_as_soon_as_the_inbox_stays_quiet_not_after_the_whole_bound(inbox: str) -> None:
+    """With the hub's own inbox too (its get returns None when nothing came, where
+    queue.Queue raises Empty): the quiet commit applies to the hub and its workers."""
+    events: Any = queue.Queue() if inbox == "queue.Queue" else IntakeQueue(max_chunks=8, max_bytes=1 << 20)
     batch, stop = _Batch(), threading.Event()
     thread = _serve(events, batch, stop)
     events.put(("update",))
