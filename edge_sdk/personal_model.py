@@ -179,8 +179,9 @@ class PersonalVLM:
     def train_encoded(self, encoded: Sequence, config: TrainingConfig, **kwargs) -> TrainMetrics:
         """Train every trainable factor on encoded examples for the round's ``config.steps``,
         less the steps the strategy keeps for refitting the personal factors once the round's
-        global version arrives (:meth:`refit_personal`); personal factors at the strategy's
-        learning rate scale."""
+        global version arrives (:meth:`refit_personal`); the personal and shared factors at the
+        strategy's learning-rate scales (``personal_lr_scale``, ``shared_lr_scale``), which take
+        the place of any scale ``config.factor_lr_scales`` gives those factors."""
         steps = config.steps - self.strategy.refit_steps
         if steps < 1:
             raise UsageError(f"strategy {self.strategy.name!r} refits the personal factors for "

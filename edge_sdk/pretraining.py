@@ -125,7 +125,12 @@ def labelled_tokens_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor])
     """The causal language-model loss of ``model(**batch).loss`` (mean cross-entropy of each
     labelled token given those before it), with the output layer applied to the labelled
     positions only. For models with a ``model`` body returning hidden states and an output
-    embedding (LLaVA and the other families' ``...ForConditionalGeneration``)."""
+    embedding (LLaVA and the other families' ``...ForConditionalGeneration``). A model whose
+    logits are more than the output layer's (Gemma 2's ``final_logit_softcapping``, e.g. a
+    PaliGemma 2) takes its own full forward instead: the same loss, none of the saving."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text_config, "final_logit_softcapping", None) or getattr(model.config, "final_logit_softcapping", None):
+        return model(**batch).loss
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     hidden = model.model(**inputs)[0]
     targets = batch["labels"][:, 1:]

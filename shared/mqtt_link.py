@@ -220,12 +220,15 @@ class MqttLink:
         self._connect_error: str | None = None
         self.on_reconnect: list[Callable[[], None]] = []
         self._ever_connected = False
-        # SUBACKs: packet ids of this connection's subscriptions still unacknowledged, SUBACKs
-        # that arrived before their id was recorded (subscribe() from another thread), and
-        # the refusals (filter: reason).
+        # Packet ids of this connection's SUBSCRIBEs and UNSUBSCRIBEs not yet acknowledged (filter
+        # of each), acks that arrived before their id was recorded (a call from another thread;
+        # paho numbers both kinds from one counter), and the subscriptions the broker refused
+        # (filter: reason). An UNSUBSCRIBE unacknowledged when the connection drops is sent again
+        # at the next CONNACK: it may never have reached the broker.
         self.subscribed = threading.Event()
         self._unacked_subscriptions: dict[int, str] = {}
-        self._early_subacks: dict[int, list] = {}
+        self._unacked_unsubscribes: dict[int, str] = {}
+        self._early_acks: dict[int, list] = {}
         self.refused_subscriptions: dict[str, str] = {}
         # Filters dropped while no session was open: a persistent session keeps them at the
         # broker, so they are unsubscribed at the next CONNACK (else the broker would go on
@@ -318,8 +321,10 @@ class MqttLink:
             self._session_open = True
             subscriptions = list(self._subscriptions.items())
             dropped, self._unsent_unsubscribes = self._unsent_unsubscribes, set()
+            dropped.update(self._unacked_unsubscribes.values())
+            self._unacked_unsubscribes.clear()
             self._unacked_subscriptions.clear()
-            self._early_subacks.clear()
+            self._early_acks.clear()
             self.subscribed.clear()
         for topic_filter, (qos, _, _) in subscriptions:
             self._send_subscribe(client, topic_filter, qos)
@@ -408,7 +413,7 @@ class MqttLink:
     def _send_subscribe(self, client, topic_filter: str, qos: int) -> None:
         _, mid = client.subscribe(topic_filter, qos=qos)
         with self._lock:
-            reason_codes = self._early_subacks.pop(mid, None)
+            reason_codes = self._early_acks.pop(mid, None)
             if reason_codes is None:
                 self._unacked_subscriptions[mid] = topic_filter
         if reason_codes is not None:
@@ -418,7 +423,7 @@ class MqttLink:
         with self._lock:
             topic_filter = self._unacked_subscriptions.pop(mid, None)
             if topic_filter is None:
-                self._early_subacks[mid] = list(reason_codes)
+                self._early_acks[mid] = list(reason_codes)
         if topic_filter is not None:
             self._note_refusals(topic_filter, reason_codes)
             self._update_subscribed()
@@ -431,7 +436,7 @@ class MqttLink:
 
     def _update_subscribed(self) -> None:
         with self._lock:
-            if not self._unacked_subscriptions and self.connected.is_set():
+            if not self._unacked_subscriptions and not self._unacked_unsubscribes and self.connected.is_set():
                 self.subscribed.set()
             else:
                 self.subscribed.clear()
@@ -443,7 +448,8 @@ class MqttLink:
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
             self._matchers.pop(topic_filter, None)
-            send_now = self._session_open and self._client is not None
+            client = self._client  # once: close() may clear it meanwhile
+            send_now = self._session_open and client is not None
             if not send_now:
                 self._unsent_unsubscribes.add(topic_filter)
         # Two tries: the first can meet a connection just lost; if a new session opened since,
@@ -451,7 +457,7 @@ class MqttLink:
         for _ in range(2):
             if not send_now:
                 return
-            if self._send_unsubscribe(self._client, topic_filter):
+            if self._send_unsubscribe(client, topic_filter):
                 self._update_subscribed()
                 return
             with self._lock:
@@ -470,16 +476,29 @@ class MqttLink:
         if result != mqtt.MQTT_ERR_SUCCESS:
             return False
         with self._lock:
-            if self._early_subacks.pop(mid, None) is None:
-                self._unacked_subscriptions[mid] = topic_filter
+            reason_codes = self._early_acks.pop(mid, None)
+            if reason_codes is None:
+                self._unacked_unsubscribes[mid] = topic_filter
+        if reason_codes is not None:
+            self._note_unsubscribe_refusals(topic_filter, reason_codes)
         return True
 
     def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
-        # Any reason code will do: "no subscription existed" is as good as "unsubscribed".
         with self._lock:
-            if self._unacked_subscriptions.pop(mid, None) is None:
-                self._early_subacks[mid] = list(reason_codes)
+            topic_filter = self._unacked_unsubscribes.pop(mid, None)
+            if topic_filter is None:
+                self._early_acks[mid] = list(reason_codes)
+        if topic_filter is not None:
+            self._note_unsubscribe_refusals(topic_filter, reason_codes)
         self._update_subscribed()
+
+    def _note_unsubscribe_refusals(self, topic_filter: str, reason_codes) -> None:
+        # "No subscription existed" (17) is as good as "unsubscribed"; any other failure (MQTT 5:
+        # not authorised, unspecified) means the broker keeps routing the filter here.
+        for code in reason_codes if isinstance(reason_codes, list) else [reason_codes]:
+            if getattr(code, "is_failure", False) and getattr(code, "value", None) != 17:
+                log.warning("the broker at %s refused to unsubscribe %s: %s; its messages still arrive and are "
+                            "acknowledged unhandled", self.address.url(), topic_filter, code)  # fmt: skip
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 60.0,
                 extras: "Mqtt5Extras | None" = None) -> None:

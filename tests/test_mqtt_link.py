@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 
@@ -242,42 +243,41 @@ def test_one_read_pass_takes_a_few_packets_whatever_is_in_flight(mosquitto_broke
 
 
 class _CuttableProxy:
-    """A TCP relay to the broker that can drop every connection and refuse new ones: the
-    client loses its broker while the broker keeps its persistent session."""
+    """A TCP relay to the broker that can drop every connection and refuse new ones (the
+    client loses its broker while the broker keeps its persistent session), and can swallow
+    what the client sends (a half-open link: the client's packets never arrive)."""
 
     def __init__(self, target_port: int) -> None:
-        import socket
-
         self.target_port, self.port = target_port, free_port()
-        self._socket_module = socket
+        self.swallow_client_bytes = False
         self._pairs: list = []
-        self._listener = None
+        self._listener: socket.socket | None = None
         self.restore()
 
     def restore(self) -> None:
-        listener = self._socket_module.socket()
-        listener.setsockopt(self._socket_module.SOL_SOCKET, self._socket_module.SO_REUSEADDR, 1)
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen()
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
-    def _accept(self, listener) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = self._socket_module.create_connection(("127.0.0.1", self.target_port))
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._pairs.append((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    @staticmethod
-    def _pump(source, sink) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not (from_client and self.swallow_client_bytes):
+                    sink.sendall(data)
         except OSError:
             pass
         for end in (source, sink):
@@ -286,23 +286,27 @@ class _CuttableProxy:
 
     def cut(self) -> None:
         with contextlib.suppress(OSError):  # wakes the accepting thread (close alone would not free the port)
-            self._listener.shutdown(self._socket_module.SHUT_RDWR)
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for pair in self._pairs:
             for end in pair:
                 with contextlib.suppress(OSError):
-                    end.shutdown(self._socket_module.SHUT_RDWR)
+                    end.shutdown(socket.SHUT_RDWR)
         self._pairs.clear()
 
 
-def test_a_filter_dropped_while_disconnected_is_unsubscribed_at_the_broker_on_reconnect(mosquitto_broker):  # noqa: F811
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize("unsubscribed", ["while disconnected", "into a half-open link"])
+def test_a_dropped_filter_is_unsubscribed_at_the_broker_after_a_reconnect(mosquitto_broker, protocol: str,  # noqa: F811
+                                                                         unsubscribed: str) -> None:  # fmt: skip
     """A persistent session keeps its subscriptions at the broker across a reconnect: one the
-    link dropped while it had no connection must be unsubscribed there too, or the broker goes
-    on sending messages nobody here handles."""
+    link dropped while it had no connection, or whose UNSUBSCRIBE went into a connection that
+    was already dead (never acknowledged), must be unsubscribed there after the reconnect, or
+    the broker goes on sending messages nobody here handles."""
     proxy = _CuttableProxy(mosquitto_broker.address.port)
-    link = MqttLink(BrokerAddress("127.0.0.1", proxy.port), "dropper", protocol="5", reconnect_min_s=0.1,
-                    reconnect_max_s=0.2)
-    publisher = MqttLink(mosquitto_broker.address, "dropper-publisher", protocol="5").connect()
+    link = MqttLink(BrokerAddress("127.0.0.1", proxy.port), f"dropper-{protocol}", protocol=protocol,
+                    reconnect_min_s=0.1, reconnect_max_s=0.2)
+    publisher = MqttLink(mosquitto_broker.address, f"dropper-publisher-{protocol}", protocol=protocol).connect()
     delivered_topics: list[str] = []
     try:
         kept, kept_arrived = _collector(link, "keep/#")
@@ -316,12 +320,18 @@ def test_a_filter_dropped_while_disconnected_is_unsubscribed_at_the_broker_on_re
 
         link._client.on_message = spy
         assert link.wait_subscribed(5)
+        if unsubscribed == "into a half-open link":
+            proxy.swallow_client_bytes = True
+            link.unsubscribe("drop/#")
+            assert not link.wait_subscribed(0.3), "the broker cannot have acknowledged a swallowed UNSUBSCRIBE"
         proxy.cut()
         deadline = time.monotonic() + 5
         while link.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not link.connected.is_set(), "the link did not notice the cut"
-        link.unsubscribe("drop/#")
+        if unsubscribed == "while disconnected":
+            link.unsubscribe("drop/#")
+        proxy.swallow_client_bytes = False
         proxy.restore()
         assert link.connected.wait(10) and link.wait_subscribed(5)
         publisher.publish("drop/x", b"unwanted")

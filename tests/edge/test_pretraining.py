@@ -169,6 +169,26 @@ def test_labelled_tokens_loss_equals_the_full_forwards_loss_and_gradients():
             torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6)
 
 
+def test_labelled_tokens_loss_leaves_soft_capped_logits_to_the_models_own_forward():
+    """Gemma 2's text models (PaliGemma 2) soft-cap their logits after the output layer: the
+    output layer alone would train on another loss, so such a model runs its own forward."""
+    from fedvlm.edge.batching import collate
+    from fedvlm.edge.data import all_words, pretraining_records
+    from fedvlm.edge.pretraining import labelled_tokens_loss
+    from fedvlm.edge.tiny_model import build_tiny_vlm
+    from fedvlm.edge.training import encode_examples
+
+    model, processor = build_tiny_vlm("tiny", extra_words=all_words())
+    batch = collate(encode_examples(processor, pretraining_records(2, image_size=32)), processor.tokenizer.pad_token_id)
+    full_forwards = []
+    model.register_forward_hook(lambda module, args, output: full_forwards.append(1))
+    labelled_tokens_loss(model, batch)
+    assert not full_forwards  # the saving: the body and the output layer at labelled positions only
+    model.config.get_text_config().final_logit_softcapping = 30.0
+    labelled_tokens_loss(model, batch)
+    assert len(full_forwards) == 1
+
+
 def test_recipes_written_before_the_cheaper_steps_stay_valid():
     """The labelled-only logits and the fused optimizer change a build's last bits, so they are part
     of the recipe when on, and absent when off: a base cached under an older recipe is still found."""
