@@ -412,21 +412,34 @@ class MqttLink:
 
     def _send_subscribe(self, client, topic_filter: str, qos: int) -> None:
         _, mid = client.subscribe(topic_filter, qos=qos)
-        with self._lock:
-            reason_codes = self._early_acks.pop(mid, None)
-            if reason_codes is None:
-                self._unacked_subscriptions[mid] = topic_filter
+        reason_codes = self._await_broker_ack(self._unacked_subscriptions, mid, topic_filter)
         if reason_codes is not None:
             self._note_refusals(topic_filter, reason_codes)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
-        with self._lock:
-            topic_filter = self._unacked_subscriptions.pop(mid, None)
-            if topic_filter is None:
-                self._early_acks[mid] = list(reason_codes)
+        topic_filter = self._ack_arrived(self._unacked_subscriptions, mid, reason_codes)
         if topic_filter is not None:
             self._note_refusals(topic_filter, reason_codes)
             self._update_subscribed()
+
+    def _await_broker_ack(self, pending: dict[int, str], mid: int, topic_filter: str) -> list | None:
+        """Record that request ``mid`` (a SUBSCRIBE or UNSUBSCRIBE) of ``topic_filter`` waits in
+        ``pending`` for its ack; the ack's reason codes instead if it came first (the request
+        was sent from another thread than paho's)."""
+        with self._lock:
+            reason_codes = self._early_acks.pop(mid, None)
+            if reason_codes is None:
+                pending[mid] = topic_filter
+        return reason_codes
+
+    def _ack_arrived(self, pending: dict[int, str], mid: int, reason_codes) -> str | None:
+        """The filter whose request ``mid`` is acknowledged, taken from ``pending``; None if
+        the request is not recorded yet (the ack is kept for :meth:`_await_broker_ack`)."""
+        with self._lock:
+            topic_filter = pending.pop(mid, None)
+            if topic_filter is None:
+                self._early_acks[mid] = list(reason_codes)
+        return topic_filter
 
     def _note_refusals(self, topic_filter: str, reason_codes) -> None:
         for code in reason_codes:
@@ -475,19 +488,13 @@ class MqttLink:
         result, mid = client.unsubscribe(topic_filter)
         if result != mqtt.MQTT_ERR_SUCCESS:
             return False
-        with self._lock:
-            reason_codes = self._early_acks.pop(mid, None)
-            if reason_codes is None:
-                self._unacked_unsubscribes[mid] = topic_filter
+        reason_codes = self._await_broker_ack(self._unacked_unsubscribes, mid, topic_filter)
         if reason_codes is not None:
             self._note_unsubscribe_refusals(topic_filter, reason_codes)
         return True
 
     def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
-        with self._lock:
-            topic_filter = self._unacked_unsubscribes.pop(mid, None)
-            if topic_filter is None:
-                self._early_acks[mid] = list(reason_codes)
+        topic_filter = self._ack_arrived(self._unacked_unsubscribes, mid, reason_codes)
         if topic_filter is not None:
             self._note_unsubscribe_refusals(topic_filter, reason_codes)
         self._update_subscribed()
@@ -495,7 +502,7 @@ class MqttLink:
     def _note_unsubscribe_refusals(self, topic_filter: str, reason_codes) -> None:
         # "No subscription existed" (17) is as good as "unsubscribed"; any other failure (MQTT 5:
         # not authorised, unspecified) means the broker keeps routing the filter here.
-        for code in reason_codes if isinstance(reason_codes, list) else [reason_codes]:
+        for code in reason_codes:
             if getattr(code, "is_failure", False) and getattr(code, "value", None) != 17:
                 log.warning("the broker at %s refused to unsubscribe %s: %s; its messages still arrive and are "
                             "acknowledged unhandled", self.address.url(), topic_filter, code)  # fmt: skip
