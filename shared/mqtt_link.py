@@ -246,6 +246,8 @@ class MqttLink:
         self._backlog: collections.deque = collections.deque()
         self._in_paho: dict[int, object] = {}
         self._handing = 0
+        self._handing_over = threading.Lock()  # held by the one thread handing messages to paho
+        self._refill_wanted = False  # room was made or messages queued since the holder last looked
         self._window_lock = threading.Lock()
         self._window_changed = threading.Condition(self._window_lock)
 
@@ -551,11 +553,26 @@ class MqttLink:
         client = self._client
         if client is None:
             return
+        with self._window_lock:
+            if confirmed_mid is not None:
+                self._in_paho.pop(confirmed_mid, None)
+            self._refill_wanted = True
+        # One thread hands over at a time, or two batches taken in order could reach paho in the
+        # other order. Never waited for: paho's thread may report a PUBACK while the holder waits
+        # for paho's lock inside client.publish; it leaves the refill to the holder instead.
+        while self._handing_over.acquire(blocking=False):
+            try:
+                self._hand_over(client)
+            finally:
+                self._handing_over.release()
+            with self._window_lock:
+                if not self._refill_wanted:  # else a refill asked for after the holder's last look
+                    return
+
+    def _hand_over(self, client) -> None:
         while True:
             with self._window_lock:
-                if confirmed_mid is not None:
-                    self._in_paho.pop(confirmed_mid, None)
-                    confirmed_mid = None
+                self._refill_wanted = False
                 room = self.publish_window - len(self._in_paho) - self._handing
                 if room <= 0 and self._in_paho:
                     self._forget_confirmed()
