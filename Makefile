@@ -63,7 +63,7 @@ bench-personalisation: $(STAMP)
 	$(PY) benchmarks/personalisation.py --out $(WORK)/bench/personalisation $(if $(PERSONALISATION_BASE),--model $(PERSONALISATION_BASE))
 
 # DEVICESxSIZE[:Kw] settings, comma-separated (Kw: K hub workers); the default is every setting.
-HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:2w
+HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:2w,10000x64KiB:1w:drain,10000x64KiB:2w:drain
 
 bench-hub-scale: $(STAMP)
 	$(PY) benchmarks/hub_scale.py --settings $(HUB_SCALE_SETTINGS) --out $(WORK)/bench/hub-scale

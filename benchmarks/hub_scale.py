@@ -25,6 +25,16 @@ Per setting (devices x update size x hub workers) one run:
    per update (ms): unlike the times, a figure that does not depend on who else ran on
    the machine's cores meanwhile.
 
+A ``:drain`` setting (workers only, e.g. ``1000x64KiB:2w:drain``) measures the workers'
+intake capacity with the load generator out of their way: the workers are stopped
+(SIGSTOP) as soon as they hold their shared subscription, every device sends its update
+(the broker keeps each worker's share in its session), and the workers are let go
+(SIGCONT) once the broker has every update; the "drain" is the time from then to the
+last device's ``accepted`` ack. In a normal round the generator signs and sends while the
+workers judge, and on a machine with fewer cores than processes the round measures who
+wins the cores, not how fast the workers are. The drain needs the stop to fit the
+workers' MQTT keepalive (30 s; the broker drops a connection silent for 45 s).
+
     python benchmarks/hub_scale.py --out work/bench/hub-scale                # every setting
     python benchmarks/hub_scale.py --settings 1000x64KiB,1000x64KiB:2w --out DIR
     make bench-hub-scale
@@ -63,13 +73,15 @@ from tqdm import tqdm  # noqa: E402
 from device_swarm import Swarm, UpdateRecipe, raise_open_files_limit  # noqa: E402
 from fedvlm.hub.clients import register_clients  # noqa: E402
 from fedvlm.hub.store import HubStore  # noqa: E402
+from fedvlm.hub.worker_readiness import unsubscribed_workers  # noqa: E402
 from fedvlm.shared import tensor_codec  # noqa: E402
 from fedvlm.shared.mqtt_link import BrokerAddress, MqttLink  # noqa: E402
 from fedvlm.shared.protocol import GlobalManifest, HubState, RoundPhase, Topics  # noqa: E402
 from tests.brokers import LOOPBACK, MosquittoProcess  # noqa: E402
 
 FEDERATION = "scale"
-DEFAULT_SETTINGS = "100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:2w"
+DEFAULT_SETTINGS = ("100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:2w,"
+                    "10000x64KiB:1w:drain,10000x64KiB:2w:drain")
 _SIZE = re.compile(r"(\d+)(B|KiB|MiB)")
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024}
 _CARRY_PREFIX = "bench/carry"
@@ -81,26 +93,32 @@ class Setting:
     devices: int
     update_bytes: int
     workers: int = 0  # 0: the hub takes the updates itself
+    drain: bool = False  # workers stopped until the broker holds every update (see the module's doc)
 
     @property
     def label(self) -> str:
         size = (f"{self.update_bytes // _UNITS['MiB']}MiB" if self.update_bytes % _UNITS["MiB"] == 0
                 else f"{self.update_bytes // 1024}KiB" if self.update_bytes % 1024 == 0 else f"{self.update_bytes}B")
-        return f"{self.devices}x{size}" + (f":{self.workers}w" if self.workers else "")
+        workers = f":{self.workers}w" if self.workers else ""
+        return f"{self.devices}x{size}{workers}" + (":drain" if self.drain else "")
 
     @classmethod
     def parse(cls, text: str) -> Setting:
-        """``DEVICESxSIZE[:Kw]``, e.g. ``10000x64KiB`` or ``1000x64KiB:2w``."""
-        match = re.fullmatch(r"(\d+)x(\d+(?:B|KiB|MiB))(?::(\d+)w)?", text.strip())
+        """``DEVICESxSIZE[:Kw][:drain]``: ``10000x64KiB``, ``1000x64KiB:2w``, ``1000x64KiB:2w:drain``."""
+        match = re.fullmatch(r"(\d+)x(\d+(?:B|KiB|MiB))(?::(\d+)w)?(:drain)?", text.strip())
         if match is None:
-            raise argparse.ArgumentTypeError(f"setting {text!r}: write DEVICESxSIZE[:Kw], e.g. 1000x64KiB or "
-                                             "1000x1MiB:2w (sizes in B, KiB or MiB)")  # fmt: skip
+            raise argparse.ArgumentTypeError(f"setting {text!r}: write DEVICESxSIZE[:Kw][:drain], e.g. 1000x64KiB, "
+                                             "1000x1MiB:2w or 1000x64KiB:2w:drain (sizes in B, KiB or MiB)")  # fmt: skip
         size = _SIZE.fullmatch(match.group(2))
         assert size is not None
         devices, workers = int(match.group(1)), int(match.group(3) or 0)
         if devices < 1:
             raise argparse.ArgumentTypeError(f"setting {text!r}: at least one device")
-        return cls(devices, int(size.group(1)) * _UNITS[size.group(2)], workers)
+        drain = match.group(4) is not None
+        if drain and not workers:
+            raise argparse.ArgumentTypeError(f"setting {text!r}: a drain stops the hub workers, so it needs some "
+                                             f"(e.g. {devices}x{match.group(2)}:1w:drain)")  # fmt: skip
+        return cls(devices, int(size.group(1)) * _UNITS[size.group(2)], workers, drain)
 
 
 def parse_settings(text: str) -> list[Setting]:
@@ -296,6 +314,66 @@ class Observer:
         self.link.close()
 
 
+class WorkerPause:
+    """A drain's first half: stops (SIGSTOP) the workers as soon as each holds its shared
+    subscription for the coordinator's run (the record the coordinator waits for before it
+    opens a round), so every update of the round waits for them in the broker."""
+
+    def __init__(self, state_dir: Path, workers: list[MeasuredProcess], timeout: float) -> None:
+        self.state_dir, self.workers, self.timeout = state_dir, workers, timeout
+        self.stopped = threading.Event()
+        self.stopped_at: float | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._stop_when_subscribed, daemon=True)
+        self._thread.start()
+
+    def _stop_when_subscribed(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        waiting = set(range(len(self.workers)))
+        # Polled every 5 ms: the coordinator looks every 100 ms, so the workers are stopped
+        # before it opens the round (``acked_before_drain`` in the result tells if not).
+        while waiting and time.monotonic() < deadline:
+            try:
+                with HubStore.in_state_dir(self.state_dir, create=False) as store:
+                    while waiting and time.monotonic() < deadline:
+                        for index in set(waiting) - set(unsubscribed_workers(store, len(self.workers))):
+                            self.workers[index].process.send_signal(signal.SIGSTOP)
+                            waiting.discard(index)
+                        time.sleep(0.005)
+            except Exception:  # the coordinator has not created its database yet
+                time.sleep(0.05)
+        if waiting:
+            self.error = f"worker(s) {sorted(waiting)} did not subscribe within {self.timeout:.0f} s"
+        self.stopped_at = time.monotonic()
+        self.stopped.set()
+
+    def resume(self) -> None:
+        for worker in self.workers:
+            if worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGCONT)
+
+
+def _drain(swarm: Swarm, pause: WorkerPause, meter: CpuMeter, devices: int, timeout: float) -> dict[str, Any]:
+    """A drain's second half: once the broker holds every update, let the workers go and time
+    them to the last device's ``accepted`` ack; CPU seconds of every process meanwhile."""
+    if not pause.stopped.wait(timeout) or pause.error:
+        raise TimeoutError(f"drain: {pause.error or 'the workers were not stopped'}")
+    if not swarm.wait(lambda c: c.uploads_delivered >= devices, timeout):
+        raise TimeoutError(f"drain: the broker took only {swarm.counts.uploads_delivered} of {devices} updates "
+                           f"within {timeout:.0f} s")  # fmt: skip
+    assert pause.stopped_at is not None
+    paused_s = time.monotonic() - pause.stopped_at
+    acked_before = swarm.counts.accepted_acks
+    before = meter.snapshot()
+    started = time.monotonic()
+    pause.resume()
+    if not swarm.wait(lambda c: c.devices_accepted >= devices, timeout):
+        raise TimeoutError(f"drain: {swarm.counts.devices_accepted} of {devices} accepted {timeout:.0f} s after "
+                           f"the workers were let go")  # fmt: skip
+    return {"drain_s": time.monotonic() - started, "drain_cpu_s": CpuMeter.spent(before, meter.snapshot()),
+            "acked_before_drain": acked_before, "workers_paused_s": paused_s}  # fmt: skip
+
+
 # ====================================================================== one setting
 @dataclasses.dataclass
 class SettingResult:
@@ -303,6 +381,7 @@ class SettingResult:
     devices: int
     update_bytes: int
     workers: int
+    drain: bool = False
     signed_update_bytes: int = 0
     connect_s: float = 0.0
     carry_s: float | None = None
@@ -329,6 +408,13 @@ class SettingResult:
     hub_cpu_s: float | None = None
     worker_cpu_s: list[float] = dataclasses.field(default_factory=list)
     hub_exit_status: int | None = None
+    # A drain setting's: workers let go -> last device's accepted ack, the CPU seconds of
+    # every process meanwhile, updates acknowledged before the workers were let go (0 unless
+    # the stop came late) and how long the workers were stopped.
+    drain_s: float | None = None
+    drain_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    acked_before_drain: int | None = None
+    workers_paused_s: float | None = None
     error: str | None = None
 
     def cpu_ms_per_update(self, spent: dict[str, float], *names: str) -> float | None:
@@ -423,7 +509,7 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
     """Run one setting end to end; every process it starts is stopped before it returns.
     ``py_spy``: the path of py-spy, to profile the hub, the workers and this process over
     the round (``py-spy-NAME.txt`` in the setting's folder, collapsed stacks)."""
-    result = SettingResult(setting.label, setting.devices, setting.update_bytes, setting.workers)
+    result = SettingResult(setting.label, setting.devices, setting.update_bytes, setting.workers, setting.drain)
     work = out / setting.label.replace(":", "-")
     work.mkdir(parents=True, exist_ok=True)
     state_dir = Path(tempfile.mkdtemp(prefix="hub-", dir=work))
@@ -436,7 +522,7 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
     meter.add("mosquitto", broker.process.pid)
     meter.add("generator", "self")
     topics = Topics(FEDERATION)
-    swarm = observer = hub = None
+    swarm = observer = hub = pause = None
     workers: list[MeasuredProcess] = []
     try:
         # Before the devices: paho's own network thread uses select(), which fails on file
@@ -454,6 +540,8 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
         hub = MeasuredProcess.spawn(hub_command(setting, broker.broker.url, state_dir), work / "hub.log")
         workers = [MeasuredProcess.spawn(worker_command(setting, broker.broker.url, state_dir, index),
                                    work / f"worker-{index}.log") for index in range(setting.workers)]  # fmt: skip
+        if setting.drain:
+            pause = WorkerPause(state_dir, workers, timeout)
         meter.add("hub", hub.process.pid)
         for index, worker in enumerate(workers):
             meter.add(f"worker-{index}", worker.process.pid)
@@ -467,6 +555,9 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
             raise TimeoutError(f"round 1 did not open within {timeout:.0f} s; see {hub.log_path}")
         assert observer.opened_at is not None
         result.round_open_s = observer.opened_at - spawned
+        if pause is not None:
+            for name, value in _drain(swarm, pause, meter, setting.devices, timeout).items():
+                setattr(result, name, value)
         bar = tqdm(total=setting.devices, desc=setting.label, unit="dev", disable=not show_progress, leave=False)
 
         def progress(counts: Any) -> None:
@@ -491,6 +582,8 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
     except Exception as error:  # reported in the table; the next setting still runs
         result.error = f"{type(error).__name__}: {error}"
     finally:
+        if pause is not None:  # a stopped process would take a SIGTERM only once let go
+            pause.resume()
         for process in (*workers, *([hub] if hub is not None else [])):
             process.stop()
         result.worker_peak_rss_mib = [w.peak_rss_mib for w in workers if w.peak_rss_mib is not None]
@@ -542,9 +635,6 @@ def max_relative_error(tensors: dict[str, np.ndarray], expected: dict[str, np.nd
 
 # ====================================================================== reports
 def markdown_table(results: list[SettingResult]) -> str:
-    def number(value: float | None, digits: int = 1) -> str:
-        return "—" if value is None else f"{value:,.{digits}f}"
-
     lines = ["| setting | devices | update | workers | round open (s) | round (s) | accepted once | hub peak RSS (MiB) "
              "| worker peak RSS (MiB) | mosquitto peak RSS (MiB) | MB/s | mosquitto carry (s) | round / carry "
              "| round CPU ms/update: hub | workers | mosquitto | generator | all "
@@ -559,12 +649,37 @@ def markdown_table(results: list[SettingResult]) -> str:
         carry_cpu = [r.cpu_ms_per_update(r.carry_cpu_s, *names) for names in
                      (("mosquitto",), ("generator",), ("subscriber",), ("",))]  # fmt: skip
         lines.append(f"| {r.setting} | {r.devices:,} | {r.update_bytes // 1024:,} KiB | {r.workers or 'hub alone'} | "
-                     f"{number(r.round_open_s)} | {number(r.round_s)} | {accepted} | {number(r.hub_peak_rss_mib, 0)} | "
-                     f"{workers} | {number(r.broker_peak_rss_mib, 0)} | {number(r.mb_per_s)} | {number(r.carry_s, 2)} | "
-                     f"{number(r.round_over_carry)} | "
-                     + " | ".join(number(value, 2) for value in round_cpu + carry_cpu) + " |")  # fmt: skip
+                     f"{_number(r.round_open_s)} | {_number(r.round_s)} | {accepted} | "
+                     f"{_number(r.hub_peak_rss_mib, 0)} | {workers} | {_number(r.broker_peak_rss_mib, 0)} | "
+                     f"{_number(r.mb_per_s)} | {_number(r.carry_s, 2)} | {_number(r.round_over_carry)} | "
+                     + " | ".join(_number(value, 2) for value in round_cpu + carry_cpu) + " |")  # fmt: skip
     errors = [f"- {r.setting}: {r.error}" for r in results if r.error]
-    return "\n".join(lines + ([""] + errors if errors else []))
+    return "\n".join(lines + drain_table(results) + ([""] + errors if errors else []))
+
+
+def drain_table(results: list[SettingResult]) -> list[str]:
+    """The drain settings' own figures (none: no lines): the workers' intake with the load
+    generator out of the way. Their "round" above includes the time the workers were stopped."""
+    drains = [r for r in results if r.drain]
+    if not drains:
+        return []
+    lines = ["", "Drains (workers stopped until the broker held every update, then timed to the last ack):", "",
+             "| setting | workers | workers stopped (s) | acked before the drain | drain (s) | updates/s | MB/s "
+             "| drain CPU ms/update: workers | mosquitto | generator | hub |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in drains:
+        rate = r.devices / r.drain_s if r.drain_s else None
+        mb_s = r.devices * r.signed_update_bytes / r.drain_s / 1e6 if r.drain_s else None
+        cpu = [r.cpu_ms_per_update(r.drain_cpu_s, name) for name in ("worker-", "mosquitto", "generator", "hub")]
+        lines.append(f"| {r.setting} | {r.workers} | {_number(r.workers_paused_s)} | "
+                     f"{'—' if r.acked_before_drain is None else r.acked_before_drain} | {_number(r.drain_s, 2)} | "
+                     f"{_number(rate, 0)} | {_number(mb_s)} | "
+                     + " | ".join(_number(value, 2) for value in cpu) + " |")  # fmt: skip
+    return lines
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
 
 
 def targets(results: list[SettingResult]) -> list[str]:
@@ -593,7 +708,13 @@ def targets(results: list[SettingResult]) -> list[str]:
     if big and big.round_over_carry:
         check("round of 10,000 x 64 KiB within 2.5x of mosquitto's carry time", big.round_over_carry <= 2.5,
               f"{big.round_s:.1f} s vs {big.carry_s:.2f} s, x{big.round_over_carry:.1f}")
-    for base in {r.setting.split(":")[0] for r in results if r.workers}:
+    for base in sorted({r.setting.split(":")[0] for r in results if r.drain}):
+        one, two = by.get(f"{base}:1w:drain"), by.get(f"{base}:2w:drain")
+        if one and two and one.drain_s and two.drain_s:
+            check(f"{base}: 2 workers drain the round not slower than 1 (generator out of the way)",
+                  two.drain_s <= one.drain_s, f"{two.drain_s:.2f} s vs {one.drain_s:.2f} s, "
+                  f"x{one.drain_s / two.drain_s:.2f} the updates per second")  # fmt: skip
+    for base in sorted({r.setting.split(":")[0] for r in results if r.workers and not r.drain}):
         one, two, alone = by.get(f"{base}:1w"), by.get(f"{base}:2w"), by.get(base)
         if one and two and one.round_s and two.round_s:
             check(f"{base}: 2 workers not slower than 1", two.round_s <= one.round_s,

@@ -57,7 +57,7 @@ def test_a_bad_setting_is_a_one_line_error(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_scale.py"), "--settings", "20by16",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2
-    assert "setting '20by16': write DEVICESxSIZE[:Kw]" in run.stderr and "Traceback" not in run.stderr
+    assert "setting '20by16': write DEVICESxSIZE[:Kw][:drain]" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_the_kill_benchmark_restarts_a_killed_worker_and_checks_the_round(tmp_path: Path) -> None:
@@ -94,3 +94,30 @@ def test_a_measured_process_keeps_the_cpu_time_it_had_when_it_exited() -> None:
     measured = MeasuredProcess(burner)
     assert measured.reap(60) and burner.returncode == 0
     assert measured.cpu_s is not None and measured.cpu_s >= 0.28
+
+
+def test_a_drain_stops_the_workers_until_the_broker_holds_every_update(tmp_path: Path) -> None:
+    """``:drain``: the worker is stopped once subscribed, the devices all send, the broker
+    holds the round, and only then is the worker let go and timed to the last ack."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_scale.py"), "--settings", "30x16KiB:1w:drain",
+                          "--out", str(out), "--timeout", "90", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (result,) = json.loads((out / "hub_scale.json").read_text())["results"]
+    assert result["drain"] and result["error"] is None and result["exactly_once"]
+    # Stopped before the round opened: nothing was acknowledged until it was let go, and the
+    # round (open -> published) took at least the drain.
+    assert result["acked_before_drain"] == 0
+    assert 0 < result["drain_s"] <= result["round_s"] and result["workers_paused_s"] > 0
+    assert result["drain_cpu_s"]["worker-0"] > 0
+    drains = (out / "hub_scale.md").read_text().split("Drains (")[1]
+    assert "| 30x16KiB:1w:drain | 1 |" in drains
+
+
+def test_a_drain_without_workers_is_a_one_line_error(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_scale.py"), "--settings", "20x16KiB:drain",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    assert "a drain stops the hub workers, so it needs some (e.g. 20x16KiB:1w:drain)" in run.stderr
+    assert "Traceback" not in run.stderr
