@@ -62,7 +62,8 @@ PERSONALISATION_BASE ?=
 bench-personalisation: $(STAMP)
 	$(PY) benchmarks/personalisation.py --out $(WORK)/bench/personalisation $(if $(PERSONALISATION_BASE),--model $(PERSONALISATION_BASE))
 
-# DEVICESxSIZE[:Kw] settings, comma-separated (Kw: K hub workers); the default is every setting.
+# DEVICESxSIZE[:Kw][:drain] settings, comma-separated (Kw: K hub workers; drain: the workers stopped until
+# the broker holds the round, then timed); the default is every setting.
 HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:2w,10000x64KiB:1w:drain,10000x64KiB:2w:drain
 
 bench-hub-scale: $(STAMP)

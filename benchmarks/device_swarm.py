@@ -125,6 +125,7 @@ class SwarmCounts:
     devices_accepted: int = 0
     rejections: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     carried: int = 0
+    last_accepted_at: float | None = None  # monotonic time of the latest device's first accepted ack
 
 
 class _Device:
@@ -445,6 +446,7 @@ class Swarm:
             self.counts.accepted_acks += 1
             if device.accepted == 0:
                 self.counts.devices_accepted += 1
+                self.counts.last_accepted_at = time.monotonic()
             device.accepted += 1
             device.final_reason = None
             return

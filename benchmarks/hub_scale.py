@@ -25,15 +25,18 @@ Per setting (devices x update size x hub workers) one run:
    per update (ms): unlike the times, a figure that does not depend on who else ran on
    the machine's cores meanwhile.
 
-A ``:drain`` setting (workers only, e.g. ``1000x64KiB:2w:drain``) measures the workers'
-intake capacity with the load generator out of their way: the workers are stopped
+A ``:drain`` setting (workers only, e.g. ``10000x64KiB:2w:drain``) times the workers
+without the generator's signing and sending on the same cores: the workers are stopped
 (SIGSTOP) as soon as they hold their shared subscription, every device sends its update
 (the broker keeps each worker's share in its session), and the workers are let go
-(SIGCONT) once the broker has every update; the "drain" is the time from then to the
-last device's ``accepted`` ack. In a normal round the generator signs and sends while the
-workers judge, and on a machine with fewer cores than processes the round measures who
-wins the cores, not how fast the workers are. The drain needs the stop to fit the
-workers' MQTT keepalive (30 s; the broker drops a connection silent for 45 s).
+(SIGCONT) once the broker has every update. The "drain" is the time from then to the last
+update judged (the latest receipt's time in the hub's database); the time to the last
+device's ``accepted`` ack is reported beside it (it adds the acks' way back through the
+broker to the generator, which still reads them during the drain: its CPU is in the
+drain's figures). In a normal round the generator signs and sends while the workers
+judge, and on a machine with fewer cores than processes the round measures who wins the
+cores, not how fast the workers take a round. The stop must fit the workers' MQTT
+keepalive (30 s; the broker drops a connection silent for 45 s): a longer one is an error.
 
     python benchmarks/hub_scale.py --out work/bench/hub-scale                # every setting
     python benchmarks/hub_scale.py --settings 1000x64KiB,1000x64KiB:2w --out DIR
@@ -107,8 +110,9 @@ class Setting:
         """``DEVICESxSIZE[:Kw][:drain]``: ``10000x64KiB``, ``1000x64KiB:2w``, ``1000x64KiB:2w:drain``."""
         match = re.fullmatch(r"(\d+)x(\d+(?:B|KiB|MiB))(?::(\d+)w)?(:drain)?", text.strip())
         if match is None:
-            raise argparse.ArgumentTypeError(f"setting {text!r}: write DEVICESxSIZE[:Kw][:drain], e.g. 1000x64KiB, "
-                                             "1000x1MiB:2w or 1000x64KiB:2w:drain (sizes in B, KiB or MiB)")  # fmt: skip
+            raise argparse.ArgumentTypeError(f"setting {text!r}: write DEVICESxSIZE[:Kw][:drain], e.g. "
+                                             "1000x64KiB, 1000x1MiB:2w or 1000x64KiB:2w:drain (sizes in B, KiB or "
+                                             "MiB)")  # fmt: skip
         size = _SIZE.fullmatch(match.group(2))
         assert size is not None
         devices, workers = int(match.group(1)), int(match.group(3) or 0)
@@ -204,6 +208,15 @@ class MeasuredProcess:
         for line in text.splitlines():
             if line.startswith("VmHWM:"):
                 self.peak_rss_mib = max(self.peak_rss_mib or 0.0, int(line.split()[1]) / 1024)
+
+    def signal(self, signum: int) -> bool:
+        """Send ``signum`` unless the process has exited (then False), without reaping it:
+        ``Popen.send_signal`` would, and its final CPU and peak RSS would go unread."""
+        with self._lock:
+            if self.exited():
+                return False
+            os.kill(self.process.pid, signum)
+            return True
 
     def exited(self) -> bool:
         """True once the process has exited, without reaping it (its /proc entry stays)."""
@@ -324,54 +337,81 @@ class WorkerPause:
         self.stopped = threading.Event()
         self.stopped_at: float | None = None
         self.error: str | None = None
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._stop_when_subscribed, daemon=True)
         self._thread.start()
 
     def _stop_when_subscribed(self) -> None:
         deadline = time.monotonic() + self.timeout
         waiting = set(range(len(self.workers)))
-        # Polled every 5 ms: the coordinator looks every 100 ms, so the workers are stopped
-        # before it opens the round (``acked_before_drain`` in the result tells if not).
-        while waiting and time.monotonic() < deadline:
-            try:
-                with HubStore.in_state_dir(self.state_dir, create=False) as store:
-                    while waiting and time.monotonic() < deadline:
-                        for index in set(waiting) - set(unsubscribed_workers(store, len(self.workers))):
-                            self.workers[index].process.send_signal(signal.SIGSTOP)
-                            waiting.discard(index)
-                        time.sleep(0.005)
-            except Exception:  # the coordinator has not created its database yet
-                time.sleep(0.05)
-        if waiting:
-            self.error = f"worker(s) {sorted(waiting)} did not subscribe within {self.timeout:.0f} s"
+        try:
+            # The database exists (the clients were registered in it before the hub started).
+            # Polled every 5 ms: the coordinator checks at most every 0.5 s, then still has to
+            # open the round and the devices to sign and send, so the workers stop first
+            # (``acked_before_drain`` in the result would tell otherwise).
+            with HubStore.in_state_dir(self.state_dir, create=False) as store:
+                while waiting and time.monotonic() < deadline and not self._cancelled.is_set():
+                    for index in sorted(waiting - set(unsubscribed_workers(store, len(self.workers)))):
+                        if not self.workers[index].signal(signal.SIGSTOP):
+                            raise RuntimeError(f"worker {index} exited with status "
+                                               f"{self.workers[index].returncode} before the drain")  # fmt: skip
+                        waiting.discard(index)
+                    time.sleep(0.005)
+            if waiting and not self._cancelled.is_set():
+                self.error = f"worker(s) {sorted(waiting)} did not subscribe within {self.timeout:.0f} s"
+        except Exception as error:  # told by ``_drain``, which waits for this thread
+            self.error = f"stopping the workers: {type(error).__name__}: {error}"
         self.stopped_at = time.monotonic()
         self.stopped.set()
 
+    def all_alive(self) -> bool:
+        return not any(worker.exited() for worker in self.workers)
+
     def resume(self) -> None:
+        """Let every worker go (again); also ends a pause still waiting for its workers."""
+        self._cancelled.set()
+        self._thread.join()
         for worker in self.workers:
-            if worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGCONT)
+            worker.signal(signal.SIGCONT)
 
 
-def _drain(swarm: Swarm, pause: WorkerPause, meter: CpuMeter, devices: int, timeout: float) -> dict[str, Any]:
+# Past the workers' MQTT keepalive (30 s) the broker drops a stopped worker's connection at
+# 45 s; it comes back to its session, but the drain would then time a reconnection too.
+_LONGEST_PAUSE_S = 40.0
+
+
+def _drain(swarm: Swarm, pause: WorkerPause, meter: CpuMeter, devices: int, state_dir: Path,
+           timeout: float) -> dict[str, Any]:  # fmt: skip
     """A drain's second half: once the broker holds every update, let the workers go and time
-    them to the last device's ``accepted`` ack; CPU seconds of every process meanwhile."""
+    them to the last update judged (its receipt's time) and to the last device's
+    ``accepted`` ack; CPU seconds of every process in between."""
     if not pause.stopped.wait(timeout) or pause.error:
-        raise TimeoutError(f"drain: {pause.error or 'the workers were not stopped'}")
-    if not swarm.wait(lambda c: c.uploads_delivered >= devices, timeout):
+        raise RuntimeError(f"drain: {pause.error or 'the workers were not stopped'}")
+    if not swarm.wait(lambda c: c.uploads_delivered >= devices or not pause.all_alive(), timeout):
         raise TimeoutError(f"drain: the broker took only {swarm.counts.uploads_delivered} of {devices} updates "
                            f"within {timeout:.0f} s")  # fmt: skip
+    if not pause.all_alive():
+        raise RuntimeError("drain: a worker exited while it was stopped; see its log")
     assert pause.stopped_at is not None
     paused_s = time.monotonic() - pause.stopped_at
+    if paused_s > _LONGEST_PAUSE_S:
+        raise RuntimeError(f"drain: the workers were stopped {paused_s:.0f} s, past their MQTT keepalive; run fewer "
+                           "devices or smaller updates in a drain")  # fmt: skip
     acked_before = swarm.counts.accepted_acks
     before = meter.snapshot()
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     pause.resume()
-    if not swarm.wait(lambda c: c.devices_accepted >= devices, timeout):
+    if not swarm.wait(lambda c: c.devices_accepted >= devices or not pause.all_alive(), timeout):
         raise TimeoutError(f"drain: {swarm.counts.devices_accepted} of {devices} accepted {timeout:.0f} s after "
                            f"the workers were let go")  # fmt: skip
-    return {"drain_s": time.monotonic() - started, "drain_cpu_s": CpuMeter.spent(before, meter.snapshot()),
-            "acked_before_drain": acked_before, "workers_paused_s": paused_s}  # fmt: skip
+    if not pause.all_alive():
+        raise RuntimeError("drain: a worker exited during the drain; see its log")
+    last_ack = swarm.counts.last_accepted_at
+    spent = CpuMeter.spent(before, meter.snapshot())
+    with HubStore.in_state_dir(state_dir, create=False) as store:
+        last_judged = max(receipt.accepted_at for receipt in store.receipts(1))
+    return {"drain_s": last_judged - started_wall, "drain_to_last_ack_s": (last_ack or time.monotonic()) - started,
+            "drain_cpu_s": spent, "acked_before_drain": acked_before, "workers_paused_s": paused_s}  # fmt: skip
 
 
 # ====================================================================== one setting
@@ -408,10 +448,12 @@ class SettingResult:
     hub_cpu_s: float | None = None
     worker_cpu_s: list[float] = dataclasses.field(default_factory=list)
     hub_exit_status: int | None = None
-    # A drain setting's: workers let go -> last device's accepted ack, the CPU seconds of
-    # every process meanwhile, updates acknowledged before the workers were let go (0 unless
-    # the stop came late) and how long the workers were stopped.
+    # A drain setting's: workers let go -> the last update judged (its receipt's time) and
+    # -> the last device's accepted ack, the CPU seconds of every process in between, updates
+    # acknowledged before the workers were let go (0 unless the stop came late) and how long
+    # the workers were stopped.
     drain_s: float | None = None
+    drain_to_last_ack_s: float | None = None
     drain_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
     acked_before_drain: int | None = None
     workers_paused_s: float | None = None
@@ -556,7 +598,7 @@ def run_setting(setting: Setting, out: Path, *, timeout: float = 900.0, window: 
         assert observer.opened_at is not None
         result.round_open_s = observer.opened_at - spawned
         if pause is not None:
-            for name, value in _drain(swarm, pause, meter, setting.devices, timeout).items():
+            for name, value in _drain(swarm, pause, meter, setting.devices, state_dir, timeout).items():
                 setattr(result, name, value)
         bar = tqdm(total=setting.devices, desc=setting.label, unit="dev", disable=not show_progress, leave=False)
 
@@ -663,17 +705,18 @@ def drain_table(results: list[SettingResult]) -> list[str]:
     drains = [r for r in results if r.drain]
     if not drains:
         return []
-    lines = ["", "Drains (workers stopped until the broker held every update, then timed to the last ack):", "",
+    lines = ["", "Drains (workers stopped until the broker held every update, then timed to the last update "
+             "judged):", "",
              "| setting | workers | workers stopped (s) | acked before the drain | drain (s) | updates/s | MB/s "
-             "| drain CPU ms/update: workers | mosquitto | generator | hub |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| to the last ack (s) | drain CPU ms/update: workers | mosquitto | generator | hub |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in drains:
         rate = r.devices / r.drain_s if r.drain_s else None
         mb_s = r.devices * r.signed_update_bytes / r.drain_s / 1e6 if r.drain_s else None
         cpu = [r.cpu_ms_per_update(r.drain_cpu_s, name) for name in ("worker-", "mosquitto", "generator", "hub")]
         lines.append(f"| {r.setting} | {r.workers} | {_number(r.workers_paused_s)} | "
                      f"{'—' if r.acked_before_drain is None else r.acked_before_drain} | {_number(r.drain_s, 2)} | "
-                     f"{_number(rate, 0)} | {_number(mb_s)} | "
+                     f"{_number(rate, 0)} | {_number(mb_s)} | {_number(r.drain_to_last_ack_s, 2)} | "
                      + " | ".join(_number(value, 2) for value in cpu) + " |")  # fmt: skip
     return lines
 
@@ -710,7 +753,10 @@ def targets(results: list[SettingResult]) -> list[str]:
               f"{big.round_s:.1f} s vs {big.carry_s:.2f} s, x{big.round_over_carry:.1f}")
     for base in sorted({r.setting.split(":")[0] for r in results if r.drain}):
         one, two = by.get(f"{base}:1w:drain"), by.get(f"{base}:2w:drain")
-        if one and two and one.drain_s and two.drain_s:
+        if one and two and not all(r.error is None and r.exactly_once and r.acked_before_drain == 0 and r.drain_s
+                                   for r in (one, two)):  # fmt: skip
+            lines.append(f"- not comparable: {base} drains (a run failed, or updates were judged before its drain)")
+        elif one and two and one.drain_s and two.drain_s:
             check(f"{base}: 2 workers drain the round not slower than 1 (generator out of the way)",
                   two.drain_s <= one.drain_s, f"{two.drain_s:.2f} s vs {one.drain_s:.2f} s, "
                   f"x{one.drain_s / two.drain_s:.2f} the updates per second")  # fmt: skip
@@ -774,8 +820,10 @@ def carry_subscriber(port: int, expected: int) -> None:
 
 # ====================================================================== command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Settings are DEVICESxSIZE[:Kw]: "
-                                     "devices, update size (B, KiB, MiB) and hub workers (none: the hub alone).")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Settings are DEVICESxSIZE[:Kw][:drain]: devices, update size (B, KiB, "
+                                     "MiB), hub workers (none: the hub alone) and whether the workers drain a round "
+                                     "the broker holds (stopped until every update is there, then timed).")
     parser.add_argument("--settings", type=parse_settings, default=parse_settings(DEFAULT_SETTINGS),
                         help=f"comma-separated settings to run (default: {DEFAULT_SETTINGS})")
     parser.add_argument("--out", type=Path, default=Path("work/bench/hub-scale"), help="folder for the reports")

@@ -106,10 +106,11 @@ def test_a_drain_stops_the_workers_until_the_broker_holds_every_update(tmp_path:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (result,) = json.loads((out / "hub_scale.json").read_text())["results"]
     assert result["drain"] and result["error"] is None and result["exactly_once"]
-    # Stopped before the round opened: nothing was acknowledged until it was let go, and the
-    # round (open -> published) took at least the drain.
+    # Stopped before the round opened: nothing was acknowledged until it was let go. The drain
+    # (let go -> last update judged) lies inside the round (open -> global published), and the
+    # acks reach the devices after the updates were judged.
     assert result["acked_before_drain"] == 0
-    assert 0 < result["drain_s"] <= result["round_s"] and result["workers_paused_s"] > 0
+    assert 0 < result["drain_s"] < result["round_s"] and result["drain_s"] < result["drain_to_last_ack_s"]
     assert result["drain_cpu_s"]["worker-0"] > 0
     drains = (out / "hub_scale.md").read_text().split("Drains (")[1]
     assert "| 30x16KiB:1w:drain | 1 |" in drains
