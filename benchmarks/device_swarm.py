@@ -66,6 +66,8 @@ _SDK_VERSION = "bench"
 _RETRYABLE = frozenset({ReasonCode.OVERLOADED, ReasonCode.HUB_ERROR, ReasonCode.EXPIRED})
 _DEFAULT_RETRY_S = 1.0
 _MISC_EVERY_S = 5.0
+# Distinct hub-state payloads kept parsed (a round has a handful; more means a long run).
+_PARSED_STATES_KEPT = 64
 # Readable connections served in one pass before what waits to be written goes out.
 _READS_BEFORE_WRITING = 64
 # What a carry run signs its updates for (no hub is running then): the same sizes and work.
@@ -130,7 +132,8 @@ class SwarmCounts:
 
 class _Device:
     __slots__ = ("index", "client_id", "secret", "client", "sock", "round_sent", "message_id", "upload",
-                 "pending_mids", "pending_kind", "accepted", "announce_mid", "final_reason", "selection", "upload_state")
+                 "pending_mids", "pending_kind", "accepted", "announce_mid", "final_reason", "selection", "upload_state",
+                 "write_armed")
 
     def __init__(self, index: int, client_id: str, secret: str) -> None:
         self.index = index
@@ -148,6 +151,7 @@ class _Device:
         self.announce_mid: int | None = None
         self.final_reason: str | None = None
         self.selection: Any = None  # the hub's latest Selection for this device (protocol 3)
+        self.write_armed = False  # its socket is in the selector for EVENT_WRITE (see _write_fresh)
 
 
 class Swarm:
@@ -176,12 +180,15 @@ class Swarm:
         self._to_send: collections.deque[tuple[_Device, str]] = collections.deque()
         self._retry_at: list[tuple[float, _Device]] = []
         self._in_flight = 0
-        # Between the reads of one pass (see _serve_uploads): devices that have had bytes to
-        # write since the last such break (paho asked for EVENT_WRITE), and the sockets of the
-        # uploads on their way (a second epoll set, for their PUBACKs).
+        # Devices that have had bytes to write since they were last written (paho asked for
+        # EVENT_WRITE; see _write_fresh), and the sockets of the uploads on their way (a
+        # second epoll set, for their PUBACKs; see _serve_uploads).
         self._fresh_writers: list[_Device] = []
         self._uploading = selectors.DefaultSelector()
-        self._last_state: tuple[bytes, HubState, frozenset[str]] | None = None
+        # The latest state a device received, and each distinct state payload parsed once
+        # (see _on_state).
+        self._last_state: tuple[HubState, frozenset[str]] | None = None
+        self._parsed_states: dict[bytes, tuple[HubState, frozenset[str]]] = {}
         self._carry_prefix = "bench/carry"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="device-swarm", daemon=True)
@@ -252,10 +259,6 @@ class Swarm:
         next_misc = time.monotonic() + _MISC_EVERY_S
         while not self._stop.is_set():
             reads = 0
-            # Writers noted in the last pass and not served by a break within it (a pass of
-            # fewer than _READS_BEFORE_WRITING reads has none): the selector's EVENT_WRITE
-            # serves them, so the list starts empty and never grows across passes.
-            self._fresh_writers.clear()
             for key, mask in self._selector.select(timeout=0.05):
                 device = key.data
                 if device is None:
@@ -284,6 +287,7 @@ class Swarm:
                 for device in self.devices:
                     if device.client is not None:
                         device.client.loop_misc()
+            self._write_fresh()  # before the next select waits: nothing is left unwritten
 
     def _connect_devices(self, devices: Sequence[_Device]) -> None:
         protocol = "5" if self.protocol == mqtt.MQTTv5 else "3.1.1"
@@ -322,6 +326,7 @@ class Swarm:
 
     def _on_socket_close(self, client, device: _Device, sock) -> None:
         self._track_upload(device, False, sock)
+        device.write_armed = False
         try:
             self._selector.unregister(sock)
         except (KeyError, ValueError):
@@ -338,10 +343,28 @@ class Swarm:
             device = key.data
             if device.client is not None:
                 device.client.loop_read()
+        self._write_fresh()
+
+    def _write_fresh(self) -> None:
+        """Write what the devices queued since the last call (PUBACKs of the states, selections
+        and acks they read, subscriptions, chunks); only a socket that is full waits for
+        EVENT_WRITE. Arming EVENT_WRITE for every queued packet cost two epoll_ctl calls
+        (through selectors' Python) and a pass of the loop for each, and in a round every
+        device PUBACKs half a dozen messages, which the carry run's devices never do."""
         fresh, self._fresh_writers = self._fresh_writers, []
-        for device in fresh:  # once each: a socket that is full waits for EVENT_WRITE as before
-            if device.client is not None:
-                device.client.loop_write()
+        for device in fresh:
+            client = device.client
+            if client is None:
+                continue
+            client.loop_write()
+            # paho asks once (register) until its queue is empty (unregister): a socket it
+            # could not empty is armed here, and disarmed in _on_unregister_write.
+            if client.want_write() and not device.write_armed and device.sock is not None:
+                try:
+                    self._selector.modify(device.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
+                    device.write_armed = True
+                except (KeyError, ValueError, OSError):
+                    pass
 
     def _track_upload(self, device: _Device, on_its_way: bool, sock=None) -> None:
         sock = sock if sock is not None else device.sock  # paho names the socket it closes
@@ -354,13 +377,12 @@ class Swarm:
             pass
 
     def _on_register_write(self, client, device: _Device, sock) -> None:
-        self._fresh_writers.append(device)
-        try:
-            self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
-        except (KeyError, ValueError):
-            pass
+        self._fresh_writers.append(device)  # written by _write_fresh, armed there if need be
 
     def _on_unregister_write(self, client, device: _Device, sock) -> None:
+        if not device.write_armed:
+            return
+        device.write_armed = False
         try:
             self._selector.modify(sock, selectors.EVENT_READ, device)
         except (KeyError, ValueError):
@@ -408,18 +430,27 @@ class Swarm:
         elif message.topic.endswith("/selection"):
             device.selection = _Selection.from_json(message.payload)
             if self._last_state is not None:
-                self._maybe_send(device, self._last_state[1], self._last_state[2])
+                self._maybe_send(device, *self._last_state)
         else:
             self._on_state(device, message.payload)
 
     def _on_state(self, device: _Device, payload: bytes) -> None:
-        # Every device receives the same state: parse it once, not once per device.
-        last = self._last_state
-        if last is None or last[0] != payload:
+        # Every device receives the same few states: parse each distinct payload once, not
+        # once per device. Keyed by payload, not just the last one: a device reads up to 8
+        # packets a pass (FairClient), so at a round's end the sockets deliver aggregating,
+        # publishing, done, aggregating, publishing, … and a one-entry cache missed nearly
+        # every time (py-spy at 10,000 devices: HubState.from_json was an eighth of the
+        # generator's CPU in a round). A state is a frozen, validated message: the parse of
+        # the same bytes is the same for every device.
+        parsed = self._parsed_states.get(payload)
+        if parsed is None:
             state = HubState.from_json(payload)
             selected = frozenset(getattr(state, "selected_clients", ()))  # protocol 2 listed them here
-            last = self._last_state = (bytes(payload), state, selected)
-        self._maybe_send(device, last[1], last[2])
+            if len(self._parsed_states) >= _PARSED_STATES_KEPT:
+                self._parsed_states.clear()
+            parsed = self._parsed_states[bytes(payload)] = (state, selected)
+        self._last_state = parsed
+        self._maybe_send(device, *parsed)
 
     def _maybe_send(self, device: _Device, state: HubState, selected: frozenset[str]) -> None:
         """Send this round's update once the state collects a round this device is selected for."""
