@@ -20,7 +20,7 @@ help:
 	@echo "make bench-rlaifv  every strategy, SFT and DPO, on RLAIF-V-like shards split by source (3 seeds; < 30 min)"
 	@echo "make bench-data-memory  peak RSS of reading RLAIF-V shards at 500 vs 5,000 rows (ratio near 1)"
 	@echo "make bench-personalisation  federation vs training alone: few-shot-codes and few-shot, concept shift, every strategy vs examples per client (2 processes; under 30 min + base)"
-	@echo "make bench-hub-scale  N simulated devices vs a real hub and mosquitto (HUB_SCALE_SETTINGS; ~10-15 min)"
+	@echo "make bench-hub-scale  N simulated devices vs a real hub and mosquitto (HUB_SCALE_SETTINGS; ~5 min)"
 	@echo "make bench-hub-kill   the hub, then a hub worker, SIGKILLed with half of 1,000 updates acknowledged (~2 min)"
 	@echo "make fuzz        10,000 hostile messages to a hub process over each broker (FUZZ_MESSAGES, FUZZ_SEED)"
 	@echo "make clean       remove the virtual environment and the work dir"
@@ -64,7 +64,7 @@ bench-personalisation: $(STAMP)
 
 # DEVICESxSIZE[:Kw][:drain] settings, comma-separated (Kw: K hub workers; drain: the workers stopped until
 # the broker holds the round, then timed); the default is every setting.
-HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:2w,10000x64KiB:1w:drain,10000x64KiB:2w:drain
+HUB_SCALE_SETTINGS ?= 100x64KiB,1000x64KiB,10000x64KiB,1000x1MiB,1000x64KiB:1w,1000x64KiB:2w,10000x64KiB:1w,10000x64KiB:2w,10000x64KiB:1w:drain,10000x64KiB:2w:drain
 
 bench-hub-scale: $(STAMP)
 	$(PY) benchmarks/hub_scale.py --settings $(HUB_SCALE_SETTINGS) --out $(WORK)/bench/hub-scale
