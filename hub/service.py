@@ -678,7 +678,7 @@ class HubService:
         store.add_global_version(record, closes_attempt=current.attempt, now=now)
         if self.config.workers:
             store.drop_worker_partials(current.number)
-        samples = sum(receipt.sample_count for receipt in store.receipts(current.number))
+        samples = store.round_sample_total(current.number)
         self._lifecycle.complete()
         intake.start_new_aggregate()
         self._previous_global, self._previous_global_loaded = tensors, True

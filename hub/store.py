@@ -572,6 +572,13 @@ class HubStore:
     def count_round_receipts(self, round_number: int) -> int:
         return self._query("SELECT COUNT(*) FROM receipts WHERE round = ?", (round_number,))[0][0]
 
+    def round_sample_total(self, round_number: int) -> int:
+        """The samples of a round's accepted updates, summed by SQLite: reading the receipts
+        to add them up held every one of them at once (~5 MiB at 10,000 devices, the hub's
+        peak at the end of a round)."""
+        return self._query("SELECT COALESCE(SUM(sample_count), 0) FROM receipts WHERE round = ?",
+                           (round_number,))[0][0]  # fmt: skip
+
     def delete_receipt(self, round_number: int, client_id: str) -> None:
         with self._lock, self._conn:
             self._conn.execute("DELETE FROM receipts WHERE round = ? AND client_id = ?", (round_number, client_id))

@@ -139,6 +139,13 @@ def test_a_global_version_closes_its_round_in_the_same_transaction(store: HubSto
         store.add_global_version(record, closes_attempt=1, now=21.0)
 
 
+def test_a_round_sample_total_sums_only_that_round_receipts(store: HubStore):
+    assert store.round_sample_total(1) == 0  # no receipts: zero, not None
+    store.commit_accepted(1, [receipt(1, "a"), receipt(1, "b")], b"sum-of-2", 2, now=2.0)
+    store.commit_accepted(2, [receipt(2, "a")], b"sum-of-1", 1, now=3.0)
+    assert store.round_sample_total(1) == 10 and store.round_sample_total(2) == 5
+
+
 def test_a_second_connection_sees_committed_state(tmp_path: Path):
     with HubStore.in_state_dir(tmp_path) as writer, HubStore.in_state_dir(tmp_path, create=False) as reader:
         writer.add_client("alice", "s" * 43, now=1.0)
