@@ -133,7 +133,7 @@ class SwarmCounts:
 class _Device:
     __slots__ = ("index", "client_id", "secret", "client", "sock", "round_sent", "message_id", "upload",
                  "pending_mids", "pending_kind", "accepted", "announce_mid", "final_reason", "selection", "upload_state",
-                 "write_armed")
+                 "write_armed", "state")
 
     def __init__(self, index: int, client_id: str, secret: str) -> None:
         self.index = index
@@ -152,6 +152,7 @@ class _Device:
         self.final_reason: str | None = None
         self.selection: Any = None  # the hub's latest Selection for this device (protocol 3)
         self.write_armed = False  # its socket is in the selector for EVENT_WRITE (see _write_fresh)
+        self.state: Any = None  # (HubState, selected ids) of the latest state this device read
 
 
 class Swarm:
@@ -185,9 +186,7 @@ class Swarm:
         # second epoll set, for their PUBACKs; see _serve_uploads).
         self._fresh_writers: list[_Device] = []
         self._uploading = selectors.DefaultSelector()
-        # The latest state a device received, and each distinct state payload parsed once
-        # (see _on_state).
-        self._last_state: tuple[HubState, frozenset[str]] | None = None
+        # Each distinct state payload parsed once (see _on_state).
         self._parsed_states: dict[bytes, tuple[HubState, frozenset[str]]] = {}
         self._carry_prefix = "bench/carry"
         self._stop = threading.Event()
@@ -429,8 +428,8 @@ class Swarm:
             return
         elif message.topic.endswith("/selection"):
             device.selection = _Selection.from_json(message.payload)
-            if self._last_state is not None:
-                self._maybe_send(device, *self._last_state)
+            if device.state is not None:  # its own latest state: at a round's end another
+                self._maybe_send(device, *device.state)  # device may have read a newer one
         else:
             self._on_state(device, message.payload)
 
@@ -449,7 +448,7 @@ class Swarm:
             if len(self._parsed_states) >= _PARSED_STATES_KEPT:
                 self._parsed_states.clear()
             parsed = self._parsed_states[bytes(payload)] = (state, selected)
-        self._last_state = parsed
+        device.state = parsed
         self._maybe_send(device, *parsed)
 
     def _maybe_send(self, device: _Device, state: HubState, selected: frozenset[str]) -> None:

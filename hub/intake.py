@@ -180,6 +180,9 @@ class UpdateIntake:
         # An accepted verdict is held as its round number alone (``_remember_verdict``).
         self._recent_acks: collections.OrderedDict[tuple[str, bytes], int | tuple[Ack, tuple | None]] = (
             collections.OrderedDict())
+        # At least as many as the reassembler remembers finished messages (it ignores a copy
+        # of one, and the copy is answered from here).
+        self._recent_acks_kept = max(_RECENT_ACKS_KEPT, 4 * reassembly_slots)
         # (client, message id, reason) of messages refused chunk by chunk, each answered once.
         self._told_once: collections.OrderedDict[tuple[str, bytes, ReasonCode], None] = collections.OrderedDict()
 
@@ -476,7 +479,7 @@ class UpdateIntake:
         # again when needed: ~0.3 KB less per remembered verdict than the Ack itself.
         accepted = ack.accepted and ack.round is not None and ack.retry_after_s is None
         self._recent_acks[(client_id, message_id)] = ack.round if accepted else (ack, context)
-        while len(self._recent_acks) > _RECENT_ACKS_KEPT:
+        while len(self._recent_acks) > self._recent_acks_kept:
             self._recent_acks.popitem(last=False)
 
     def _admit(self, envelope: VerifiedEnvelope, message: CompletedMessage,

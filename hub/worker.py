@@ -131,6 +131,7 @@ class HubWorker:
             lifecycle=lambda: self._require_mirror().lifecycle, send_ack=self._send_ack, console=self.console,
             clock=self._clock, on_accepted=lambda _: None, on_pinned=lambda _: None,
             commit_batch=config.commit_batch, max_held_chunks=max(1, config.inflight_window // 2),
+            reassembly_slots=config.reassembly_slots,
         )  # fmt: skip
         self._reload_pins()
         self._follow_round()

@@ -30,7 +30,7 @@ SETTINGS_META_KEY = "federation_settings"
 _JUDGING_FIELDS = ("federation", "strategy", "strategy_options", "rounds", "min_clients", "fraction", "quorum",
                    "round_timeout_s", "selection_seed", "chunk_size", "max_update_bytes", "lora", "base_fingerprint",
                    "max_update_norm", "norm_factor", "norm_action", "max_sample_count", "clients_per_round",
-                   "inflight_window", "commit_batch")
+                   "inflight_window", "commit_batch", "reassembly_slots")
 _CONNECTION_FIELDS = ("broker", "username", "password", "ca_file", "cert_file", "key_file", "secrets_key_file")
 _SETTINGS_WAIT_S = 60.0
 

@@ -208,8 +208,12 @@ class Reassembler:
         self._finished: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
         self._max_finished = max(1024, 4 * max_pending_messages)
         # Messages refused for lack of room: the rest of that attempt is ignored, a re-send
-        # (from chunk 0) is admitted afresh. Bounded like _finished.
+        # (from chunk 0) is admitted afresh. Its own, longer bound: under load a refused
+        # update's later chunks may come after thousands of other refusals, and one forgotten
+        # here is refused again chunk by chunk or takes a slot it cannot fill. Empty unless
+        # the receiver is overloaded.
         self._refused_for_load: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
+        self._max_refused = max(4096, 4 * max_pending_messages)
         # Expired messages not yet handed to drain_expired; bounded for a caller that never drains.
         self._expired: collections.deque[DroppedMessage] = collections.deque(maxlen=max(1024, max_pending_messages))
 
@@ -368,7 +372,7 @@ class Reassembler:
     def _remember_refused_for_load(self, key: tuple[str, bytes]) -> None:
         self._refused_for_load[key] = None
         self._refused_for_load.move_to_end(key)
-        while len(self._refused_for_load) > self._max_finished:
+        while len(self._refused_for_load) > self._max_refused:
             self._refused_for_load.popitem(last=False)
 
     def _remember_finished(self, key: tuple[str, bytes], now: float) -> None:

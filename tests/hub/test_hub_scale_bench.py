@@ -98,7 +98,7 @@ def test_a_measured_process_keeps_the_cpu_time_it_had_when_it_exited() -> None:
 
 def test_a_drain_stops_the_workers_until_the_broker_holds_every_update(tmp_path: Path) -> None:
     """``:drain``: the worker is stopped once subscribed, the devices all send, the broker
-    holds the round, and only then is the worker let go and timed to the last ack."""
+    holds the round, and only then is the worker let go and timed to the last update judged."""
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_scale.py"), "--settings", "30x16KiB:1w:drain",
                           "--out", str(out), "--timeout", "90", "--no-progress"],

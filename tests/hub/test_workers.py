@@ -230,3 +230,27 @@ def test_a_worker_holds_at_most_its_window_of_chunks_while_the_broker_keeps_the_
         worker.stop()
         hub.stop()
         mosquitto.stop()
+
+
+def test_workers_reassemble_as_many_updates_at_once_as_the_coordinator_allows(tmp_path: Path):
+    """``--reassembly-slots`` is a judging setting: the coordinator stores it for its workers,
+    and a worker's intake uses it (workers used the default 64 whatever the hub was given)."""
+    from fedvlm.hub.console import Console
+    from fedvlm.hub.service import HubService
+    from fedvlm.hub.worker import HubWorker
+    from fedvlm.hub.worker_settings import worker_config
+
+    _, _, mosquitto, config = _in_process_federation(tmp_path, 2, workers=1, reassembly_slots=7)
+    hub = HubService(config, console=Console(enabled=False)).start()
+    worker = None
+    try:
+        stored = worker_config(None, {"state_dir": config.state_dir, "broker": mosquitto.broker.url},
+                               console=Console(enabled=False))  # fmt: skip
+        assert stored.reassembly_slots == 7
+        worker = HubWorker(stored, index=0, workers=1, console=Console(enabled=False)).start()
+        assert worker._intake._reassembler.max_pending_messages == 7
+    finally:
+        if worker is not None:
+            worker.stop()
+        hub.stop()
+        mosquitto.stop()

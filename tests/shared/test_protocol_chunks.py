@@ -241,6 +241,25 @@ def test_pending_byte_and_message_limits():
     assert [m.payload for m in completed] == [payload_of(2 * CHUNK, 4)]
 
 
+def test_a_refused_message_stays_refused_past_the_finished_memory():
+    """Under load a refused update's later chunks may come after thousands of other refusals:
+    they are still ignored (not refused again chunk by chunk, not admitted into a slot they
+    cannot fill), however short the memory of finished messages."""
+    reassembler = Reassembler(max_message_bytes=4 * CHUNK, max_pending_messages=1, max_pending_bytes=8 * CHUNK)
+    holder = split_payload(payload_of(2 * CHUNK, 1), chunk_size=CHUNK)
+    refused = split_payload(payload_of(2 * CHUNK, 2), chunk_size=CHUNK)
+    reassembler.feed(holder[0], sender="holder")  # takes the only slot
+    with pytest.raises(ProtocolError):
+        reassembler.feed(refused[0], sender="late")
+    for index in range(2000):  # more refusals than the 1,024 finished messages remembered
+        other = split_payload(payload_of(2 * CHUNK, 100 + index), chunk_size=CHUNK)
+        with pytest.raises(ProtocolError):
+            reassembler.feed(other[0], sender=f"other-{index}")
+    assert reassembler.feed(holder[1], sender="holder") is not None  # the slot is free again
+    assert reassembler.feed(refused[1], sender="late") is None
+    assert reassembler.pending_message_count == 0
+
+
 def test_oversized_message_is_refused_once():
     reassembler = Reassembler(max_message_bytes=2 * CHUNK, max_pending_bytes=2 * CHUNK)
     chunks = split_payload(payload_of(3 * CHUNK), chunk_size=CHUNK)
