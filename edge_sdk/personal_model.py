@@ -69,6 +69,8 @@ class PersonalVLM:
             self.model, global_rank=self.strategy.global_rank or self.rank // 2,
             max_personal_weight=self.strategy.max_personal_weight,
             training_personal_weight=self.strategy.training_personal_weight,
+            global_phase_personal_weight=self.strategy.global_phase_personal_weight,
+            weighting=self.strategy.weighting,
             reference_examples=self.strategy.reference_examples,
             representation=self.strategy.representation,
         ) if isinstance(self.strategy, FedDPA) else None  # fmt: skip
