@@ -103,10 +103,16 @@ class FedDPA(RankSplit):
         return self.shared_rank_count
 
     def options(self) -> dict[str, Any]:
-        return {"global_rank": self.global_rank, "max_personal_weight": self.max_personal_weight,
-                "training_personal_weight": self.training_personal_weight,
-                "reference_examples": self.reference_examples, "representation": self.representation,
-                "global_phase_personal_weight": self.global_phase_personal_weight, "weighting": self.weighting}
+        options: dict[str, Any] = {
+            "global_rank": self.global_rank, "max_personal_weight": self.max_personal_weight,
+            "training_personal_weight": self.training_personal_weight, "reference_examples": self.reference_examples,
+            "representation": self.representation,
+            # Always announced: its default changed the schedule, so a device whose SDK predates
+            # it (and would train the global adapter mixed) is refused by name, not mixed in.
+            "global_phase_personal_weight": self.global_phase_personal_weight}  # fmt: skip
+        if self.weighting != "cosine":  # announced only when set: the paper's weighting needs no new SDK
+            options["weighting"] = self.weighting
+        return options
 
     def layout_options(self) -> dict[str, Any]:
         return {"global_rank": self.global_rank}

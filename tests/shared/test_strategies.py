@@ -199,3 +199,13 @@ def test_shared_package_does_not_import_torch():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert completed.stdout.strip() == "[]"
+
+
+def test_feddpa_announces_its_training_schedule_always_and_its_weighting_only_when_set():
+    """The global adapter's schedule changed with ``global_phase_personal_weight`` (default 0): a
+    device whose SDK predates it must be refused by name, not train the old way in the same
+    federation; the paper's weighting needs no new option on the wire."""
+    paper = get_strategy("feddpa").options()
+    assert paper["global_phase_personal_weight"] == 0.0 and "weighting" not in paper
+    assert get_strategy("feddpa", weighting="relative").options()["weighting"] == "relative"
+    assert get_strategy("feddpa", **paper).options() == paper  # what the hub announces builds the same strategy
