@@ -292,6 +292,16 @@ class UpdateIntake:
                               "register the client with the hub first (or it was revoked)")  # fmt: skip
             return False
         self._told_once.pop((client_id, header.message_id, ReasonCode.UNKNOWN_CLIENT), None)
+        receipt = standing.receipt
+        if receipt is not None and receipt.message_id == header.message_id.hex():
+            # A copy of the update this round already committed for the client (a redelivery
+            # after a reconnect, a chunk relayed again, a lost ack) that neither the verdicts
+            # above nor the reassembler remember any more: answered from its receipt once its
+            # last chunk is in, never reassembled (a partial copy held a reassembly slot until
+            # it expired, then drew an "expired" refusal for an accepted update).
+            if header.index == header.count - 1:
+                self._send_ack(Ack.accept(client_id, receipt.round, header.message_id))
+            return False
         key = (client_id, header.message_id)
         try:
             completed = self._reassembler.feed(payload, sender=client_id)

@@ -6,7 +6,7 @@ import numpy as np
 
 from fedvlm.hub.status import read_status
 from fedvlm.shared import tensor_codec
-from fedvlm.shared.protocol import Ack, ReasonCode, RoundPhase, new_client_secret, split_payload
+from fedvlm.shared.protocol import MIN_CHUNK_SIZE, Ack, ReasonCode, RoundPhase, new_client_secret, split_payload
 from tests.hub.fake_clients import FakeClient, a_factors, b_factors, fetch_global, lora_key, weighted_mean
 
 
@@ -189,3 +189,27 @@ def test_an_upload_in_another_protocol_version_is_answered_once(start_federation
     assert read_status(federation.config.state_dir).rejections == {"unsupported_version": 1}
     assert a.wait_ack(a.send(b_factors(3), 1)).accepted  # today's protocol from the same device: fine
     assert read_status(federation.config.state_dir).rejections == {"unsupported_version": 1}
+
+
+def test_a_late_partial_copy_of_a_committed_update_is_answered_from_its_receipt(start_federation):
+    """A copy of an accepted update that the hub's short memories (verdicts, finished messages)
+    have forgotten, arriving in part (a broker redelivery after a reconnect): it takes no
+    reassembly slot, and its last chunk is answered "accepted" from the committed receipt."""
+    federation = start_federation("mosquitto", min_clients=2, rounds=1)
+    a, b = federation.connect("a", "b")
+    a.wait_selected(a.wait_collecting(1))
+    envelope = a.envelope(b_factors(1), 1, 4, body_metadata={"note": "x" * 4 * MIN_CHUNK_SIZE})  # several chunks
+    message_id = a.publish(envelope)
+    assert a.wait_ack(message_id).accepted  # committed: acks follow the group commit
+    intake = federation.hub._intake
+    intake._recent_acks.clear()  # as if 1,024 other updates had come since (the hub is idle now)
+    intake._reassembler._finished.clear()
+    chunks = split_payload(envelope, chunk_size=MIN_CHUNK_SIZE, message_id=message_id)
+    assert len(chunks) >= 3
+    topic = a.topics.update("a", message_id)
+    a.link.publish(topic, chunks[0], qos=1)  # the copy's first chunk, then its last: no middle
+    a.link.publish(topic, chunks[-1], qos=1)
+    again = a.wait_ack(message_id)
+    assert again.accepted and again.round == 1
+    assert intake._reassembler.pending_message_count == 0
+    assert len(federation.hub._require_store().receipts(1)) == 1  # still counted once
