@@ -79,6 +79,7 @@ class InstanceMixing:
         self.global_phase_personal_weight = global_phase_personal_weight
         self.weighting = weighting
         self._phase_weight: float | None = None  # the training weight of the phase under way, when it differs
+        self._fixed = False  # inside ``fixed_weights``
         self.reference_examples = reference_examples
         self.representation = representation
         self.reference: torch.Tensor | None = None  # mean of normalised training representations
@@ -114,8 +115,8 @@ class InstanceMixing:
             return
         if self._recording is not None:
             self._recording.append(self._represent(module, kwargs, self._record_mask))
-        if module.training or self.reference is None:
-            self._row_weights = None  # the training weight
+        if module.training or self.reference is None or self._fixed:
+            self._row_weights = None  # the training weight (see ``fixed_weights``)
         elif embeds.shape[1] == 1 and self._row_weights is not None and len(self._row_weights) == len(embeds):
             pass  # a decoding step of the prompt just weighed: same rows, same weights
         else:
@@ -123,7 +124,9 @@ class InstanceMixing:
             similarity = representation @ self.reference.to(representation.device)
             if self.weighting == "relative":  # the reference is already divided by the typical cosine
                 similarity = similarity.clamp(0.0, 1.0)
-            self._row_weights = self.max_personal_weight * similarity
+            # Never above the cap: a reference made under "relative" read under "cosine" could
+            # push the global adapter's gate (1 - w) below zero.
+            self._row_weights = (self.max_personal_weight * similarity).clamp(max=self.max_personal_weight)
             self._last_weights = self._row_weights.detach().cpu()
 
     def _represent(self, language_model: torch.nn.Module, kwargs: dict, positions: torch.Tensor | None) -> torch.Tensor:
@@ -199,6 +202,17 @@ class InstanceMixing:
             self.reference = self.reference / max(typical, 1e-3)
 
     @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """While training: every pass weighs at the training weight, also the passes training
+        makes in eval mode (DPO scores its reference log-probabilities so), so policy and
+        reference are the same mixture; per-input weights are for inference."""
+        previous, self._fixed = self._fixed, True
+        try:
+            yield
+        finally:
+            self._fixed = previous
+
+    @contextlib.contextmanager
     def _record(self, mask: torch.Tensor) -> Iterator[list[torch.Tensor]]:
         self._recording, self._record_mask = [], mask
         try:
@@ -238,7 +252,7 @@ class InstanceMixing:
             phase = TrainingConfig(**{**config.__dict__, "seed": config.seed + 7919 * index})
             self._phase_weight = weight
             try:
-                with self._frozen(frozen):
+                with self._frozen(frozen), self.fixed_weights():
                     results.append(train(self.model, processor, encoded, phase, **kwargs))
             finally:
                 self._phase_weight = None

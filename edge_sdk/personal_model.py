@@ -8,6 +8,7 @@ personal factors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -207,8 +208,12 @@ class PersonalVLM:
         def shared(key: str, rank: int) -> tuple[int, int]:
             return 0, self.strategy.shared_rank(key, rank)
 
-        with frozen_components(self.model, shared):
-            return train(self.model, self.processor, encoded, self._strategy_config(config, config.steps), **kwargs)
+        with frozen_components(self.model, shared), \
+                (self.mixing.fixed_weights() if self.mixing is not None else contextlib.nullcontext()):
+            metrics = train(self.model, self.processor, encoded, self._strategy_config(config, config.steps), **kwargs)
+        if self.mixing is not None:  # a late joiner's first reference: else it is scored at the fixed weight
+            self.mixing.refresh_reference(encoded, self.processor.tokenizer.pad_token_id)
+        return metrics
 
     def has_trainable_personal_part(self) -> bool:
         """Whether :meth:`train_personal` has anything to train: some trainable factor (or rank

@@ -293,12 +293,15 @@ class UpdateIntake:
             return False
         self._told_once.pop((client_id, header.message_id, ReasonCode.UNKNOWN_CLIENT), None)
         receipt = standing.receipt
-        if receipt is not None and receipt.message_id == header.message_id.hex():
+        if receipt is not None and receipt.message_id == header.message_id.hex() and \
+                (not header.states_sha256 or header.sha256.hex() == receipt.payload_sha256):
             # A copy of the update this round already committed for the client (a redelivery
             # after a reconnect, a chunk relayed again, a lost ack) that neither the verdicts
             # above nor the reassembler remember any more: answered from its receipt once its
             # last chunk is in, never reassembled (a partial copy held a reassembly slot until
-            # it expired, then drew an "expired" refusal for an accepted update).
+            # it expired, then drew an "expired" refusal for an accepted update). A chunk that
+            # states its message's digest must state the receipt's: other bytes under the same
+            # id (a device reusing an id) are judged, and refused as a duplicate.
             if header.index == header.count - 1:
                 self._send_ack(Ack.accept(client_id, receipt.round, header.message_id))
             return False

@@ -120,3 +120,23 @@ def test_relative_weighting(tiny_model_dir, tiny_federation):
     assert bool((weights["relative"] >= weights["cosine"] - 1e-6).all())
     assert bool((weights["relative"] >= 0).all()) and bool((weights["relative"] <= 0.5 + 1e-6).all())
     assert not torch.allclose(weights["relative"], weights["cosine"])
+
+
+def test_a_late_joiner_gets_a_reference_and_training_never_weighs_per_input(tiny_model_dir, tiny_federation):
+    """A device that joins late trains only its personal adapter (``train_personal``): it then has
+    a reference and is weighed per input like the members, not at the fixed training weight.
+    While training, every pass weighs at the training weight, also one made in eval mode (DPO
+    scores its reference so): the policy and its reference are the same mixture."""
+    own = tiny_federation.clients[0]
+    model = PersonalVLM.from_pretrained(tiny_model_dir, lora=LORA, strategy="feddpa", quantization="none")
+    rng = np.random.default_rng(0)
+    model.load_adapter_state({k: rng.normal(0, 0.1, v.shape).astype(np.float32)
+                              for k, v in model.adapter_state().items() if k != REFERENCE_KEY})  # fmt: skip
+    assert model.mixing.reference is None
+    model.train_personal(model.encoded(own.train), QUICK)
+    assert model.mixing.reference is not None
+    model.evaluate(own.test[:2])
+    assert model.mixing._row_weights is not None  # per input
+    with model.mixing.fixed_weights():
+        model.evaluate(own.test[:2])
+        assert model.mixing._row_weights is None  # the training weight

@@ -212,4 +212,8 @@ def test_a_late_partial_copy_of_a_committed_update_is_answered_from_its_receipt(
     again = a.wait_ack(message_id)
     assert again.accepted and again.round == 1
     assert intake._reassembler.pending_message_count == 0
+    # Other bytes under the same message id (a device reusing an id) are not taken for a copy:
+    # their last chunk states another digest, so they are judged, and refused as a duplicate.
+    other = a.envelope(b_factors(2), 1, 4, body_metadata={"note": "y" * 4 * MIN_CHUNK_SIZE})
+    refused(a, a.publish(other, message_id=message_id), ReasonCode.DUPLICATE)
     assert len(federation.hub._require_store().receipts(1)) == 1  # still counted once
