@@ -263,6 +263,7 @@ def _train(args: argparse.Namespace) -> int:
     from fedvlm.edge.objectives import DpoObjective, build_objective
     from fedvlm.edge.personal_model import PersonalVLM
     from fedvlm.edge.training import TrainingConfig
+    from fedvlm.shared.strategies import build_strategy
 
     objective = build_objective(args.objective, args.dpo_beta)  # a bad beta ends here, before anything slow
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -272,9 +273,12 @@ def _train(args: argparse.Namespace) -> int:
     if isinstance(objective, DpoObjective):
         objective.check(records.records)
     lora = LoraSettings(r=args.rank, alpha=args.alpha, init_seed=args.lora_seed, **lora_target_fields(args))
-    model = PersonalVLM.from_pretrained(args.model, lora=lora, strategy=args.strategy,
-                                        quantization=args.quantization, device=args.device)
     previous = load_state(args.state_dir)
+    # Training resumed on a state goes on with the options its strategy had (a federation's,
+    # announced by its hub), not the strategy's defaults.
+    options = previous.strategy_options if previous is not None and previous.strategy == args.strategy else {}
+    model = PersonalVLM.from_pretrained(args.model, lora=lora, strategy=build_strategy(args.strategy, options, lora),
+                                        quantization=args.quantization, device=args.device)
     if previous is not None:
         check_compatible(previous, federation=args.federation, client_id=args.client_id,
                          base_fingerprint=model.fingerprint, lora=lora.to_dict(), strategy=model.strategy.name)
@@ -313,12 +317,14 @@ def _export(args: argparse.Namespace) -> int:
     from fedvlm.edge.onnx_adapter import ADAPTER_SUFFIX, write_adapter
     from fedvlm.edge.onnx_export import export_onnx, read_manifest
     from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.shared.strategies import build_strategy
 
     state = load_state(args.state_dir)
     if state is None:
         raise DeviceStateError(f"{args.state_dir!r} holds no device state: train or join a federation first")
-    model = PersonalVLM.from_pretrained(args.model, lora=LoraSettings.from_dict(state.lora), strategy=state.strategy,
-                                        quantization="none", device="cpu")
+    lora = LoraSettings.from_dict(state.lora)
+    model = PersonalVLM.from_pretrained(args.model, lora=lora, quantization="none", device="cpu",
+                                        strategy=build_strategy(state.strategy, state.strategy_options, lora))
     if model.fingerprint != state.base_fingerprint:
         raise DeviceStateError(f"the state in {args.state_dir!r} was trained on base {state.base_fingerprint}, "
                                f"{args.model!r} is base {model.fingerprint}")

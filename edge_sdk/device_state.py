@@ -56,6 +56,10 @@ class DeviceState:
     current_shared: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     metrics: list[dict] = dataclasses.field(default_factory=list)
     updated_at: float = 0.0
+    # The strategy's options as the device trained with them (the hub's announcement in a
+    # federation): commands that rebuild the model from the state (export, resumed training)
+    # build the same strategy, not one at its defaults. {} in a state saved before they were kept.
+    strategy_options: dict = dataclasses.field(default_factory=dict)
 
     def describe(self) -> dict:
         return {
@@ -63,6 +67,7 @@ class DeviceState:
             "federation": self.federation,
             "client_id": self.client_id,
             "strategy": self.strategy,
+            "strategy_options": self.strategy_options,
             "base_fingerprint": self.base_fingerprint,
             "lora": self.lora,
             "round": self.round,
@@ -179,6 +184,7 @@ def load_state(state_dir: str | os.PathLike) -> DeviceState | None:
         current_shared=current_shared,
         metrics=info.get("metrics", []),
         updated_at=info.get("updated_at", 0.0),
+        strategy_options=info.get("strategy_options") or {},
     )
 
 

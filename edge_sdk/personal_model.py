@@ -262,6 +262,7 @@ class PersonalVLM:
             federation=federation,
             client_id=client_id,
             strategy=self.strategy.name,
+            strategy_options=dict(self.strategy.options()),
             base_fingerprint=self.fingerprint,
             lora=self.lora.to_dict(),
             round=round,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,28 @@ def test_refuses_a_state_of_another_federation_or_base(tmp_path):
         check_compatible(state, federation="fed", client_id="c0", base_fingerprint="xyz", lora={"r": 4})
     with pytest.raises(DeviceStateError, match="federation"):
         check_compatible(state, federation="other", client_id="c0", base_fingerprint="abc", lora={"r": 4})
+
+
+def test_the_strategy_options_travel_with_the_state(tmp_path, tiny_model_dir):
+    """A device keeps its strategy's options (in a federation, the hub's announcement), so what
+    rebuilds the model from the state (``fedvlm-edge export``, resumed ``train``) builds the same
+    strategy; a state saved before they were kept reads as the defaults ({})."""
+    from fedvlm.edge.personal_model import PersonalVLM
+    from fedvlm.shared.lora_config import LoraSettings
+    from fedvlm.shared.strategies import build_strategy
+
+    lora = LoraSettings(r=4, alpha=8)
+    strategy = build_strategy("plora", {"shared_lr_scale": 2}, lora)
+    model = PersonalVLM.from_pretrained(tiny_model_dir, lora=lora, strategy=strategy, quantization="none")
+    save_state(tmp_path, model.device_state(federation="fed", client_id="c0", round=1, global_version=1,
+                                            global_state={}))  # fmt: skip
+    loaded = load_state(tmp_path)
+    assert loaded.strategy_options["shared_lr_scale"] == 2
+    assert build_strategy(loaded.strategy, loaded.strategy_options, lora).options() == strategy.options()
+
+    save_state(tmp_path / "old", _state(1, 1.0))
+    pointer = next((tmp_path / "old").glob("snapshot-*/state.json"))
+    info = json.loads(pointer.read_text())
+    del info["strategy_options"]  # as an SDK before this wrote it
+    pointer.write_text(json.dumps(info))
+    assert load_state(tmp_path / "old").strategy_options == {}
