@@ -481,7 +481,7 @@ def worker_command(setting: Setting, broker_url: str, state_dir: Path, index: in
 
 
 def _carry_time(swarm: Swarm, broker: BenchMosquitto, work: Path, timeout: float,
-                meter: CpuMeter | None = None) -> tuple[float, dict[str, float]]:  # fmt: skip
+                meter: CpuMeter) -> tuple[float, dict[str, float]]:  # fmt: skip
     """Seconds mosquitto needs to carry every device's signed update (the same chunks a round
     sends, built by the same swarm) to one subscriber that only counts them, and the CPU
     seconds ``meter``'s processes and the subscriber spent meanwhile."""
@@ -493,7 +493,6 @@ def _carry_time(swarm: Swarm, broker: BenchMosquitto, work: Path, timeout: float
         assert subscriber.stdout is not None
         if subscriber.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the carry subscriber did not start; see {work / 'carry.log'}")
-        meter = CpuMeter() if meter is None else meter
         meter.add("subscriber", subscriber.pid)
         try:
             before = meter.snapshot()

@@ -78,8 +78,7 @@ class InstanceMixing:
         self.training_personal_weight = training_personal_weight
         self.global_phase_personal_weight = global_phase_personal_weight
         self.weighting = weighting
-        self._phase_weight: float | None = None  # the training weight of the phase under way, when it differs
-        self._fixed = False  # inside ``fixed_weights``
+        self._fixed_weight: float | None = None  # inside ``fixed_weights``: the weight every pass uses
         self.reference_examples = reference_examples
         self.representation = representation
         self.reference: torch.Tensor | None = None  # mean of normalised training representations
@@ -115,7 +114,7 @@ class InstanceMixing:
             return
         if self._recording is not None:
             self._recording.append(self._represent(module, kwargs, self._record_mask))
-        if module.training or self.reference is None or self._fixed:
+        if module.training or self.reference is None or self._fixed_weight is not None:
             self._row_weights = None  # the training weight (see ``fixed_weights``)
         elif embeds.shape[1] == 1 and self._row_weights is not None and len(self._row_weights) == len(embeds):
             pass  # a decoding step of the prompt just weighed: same rows, same weights
@@ -159,7 +158,7 @@ class InstanceMixing:
         if self._personal_only:
             weights = torch.ones(1, device=x.device)
         elif weights is None or x.dim() != 3 or len(weights) != x.shape[0]:
-            fixed = self.training_personal_weight if self._phase_weight is None else self._phase_weight
+            fixed = self.training_personal_weight if self._fixed_weight is None else self._fixed_weight
             weights = torch.full((1,), fixed, device=x.device)
         personal = weights.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
         is_personal = torch.arange(rank, device=x.device) >= self.global_rank
@@ -202,15 +201,16 @@ class InstanceMixing:
             self.reference = self.reference / max(typical, 1e-3)
 
     @contextlib.contextmanager
-    def fixed_weights(self) -> Iterator[None]:
-        """While training: every pass weighs at the training weight, also the passes training
-        makes in eval mode (DPO scores its reference log-probabilities so), so policy and
-        reference are the same mixture; per-input weights are for inference."""
-        previous, self._fixed = self._fixed, True
+    def fixed_weights(self, weight: float | None = None) -> Iterator[None]:
+        """While training: every pass weighs at ``weight`` (default the training weight), also
+        the passes training makes in eval mode (DPO scores its reference log-probabilities so),
+        so policy and reference are the same mixture; per-input weights are for inference."""
+        previous = self._fixed_weight
+        self._fixed_weight = self.training_personal_weight if weight is None else weight
         try:
             yield
         finally:
-            self._fixed = previous
+            self._fixed_weight = previous
 
     @contextlib.contextmanager
     def _record(self, mask: torch.Tensor) -> Iterator[list[torch.Tensor]]:
@@ -250,12 +250,8 @@ class InstanceMixing:
         results = []
         for index, (frozen, weight) in enumerate(phases):
             phase = TrainingConfig(**{**config.__dict__, "seed": config.seed + 7919 * index})
-            self._phase_weight = weight
-            try:
-                with self._frozen(frozen), self.fixed_weights():
-                    results.append(train(self.model, processor, encoded, phase, **kwargs))
-            finally:
-                self._phase_weight = None
+            with self._frozen(frozen), self.fixed_weights(weight):
+                results.append(train(self.model, processor, encoded, phase, **kwargs))
         self.refresh_reference(encoded, processor.tokenizer.pad_token_id)
         return _combined(results)
 

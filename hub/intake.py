@@ -182,7 +182,7 @@ class UpdateIntake:
             collections.OrderedDict())
         # At least as many as the reassembler remembers finished messages (it ignores a copy
         # of one, and the copy is answered from here).
-        self._recent_acks_kept = max(_RECENT_ACKS_KEPT, 4 * reassembly_slots)
+        self._recent_acks_kept = max(_RECENT_ACKS_KEPT, self._reassembler.finished_kept)
         # (client, message id, reason) of messages refused chunk by chunk, each answered once.
         self._told_once: collections.OrderedDict[tuple[str, bytes, ReasonCode], None] = collections.OrderedDict()
 

@@ -210,8 +210,8 @@ class MqttLink:
         # MQTT 5: at most this many unacknowledged QoS 1 messages from the broker at once
         # (on MQTT 3.1.1 the broker's own setting, e.g. mosquitto's max_inflight_messages).
         self.receive_maximum = receive_maximum
-        self._subscriptions: dict[str, tuple[int, MessageHandler, bool]] = {}
-        self._matchers: dict[str, Callable[[str], bool]] = {}  # filter: does a topic match it (topic_matcher)
+        # filter -> (qos, handler, manual ack, does a topic match the filter: topic_matcher)
+        self._subscriptions: dict[str, tuple[int, MessageHandler, bool, Callable[[str], bool]]] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self._closing = False
@@ -328,7 +328,7 @@ class MqttLink:
             self._unacked_subscriptions.clear()
             self._early_acks.clear()
             self.subscribed.clear()
-        for topic_filter, (qos, _, _) in subscriptions:
+        for topic_filter, (qos, *_) in subscriptions:
             self._send_subscribe(client, topic_filter, qos)
         # Also what unsubscribe() dropped between the snapshot and the SUBSCRIBE above (its
         # UNSUBSCRIBE went first); never what was subscribed again since.
@@ -364,8 +364,7 @@ class MqttLink:
         topic = message.topic
         with self._lock:
             generation = self._generation
-            handlers = [(h, manual) for f, (_, h, manual) in self._subscriptions.items()
-                        if self._matchers[f](topic)]  # fmt: skip
+            handlers = [(h, manual) for _, h, manual, matches in self._subscriptions.values() if matches(topic)]
         mid, qos = message.mid, message.qos
         deferred = False
         for handler, manual in handlers:
@@ -398,9 +397,8 @@ class MqttLink:
         """
         matcher = topic_matcher(topic_filter)
         with self._lock:
-            self._subscriptions[topic_filter] = (qos, handler, manual_ack)
+            self._subscriptions[topic_filter] = (qos, handler, manual_ack, matcher)
             self._unsent_unsubscribes.discard(topic_filter)
-            self._matchers[topic_filter] = matcher
             send_now = self._session_open  # else the next CONNACK's snapshot includes it
         if self._client is not None and send_now:
             self._send_subscribe(self._client, topic_filter, qos)
@@ -462,7 +460,6 @@ class MqttLink:
         ``wait_subscribed`` waits for the broker's acknowledgement of this too."""
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
-            self._matchers.pop(topic_filter, None)
             client = self._client  # once: close() may clear it meanwhile
             send_now = self._session_open and client is not None
             if not send_now:

@@ -218,6 +218,11 @@ class Reassembler:
         self._expired: collections.deque[DroppedMessage] = collections.deque(maxlen=max(1024, max_pending_messages))
 
     @property
+    def finished_kept(self) -> int:
+        """How many completed or dropped messages are remembered (a copy of one is ignored)."""
+        return self._max_finished
+
+    @property
     def pending_message_count(self) -> int:
         return len(self._pending)
 

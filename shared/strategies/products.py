@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import lora_keys
-from ..aggregation import MAX_WEIGHTED_MAGNITUDE, AggregationError
+from ..aggregation import MAX_WEIGHTED_MAGNITUDE, AggregationError, sum_of_squares
 from ..tensor_codec import all_finite
 
 __all__ = ["ProductSums", "factor_pairs"]
@@ -38,7 +38,7 @@ def factor_pairs(tensors: Mapping[str, np.ndarray], *, strategy: str,
 def _norm(array: np.ndarray) -> float:
     flat = array.reshape(-1).astype(np.float64, copy=False)
     with np.errstate(over="ignore"):  # an overflowing norm is inf, which the bound then refuses
-        return math.sqrt(float(np.dot(flat, flat))) if flat.size else 0.0
+        return math.sqrt(sum_of_squares(flat)) if flat.size else 0.0
 
 
 class ProductSums:
